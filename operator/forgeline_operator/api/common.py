@@ -1,0 +1,311 @@
+"""Spec parts that TrainingJob and FineTuneJob share: resources, DeepSpeed, checkpoints, data."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ._base import ApiModel, FieldIssue, HubId, K8sName, Quantity, StorageURI, sub
+
+JobKind = Literal["TrainingJob", "FineTuneJob"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Schedule = Literal["cosine", "linear", "constant", "wsd"]
+DataFormat = Literal["jsonl", "parquet", "text", "saved-dataset"]
+
+
+class JobRef(ApiModel):
+    """Another Forgeline job in the same namespace whose output this job uses."""
+
+    kind: JobKind
+    """Kind of the job: TrainingJob or FineTuneJob."""
+    name: K8sName
+    """Name of the job. This job waits (phase Waiting) until that one has Succeeded."""
+
+
+class ModelSource(ApiModel):
+    """Where a model comes from. Set exactly one of path, hubId, fromJob."""
+
+    path: StorageURI | None = None
+    """A `save_pretrained` directory: local path, pvc://claim/dir, s3://bucket/dir or gs://."""
+    hub_id: HubId | None = None
+    """A Hugging Face hub id (e.g. `meta-llama/Llama-3.1-8B`); the cluster needs a hub mirror or cache."""
+    revision: str | None = Field(default=None, max_length=128)
+    """Hub revision (branch, tag or commit) when hubId is set."""
+    from_job: JobRef | None = None
+    """Use the output of another Forgeline job (pipelines: pretrain → SFT → DPO)."""
+
+    def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
+        chosen = [n for n, v in (("path", self.path), ("hubId", self.hub_id),
+                                 ("fromJob", self.from_job)) if v is not None]
+        out: list[FieldIssue] = []
+        if len(chosen) != 1:
+            out.append(FieldIssue(
+                prefix, f"set exactly one of path, hubId, fromJob (got {', '.join(chosen) or 'none'})",
+                "keep one source, e.g. `path: s3://bucket/models/base` or "
+                "`fromJob: {kind: TrainingJob, name: my-pretrain}`"))
+        if self.revision is not None and self.hub_id is None:
+            out.append(FieldIssue(prefix + ("revision",), "revision only applies to hubId",
+                                  "remove revision or set hubId"))
+        return out
+
+
+class DataSource(ApiModel):
+    """One input: a file, a directory or glob of files, or a saved Hugging Face dataset."""
+
+    uri: StorageURI
+    """Path or URI: a file, a directory, or a glob (`s3://bucket/corpus/*.jsonl`)."""
+    format: DataFormat = "jsonl"
+    """jsonl or parquet (records), text (one document per line), or saved-dataset (a `datasets.save_to_disk` directory)."""
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    """Relative sampling weight when mixing several sources."""
+
+
+class QualityFilters(ApiModel):
+    """Document filters applied before tokenisation; the trainer reports how many each removed."""
+
+    min_chars: int = Field(default=0, ge=0)
+    """Drop documents shorter than this many characters."""
+    max_chars: int | None = Field(default=None, ge=1)
+    """Drop documents longer than this many characters (unset: no limit)."""
+    dedup: Literal["exact", "none"] = "exact"
+    """exact: drop documents whose normalised text hash was already seen; none: keep duplicates."""
+    max_repeated_line_ratio: float | None = Field(default=None, gt=0, le=1)
+    """Drop documents where more than this fraction of lines are repeats (boilerplate); unset: off."""
+
+
+class Evaluation(ApiModel):
+    """Held-out evaluation: named sources, or a deterministic slice of the training data."""
+
+    sources: list[DataSource] = Field(default_factory=list, max_length=64)
+    """Evaluation data. Empty: hold out `holdoutFraction` of the training documents instead."""
+    holdout_fraction: float = Field(default=0.01, ge=0, le=0.5)
+    """Fraction of training documents held out (by hash, so the split is stable) when no sources are given."""
+    interval_steps: int = Field(default=0, ge=0)
+    """Evaluate every N optimizer steps; 0 evaluates only at the end."""
+    max_batches: int = Field(default=50, ge=1)
+    """Cap on evaluation batches per evaluation, to bound its cost."""
+
+
+class Optimization(ApiModel):
+    """Optimizer and schedule. Say how long with maxSteps (or the kind's other budget field)."""
+
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Number of optimizer steps."""
+    global_batch_size: int | None = Field(default=None, ge=1)
+    """Sequences per optimizer step over all workers; gradient accumulation makes up the difference from microBatchSize × workers. Unset: microBatchSize × workers."""
+    micro_batch_size: int = Field(default=4, ge=1, le=4096)
+    """Sequences per worker per forward pass (bounded by accelerator memory)."""
+    learning_rate: float = Field(default=3e-4, gt=0, lt=1)
+    """Peak learning rate."""
+    min_learning_rate_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Final learning rate as a fraction of the peak (cosine, linear and wsd schedules)."""
+    schedule: Schedule = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear, constant or wsd (warmup-stable-decay)."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warmup steps from 0 to the peak learning rate."""
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    """AdamW weight decay."""
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    adam_beta2: float = Field(default=0.95, ge=0, lt=1)
+    """AdamW beta2 (0.95 is the usual choice for LLM training; 0.999 is torch's default)."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    precision: Precision = "auto"
+    """auto: bf16 on GPUs, fp32 on CPU. fp16 needs GPUs; bf16 needs Ampere or newer."""
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    """Seed for model init, data order and dropout; a resumed run replays the same order."""
+
+
+class DeepSpeed(ApiModel):
+    """DeepSpeed ZeRO. Present = enabled; absent = plain distributed data parallel."""
+
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    """ZeRO stage: 0 off, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (needs zeroStage >= 1): fits bigger models, slower steps."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (needs zeroStage 3)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: much less memory for about a third more compute."""
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """Raw DeepSpeed config merged over the generated one (escape hatch). Batch sizes, precision and zero stage come from the spec and may not be set here."""
+
+    def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
+        return _deepspeed_issues(self, prefix)
+
+
+_DS_DERIVED = {
+        "train_batch_size": "spec.training.globalBatchSize",
+        "train_micro_batch_size_per_gpu": "spec.training.microBatchSize",
+        "gradient_accumulation_steps": "spec.training.globalBatchSize",
+        "bf16": "spec.training.precision",
+        "fp16": "spec.training.precision",
+    "gradient_clipping": "spec.training.gradClip",
+}
+
+
+def _deepspeed_issues(ds: DeepSpeed, prefix: tuple[str, ...]) -> list[FieldIssue]:
+    out: list[FieldIssue] = []
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        out.append(FieldIssue(prefix + ("offloadOptimizer",),
+                              "optimizer offload needs ZeRO stage 1, 2 or 3",
+                              "set deepspeed.zeroStage: 2 (or 3), or offloadOptimizer: false"))
+    if ds.offload_params and ds.zero_stage != 3:
+        out.append(FieldIssue(prefix + ("offloadParams",),
+                              f"parameter offload needs ZeRO stage 3 (zeroStage is {ds.zero_stage})",
+                              "set deepspeed.zeroStage: 3, or offloadParams: false"))
+    for key, owner in _DS_DERIVED.items():
+        if key in ds.config:
+            out.append(FieldIssue(prefix + ("config", key), f"'{key}' is derived from {owner}",
+                                  f"remove it from deepspeed.config and set {owner}"))
+    zero = ds.config.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero and zero["stage"] != ds.zero_stage:
+        out.append(FieldIssue(prefix + ("config", "zero_optimization", "stage"),
+                              "conflicts with deepspeed.zeroStage",
+                              "remove zero_optimization.stage and set deepspeed.zeroStage"))
+    return out
+
+
+class HeadResources(ApiModel):
+    """Resources of the Ray head pod (it schedules work and serves the dashboard; no training)."""
+
+    cpu: Quantity = "2"
+    """CPU request and limit of the head."""
+    memory: Quantity = "8Gi"
+    """Memory request and limit of the head."""
+
+
+class Resources(ApiModel):
+    """Where and on what the Ray workers run."""
+
+    workers: int = Field(default=1, ge=1, le=1024)
+    """Number of Ray Train workers (pods); each runs one training process per GPU."""
+    gpus_per_worker: int = Field(default=0, ge=0, le=16)
+    """GPUs per worker; 0 trains on CPU (tests and laptops)."""
+    gpu_resource: str = Field(default="nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
+    """Extended resource name of the GPU (nvidia.com/gpu, amd.com/gpu)."""
+    cpu: Quantity = "4"
+    """CPU per worker (also sets OMP_NUM_THREADS)."""
+    memory: Quantity = "16Gi"
+    """Memory per worker."""
+    shared_memory: Quantity = "8Gi"
+    """Size of the in-memory /dev/shm volume (NCCL and data loaders need more than the default 64Mi)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the workers must match, e.g. `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`."""
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+    """Pod tolerations (Kubernetes format). GPU pools are usually tainted nvidia.com/gpu:NoSchedule; that toleration is added for you when gpusPerWorker > 0."""
+    affinity: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """Pod affinity (Kubernetes format), e.g. to keep workers in one zone."""
+    image: str | None = Field(default=None, max_length=512)
+    """Trainer image; unset: the operator's default trainer image."""
+    head: HeadResources = sub(HeadResources)
+    """Ray head pod resources."""
+
+    def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
+        out: list[FieldIssue] = []
+        for i, tol in enumerate(self.tolerations):
+            op = tol.get("operator", "Equal")
+            if op not in ("Equal", "Exists"):
+                out.append(FieldIssue(prefix + ("tolerations", i, "operator"),
+                                      f"unknown toleration operator '{op}'", "use Equal or Exists"))
+            if tol.get("effect") not in (None, "", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+                out.append(FieldIssue(prefix + ("tolerations", i, "effect"),
+                                      f"unknown taint effect '{tol.get('effect')}'",
+                                      "use NoSchedule, PreferNoSchedule or NoExecute"))
+        return out
+
+
+class Checkpointing(ApiModel):
+    """Periodic checkpoints (model, optimizer, scheduler, data position) and resume."""
+
+    storage: StorageURI | None = None
+    """Where checkpoints go; unset: `<output uri>/checkpoints`. Must outlive the Ray cluster (PVC or object store)."""
+    interval_steps: int = Field(default=500, ge=1)
+    """Save every N optimizer steps (and at the end)."""
+    keep: int = Field(default=3, ge=1, le=1000)
+    """Keep the newest N checkpoints; older ones are deleted after a newer one is complete."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the newest checkpoint in storage if one exists (retries, suspend); never: always start fresh."""
+    resume_from: StorageURI | None = None
+    """Start from this specific checkpoint directory instead of the newest one."""
+
+    def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
+        if self.resume == "never" and self.resume_from is not None:
+            return [FieldIssue(prefix + ("resumeFrom",), "resume is never but resumeFrom is set",
+                               "remove resumeFrom or set resume: auto")]
+        return []
+
+
+class Output(ApiModel):
+    """Where the trained model goes."""
+
+    uri: StorageURI
+    """Directory for the model, tokenizer, metrics.json and loss curve."""
+
+
+class Budget(ApiModel):
+    """Hard limits. A job that reaches one stops, saves a checkpoint, and fails with reason BudgetExceeded."""
+
+    max_gpu_hours: float | None = Field(default=None, gt=0)
+    """Most GPU-hours (workers × GPUs × wall hours) the job may use."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Most seconds from start to finish, counted over retries."""
+
+
+class RayTarget(ApiModel):
+    """Which Ray cluster runs the job."""
+
+    address: str | None = Field(default=None, max_length=512,
+                                pattern=r"^(https?|ray)://[^\s]+$")
+    """Use an existing Ray cluster (its dashboard address, e.g. `http://ray-head.ml:8265`) instead of creating one with KubeRay."""
+    version: str = Field(default="2.60.0", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
+    """Ray version of the created cluster; must match the trainer image's Ray."""
+
+
+class Lifecycle(ApiModel):
+    """Fields both kinds carry at the top of their spec (flattened into it)."""
+
+    suspend: bool = False
+    """true stops the Ray job and deletes the cluster, keeping checkpoints; false resumes."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Seconds to keep the Ray cluster after the job finishes (unset: delete it at once)."""
+    delete_job_after_ttl: bool = False
+    """Also delete this job object when the TTL runs out."""
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    """Resubmissions of a failed Ray job (resuming from the newest checkpoint) before the job fails."""
+    budget: Budget | None = None
+    """Optional GPU-hour or wall-clock limits."""
+    ray: RayTarget = sub(RayTarget)
+    """Ray cluster settings."""
+
+
+def precision_issues(precision: str, resources: Resources,
+                     prefix: tuple[str, ...] = ("training",)) -> list[FieldIssue]:
+    if precision == "fp16" and resources.gpus_per_worker == 0:
+        return [FieldIssue(prefix + ("precision",), "fp16 needs GPUs (resources.gpusPerWorker is 0)",
+                           "use precision: auto or fp32 on CPU, or set resources.gpusPerWorker >= 1")]
+    return []
+
+
+def batch_issues(global_batch: int | None, micro: int, res: Resources,
+                 field: str = "globalBatchSize") -> list[FieldIssue]:
+    ranks = res.workers * max(res.gpus_per_worker, 1)
+    if global_batch is None:
+        return []
+    if global_batch % (micro * ranks):
+        return [FieldIssue(("training", field),
+                           f"global batch of {global_batch} sequences is not a multiple of microBatchSize "
+                           f"({micro}) × training processes ({ranks})",
+                           f"use a multiple of {micro * ranks}, e.g. {micro * ranks * max(1, global_batch // (micro * ranks))}")]
+    return []
+
+
+def camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(w.title() for w in rest)

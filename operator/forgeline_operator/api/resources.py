@@ -1,0 +1,76 @@
+"""The two custom resources as whole objects (apiVersion, kind, metadata, spec, status)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from ._base import GROUP_VERSION, ApiModel
+from .finetune_job import FineTuneJobSpec
+from .status import JobStatus
+from .training_job import TrainingJobSpec
+
+# KubeRay rejects RayCluster names over 47 characters (it derives service and pod names from
+# them). The operator names the cluster `<job>-<short name>`, so a job name may use what is left.
+KUBERAY_MAX_CLUSTER_NAME = 47
+MAX_JOB_NAME_LENGTH = KUBERAY_MAX_CLUSTER_NAME - len("-ftj")
+JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # DNS-1035 label: Services are named after it
+
+
+class ObjectMeta(ApiModel):
+    """The metadata fields Forgeline reads; everything else Kubernetes sets is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=MAX_JOB_NAME_LENGTH, pattern=JOB_NAME_PATTERN)
+    """Job name: lowercase letters, digits and '-', starting with a letter, at most 43 characters."""
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+    generation: int | None = None
+
+
+class _Job(ApiModel):
+    KIND: ClassVar[str]
+    PLURAL: ClassVar[str]
+    SHORT_NAME: ClassVar[str]
+
+    api_version: Literal["forgeline.dev/v1alpha1"] = Field(default=GROUP_VERSION, alias="apiVersion")
+    metadata: ObjectMeta
+    status: JobStatus | None = None
+
+    def ray_cluster_name(self) -> str:
+        return f"{self.metadata.name}-{self.SHORT_NAME}"
+
+
+class TrainingJob(_Job):
+    """Pretraining or continued pretraining of a language model on a Ray cluster."""
+
+    KIND: ClassVar[str] = "TrainingJob"
+    PLURAL: ClassVar[str] = "trainingjobs"
+    SHORT_NAME: ClassVar[str] = "tj"
+    kind: Literal["TrainingJob"] = "TrainingJob"
+    spec: TrainingJobSpec
+
+
+class FineTuneJob(_Job):
+    """Fine-tuning (full, LoRA, QLoRA, prompt tuning) or RLHF (reward model, DPO, PPO, GRPO)."""
+
+    KIND: ClassVar[str] = "FineTuneJob"
+    PLURAL: ClassVar[str] = "finetunejobs"
+    SHORT_NAME: ClassVar[str] = "ftj"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    spec: FineTuneJobSpec
+
+
+Job = TrainingJob | FineTuneJob
+JOB_KINDS: dict[str, type[TrainingJob] | type[FineTuneJob]] = {
+    "TrainingJob": TrainingJob,
+    "FineTuneJob": FineTuneJob,
+}
+
+
+def job_class(kind: Any) -> type[TrainingJob] | type[FineTuneJob] | None:
+    return JOB_KINDS.get(kind) if isinstance(kind, str) else None

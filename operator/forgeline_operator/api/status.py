@@ -1,0 +1,115 @@
+"""Status of both job kinds: a visible state machine (phase, conditions, progress)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from ._base import ApiModel
+
+Phase = Literal["Pending", "Waiting", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+def is_terminal(phase: str | None) -> bool:
+    """True once a job can no longer change phase on its own (Succeeded or Failed)."""
+    return phase in TERMINAL_PHASES
+
+
+class Condition(ApiModel):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(max_length=316)
+    """Condition type, e.g. Ready, ClusterReady, Running, Complete, Failed, Suspended, Waiting."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    reason: str = Field(default="", max_length=1024)
+    """One CamelCase word saying why."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable details."""
+    last_transition_time: datetime | None = None
+    """When status last changed."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The .metadata.generation this condition was set for."""
+
+
+class Progress(ApiModel):
+    """Live training progress, refreshed from the trainer's progress records."""
+
+    step: int = Field(default=0, ge=0)
+    """Optimizer steps done."""
+    total_steps: int | None = Field(default=None, ge=0)
+    """Optimizer steps planned."""
+    percent: int | None = Field(default=None, ge=0, le=100)
+    """step / totalSteps in percent."""
+    summary: str | None = None
+    """step/totalSteps, for `kubectl get`."""
+    epoch: float | None = None
+    """Fractional epoch (fine-tunes)."""
+    loss: float | None = None
+    """Latest training loss."""
+    learning_rate: float | None = None
+    """Current learning rate."""
+    grad_norm: float | None = None
+    """Latest global gradient norm (before clipping)."""
+    tokens_per_second: float | None = None
+    """Training throughput over all workers."""
+    samples_per_second: float | None = None
+    """Sequences (or pairs) per second over all workers."""
+    mfu: float | None = None
+    """Model FLOPs utilisation, 0–1 (on CPU: against a measured matmul peak)."""
+    eta_seconds: float | None = None
+    """Estimated seconds to finish."""
+    trainable_fraction: float | None = None
+    """Fraction of parameters that train (fine-tunes)."""
+    eval_metrics: dict[str, float] = Field(default_factory=dict)
+    """Latest evaluation metrics, e.g. eval_loss, perplexity, accuracy, reward_margin."""
+    updated_at: datetime | None = None
+    """When this progress record was produced."""
+
+
+class RayInfo(ApiModel):
+    """The Ray cluster and job that run this training."""
+
+    cluster_name: str | None = None
+    """Name of the KubeRay RayCluster (unset for existing or local Ray)."""
+    address: str | None = None
+    """Ray dashboard / Jobs API address."""
+    dashboard_url: str | None = None
+    """Ray dashboard URL."""
+    job_id: str | None = None
+    """Submission id of the current Ray job."""
+    job_status: str | None = None
+    """Ray's own job status: PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED."""
+
+
+class JobStatus(ApiModel):
+    """Observed state of a TrainingJob or FineTuneJob."""
+
+    phase: Phase | None = None
+    """Pending, Waiting, Provisioning, Running, Succeeded, Failed or Suspended."""
+    reason: str | None = None
+    """One CamelCase word for the current phase, e.g. ValidationFailed, BackoffLimitExceeded."""
+    message: str | None = None
+    """Human-readable details of the current phase."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Standard conditions."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The .metadata.generation last acted on."""
+    start_time: datetime | None = None
+    """When training was first submitted."""
+    completion_time: datetime | None = None
+    """When the job reached Succeeded or Failed."""
+    restarts: int = Field(default=0, ge=0)
+    """Ray job resubmissions after failures."""
+    progress: Progress | None = None
+    """Live progress."""
+    ray: RayInfo | None = None
+    """Ray cluster and job identifiers."""
+    output_uri: str | None = None
+    """Where the trained model was (or will be) written."""
+    checkpoint_uri: str | None = None
+    """Where checkpoints are kept."""

@@ -1,0 +1,166 @@
+"""`forgeline` command line: validate manifests offline and write the CRDs.
+
+    forgeline validate examples/*.yaml      # every error with its field path and a fix
+    forgeline validate -o json job.yaml     # the same, machine-readable
+    forgeline crds [--dir crds] [--check]   # (re)generate crds/ from the models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import yaml
+from rich.console import Console
+
+from .api import API_GROUP, JOB_KINDS, FieldError, InvalidJobError, parse_job
+from .api.crd import render_crds, write_crds
+
+
+@dataclass
+class DocumentResult:
+    """Outcome of validating one YAML document."""
+
+    source: str
+    index: int
+    kind: str | None = None
+    name: str | None = None
+    errors: list[FieldError] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def label(self) -> str:
+        where = f"{self.source}" + (f" (document {self.index + 1})" if self.index else "")
+        what = f"{self.kind or '?'}/{self.name or '?'}"
+        return f"{where}: {what}"
+
+
+def _documents(path: str) -> Iterator[tuple[str, int, Any, FieldError | None]]:
+    if path == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        p = Path(path)
+        if p.is_dir():
+            for child in sorted([*p.glob("*.yaml"), *p.glob("*.yml")]):
+                yield from _documents(str(child))
+            return
+        source = path
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            yield source, 0, None, FieldError("(file)", f"cannot read: {exc.strerror}", "check the path")
+            return
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(exc, "problem", None) or str(exc)
+        yield source, 0, None, FieldError("(yaml)", f"not valid YAML at {where}: {problem}",
+                                          "fix the indentation or quoting there")
+        return
+    for i, doc in enumerate(d for d in docs if d is not None):
+        yield source, i, doc, None
+
+
+def validate_paths(paths: Sequence[str]) -> list[DocumentResult]:
+    """Validate every document in the given files (or directories, or '-' for stdin)."""
+    results: list[DocumentResult] = []
+    for path in paths:
+        for source, index, doc, read_error in _documents(path):
+            result = DocumentResult(source, index)
+            results.append(result)
+            if read_error is not None:
+                result.errors.append(read_error)
+                continue
+            if isinstance(doc, dict):
+                result.kind = doc.get("kind") if isinstance(doc.get("kind"), str) else None
+                meta = doc.get("metadata")
+                result.name = meta.get("name") if isinstance(meta, dict) else None
+                api_version = str(doc.get("apiVersion", ""))
+                if result.kind not in JOB_KINDS and not api_version.startswith(API_GROUP + "/"):
+                    result.skipped = f"not a Forgeline job ({api_version or '?'} {result.kind or '?'})"
+                    continue
+            try:
+                parse_job(doc)
+            except InvalidJobError as exc:
+                result.errors.extend(exc.errors)
+    return results
+
+
+def _print_results(results: list[DocumentResult], console: Console) -> None:
+    for r in results:
+        if r.skipped:
+            console.print(f"[dim]- {r.label()}: skipped, {r.skipped}[/dim]")
+        elif r.ok:
+            console.print(f"[green]✓[/green] {r.label()}: valid")
+        else:
+            n = len(r.errors)
+            console.print(f"[red]✗[/red] {r.label()}: {n} error{'s' if n > 1 else ''}")
+            for e in r.errors:
+                console.print(f"    [bold]{e.path}[/bold]: {e.message}", markup=True, highlight=False)
+                if e.fix:
+                    console.print(f"      [cyan]fix:[/cyan] {e.fix}", highlight=False)
+    checked = [r for r in results if not r.skipped]
+    bad = sum(1 for r in checked if not r.ok)
+    colour = "red" if bad else "green"
+    console.print(f"[{colour}]{len(checked) - bad} valid, {bad} invalid[/{colour}]"
+                  + (f", {len(results) - len(checked)} skipped" if len(results) != len(checked) else ""))
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    results = validate_paths(args.files)
+    if args.output == "json":
+        print(json.dumps([{**asdict(r), "ok": r.ok} for r in results], indent=2))
+    else:
+        _print_results(results, Console(highlight=False, soft_wrap=True))
+    if not results:
+        print("no documents found", file=sys.stderr)
+        return 2
+    return 1 if any(not r.ok for r in results) else 0
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    if args.check:
+        stale = [name for name, text in render_crds().items()
+                 if not (directory / name).exists() or (directory / name).read_text() != text]
+        if stale:
+            print(f"out of date: {', '.join(stale)}; run `forgeline crds --dir {directory}`",
+                  file=sys.stderr)
+            return 1
+        print(f"{directory}: up to date")
+        return 0
+    for path in write_crds(directory):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgeline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="validate TrainingJob/FineTuneJob manifests offline")
+    p.add_argument("files", nargs="+", help="YAML files or directories ('-' reads stdin)")
+    p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("crds", help="write the CustomResourceDefinitions generated from the models")
+    p.add_argument("--dir", default="crds", help="output directory (default: crds)")
+    p.add_argument("--check", action="store_true", help="only check that the files are up to date")
+    p.set_defaults(func=_cmd_crds)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
