@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from .api import API_GROUP, JOB_KINDS, FieldError, InvalidJobError, parse_job
 from .api.crd import render_crds, write_crds
@@ -98,16 +99,16 @@ def validate_paths(paths: Sequence[str]) -> list[DocumentResult]:
 def _print_results(results: list[DocumentResult], console: Console) -> None:
     for r in results:
         if r.skipped:
-            console.print(f"[dim]- {r.label()}: skipped, {r.skipped}[/dim]")
+            console.print(f"[dim]- {escape(r.label())}: skipped, {escape(r.skipped)}[/dim]")
         elif r.ok:
-            console.print(f"[green]✓[/green] {r.label()}: valid")
+            console.print(f"[green]✓[/green] {escape(r.label())}: valid")
         else:
             n = len(r.errors)
-            console.print(f"[red]✗[/red] {r.label()}: {n} error{'s' if n > 1 else ''}")
+            console.print(f"[red]✗[/red] {escape(r.label())}: {n} error{'s' if n > 1 else ''}")
             for e in r.errors:
-                console.print(f"    [bold]{e.path}[/bold]: {e.message}", markup=True, highlight=False)
+                console.print(f"    [bold]{escape(e.path)}[/bold]: {escape(e.message)}")
                 if e.fix:
-                    console.print(f"      [cyan]fix:[/cyan] {e.fix}", highlight=False)
+                    console.print(f"      [cyan]fix:[/cyan] {escape(e.fix)}")
     checked = [r for r in results if not r.skipped]
     bad = sum(1 for r in checked if not r.ok)
     colour = "red" if bad else "green"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, NamedTuple
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -56,10 +56,17 @@ def _quantity_to_str(value: Any) -> Any:
     return value
 
 
+def _check_quantity(value: str) -> str:
+    if not re.match(_QUANTITY_RE, value):
+        raise PydanticCustomError(
+            "quantity", "'{value}' is not a Kubernetes quantity", {"value": value})
+    return value
+
+
 Quantity = Annotated[
     str,
     BeforeValidator(_quantity_to_str),
-    Field(pattern=_QUANTITY_RE),
+    AfterValidator(_check_quantity),
     WithJsonSchema(
         {"x-kubernetes-int-or-string": True, "pattern": _QUANTITY_RE},
     ),

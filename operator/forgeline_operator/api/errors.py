@@ -108,7 +108,7 @@ def _message(err: dict[str, Any]) -> str:
         return f"unknown field '{err['loc'][-1]}'"
     if err["type"] == "missing":
         return "required field is missing"
-    if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], (dict, list)):
+    if "input" in err and not isinstance(err["input"], (dict, list)) and str(err["input"]) not in msg:
         return f"{msg} (got {err['input']!r})"
     return msg
 
@@ -182,6 +182,8 @@ def _fix(err: dict[str, Any], loc: tuple[Any, ...], cls: type[TrainingJob] | typ
         if loc == ("metadata", "name"):
             return "use lowercase letters, digits and '-', starting with a letter and ending alphanumeric"
         return f"match the pattern {ctx.get('pattern')}"
+    if kind == "quantity":
+        return "write a quantity such as 16Gi or 512Mi (memory), 4 or 500m (CPU)"
     if kind == "storage_uri":
         return "use s3://bucket/prefix, gs://bucket/prefix, pvc://claim/path, file:///abs/path or a path"
     return ""
