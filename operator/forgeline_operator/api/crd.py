@@ -21,7 +21,7 @@ from ._base import API_GROUP, API_VERSION, ApiModel
 from .resources import JOB_NAME_PATTERN, MAX_JOB_NAME_LENGTH, FineTuneJob, TrainingJob
 from .status import JobStatus
 
-_DROP_KEYS = {"title", "additionalProperties", "$defs", "discriminator", "examples"}
+_DROP_KEYS = {"title", "$defs", "discriminator", "examples"}
 _OPENAPI_FORMATS = {"date-time", "date", "int32", "int64", "float", "double", "byte", "uri"}
 
 

@@ -195,8 +195,9 @@ class TrainingJobSpec(Lifecycle):
                                   f"({self.data.sequence_length})",
                                   "use a multiple of the sequence length"))
         if t.global_batch_tokens is not None:
-            out += batch_issues(t.global_batch_tokens // self.data.sequence_length, t.micro_batch_size,
-                                self.resources, "globalBatchTokens")
+            if t.global_batch_tokens % self.data.sequence_length == 0:
+                out += batch_issues(t.global_batch_tokens // self.data.sequence_length,
+                                    t.micro_batch_size, self.resources, "globalBatchTokens")
         else:
             out += batch_issues(t.global_batch_size, t.micro_batch_size, self.resources)
         if self.deepspeed is not None:
