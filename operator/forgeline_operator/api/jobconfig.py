@@ -1,0 +1,119 @@
+"""The job config: the typed contract between the operator (or `forgeline run`) and the trainer.
+
+The operator turns a TrainingJob/FineTuneJob into a `JobConfig` — the spec plus everything it
+resolved (model paths from `fromJob`, the output and checkpoint locations, the Ray run name) —
+and hands it to `python -m forgeline_trainer --config <file or JSON>`. The trainer imports this
+module and pydantic only; it never sees kopf or raw custom-resource dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from ._base import ApiModel, StorageURI
+from .finetune_job import FineTuneJobSpec
+from .resources import FineTuneJob, TrainingJob
+from .training_job import TrainingJobSpec
+
+PROGRESS_PREFIX = "FORGELINE_PROGRESS "
+"""Every progress record is one line `FORGELINE_PROGRESS {json}` in the Ray job's log."""
+
+
+class ResolvedPaths(ApiModel):
+    """Locations the operator resolved; relative paths resolve against workDir."""
+
+    output: StorageURI
+    """Where the trained model, tokenizer, metrics.json and loss curve go."""
+    checkpoints: StorageURI
+    """Ray Train storage for checkpoints (survives the Ray cluster)."""
+    base_model: str | None = None
+    """Model to start from (FineTuneJob base model, TrainingJob initFrom): a path/URI or hub id."""
+    reward_model: str | None = None
+    """Reward model for ppo/grpo: a path/URI or hub id."""
+    work_dir: str | None = None
+    """Directory that relative paths in the spec are relative to (local runs)."""
+
+
+class RunSettings(ApiModel):
+    """How this attempt runs on Ray."""
+
+    run_name: str = Field(min_length=1, max_length=200)
+    """Ray Train run name: stable across retries, so a resubmitted job resumes its checkpoints."""
+    attempt: int = Field(default=0, ge=0)
+    """0 for the first submission, then one more per resubmission."""
+    progress_interval_seconds: float = Field(default=5.0, gt=0)
+    """Seconds between progress records."""
+    max_worker_failures: int = Field(default=2, ge=-1)
+    """Ray Train FailureConfig.max_failures: lost workers restarted within one Ray job."""
+    fail_at_step: int | None = Field(default=None, ge=1)
+    """Fault injection for tests: rank 0 raises after this step on attempt 0."""
+
+
+class _Config(ApiModel):
+    api_version: Literal["forgeline.dev/v1alpha1"] = Field(default="forgeline.dev/v1alpha1",
+                                                           alias="apiVersion")
+    name: str
+    namespace: str = "default"
+    paths: ResolvedPaths
+    run: RunSettings
+
+
+class TrainingJobConfig(_Config):
+    kind: Literal["TrainingJob"] = "TrainingJob"
+    spec: TrainingJobSpec
+
+
+class FineTuneJobConfig(_Config):
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    spec: FineTuneJobSpec
+
+
+JobConfig = Annotated[TrainingJobConfig | FineTuneJobConfig, Field(discriminator="kind")]
+_ADAPTER: TypeAdapter[TrainingJobConfig | FineTuneJobConfig] = TypeAdapter(JobConfig)
+
+
+def load_job_config(source: str) -> TrainingJobConfig | FineTuneJobConfig:
+    """Parse a job config from a JSON string or a path to a JSON file."""
+    text = source if source.lstrip().startswith("{") else Path(source).read_text()
+    return _ADAPTER.validate_python(json.loads(text))
+
+
+def dump_job_config(config: TrainingJobConfig | FineTuneJobConfig) -> str:
+    return config.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def build_job_config(job: TrainingJob | FineTuneJob, *, output: str | None = None,
+                     checkpoints: str | None = None, base_model: str | None = None,
+                     reward_model: str | None = None, work_dir: str | None = None,
+                     run_name: str | None = None, attempt: int = 0,
+                     fail_at_step: int | None = None) -> TrainingJobConfig | FineTuneJobConfig:
+    """The trainer's config for a job. `base_model`/`reward_model` must be given when the spec
+    names them `fromJob` (the caller looked up that job's output); otherwise they come from the spec."""
+    spec = job.spec
+    out = output or spec.output.uri
+    ckpt = checkpoints or spec.checkpointing.storage or f"{out.rstrip('/')}/checkpoints"
+    if isinstance(job, TrainingJob):
+        src = spec.model.init_from
+    else:
+        src = spec.base_model
+    if base_model is None and src is not None:
+        if src.from_job is not None:
+            raise ValueError(f"{src.from_job.kind}/{src.from_job.name}'s output must be resolved first")
+        base_model = src.path or src.hub_id
+    if isinstance(job, FineTuneJob) and spec.rl is not None and reward_model is None:
+        rm = spec.rl.reward_model
+        if rm.from_job is not None:
+            raise ValueError(f"{rm.from_job.kind}/{rm.from_job.name}'s output must be resolved first")
+        reward_model = rm.path or rm.hub_id
+    namespace = job.metadata.namespace or "default"
+    uid = (job.metadata.uid or "")[:8]
+    name = run_name or "-".join(p for p in (namespace, job.metadata.name, uid) if p)
+    paths = ResolvedPaths(output=out, checkpoints=ckpt, base_model=base_model,
+                          reward_model=reward_model, work_dir=work_dir)
+    run = RunSettings(run_name=name, attempt=attempt, fail_at_step=fail_at_step)
+    cls = TrainingJobConfig if isinstance(job, TrainingJob) else FineTuneJobConfig
+    return cls(name=job.metadata.name, namespace=namespace, paths=paths, run=run, spec=spec)

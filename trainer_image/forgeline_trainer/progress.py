@@ -1,0 +1,176 @@
+"""Progress records, Prometheus metrics and MFU.
+
+Rank 0 prints one line `FORGELINE_PROGRESS {json}` every few seconds (and at every eval and the
+end). Ray forwards worker output to the Ray job's log, so the operator and `forgeline run` read
+progress from the Jobs API without shared storage. The same figures go to Ray's metrics agent
+(`ray.util.metrics` gauges, `forgeline_trainer_*`), which every Ray pod exposes for Prometheus.
+
+MFU = achieved model FLOPs / peak FLOPs. Model FLOPs per token = 6·N (N = parameters a token
+passes through; for MoE the active ones) + 12·L·d·S (attention scores and values, PaLM's
+appendix B). The peak is the device's datasheet dense bf16 figure on known GPUs; on CPU it is
+measured once per run with a matmul probe — so a CPU MFU says how close training gets to what
+this CPU's matmul reaches, not to a datasheet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from forgeline_operator.api.jobconfig import PROGRESS_PREFIX
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment.
+GPU_PEAK_BF16 = {
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
+    "L4": 121e12, "A6000": 155e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def model_flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6·N + 12·L·d·S (PaLM, appendix B)."""
+    return 6.0 * n_params + 12.0 * n_layers * d_model * seq_len
+
+
+def measure_cpu_peak(threads: int | None = None, size: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s this process reaches on an fp32 matmul (the CPU 'peak' MFU is measured against)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def device_peak_flops() -> tuple[float, str]:
+    """(peak FLOP/s of one training process's device, how it was obtained)."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for frag, peak in GPU_PEAK_BF16.items():
+            if frag in name:
+                return peak, f"datasheet bf16 peak of {name}"
+        return 0.0, f"unknown GPU {name}: MFU not reported"
+    peak = measure_cpu_peak(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return peak, "measured fp32 matmul peak of this CPU (probe at start of run)"
+
+
+def emit(record: dict[str, Any]) -> None:
+    """Print one progress record line (flushed: the operator reads it live)."""
+    sys.stdout.write(PROGRESS_PREFIX + json.dumps(record, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+class _Gauges:
+    """Ray metrics gauges (exported by every Ray node's metrics agent for Prometheus)."""
+
+    NAMES = {
+        "loss": "Latest training loss", "learning_rate": "Current learning rate",
+        "tokens_per_second": "Training tokens per second over all workers",
+        "mfu": "Model FLOPs utilisation (0-1)", "step": "Optimizer steps done",
+        "total_steps": "Optimizer steps planned", "eval_loss": "Latest evaluation loss",
+        "grad_norm": "Global gradient norm before clipping",
+    }
+
+    def __init__(self, tags: dict[str, str]):
+        self.tags = tags
+        self.gauges: dict[str, Any] = {}
+        try:
+            from ray.util.metrics import Gauge
+
+            for key, desc in self.NAMES.items():
+                self.gauges[key] = Gauge(f"forgeline_trainer_{key}", description=desc,
+                                         tag_keys=tuple(tags))
+        except Exception:  # noqa: BLE001 - metrics are best effort outside a Ray cluster
+            self.gauges = {}
+
+    def set(self, values: dict[str, Any]) -> None:
+        for key, gauge in self.gauges.items():
+            value = values.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                gauge.set(float(value), tags=self.tags)
+
+
+@dataclass
+class Reporter:
+    """Accumulates step timings on rank 0 and emits progress records at an interval."""
+
+    job: str
+    namespace: str
+    kind: str
+    total_steps: int
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops_total: float
+    interval: float = 5.0
+    is_chief: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._last_emit = 0.0
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._started = time.perf_counter()
+        self.history: list[dict[str, Any]] = []
+        self.eval_history: list[dict[str, Any]] = []
+        self.tokens_seen = 0
+        self.last: dict[str, Any] = {}
+        self._gauges = _Gauges({"job": self.job, "namespace": self.namespace, "kind": self.kind}) \
+            if self.is_chief else None
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None = None,
+             samples: int = 0, tokens: int | None = None, force: bool = False, **more: Any) -> None:
+        """Record optimizer step `step` (1-based) finished with `loss`."""
+        self._window_steps += 1
+        self.tokens_seen += tokens if tokens is not None else self.tokens_per_step
+        point = {"step": step, "loss": loss, "learning_rate": lr}
+        self.history.append(point)
+        now = time.perf_counter()
+        if not self.is_chief or (not force and now - self._last_emit < self.interval and step != self.total_steps):
+            return
+        elapsed = now - self._window_start
+        sec_per_step = elapsed / max(self._window_steps, 1)
+        tps = (tokens if tokens is not None else self.tokens_per_step) / sec_per_step if sec_per_step else 0.0
+        mfu = tps * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
+        record = {
+            "type": "progress", "step": step, "total_steps": self.total_steps,
+            "loss": round(loss, 6), "learning_rate": lr,
+            "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+            "tokens_per_second": round(tps, 2),
+            "samples_per_second": round(samples / sec_per_step, 3) if samples and sec_per_step else None,
+            "mfu": None if mfu is None else round(mfu, 6),
+            "eta_seconds": round(sec_per_step * (self.total_steps - step), 1),
+            "tokens_seen": self.tokens_seen, "elapsed_seconds": round(now - self._started, 2),
+            **self.extra, **more,
+        }
+        record = {k: v for k, v in record.items() if v is not None}
+        emit(record)
+        self.last = record
+        if self._gauges:
+            self._gauges.set(record)
+        self._last_emit = now
+        self._window_start, self._window_steps = now, 0
+
+    def evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_chief:
+            return
+        entry = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        self.eval_history.append(entry)
+        emit({"type": "eval", **entry})
+        if self._gauges:
+            self._gauges.set({"eval_loss": metrics.get("eval_loss")})
+
+    def event(self, message: str, **fields: Any) -> None:
+        if self.is_chief:
+            emit({"type": "event", "message": message, **fields})
