@@ -31,9 +31,9 @@ class ResolvedPaths(ApiModel):
     checkpoints: StorageURI
     """Ray Train storage for checkpoints (survives the Ray cluster)."""
     base_model: str | None = None
-    """Model to start from (FineTuneJob base model, TrainingJob initFrom): a path/URI or hub id."""
+    """Model to start from (FineTuneJob base model, TrainingJob initFrom): a path/URI, or `hf://<hub id>`."""
     reward_model: str | None = None
-    """Reward model for ppo/grpo: a path/URI or hub id."""
+    """Reward model for ppo/grpo: a path/URI, or `hf://<hub id>`."""
     work_dir: str | None = None
     """Directory that relative paths in the spec are relative to (local runs)."""
 
@@ -103,12 +103,12 @@ def build_job_config(job: TrainingJob | FineTuneJob, *, output: str | None = Non
     if base_model is None and src is not None:
         if src.from_job is not None:
             raise ValueError(f"{src.from_job.kind}/{src.from_job.name}'s output must be resolved first")
-        base_model = src.path or src.hub_id
+        base_model = src.path or f"hf://{src.hub_id}"
     if isinstance(job, FineTuneJob) and spec.rl is not None and reward_model is None:
         rm = spec.rl.reward_model
         if rm.from_job is not None:
             raise ValueError(f"{rm.from_job.kind}/{rm.from_job.name}'s output must be resolved first")
-        reward_model = rm.path or rm.hub_id
+        reward_model = rm.path or f"hf://{rm.hub_id}"
     namespace = job.metadata.namespace or "default"
     uid = (job.metadata.uid or "")[:8]
     name = run_name or "-".join(p for p in (namespace, job.metadata.name, uid) if p)

@@ -1,0 +1,110 @@
+"""Checkpoints through Ray Train: save every N steps, keep K (Ray's CheckpointConfig), resume.
+
+A checkpoint holds model, optimizer, scheduler, the step (which fixes the data position: batch
+order is a function of the step) and the progress history. Plain DDP: rank 0 writes `state.pt`.
+DeepSpeed: every rank writes its ZeRO shards with `engine.save_checkpoint`, and Ray Train merges
+the ranks' files into one checkpoint directory in storage.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import storage
+from .runtime import RuntimeInfo
+
+_TAG = "zero"
+_STATE = "state.pt"
+_META = "forgeline_state.json"
+
+
+class Checkpointer:
+    def __init__(self, rt: RuntimeInfo, interval: int):
+        self.rt = rt
+        self.interval = interval
+        self.saved_steps: list[int] = []
+
+    def maybe_save(self, step: int, total: int, *, engine: Any, model: Any, optimizer: Any,
+                   scheduler: Any, reporter: Any, metrics: dict[str, float]) -> bool:
+        if step % self.interval and step != total:
+            return False
+        self.save(step, engine=engine, model=model, optimizer=optimizer, scheduler=scheduler,
+                  reporter=reporter, metrics=metrics)
+        return True
+
+    def save(self, step: int, *, engine: Any, model: Any, optimizer: Any, scheduler: Any,
+             reporter: Any, metrics: dict[str, float]) -> None:
+        import ray.train
+        import torch
+
+        meta = {"step": step, "history": reporter.history, "eval_history": reporter.eval_history,
+                "tokens_seen": reporter.tokens_seen}
+        with tempfile.TemporaryDirectory(prefix="forgeline-ckpt-") as tmp:
+            d = Path(tmp)
+            if engine is not None:
+                engine.save_checkpoint(str(d), tag=_TAG, client_state={"step": step})
+                if self.rt.rank == 0:
+                    (d / _META).write_text(json.dumps(meta))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            elif self.rt.rank == 0:
+                bare = getattr(model, "module", model)
+                torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "step": step}, d / _STATE)
+                (d / _META).write_text(json.dumps(meta))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            else:
+                checkpoint = None
+            ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+        self.saved_steps.append(step)
+        if reporter.is_chief:
+            from .progress import emit
+
+            emit({"type": "checkpoint", "step": step})
+
+    def restore(self, *, engine: Any, model: Any, optimizer: Any, scheduler: Any, reporter: Any,
+                resume_from: str | None = None, work_dir: str | None = None) -> int:
+        """The step to start from: the newest Ray Train checkpoint of this run, else `resumeFrom`,
+        else 0."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                return self._load(Path(d), engine, model, optimizer, scheduler, reporter)
+        if resume_from:
+            location = storage.local_copy(storage.resolve(resume_from, work_dir), "/tmp/forgeline-resume")
+            return self._load(Path(location), engine, model, optimizer, scheduler, reporter)
+        return 0
+
+    def _load(self, d: Path, engine: Any, model: Any, optimizer: Any, scheduler: Any, reporter: Any) -> int:
+        import torch
+
+        if engine is not None:
+            if not (d / _TAG).exists():
+                raise FileNotFoundError(f"{d} holds no DeepSpeed checkpoint (tag '{_TAG}')")
+            _, client = engine.load_checkpoint(str(d), tag=_TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+            step = int(client["step"])
+        else:
+            state = torch.load(d / _STATE, map_location="cpu", weights_only=False)
+            getattr(model, "module", model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+        meta_path = d / _META
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            reporter.history = meta.get("history", [])
+            reporter.eval_history = meta.get("eval_history", [])
+            reporter.tokens_seen = meta.get("tokens_seen", 0)
+        reporter.event("resumed from checkpoint", step=step)
+        return step
+
+    def barrier(self) -> None:
+        import torch
+
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()

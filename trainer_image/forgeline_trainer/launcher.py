@@ -1,0 +1,129 @@
+"""The Ray job's entry point: validate the job config, prepare data, run the recipe on Ray Train.
+
+    python -m forgeline_trainer --config job.json      (or --config '{"kind": ...}')
+
+Runs as the driver of a Ray job (submitted through the Jobs API by the operator or by
+`forgeline run`). Everything that can be checked before a worker starts is checked here: the
+config parses, paths exist, data is readable and not empty, the model loads. Then a TorchTrainer
+(Ray Train v2) runs the recipe's `train_loop` on `workers × max(gpusPerWorker, 1)` processes:
+gloo on CPU, NCCL on GPU; OMP_NUM_THREADS = the CPUs each process gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from forgeline_operator.api.jobconfig import (
+    FineTuneJobConfig,
+    TrainingJobConfig,
+    dump_job_config,
+    load_job_config,
+)
+
+from . import progress, storage
+
+
+def _cpu_count(quantity: str) -> float:
+    """CPUs in a Kubernetes quantity ('4', '500m', '1.5')."""
+    m = re.fullmatch(r"([0-9.]+)(m?)", quantity.strip())
+    if not m:
+        raise ValueError(f"spec.resources.cpu: cannot read {quantity!r} as CPUs")
+    value = float(m.group(1))
+    return value / 1000 if m.group(2) else value
+
+
+def recipe_for(cfg: TrainingJobConfig | FineTuneJobConfig):  # noqa: ANN201 - a recipe module
+    if isinstance(cfg, TrainingJobConfig):
+        from .recipes import pretrain
+
+        return pretrain
+    method = cfg.spec.method
+    if method in ("full", "lora", "qlora", "prompt-tuning"):
+        from .recipes import finetune
+
+        return finetune
+    if method in ("reward-model", "dpo"):
+        from .recipes import preference
+
+        return preference
+    from .recipes import rl
+
+    return rl
+
+
+def scaling(cfg: TrainingJobConfig | FineTuneJobConfig) -> tuple[int, bool, dict[str, float]]:
+    """(training processes, use GPUs, resources per process)."""
+    res = cfg.spec.resources
+    cpus = _cpu_count(res.cpu)
+    if res.gpus_per_worker:
+        return res.workers * res.gpus_per_worker, True, {"CPU": max(cpus / res.gpus_per_worker, 1), "GPU": 1}
+    return res.workers, False, {"CPU": max(cpus, 1)}
+
+
+def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    recipe = recipe_for(cfg)
+    workers, use_gpu, per_worker = scaling(cfg)
+    threads = str(max(1, math.floor(per_worker["CPU"])))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    os.environ.update(env)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    progress.emit({"type": "event", "message": "preparing data", "job": cfg.name})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="forgeline-prep-") as staging:
+        prepared = recipe.prepare(cfg, Path(staging))
+    progress.emit({"type": "event", "message": "data ready", "seconds": round(time.perf_counter() - t0, 2),
+                   **{k: v for k, v in prepared.items() if k in ("filters", "documents", "blocks", "examples")}})
+
+    ck = cfg.spec.checkpointing
+    run_name = cfg.run.run_name if ck.resume == "auto" else f"{cfg.run.run_name}-{int(time.time())}"
+    storage_path = storage.resolve(cfg.paths.checkpoints, cfg.paths.work_dir)
+    if not storage.is_remote(storage_path):
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        recipe.train_loop,
+        train_loop_config={"config": dump_job_config(cfg), "prepared": prepared},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ck.keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_worker_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    result = trainer.fit()
+    return {"checkpoint": None if result.checkpoint is None else result.checkpoint.path,
+            "metrics": result.metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m forgeline_trainer", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="job config: a JSON file, or JSON text")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_job_config(args.config)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a config error, reported plainly
+        print(f"forgeline-trainer: invalid job config: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        progress.emit({"type": "error", "message": str(exc)})
+        print(f"forgeline-trainer: {exc}", file=sys.stderr)
+        return 1
+    progress.emit({"type": "finished", "output": cfg.paths.output, "checkpoint": result["checkpoint"]})
+    return 0

@@ -1,0 +1,45 @@
+"""Facts about the running worker (rank, world, device) and small run-wide policies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    rank: int
+    world: int
+    local_rank: int
+    on_gpu: bool
+
+    @classmethod
+    def current(cls) -> RuntimeInfo:
+        import ray.train
+        import torch
+
+        ctx = ray.train.get_context()
+        return cls(rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                   local_rank=ctx.get_local_rank(), on_gpu=torch.cuda.is_available())
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> tuple[bool, str]:
+    """(train in bf16?, name). auto = bf16 on GPUs, fp32 on CPU; fp16 is refused by the spec on CPU."""
+    if precision == "auto":
+        return (True, "bf16") if on_gpu else (False, "fp32")
+    return precision == "bf16", precision
+
+
+class InjectedFailure(RuntimeError):
+    """Raised on purpose by tests (RunSettings.failAtStep) to exercise retries and resume."""
+
+
+def fault_injection(cfg: Any, step: int) -> None:
+    """Fail right after `failAtStep` on the first attempt. Put it on a checkpoint step: a retried
+    worker (or a resubmitted job) resumes past it and succeeds."""
+    at = cfg.run.fail_at_step
+    if at is not None and step == at and cfg.run.attempt == 0:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 0:
+            raise InjectedFailure(f"injected failure after step {step} (runSettings.failAtStep)")
