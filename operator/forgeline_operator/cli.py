@@ -3,6 +3,7 @@
     forgeline validate examples/*.yaml      # every error with its field path and a fix
     forgeline validate -o json job.yaml     # the same, machine-readable
     forgeline crds [--dir crds] [--check]   # (re)generate crds/ from the models
+    forgeline run examples/pretrain-tiny-llama.yaml   # train on an embedded Ray, live progress
 """
 
 from __future__ import annotations
@@ -155,7 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="crds", help="output directory (default: crds)")
     p.add_argument("--check", action="store_true", help="only check that the files are up to date")
     p.set_defaults(func=_cmd_crds)
+    p = sub.add_parser("run", help="run a TrainingJob/FineTuneJob manifest on local or existing Ray")
+    p.add_argument("manifest", help="manifest file (several jobs run in order; fromJob resolved)")
+    p.add_argument("--address", help="Ray Jobs API address of an existing cluster (default: embedded Ray)")
+    p.add_argument("--output", help="override spec.output.uri (single-job manifests)")
+    p.set_defaults(func=_cmd_run)
     return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runlocal import main as run_main
+
+    return run_main(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -112,10 +112,17 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forgeline_trainer", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="job config: a JSON file, or JSON text")
+    parser.add_argument("--config", required=True,
+                        help="job config: a JSON file, JSON text, or env:VAR (read from that variable)")
     args = parser.parse_args(argv)
+    source = args.config
+    if source.startswith("env:"):
+        source = os.environ.get(source[4:], "")
+        if not source:
+            print(f"forgeline-trainer: {args.config[4:]} is empty or unset", file=sys.stderr)
+            return 2
     try:
-        cfg = load_job_config(args.config)
+        cfg = load_job_config(source)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a config error, reported plainly
         print(f"forgeline-trainer: invalid job config: {exc}", file=sys.stderr)
         return 2

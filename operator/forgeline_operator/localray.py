@@ -1,0 +1,108 @@
+"""An embedded Ray head on this machine, with token authentication, for `forgeline run`,
+the tests and the demo. Stopped (with everything it ran) when the context exits."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRay:
+    """`ray start --head` in a private temp dir; `address` is the Jobs API (dashboard) URL."""
+
+    def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None):
+        self.num_cpus = num_cpus or max(os.cpu_count() or 2, 2)
+        # Ray's session directories go under temp_dir; its socket paths must stay short.
+        self.temp_dir = Path(temp_dir or tempfile.mkdtemp(prefix="flray-", dir="/tmp"))
+        self.token = secrets.token_hex(16)
+        self.gcs_port = _free_port()
+        self.dashboard_port = _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self._ray = str(Path(sys.executable).parent / "ray")
+        self._started = False
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a Ray client needs to talk to this head."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def __enter__(self) -> LocalRay:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 90.0) -> None:
+        env = {**os.environ, **self.env, "RAY_USAGE_STATS_ENABLED": "0"}
+        cmd = [self._ray, "start", "--head", f"--port={self.gcs_port}",
+               f"--num-cpus={self.num_cpus}", "--num-gpus=0",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
+               "--disable-usage-stats"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
+        self._started = True
+        os.environ.update(self.env)  # this process's Jobs client authenticates with the token
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                req = urllib.request.Request(f"{self.address}/api/version",
+                                             headers={"Authorization": f"Bearer {self.token}"})
+                with urllib.request.urlopen(req, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"Ray dashboard at {self.address} did not come up in {timeout}s")
+
+    def stop(self) -> None:
+        """Stop this head and every process it started — and only those (`ray stop` would stop
+        every Ray on the machine): they all carry our private temp dir on their command line."""
+        if not self._started:
+            return
+        import psutil
+
+        marker = str(self.temp_dir)
+        ours = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(marker in part for part in proc.info["cmdline"] or []):
+                    ours.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        family = {p.pid: p for p in ours}
+        for p in ours:
+            try:
+                family.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                continue
+        for p in family.values():
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(list(family.values()), timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._started = False
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -1,0 +1,113 @@
+"""Submit and track trainer runs through the Ray Jobs API — one code path for every backend.
+
+The same calls serve a KubeRay cluster (its head Service's dashboard port), an existing Ray
+cluster named by address, and the embedded local Ray of `forgeline run`, tests and the demo.
+Progress comes back as `FORGELINE_PROGRESS {json}` lines in the job's log (see
+`forgeline_operator.api.jobconfig.PROGRESS_PREFIX`), so no shared storage is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .api.jobconfig import PROGRESS_PREFIX, FineTuneJobConfig, TrainingJobConfig, dump_job_config
+
+CONFIG_ENV = "FORGELINE_JOB_CONFIG"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TERMINAL_RAY_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+
+
+def parse_records(text: str) -> list[dict[str, Any]]:
+    """Every progress record in a chunk of Ray job log (worker prefixes and colours allowed)."""
+    records = []
+    for line in text.splitlines():
+        at = line.find(PROGRESS_PREFIX)
+        if at < 0:
+            continue
+        payload = _ANSI.sub("", line[at + len(PROGRESS_PREFIX):]).strip()
+        try:
+            record = json.loads(payload)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def entrypoint(python: str = "python") -> str:
+    """The Ray job's command: the trainer reads its typed config from an environment variable."""
+    return f"{python} -m forgeline_trainer --config env:{CONFIG_ENV}"
+
+
+@dataclass
+class LogCursor:
+    """Reads a job's log incrementally and keeps the latest of each record type."""
+
+    offset: int = 0
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def feed(self, full_log: str) -> list[dict[str, Any]]:
+        if len(full_log) < self.offset:  # log restarted (new submission)
+            self.offset = 0
+        chunk = full_log[self.offset:]
+        cut = chunk.rfind("\n") + 1  # only complete lines
+        self.offset += cut
+        records = parse_records(chunk[:cut])
+        for r in records:
+            self.latest[r.get("type", "progress")] = r
+        return records
+
+
+class RayJobs:
+    """A thin wrapper over `ray.job_submission.JobSubmissionClient`."""
+
+    def __init__(self, address: str, python: str | None = None):
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = address
+        self.client = JobSubmissionClient(address)
+        self.python = python or "python"
+
+    def submit(self, config: TrainingJobConfig | FineTuneJobConfig, submission_id: str,
+               env: dict[str, str] | None = None) -> str:
+        """Submit the trainer; idempotent per submission id (a re-delivered submit finds the job)."""
+        existing = self.status(submission_id)
+        if existing is not None:
+            return submission_id
+        env_vars = {CONFIG_ENV: dump_job_config(config), "PYTHONUNBUFFERED": "1",
+                    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", **(env or {})}
+        return self.client.submit_job(entrypoint=entrypoint(self.python), submission_id=submission_id,
+                                      runtime_env={"env_vars": env_vars},
+                                      metadata={"forgeline.dev/job": config.name,
+                                                "forgeline.dev/namespace": config.namespace,
+                                                "forgeline.dev/kind": config.kind})
+
+    def status(self, submission_id: str) -> str | None:
+        """PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED — or None if Ray has no such job."""
+        try:
+            return str(self.client.get_job_status(submission_id).value)
+        except RuntimeError as exc:  # the SDK raises RuntimeError for unknown ids
+            if "does not exist" in str(exc) or "404" in str(exc):
+                return None
+            raise
+
+    def info(self, submission_id: str) -> Any:
+        return self.client.get_job_info(submission_id)
+
+    def logs(self, submission_id: str) -> str:
+        return self.client.get_job_logs(submission_id)
+
+    def stop(self, submission_id: str) -> bool:
+        try:
+            return bool(self.client.stop_job(submission_id))
+        except RuntimeError:
+            return False
+
+
+def local_python() -> str:
+    """The interpreter the embedded Ray runs the trainer with (this virtualenv's)."""
+    return sys.executable

@@ -1,0 +1,206 @@
+"""`forgeline run MANIFEST`: run TrainingJob/FineTuneJob manifests on this machine (or any Ray).
+
+    forgeline run examples/pretrain-tiny-llama.yaml
+    forgeline run examples/pipeline-pretrain-sft-dpo.yaml       # stages in order, fromJob resolved
+    forgeline run job.yaml --address http://ray-head:8265 --output s3://bucket/out
+
+Without --address an embedded Ray head starts (token auth on) and stops at the end. The
+manifest becomes a job config with the same code the operator uses, and is submitted through
+the Ray Jobs API; a live bar shows step/total, loss, tokens/s and ETA. Ctrl-C stops the Ray job
+(and the embedded head) cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .api import FieldError, FineTuneJob, InvalidJobError, TrainingJob, parse_job
+from .api.jobconfig import build_job_config
+from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, local_python
+
+
+@dataclass
+class RunResult:
+    name: str
+    kind: str
+    status: str
+    output: str
+    submission_id: str
+    records: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "SUCCEEDED"
+
+    def last(self, kind: str) -> dict[str, Any]:
+        return next((r for r in reversed(self.records) if r.get("type") == kind), {})
+
+
+def load_jobs(path: str) -> list[TrainingJob | FineTuneJob]:
+    """Every job in a manifest file, or InvalidJobError naming the document and field."""
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    jobs, errors = [], []
+    for i, doc in enumerate(docs):
+        try:
+            jobs.append(parse_job(doc))
+        except InvalidJobError as exc:
+            prefix = f"document {i + 1}: " if len(docs) > 1 else ""
+            errors += [FieldError(prefix + e.path, e.message, e.fix) for e in exc.errors]
+    if errors:
+        raise InvalidJobError(errors)
+    if not jobs:
+        raise InvalidJobError([FieldError("(file)", "no TrainingJob or FineTuneJob in it",
+                                          "give a manifest with kind TrainingJob or FineTuneJob")])
+    return jobs
+
+
+def _resolve_from_job(ref: Any, done: dict[str, RunResult]) -> str:
+    prior = done.get(ref.name)
+    if prior is None:
+        raise InvalidJobError([FieldError(
+            "fromJob", f"{ref.kind}/{ref.name} is not an earlier job in this run",
+            "put that job before this one in the same file, or use baseModel.path")])
+    if not prior.ok:
+        raise RuntimeError(f"{ref.kind}/{ref.name} did not succeed ({prior.status})")
+    return prior.output
+
+
+def run_job(job: TrainingJob | FineTuneJob, ray_jobs: RayJobs, console: Console, *,
+            output: str | None, done: dict[str, RunResult], work_dir: str,
+            submitted: list[str] | None = None, fail_at_step: int | None = None, attempt: int = 0,
+            quiet: bool = False) -> RunResult:
+    base = reward = None
+    src = job.spec.model.init_from if isinstance(job, TrainingJob) else job.spec.base_model
+    if src is not None and src.from_job is not None:
+        base = _resolve_from_job(src.from_job, done)
+    if isinstance(job, FineTuneJob) and job.spec.rl and job.spec.rl.reward_model.from_job:
+        reward = _resolve_from_job(job.spec.rl.reward_model.from_job, done)
+    config = build_job_config(job, output=output, base_model=base, reward_model=reward, work_dir=work_dir,
+                              run_name=f"local-{job.metadata.name}", attempt=attempt,
+                              fail_at_step=fail_at_step)
+    sid = f"forgeline-{job.metadata.name}-{uuid.uuid4().hex[:8]}"
+    ray_jobs.submit(config, sid)
+    if submitted is not None:
+        submitted.append(sid)
+    console.print(f"[bold]{job.KIND}/{job.metadata.name}[/bold]: submitted Ray job {sid} to {ray_jobs.address}")
+    cursor = LogCursor()
+    records: list[dict[str, Any]] = []
+    status = "PENDING"
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
+                  disable=quiet, transient=False) as bar:
+        task = bar.add_task(escape(job.metadata.name), total=None, stats="starting")
+        while True:
+            status = ray_jobs.status(sid) or "PENDING"
+            new = cursor.feed(ray_jobs.logs(sid))
+            records += new
+            for r in new:
+                kind = r.get("type")
+                if kind == "progress":
+                    stats = f"loss {r.get('loss', float('nan')):.4f}  {r.get('tokens_per_second', 0):,.0f} tok/s"
+                    if r.get("mfu") is not None:
+                        stats += f"  MFU {100 * r['mfu']:.1f}%"
+                    bar.update(task, total=r.get("total_steps"), completed=r.get("step"), stats=stats)
+                elif kind == "eval":
+                    metrics = ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in ("type", "step"))
+                    bar.console.print(f"  eval @ step {r.get('step')}: {metrics}")
+                elif kind == "event":
+                    bar.console.print(f"  {escape(str(r.get('message')))}")
+                elif kind == "error":
+                    bar.console.print(f"  [red]error:[/red] {escape(str(r.get('message')))}")
+            if status in TERMINAL_RAY_STATES:
+                break
+            time.sleep(1.0)
+    result = RunResult(job.metadata.name, job.KIND, status, config.paths.output, sid, records)
+    if not result.ok:
+        tail = "\n".join(ray_jobs.logs(sid).splitlines()[-25:])
+        console.print(f"[red]{job.KIND}/{job.metadata.name} {status}[/red]\n{escape(tail)}")
+    else:
+        console.print(_summary(result, work_dir))
+    done[job.metadata.name] = result
+    return result
+
+
+def main(args: Any) -> int:
+    console = Console(highlight=False)
+    try:
+        jobs = load_jobs(args.manifest)
+    except InvalidJobError as exc:
+        console.print(f"[red]✗ {escape(args.manifest)} is invalid:[/red]")
+        for e in exc.errors:
+            console.print(f"    [bold]{escape(e.path)}[/bold]: {escape(e.message)}")
+            if e.fix:
+                console.print(f"      [cyan]fix:[/cyan] {escape(e.fix)}")
+        return 1
+    if args.output and len(jobs) > 1:
+        console.print("[red]--output applies to one job; this file has several[/red]")
+        return 2
+    from .localray import LocalRay
+
+    local = None if args.address else LocalRay()
+    done: dict[str, RunResult] = {}
+    submitted: list[str] = []
+    ray_jobs: RayJobs | None = None
+    try:
+        if local is not None:
+            console.print("starting an embedded Ray head (token auth) ...")
+            local.start()
+            console.print(f"Ray dashboard: {local.address}")
+        ray_jobs = RayJobs(args.address or local.address, python=local_python() if local else None)
+        for job in jobs:
+            result = run_job(job, ray_jobs, console, output=args.output, done=done,
+                             work_dir=os.getcwd(), submitted=submitted)
+            if not result.ok:
+                return 1
+        return 0
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping the Ray job ...[/yellow]")
+        if ray_jobs is not None:
+            _stop(ray_jobs, submitted, console)
+        return 130
+    except (InvalidJobError, RuntimeError) as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        return 1
+    finally:
+        if local is not None:
+            local.stop()
+
+
+def _stop(ray_jobs: RayJobs, submission_ids: list[str], console: Console) -> None:
+    """Stop this run's Ray jobs (only ours, even on a shared cluster) and wait until they end."""
+    for sid in submission_ids:
+        if (ray_jobs.status(sid) or "STOPPED") in TERMINAL_RAY_STATES:
+            continue
+        ray_jobs.stop(sid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (ray_jobs.status(sid) or "STOPPED") not in TERMINAL_RAY_STATES:
+            time.sleep(0.5)
+        console.print(f"stopped Ray job {sid} ({ray_jobs.status(sid)})")
+
+
+def _summary(result: RunResult, work_dir: str) -> str:
+    done = result.last("done")
+    out = result.output if "://" in result.output or result.output.startswith("/") \
+        else str(Path(work_dir) / result.output)
+    lines = [f"[green]✓ {result.kind}/{result.name} succeeded[/green]"]
+    if done.get("final_loss") is not None:
+        first = next((r.get("loss") for r in result.records if r.get("type") == "progress"), None)
+        lines.append(f"  loss {first:.4f} → {done['final_loss']:.4f}" if first is not None
+                     else f"  final loss {done['final_loss']:.4f}")
+    evals = [r for r in result.records if r.get("type") == "eval"]
+    if evals:
+        lines.append("  final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in evals[-1].items()
+                                                  if k not in ("type", "step")))
+    lines.append(f"  output: {out} (model, tokenizer, metrics.json, loss.png)")
+    return "\n".join(lines)
