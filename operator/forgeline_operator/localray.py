@@ -31,6 +31,7 @@ class LocalRay:
         self.token = secrets.token_hex(16)
         self.gcs_port = _free_port()
         self.dashboard_port = _free_port()
+        self.client_port = _free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self._ray = str(Path(sys.executable).parent / "ray")
         self._started = False
@@ -53,11 +54,13 @@ class LocalRay:
                f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
+               f"--ray-client-server-port={self.client_port}",
                "--disable-usage-stats"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
         self._started = True
+        self._saved_env = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)  # this process's Jobs client authenticates with the token
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -74,23 +77,29 @@ class LocalRay:
 
     def stop(self) -> None:
         """Stop this head and every process it started — and only those (`ray stop` would stop
-        every Ray on the machine): they all carry our private temp dir on their command line."""
+        every Ray on the machine): each carries our private temp dir on its command line or our
+        token in its environment."""
         if not self._started:
             return
         import psutil
 
         marker = str(self.temp_dir)
+        me = psutil.Process()
+        spared = {me.pid, *(p.pid for p in me.parents())}  # we carry the token too
         ours = []
         for proc in psutil.process_iter(["pid", "cmdline"]):
+            if proc.info["pid"] in spared:
+                continue
             try:
-                if any(marker in part for part in proc.info["cmdline"] or []):
+                if any(marker in part for part in proc.info["cmdline"] or []) or \
+                        proc.environ().get("RAY_AUTH_TOKEN") == self.token:
                     ours.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         family = {p.pid: p for p in ours}
         for p in ours:
             try:
-                family.update({c.pid: c for c in p.children(recursive=True)})
+                family.update({c.pid: c for c in p.children(recursive=True) if c.pid not in spared})
             except psutil.NoSuchProcess:
                 continue
         for p in family.values():
@@ -105,4 +114,9 @@ class LocalRay:
             except psutil.NoSuchProcess:
                 pass
         self._started = False
+        for key, value in getattr(self, "_saved_env", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,18 +74,28 @@ class RayJobs:
         self.python = python or "python"
 
     def submit(self, config: TrainingJobConfig | FineTuneJobConfig, submission_id: str,
-               env: dict[str, str] | None = None) -> str:
-        """Submit the trainer; idempotent per submission id (a re-delivered submit finds the job)."""
+               env: dict[str, str] | None = None, wait_for_agent: float = 0.0) -> str:
+        """Submit the trainer; idempotent per submission id (a re-delivered submit finds the job).
+
+        A fresh head may answer "No available agent" for a few seconds: retried for up to
+        `wait_for_agent` seconds (the operator passes 0 and retries via kopf instead)."""
         existing = self.status(submission_id)
         if existing is not None:
             return submission_id
         env_vars = {CONFIG_ENV: dump_job_config(config), "PYTHONUNBUFFERED": "1",
                     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", **(env or {})}
-        return self.client.submit_job(entrypoint=entrypoint(self.python), submission_id=submission_id,
-                                      runtime_env={"env_vars": env_vars},
-                                      metadata={"forgeline.dev/job": config.name,
-                                                "forgeline.dev/namespace": config.namespace,
-                                                "forgeline.dev/kind": config.kind})
+        deadline = time.monotonic() + wait_for_agent
+        while True:
+            try:
+                return self.client.submit_job(
+                    entrypoint=entrypoint(self.python), submission_id=submission_id,
+                    runtime_env={"env_vars": env_vars},
+                    metadata={"forgeline.dev/job": config.name, "forgeline.dev/namespace": config.namespace,
+                              "forgeline.dev/kind": config.kind})
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def status(self, submission_id: str) -> str | None:
         """PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED — or None if Ray has no such job."""

@@ -90,7 +90,7 @@ def run_job(job: TrainingJob | FineTuneJob, ray_jobs: RayJobs, console: Console,
                               run_name=f"local-{job.metadata.name}", attempt=attempt,
                               fail_at_step=fail_at_step)
     sid = f"forgeline-{job.metadata.name}-{uuid.uuid4().hex[:8]}"
-    ray_jobs.submit(config, sid)
+    ray_jobs.submit(config, sid, wait_for_agent=120)
     if submitted is not None:
         submitted.append(sid)
     console.print(f"[bold]{job.KIND}/{job.metadata.name}[/bold]: submitted Ray job {sid} to {ray_jobs.address}")

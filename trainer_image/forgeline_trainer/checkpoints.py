@@ -22,10 +22,19 @@ _META = "forgeline_state.json"
 
 
 class Checkpointer:
-    def __init__(self, rt: RuntimeInfo, interval: int):
+    def __init__(self, rt: RuntimeInfo, interval: int, trainable_only: bool = False):
+        """trainable_only: save just the parameters that train (PEFT adapters, prompt embeddings):
+        the frozen base is reloaded from the base model on resume."""
         self.rt = rt
         self.interval = interval
+        self.trainable_only = trainable_only
         self.saved_steps: list[int] = []
+
+    def _model_state(self, model: Any) -> dict[str, Any]:
+        bare = getattr(model, "module", model)
+        if self.trainable_only:
+            return {n: p.detach().cpu() for n, p in bare.named_parameters() if p.requires_grad}
+        return bare.state_dict()
 
     def maybe_save(self, step: int, total: int, *, engine: Any, model: Any, optimizer: Any,
                    scheduler: Any, reporter: Any, metrics: dict[str, float]) -> bool:
@@ -50,8 +59,7 @@ class Checkpointer:
                     (d / _META).write_text(json.dumps(meta))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             elif self.rt.rank == 0:
-                bare = getattr(model, "module", model)
-                torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                torch.save({"model": self._model_state(model), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "step": step}, d / _STATE)
                 (d / _META).write_text(json.dumps(meta))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -90,7 +98,9 @@ class Checkpointer:
             step = int(client["step"])
         else:
             state = torch.load(d / _STATE, map_location="cpu", weights_only=False)
-            getattr(model, "module", model).load_state_dict(state["model"])
+            missing = getattr(model, "module", model).load_state_dict(state["model"], strict=not self.trainable_only)
+            if self.trainable_only and missing.unexpected_keys:
+                raise RuntimeError(f"checkpoint does not fit the model: {missing.unexpected_keys[:5]}")
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
