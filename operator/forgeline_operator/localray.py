@@ -32,6 +32,12 @@ class LocalRay:
         self.gcs_port = _free_port()
         self.dashboard_port = _free_port()
         self.client_port = _free_port()
+        # Every fixed default port (agent 52365, metrics 8080, ...) made explicit and free, so two
+        # embedded heads (parallel tests, a demo beside a run) never collide.
+        self.extra_ports = {flag: _free_port() for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+            "node-manager-port", "object-manager-port", "runtime-env-agent-port")}
+        self.metrics_port = self.extra_ports["metrics-export-port"]
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self._ray = str(Path(sys.executable).parent / "ray")
         self._started = False
@@ -55,6 +61,7 @@ class LocalRay:
                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
                f"--ray-client-server-port={self.client_port}",
+               *(f"--{flag}={port}" for flag, port in self.extra_ports.items()),
                "--disable-usage-stats"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:

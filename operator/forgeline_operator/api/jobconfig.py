@@ -86,6 +86,19 @@ def dump_job_config(config: TrainingJobConfig | FineTuneJobConfig) -> str:
     return config.model_dump_json(by_alias=True, exclude_none=True)
 
 
+_LIFECYCLE_FIELDS = ("suspend", "ttlSecondsAfterFinished", "deleteJobAfterTtl", "backoffLimit", "budget")
+
+
+def spec_fingerprint(spec: TrainingJobSpec | FineTuneJobSpec) -> str:
+    """A short hash of what determines the training (not suspend, TTL, retries or budget): part of
+    the Ray Train run name, so a resubmission resumes its own checkpoints while a changed spec
+    never resumes checkpoints of a different model or data."""
+    import hashlib
+
+    wire = {k: v for k, v in spec.to_dict().items() if k not in _LIFECYCLE_FIELDS}
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def build_job_config(job: TrainingJob | FineTuneJob, *, output: str | None = None,
                      checkpoints: str | None = None, base_model: str | None = None,
                      reward_model: str | None = None, work_dir: str | None = None,
@@ -111,7 +124,8 @@ def build_job_config(job: TrainingJob | FineTuneJob, *, output: str | None = Non
         reward_model = rm.path or f"hf://{rm.hub_id}"
     namespace = job.metadata.namespace or "default"
     uid = (job.metadata.uid or "")[:8]
-    name = run_name or "-".join(p for p in (namespace, job.metadata.name, uid) if p)
+    name = "-".join(p for p in (run_name or namespace, job.metadata.name if not run_name else "", uid,
+                                 spec_fingerprint(spec)) if p)
     paths = ResolvedPaths(output=out, checkpoints=ckpt, base_model=base_model,
                           reward_model=reward_model, work_dir=work_dir)
     run = RunSettings(run_name=name, attempt=attempt, fail_at_step=fail_at_step)
