@@ -99,17 +99,27 @@ def chat(rng: random.Random, n: int = 400) -> list[dict[str, list[dict[str, str]
 
 
 def preference(rng: random.Random, n: int = 400) -> list[dict[str, str]]:
+    """Chosen: the true answer. Rejected: a wrong fact, an evasion, or the right words jumbled —
+    the last two give a tiny reward model an easy signal, the first a hard one."""
     rows = []
     animals = list(ANIMALS)
     for _ in range(n):
         a = rng.choice(animals)
         q, ans, slot = rng.choice(QUESTIONS)
         f = _facts(rng, a)
-        wrong = dict(f)
-        other = rng.choice([x for x in animals if ANIMALS[x] != ANIMALS[a]])
-        wrong[slot] = _facts(rng, other)[slot]
-        rows.append({"prompt": q.format(**f), "chosen": " " + ans.format(**f),
-                     "rejected": " " + ans.format(**wrong)})
+        kind = rng.random()
+        if kind < 0.34:
+            wrong = dict(f)
+            other = rng.choice([x for x in animals if ANIMALS[x] != ANIMALS[a]])
+            wrong[slot] = _facts(rng, other)[slot]
+            rejected = ans.format(**wrong)
+        elif kind < 0.67:
+            rejected = rng.choice(["I do not know.", "No idea.", "I cannot say.", "Ask someone else."])
+        else:
+            words = ans.format(**f).rstrip(".").split()
+            rng.shuffle(words)
+            rejected = " ".join(words)
+        rows.append({"prompt": q.format(**f), "chosen": " " + ans.format(**f), "rejected": " " + rejected})
     return rows
 
 

@@ -79,7 +79,7 @@ def _resolve_from_job(ref: Any, done: dict[str, RunResult]) -> str:
 def run_job(job: TrainingJob | FineTuneJob, ray_jobs: RayJobs, console: Console, *,
             output: str | None, done: dict[str, RunResult], work_dir: str,
             submitted: list[str] | None = None, fail_at_step: int | None = None, attempt: int = 0,
-            quiet: bool = False) -> RunResult:
+            max_worker_failures: int = 2, quiet: bool = False) -> RunResult:
     base = reward = None
     src = job.spec.model.init_from if isinstance(job, TrainingJob) else job.spec.base_model
     if src is not None and src.from_job is not None:
@@ -88,7 +88,7 @@ def run_job(job: TrainingJob | FineTuneJob, ray_jobs: RayJobs, console: Console,
         reward = _resolve_from_job(job.spec.rl.reward_model.from_job, done)
     config = build_job_config(job, output=output, base_model=base, reward_model=reward, work_dir=work_dir,
                               run_name=f"local-{job.metadata.name}", attempt=attempt,
-                              fail_at_step=fail_at_step)
+                              fail_at_step=fail_at_step, max_worker_failures=max_worker_failures)
     sid = f"forgeline-{job.metadata.name}-{uuid.uuid4().hex[:8]}"
     ray_jobs.submit(config, sid, wait_for_agent=120)
     if submitted is not None:

@@ -102,8 +102,8 @@ def spec_fingerprint(spec: TrainingJobSpec | FineTuneJobSpec) -> str:
 def build_job_config(job: TrainingJob | FineTuneJob, *, output: str | None = None,
                      checkpoints: str | None = None, base_model: str | None = None,
                      reward_model: str | None = None, work_dir: str | None = None,
-                     run_name: str | None = None, attempt: int = 0,
-                     fail_at_step: int | None = None) -> TrainingJobConfig | FineTuneJobConfig:
+                     run_name: str | None = None, attempt: int = 0, fail_at_step: int | None = None,
+                     max_worker_failures: int = 2) -> TrainingJobConfig | FineTuneJobConfig:
     """The trainer's config for a job. `base_model`/`reward_model` must be given when the spec
     names them `fromJob` (the caller looked up that job's output); otherwise they come from the spec."""
     spec = job.spec
@@ -128,6 +128,7 @@ def build_job_config(job: TrainingJob | FineTuneJob, *, output: str | None = Non
                                  spec_fingerprint(spec)) if p)
     paths = ResolvedPaths(output=out, checkpoints=ckpt, base_model=base_model,
                           reward_model=reward_model, work_dir=work_dir)
-    run = RunSettings(run_name=name, attempt=attempt, fail_at_step=fail_at_step)
+    run = RunSettings(run_name=name, attempt=attempt, fail_at_step=fail_at_step,
+                      max_worker_failures=max_worker_failures)
     cls = TrainingJobConfig if isinstance(job, TrainingJob) else FineTuneJobConfig
     return cls(name=job.metadata.name, namespace=namespace, paths=paths, run=run, spec=spec)
