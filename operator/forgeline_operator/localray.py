@@ -63,7 +63,10 @@ class LocalRay:
                f"--ray-client-server-port={self.client_port}",
                *(f"--{flag}={port}" for flag, port in self.extra_ports.items()),
                "--disable-usage-stats"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        # A session of its own: Ctrl-C in the terminal (SIGINT to the foreground process group)
+        # must reach `forgeline run`, which stops the Ray job cleanly, not Ray's daemons.
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              start_new_session=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
         self._started = True

@@ -66,12 +66,15 @@ class LogCursor:
 class RayJobs:
     """A thin wrapper over `ray.job_submission.JobSubmissionClient`."""
 
-    def __init__(self, address: str, python: str | None = None):
+    def __init__(self, address: str, python: str | None = None, request_timeout: float = 30.0):
         from ray.job_submission import JobSubmissionClient
 
         self.address = address
         self.client = JobSubmissionClient(address)
         self.python = python or "python"
+        # The SDK sends requests without a timeout; a wedged dashboard must not hang the operator.
+        plain = self.client._do_request
+        self.client._do_request = lambda *a, **kw: plain(*a, **{"timeout": request_timeout, **kw})
 
     def submit(self, config: TrainingJobConfig | FineTuneJobConfig, submission_id: str,
                env: dict[str, str] | None = None, wait_for_agent: float = 0.0) -> str:

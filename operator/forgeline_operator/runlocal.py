@@ -13,6 +13,7 @@ the Ray Jobs API; a live bar shows step/total, loss, tokens/s and ETA. Ctrl-C st
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import uuid
@@ -149,6 +150,11 @@ def main(args: Any) -> int:
     from .localray import LocalRay
 
     local = None if args.address else LocalRay()
+
+    def _terminate(signum: int, frame: Any) -> None:  # SIGTERM: clean up exactly as for Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     done: dict[str, RunResult] = {}
     submitted: list[str] = []
     ray_jobs: RayJobs | None = None

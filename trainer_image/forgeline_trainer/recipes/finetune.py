@@ -273,14 +273,21 @@ def _evaluate(net: Any, examples: list[sft_data.Tokenized], spec: Any, plan: opt
 
     mine = list(range(rt.rank, len(examples), rt.world))
     batches = [mine[i:i + plan.micro] for i in range(0, len(mine), plan.micro)][: spec.evaluation.max_batches]
+    # DDP's forward broadcasts buffers and ZeRO-3 gathers parameters: every rank must run the same
+    # number of forwards, so ranks with fewer batches run (and ignore) extra ones.
+    n_batches = int(_max(len(batches)))
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     net.eval()
     with torch.no_grad():
-        for idx in batches:
-            batch = sft_data.collate([examples[i] for i in idx], pad_id, device)
+        for i in range(n_batches):
+            real = i < len(batches)
+            idx = batches[i] if real else [0]
+            batch = sft_data.collate([examples[j] for j in idx], pad_id, device)
             out = net(**batch)
+            if not real:
+                continue
             logits = out.logits[:, -batch["labels"].shape[1]:, :]  # prompt tuning prepends virtual tokens
             shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
             mask = shift_labels != sft_data.IGNORE
@@ -297,6 +304,15 @@ def _evaluate(net: Any, examples: list[sft_data.Tokenized], spec: Any, plan: opt
     loss = (loss_sum / c).item()
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "accuracy": (correct / c).item(), "eval_tokens": float(count.item())}
+
+
+def _max(n: int) -> int:
+    import torch
+
+    t = torch.tensor([n], dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _mean(t: Any) -> float:

@@ -1,0 +1,310 @@
+"""The trainer, for real: tiny models train on CPU with two Ray Train workers on an embedded Ray.
+
+Every runnable example goes through the same submit-and-track code as `forgeline run`
+(`runlocal.run_job` → Ray Jobs API → `python -m forgeline_trainer`), and its loss must fall.
+Outputs land in a per-session work directory whose `examples/` links to the repository's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+from rich.console import Console
+
+from forgeline_operator.api import parse_job
+from forgeline_operator.localray import LocalRay
+from forgeline_operator.rayjobs import RayJobs, local_python
+from forgeline_operator.runlocal import RunResult, run_job
+
+from .conftest import EXAMPLES, REPO
+
+pytestmark = pytest.mark.trainer
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[LocalRay]:
+    with LocalRay() as head:
+        yield head
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("trainer-work")
+    (d / "examples").symlink_to(EXAMPLES)
+    return d
+
+
+Runner = Callable[..., tuple[RunResult, dict[str, Any]]]
+
+
+@pytest.fixture(scope="session")
+def run(ray_head: LocalRay, workdir: Path) -> Runner:
+    """Run an example (by file stem) or a parsed job; cached per job name for dependants."""
+    jobs = RayJobs(ray_head.address, python=local_python())
+    done: dict[str, RunResult] = {}
+    console = Console(file=open(os.devnull, "w"), force_terminal=False)  # noqa: SIM115
+
+    def _run(example: str | None = None, job: Any = None, *, cache: bool = True, expect_ok: bool = True,
+             **kw: Any):
+        if job is None:
+            job = parse_job(yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text()))
+        name = job.metadata.name
+        if cache and name in done and not kw:
+            result = done[name]
+        else:
+            result = run_job(job, jobs, console, output=kw.pop("output", None), done=done,
+                             work_dir=str(workdir), quiet=True, **kw)
+        metrics_path = workdir / result.output / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if result.ok and metrics_path.exists() else {}
+        if expect_ok and not result.ok:
+            log = "\n".join(jobs.logs(result.submission_id).splitlines()[-60:])
+            pytest.fail(f"{name} {result.status}:\n{log}")
+        return result, metrics
+
+    return _run
+
+
+def _assert_learned(metrics: dict[str, Any], factor: float = 0.8) -> None:
+    assert metrics["world_size"] == 2
+    assert metrics["final_loss"] < factor * metrics["first_loss"], (
+        f"loss did not fall enough: {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}")
+
+
+# -- pretraining -------------------------------------------------------------------------------
+
+
+def test_pretrain_llama_learns_and_writes_outputs(run: Runner, workdir: Path) -> None:
+    result, metrics = run("pretrain-tiny-llama")
+    _assert_learned(metrics)
+    out = workdir / "runs/tiny-llama"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss.png"):
+        assert (out / name).exists(), name
+    assert metrics["final_eval"]["perplexity"] < 10
+    assert metrics["tokenizer"].startswith("trained byte-level BPE")
+    assert metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"] < 1
+    types = [r["type"] for r in result.records]
+    assert types.count("checkpoint") == 3 and "eval" in types and "done" in types
+    progress = [r for r in result.records if r["type"] == "progress"]
+    assert progress[-1]["step"] == progress[-1]["total_steps"] == 60
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "samples_per_second", "mfu", "eta_seconds"):
+        assert key in progress[-1], key
+    # The saved model loads with plain transformers and generates.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = model.generate(**tok("The cat", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert ids.shape[1] > 2
+
+
+@pytest.mark.parametrize("example,stage", [("pretrain-tiny-gpt2-zero2", 2), ("pretrain-tiny-llama-zero3", 3)])
+def test_deepspeed_zero_pretraining(run: Runner, example: str, stage: int) -> None:
+    _, metrics = run(example)
+    assert metrics["deepspeed_zero_stage"] == stage
+    _assert_learned(metrics)
+
+
+def test_mixture_of_experts(run: Runner) -> None:
+    _, metrics = run("pretrain-tiny-mixtral-moe")
+    assert metrics["architecture"] == "mixtral"
+    _assert_learned(metrics)
+
+
+def test_masked_language_model(run: Runner, workdir: Path) -> None:
+    _, metrics = run("pretrain-tiny-bert-mlm")
+    assert metrics["architecture"] == "bert" and metrics["objective"] == "masked"
+    _assert_learned(metrics)
+    from transformers import AutoModelForMaskedLM
+
+    assert AutoModelForMaskedLM.from_pretrained(workdir / "runs/tiny-bert-mlm") is not None
+
+
+def test_continued_pretraining_starts_from_the_base(run: Runner) -> None:
+    _, base = run("pretrain-tiny-llama")
+    _, metrics = run("continued-pretrain-tiny")
+    # It starts where the base model ended, not from a random model's ~ln(vocab).
+    assert metrics["first_loss"] < 0.6 * base["first_loss"]
+    assert metrics["tokenizer"].endswith("runs/tiny-llama")
+
+
+# -- fine-tuning -------------------------------------------------------------------------------
+
+
+def _reload_matches_probe(out: Path, base: Path, quantized: bool = False) -> None:
+    """Base model + saved adapter reproduce the logits the trained model produced."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    probe = load_file(str(out / "probe.safetensors"))
+    kwargs: dict[str, Any] = {}
+    if quantized:
+        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_use_double_quant=True,
+                                                            bnb_4bit_compute_dtype=torch.float32),
+                  "device_map": {"": "cpu"}}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), out).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits[:, -probe["input_ids"].shape[1]:, :]
+    torch.testing.assert_close(logits.float(), probe["logits"], atol=2e-3, rtol=1e-3)
+    untouched = AutoModelForCausalLM.from_pretrained(base, **kwargs).eval()
+    with torch.no_grad():
+        base_logits = untouched(input_ids=probe["input_ids"]).logits
+    assert not torch.allclose(base_logits.float(), probe["logits"], atol=1e-2), "the adapter changed nothing"
+
+
+def test_lora_trains_only_adapters_and_reloads(run: Runner, workdir: Path) -> None:
+    run("pretrain-tiny-llama")
+    _, metrics = run("finetune-lora-tiny")
+    _assert_learned(metrics)
+    assert 0 < metrics["trainable_fraction"] < 0.15
+    out = workdir / "runs/tiny-sft-lora"
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    assert metrics["final_eval"]["accuracy"] > 0.3
+    _reload_matches_probe(out, workdir / "runs/tiny-llama")
+
+
+def test_qlora_base_is_4bit_and_adapter_reloads(run: Runner, workdir: Path) -> None:
+    run("pretrain-tiny-llama")
+    _, metrics = run("finetune-qlora-tiny")
+    _assert_learned(metrics)
+    assert metrics["quantized_4bit_layers"] >= 14  # every linear layer of 2 blocks is Linear4bit
+    assert 0 < metrics["trainable_fraction"] < 0.2
+    _reload_matches_probe(workdir / "runs/tiny-sft-qlora", workdir / "runs/tiny-llama", quantized=True)
+
+
+def test_full_finetune_trains_everything(run: Runner) -> None:
+    run("pretrain-tiny-llama")
+    _, metrics = run("finetune-full-tiny")
+    assert metrics["trainable_fraction"] == 1.0 and metrics["saved"] == "full"
+    _assert_learned(metrics)
+
+
+def test_prompt_tuning_trains_only_virtual_tokens(run: Runner, workdir: Path) -> None:
+    run("pretrain-tiny-llama")
+    _, metrics = run("finetune-prompt-tuning-tiny")
+    assert metrics["trainable_parameters"] == 16 * 64  # 16 virtual tokens × hidden size 64
+    _assert_learned(metrics, factor=0.9)
+    assert (workdir / "runs/tiny-prompt-tuning/adapter_config.json").exists()
+
+
+# -- RLHF --------------------------------------------------------------------------------------
+
+
+def test_reward_model_learns_preferences(run: Runner) -> None:
+    run("pretrain-tiny-llama")
+    _, metrics = run("reward-model-tiny")
+    _assert_learned(metrics)
+    assert metrics["final_eval"]["preference_accuracy"] > 0.6
+    assert metrics["final_eval"]["reward_margin"] > metrics["initial_eval"]["reward_margin"] + 0.5
+
+
+def test_dpo_raises_the_preference_margin(run: Runner) -> None:
+    run("pretrain-tiny-llama")
+    _, metrics = run("dpo-tiny")
+    assert metrics["final_eval"]["reward_margin"] > metrics["initial_eval"]["reward_margin"]
+    assert metrics["final_eval"]["eval_loss"] < metrics["initial_eval"]["eval_loss"]
+
+
+def test_grpo_runs_with_the_reward_model(run: Runner, workdir: Path) -> None:
+    run("pretrain-tiny-llama")
+    run("reward-model-tiny")
+    result, metrics = run("grpo-tiny")
+    assert metrics["method"] == "grpo" and metrics["steps"] == 10
+    assert isinstance(metrics["final_eval"]["mean_reward"], float)
+    assert any("rewards" in k or "reward" in k for r in result.records if r["type"] == "progress" for k in r)
+    assert (workdir / "runs/tiny-grpo/adapter_config.json").exists()
+
+
+# -- checkpoints, resume, failures ---------------------------------------------------------------
+
+
+def _variant(example: str, name: str, **spec_updates: Any) -> Any:
+    doc = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["output"]["uri"] = f"runs/{name}"
+    doc["spec"].update(spec_updates)
+    return parse_job(doc)
+
+
+def test_stopped_run_resumes_at_its_step_with_optimizer_state(run: Runner) -> None:
+    """Attempt 0 fails after step 20 (with no worker retries): the Ray job fails. Attempt 1 is
+    a new Ray job: it resumes at step 20, and its losses match an uninterrupted run step for
+    step — which needs the same data position and the restored optimizer state."""
+    _, straight = run("pretrain-tiny-llama")
+    job = _variant("pretrain-tiny-llama", "tiny-llama-resume")
+    failed, _ = run(job=job, fail_at_step=20, max_worker_failures=0, cache=False, expect_ok=False)
+    assert failed.status == "FAILED"
+    assert any(r["type"] == "checkpoint" and r["step"] == 20 for r in failed.records)
+    resumed, metrics = run(job=job, attempt=1, cache=False)
+    assert resumed.ok and metrics["resumed_from_step"] == 20
+    events = [r for r in resumed.records if r["type"] == "event" and r["message"] == "resumed from checkpoint"]
+    assert events and events[0]["step"] == 20
+    assert metrics["final_loss"] == pytest.approx(straight["final_loss"], rel=2e-3)
+    assert metrics["final_eval"]["eval_loss"] == pytest.approx(straight["final_eval"]["eval_loss"], rel=2e-3)
+
+
+def test_lost_worker_is_restarted_within_the_job(run: Runner) -> None:
+    """Ray Train's FailureConfig: a worker failure inside one Ray job restarts the workers, which
+    resume from the newest checkpoint; the job still succeeds."""
+    job = _variant("pretrain-tiny-llama", "tiny-llama-retry")
+    result, metrics = run(job=job, fail_at_step=40, max_worker_failures=2, cache=False)
+    assert result.ok and metrics["resumed_from_step"] == 40
+    _assert_learned(metrics)
+
+
+# -- failing loudly and early --------------------------------------------------------------------
+
+
+def test_missing_data_fails_before_workers_start(run: Runner) -> None:
+    job = _variant("pretrain-tiny-llama", "tiny-llama-nodata",
+                   data={"sources": [{"uri": "examples/data/nope.jsonl"}], "sequenceLength": 64})
+    result, _ = run(job=job, cache=False, expect_ok=False)
+    assert result.status == "FAILED"
+    errors = [r for r in result.records if r["type"] == "error"]
+    assert errors and "nope.jsonl" in errors[0]["message"]
+    assert not any(r["type"] == "event" and r["message"] == "training started" for r in result.records)
+
+
+def test_trainer_rejects_a_bad_config_with_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "job.json"
+    bad.write_text(json.dumps({"kind": "TrainingJob", "name": "x", "spec": {}}))
+    proc = subprocess.run([sys.executable, "-m", "forgeline_trainer", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid job config" in proc.stderr and "paths" in proc.stderr
+
+
+def test_forgeline_run_cli_ctrl_c_stops_the_ray_job(tmp_path: Path) -> None:
+    """The real command: embedded Ray, live output; SIGINT stops the Ray job and the head."""
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    doc = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())
+    doc["metadata"]["name"] = "ctrl-c"
+    doc["spec"]["training"]["maxSteps"] = 5000
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    exe = str(Path(sys.executable).parent / "forgeline")
+    proc = subprocess.Popen([exe, "run", "job.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "120"})
+    seen = []
+    deadline = time.monotonic() + 240
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if "training started" in line or time.monotonic() > deadline:
+            break
+    assert any("training started" in s for s in seen), "".join(seen)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=180)
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output
+    assert "stopped Ray job forgeline-ctrl-c-" in output and "(STOPPED)" in output
+    assert not (tmp_path / "runs/ctrl-c/model.safetensors").exists()
