@@ -9,8 +9,6 @@ logs into Forgeline progress records.
 from __future__ import annotations
 
 import math
-import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -74,27 +72,9 @@ class ProgressCallback(TrainerCallback):
                                grad_norm=logs.get("grad_norm"), samples=args.per_device_train_batch_size,
                                epoch=round(float(logs.get("epoch", 0.0)), 4), **more)
         keep = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_accuracy",
-                "eval_margin", "eval_reward", "eval_kl")
+                "eval_margin", "eval_kl")
         eval_metrics = {k[len("eval_"):]: v for k, v in logs.items()
                         if k.startswith(keep) and isinstance(v, (int, float))}
         if eval_metrics:
             eval_metrics = {("eval_loss" if k == "loss" else k.replace("/", "_")): v for k, v in eval_metrics.items()}
             self.reporter.evaluation(state.global_step, eval_metrics)
-
-
-def is_chief() -> bool:
-    import ray.train
-
-    return ray.train.get_context().get_world_rank() == 0
-
-
-def threads() -> None:
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-
-
-def wait_for_files(path: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)

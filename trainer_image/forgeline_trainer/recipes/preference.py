@@ -171,29 +171,19 @@ def _tokenizer(files: dict[str, bytes]):  # noqa: ANN202
 
 
 def _preference_metrics(trainer: Any, method: str, eval_ds: Any, tokenizer: Any) -> dict[str, float]:
-    """Preference accuracy and mean margin on the eval pairs (every rank runs it; same numbers)."""
-    import torch
-
-    model = trainer.model
-    model.eval()
-    device = next(model.parameters()).device
+    """Preference accuracy and mean reward margin on the eval pairs, through the trainer's own
+    evaluation (same tokenisation as training; every rank takes part, all get the same numbers).
+    DPO's margin is beta·(policy − reference) log-ratio difference; a reward model's is
+    r(chosen) − r(rejected)."""
+    metrics = trainer.evaluate(eval_dataset=eval_ds)
+    trainer.model.train()
     if method == "dpo":
-        metrics = trainer.evaluate(eval_dataset=eval_ds)
-        model.train()
         return {"preference_accuracy": float(metrics.get("eval_rewards/accuracies", float("nan"))),
                 "reward_margin": float(metrics.get("eval_rewards/margins", float("nan"))),
                 "eval_loss": float(metrics.get("eval_loss", float("nan")))}
-    margins = []
-    with torch.no_grad():
-        for row in eval_ds:
-            scores = []
-            for answer in (row["chosen"], row["rejected"]):
-                enc = tokenizer(row["prompt"] + answer, return_tensors="pt").to(device)
-                scores.append(float(model(**enc).logits[0, 0]))
-            margins.append(scores[0] - scores[1])
-    model.train()
-    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "reward_margin": sum(margins) / len(margins)}
+    return {"preference_accuracy": float(metrics.get("eval_accuracy", float("nan"))),
+            "reward_margin": float(metrics.get("eval_margin", float("nan"))),
+            "eval_loss": float(metrics.get("eval_loss", float("nan")))}
 
 
 def _write_output(cfg: FineTuneJobConfig, model: Any, prep: dict[str, Any], summary: dict[str, Any],

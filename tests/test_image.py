@@ -1,0 +1,53 @@
+"""The trainer image's pinned requirements resolve together (pip's resolver, for real), and the
+Dockerfile installs them and the package the way the docs say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO
+
+REQS = REPO / "trainer_image" / "requirements.txt"
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in REQS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[name.split("[")[0].lower()] = version
+    return pins
+
+
+def test_image_requirements_resolve(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+                           "--report", str(report), "-r", str(REQS)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    for name, version in _pins().items():
+        assert resolved.get(name, "").split("+")[0] == version, f"{name}: pinned {version}, resolved {resolved.get(name)}"
+
+
+def test_pins_match_what_the_tests_train_with() -> None:
+    """The image must run what the CPU suite verified: same versions in this environment."""
+    from importlib.metadata import version
+
+    for name, pinned in _pins().items():
+        assert version(name).split("+")[0] == pinned, f"{name}: image pins {pinned}, tests use {version(name)}"
+
+
+def test_dockerfile_uses_the_clusters_ray_and_the_pins() -> None:
+    from forgeline_operator.api.common import RayTarget
+
+    text = (REPO / "trainer_image" / "Dockerfile").read_text()
+    ray_version = RayTarget().version
+    assert f"FROM rayproject/ray:{ray_version}-" in text
+    assert _pins()["ray"] == ray_version
+    assert "pip install --no-cache-dir -r trainer_image/requirements.txt" in text
+    assert "pip install --no-cache-dir --no-deps ." in text
