@@ -198,7 +198,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "job": cfg.name, "kind": "FineTuneJob", "method": method, "base_model": cfg.paths.base_model,
             "parameters": n_total, "trainable_parameters": n_trainable,
             "trainable_fraction": n_trainable / n_total, "quantized_4bit_layers": n_4bit,
-            "steps": total_steps, "resumed_from_step": start_step, "first_loss": first_loss,
+            "steps": total_steps, "resumed_from_step": start_step, "first_loss": reporter.history[0]["loss"] if reporter.history else first_loss,
             "final_loss": reporter.history[-1]["loss"] if reporter.history else None,
             "final_eval": final_eval, "tokens_seen": reporter.tokens_seen,
             "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),

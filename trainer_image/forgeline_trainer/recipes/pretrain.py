@@ -212,7 +212,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "job": cfg.name, "kind": "TrainingJob", "objective": spec.objective,
             "architecture": getattr(model, "module", model).config.model_type, "parameters": n_params,
             "steps": total_steps, "resumed_from_step": start_step,
-            "first_loss": first_loss, "final_loss": reporter.history[-1]["loss"] if reporter.history else None,
+            "first_loss": reporter.history[0]["loss"] if reporter.history else first_loss, "final_loss": reporter.history[-1]["loss"] if reporter.history else None,
             "final_eval": final_eval, "tokens_seen": reporter.tokens_seen,
             "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),
             "mfu_peak_source": peak_how, "wall_seconds": last.get("elapsed_seconds"),
