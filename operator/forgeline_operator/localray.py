@@ -24,11 +24,11 @@ def _free_port() -> int:
 class LocalRay:
     """`ray start --head` in a private temp dir; `address` is the Jobs API (dashboard) URL."""
 
-    def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None):
+    def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None, token: str | None = None):
         self.num_cpus = num_cpus or max(os.cpu_count() or 2, 2)
         # Ray's session directories go under temp_dir; its socket paths must stay short.
         self.temp_dir = Path(temp_dir or tempfile.mkdtemp(prefix="flray-", dir="/tmp"))
-        self.token = secrets.token_hex(16)
+        self.token = token or secrets.token_hex(16)
         self.gcs_port = _free_port()
         self.dashboard_port = _free_port()
         self.client_port = _free_port()

@@ -66,11 +66,15 @@ class LogCursor:
 class RayJobs:
     """A thin wrapper over `ray.job_submission.JobSubmissionClient`."""
 
-    def __init__(self, address: str, python: str | None = None, request_timeout: float = 30.0):
+    def __init__(self, address: str, python: str | None = None, request_timeout: float = 30.0,
+                 token: str | None = None):
+        """token: the cluster's Ray auth token (sent as `Authorization: Bearer`); unset, Ray's own
+        RAY_AUTH_TOKEN / token file lookup applies."""
         from ray.job_submission import JobSubmissionClient
 
         self.address = address
-        self.client = JobSubmissionClient(address)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.client = JobSubmissionClient(address, headers=headers)
         self.python = python or "python"
         # The SDK sends requests without a timeout; a wedged dashboard must not hang the operator.
         plain = self.client._do_request

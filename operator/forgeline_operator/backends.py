@@ -1,0 +1,174 @@
+"""Where a job's Ray runs. Every backend answers the same two questions — is a Ray cluster
+ready for this job, and at which Jobs API address with which token — so one submit-and-track
+path (rayjobs.RayJobs) serves them all.
+
+- KubeRayBackend: a RayCluster per job (builders.build_ray_cluster), owned by the job; ready when
+  KubeRay reports it ready; address from the RayCluster's status (head service IP and dashboard
+  port), falling back to the head Service's DNS name.
+- AddressBackend: an existing Ray cluster (spec.ray.address, or the operator's default address).
+- LocalBackend: an embedded Ray head started with the operator (tests, demo, laptops).
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import builders
+from .api import FineTuneJob, TrainingJob
+
+Job = TrainingJob | FineTuneJob
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    ready: bool
+    address: str | None = None
+    token: str | None = None
+    cluster_name: str | None = None
+    message: str = ""
+    python: str | None = None  # interpreter for the trainer entrypoint (local: this venv's)
+
+
+class Backend(Protocol):
+    name: str
+
+    def ensure(self, job: Job, body: Any, namespace: str) -> ClusterState: ...
+
+    def teardown(self, job: Job, namespace: str) -> None: ...
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, local_ray: Any, python: str):
+        self.local = local_ray
+        self.python = python
+
+    def ensure(self, job: Job, body: Any, namespace: str) -> ClusterState:
+        return ClusterState(True, self.local.address, self.local.token, None, "embedded Ray head", self.python)
+
+    def teardown(self, job: Job, namespace: str) -> None:
+        return None
+
+
+class AddressBackend:
+    name = "address"
+
+    def __init__(self, address: str, token: str | None = None):
+        self.address = address
+        self.token = token
+
+    def ensure(self, job: Job, body: Any, namespace: str) -> ClusterState:
+        return ClusterState(True, self.address, self.token, None, f"existing Ray cluster {self.address}")
+
+    def teardown(self, job: Job, namespace: str) -> None:
+        return None
+
+
+RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
+
+
+class KubeRayBackend:
+    name = "kuberay"
+
+    def __init__(self, api_client: Any, default_image: str, adopt: Any):
+        from kubernetes import client
+
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.default_image = default_image
+        self.adopt = adopt  # kopf.adopt, injected so this module stays testable without kopf
+
+    def _token(self, job: Job, body: Any, namespace: str) -> str:
+        from kubernetes.client.exceptions import ApiException
+
+        name = builders.token_secret_name(job)
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+            return base64.b64decode(secret.data["token"]).decode()
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        token = secrets.token_hex(24)
+        manifest = builders.build_token_secret(job, token)
+        self.adopt(manifest, owner=body)
+        try:
+            self.core.create_namespaced_secret(namespace, manifest)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            secret = self.core.read_namespaced_secret(name, namespace)  # created concurrently
+            return base64.b64decode(secret.data["token"]).decode()
+        return token
+
+    def ensure(self, job: Job, body: Any, namespace: str) -> ClusterState:
+        from kubernetes.client.exceptions import ApiException
+
+        token = self._token(job, body, namespace)
+        name = job.ray_cluster_name()
+        try:
+            rc = self.custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            manifest = builders.build_ray_cluster(job, self.default_image)
+            self.adopt(manifest, owner=body)
+            try:
+                self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, manifest)
+            except ApiException as exc2:
+                if exc2.status == 404:
+                    raise RuntimeError("the RayCluster CRD (ray.io/v1) is not installed: install KubeRay "
+                                       "first (see docs/install.md)") from None
+                if exc2.status != 409:
+                    raise
+            return ClusterState(False, None, token, name, f"RayCluster {name} created; waiting for KubeRay")
+        status = rc.get("status") or {}
+        if not _is_ready(status):
+            state = status.get("state") or "starting"
+            return ClusterState(False, None, token, name, f"RayCluster {name} is {state}")
+        return ClusterState(True, _address(job, namespace, status), token, name, f"RayCluster {name} ready")
+
+    def teardown(self, job: Job, namespace: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        for delete in (
+            lambda: self.custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL,
+                                                                job.ray_cluster_name()),
+            lambda: self.core.delete_namespaced_secret(builders.token_secret_name(job), namespace),
+        ):
+            try:
+                delete()
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+    def exists(self, job: Job, namespace: str) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL,
+                                                     job.ray_cluster_name())
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+
+def _is_ready(status: dict[str, Any]) -> bool:
+    if str(status.get("state", "")).lower() == "ready":
+        return True
+    return any(c.get("type") == "RayClusterProvisioned" and c.get("status") == "True"
+               for c in status.get("conditions") or [])
+
+
+def _address(job: Job, namespace: str, status: dict[str, Any]) -> str:
+    head = status.get("head") or {}
+    port = (status.get("endpoints") or {}).get("dashboard") or builders.DASHBOARD_PORT
+    host = head.get("serviceIP") or head.get("podIP")
+    if host:
+        return f"http://{host}:{port}"
+    return builders.dashboard_address(job, namespace)

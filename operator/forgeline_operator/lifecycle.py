@@ -1,0 +1,89 @@
+"""The job state machine as data: one table says which conditions each phase sets.
+
+    Pending → (Waiting) → Provisioning → Running → Succeeded | Failed;  any non-terminal → Suspended
+
+`status_patch()` is the only place that writes phase, reason, message and conditions, so every
+transition looks the same in `kubectl get`, `kubectl describe` and the Events.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from .api.status import is_terminal
+
+CONDITION_TYPES = ("Waiting", "ClusterReady", "Running", "Suspended", "Complete", "Failed")
+
+# phase -> condition type -> status ("True"/"False"); types not listed keep "False".
+_TABLE: dict[str, dict[str, str]] = {
+    "Pending": {},
+    "Waiting": {"Waiting": "True"},
+    "Provisioning": {},
+    "Running": {"ClusterReady": "True", "Running": "True"},
+    "Succeeded": {"Complete": "True"},
+    "Failed": {"Failed": "True"},
+    "Suspended": {"Suspended": "True"},
+}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def conditions_for(phase: str, reason: str, message: str, generation: int | None,
+                   previous: list[dict[str, Any]], at: str) -> list[dict[str, Any]]:
+    """Standard conditions for a phase; lastTransitionTime moves only when a status flips."""
+    old = {c.get("type"): c for c in previous}
+    wanted = _TABLE[phase]
+    out = []
+    for ctype in CONDITION_TYPES:
+        status = wanted.get(ctype, "False")
+        before = old.get(ctype)
+        flipped = before is None or before.get("status") != status
+        if status == "True" or (ctype == "ClusterReady" and phase == "Provisioning"):
+            why, text = reason, message
+        else:
+            why, text = phase, ""
+        out.append({
+            "type": ctype, "status": status, "reason": why, "message": text,
+            "lastTransitionTime": at if flipped else before.get("lastTransitionTime", at),
+            "observedGeneration": generation,
+        })
+    return out
+
+
+def status_patch(status: dict[str, Any], phase: str, reason: str, message: str,
+                 generation: int | None, **fields: Any) -> dict[str, Any]:
+    """A status patch moving to `phase`, with conditions, timestamps and extra fields."""
+    at = now()
+    patch: dict[str, Any] = {
+        "phase": phase, "reason": reason, "message": message, "observedGeneration": generation,
+        "conditions": conditions_for(phase, reason, message, generation, status.get("conditions") or [], at),
+        **fields,
+    }
+    if is_terminal(phase) and not status.get("completionTime"):
+        patch["completionTime"] = at
+    return patch
+
+
+def changed(status: dict[str, Any], phase: str, reason: str, message: str) -> bool:
+    return (status.get("phase"), status.get("reason"), status.get("message")) != (phase, reason, message)
+
+
+def progress_from(record: dict[str, Any], evals: dict[str, Any] | None) -> dict[str, Any]:
+    """A trainer progress record → status.progress (camelCase, with a `kubectl get` summary)."""
+    step, total = int(record.get("step", 0)), record.get("total_steps")
+    out: dict[str, Any] = {"step": step, "updatedAt": now()}
+    if total:
+        out.update(totalSteps=int(total), percent=min(100, int(100 * step / total)), summary=f"{step}/{total}")
+    for src, dst in (("loss", "loss"), ("learning_rate", "learningRate"), ("grad_norm", "gradNorm"),
+                     ("tokens_per_second", "tokensPerSecond"), ("samples_per_second", "samplesPerSecond"),
+                     ("mfu", "mfu"), ("eta_seconds", "etaSeconds"), ("epoch", "epoch"),
+                     ("trainable_fraction", "trainableFraction")):
+        if isinstance(record.get(src), (int, float)):
+            out[dst] = float(record[src])
+    if evals:
+        out["evalMetrics"] = {k: float(v) for k, v in evals.items()
+                              if k not in ("type", "step") and isinstance(v, (int, float))}
+    return out

@@ -1,0 +1,74 @@
+"""Operator metrics (prometheus-client), served on FORGELINE_METRICS_PORT at /metrics.
+
+Per-job training gauges are relayed from the trainer's progress records, so this one scrape
+target feeds the dashboard even where the Ray pods are not scraped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+TRANSITIONS = Counter("forgeline_job_transitions_total", "Job phase transitions",
+                      ["kind", "phase"], registry=REGISTRY)
+RECONCILE = Histogram("forgeline_reconcile_duration_seconds", "Duration of one job reconcile",
+                      ["kind"], registry=REGISTRY,
+                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+RECONCILE_ERRORS = Counter("forgeline_reconcile_errors_total", "Reconciles that raised", ["kind"],
+                           registry=REGISTRY)
+SUBMIT_ERRORS = Counter("forgeline_ray_submission_errors_total", "Failed Ray job submissions", ["kind"],
+                        registry=REGISTRY)
+RESTARTS = Counter("forgeline_job_restarts_total", "Ray job resubmissions after failures", ["kind"],
+                   registry=REGISTRY)
+_JOB_LABELS = ["namespace", "job", "kind"]
+LOSS = Gauge("forgeline_job_loss", "Latest training loss", _JOB_LABELS, registry=REGISTRY)
+TOKENS = Gauge("forgeline_job_tokens_per_second", "Training tokens per second", _JOB_LABELS, registry=REGISTRY)
+MFU = Gauge("forgeline_job_mfu", "Model FLOPs utilisation (0-1)", _JOB_LABELS, registry=REGISTRY)
+PROGRESS = Gauge("forgeline_job_progress_ratio", "Optimizer steps done / planned", _JOB_LABELS,
+                 registry=REGISTRY)
+EVAL_LOSS = Gauge("forgeline_job_eval_loss", "Latest evaluation loss", _JOB_LABELS, registry=REGISTRY)
+
+
+class _PhaseCollector:
+    """forgeline_jobs{kind, phase}: counted at scrape time from the operator's in-memory index."""
+
+    def __init__(self, source: Callable[[], dict[tuple[str, str], int]]):
+        self.source = source
+
+    def collect(self) -> Any:
+        family = GaugeMetricFamily("forgeline_jobs", "Jobs by kind and phase", labels=["kind", "phase"])
+        for (kind, phase), n in sorted(self.source().items()):
+            family.add_metric([kind, phase], n)
+        yield family
+
+
+def register_phase_source(source: Callable[[], dict[tuple[str, str], int]]) -> None:
+    REGISTRY.register(_PhaseCollector(source))
+
+
+def relay_progress(namespace: str, job: str, kind: str, progress: dict[str, Any]) -> None:
+    labels = (namespace, job, kind)
+    for gauge, key in ((LOSS, "loss"), (TOKENS, "tokensPerSecond"), (MFU, "mfu")):
+        if isinstance(progress.get(key), (int, float)):
+            gauge.labels(*labels).set(progress[key])
+    if progress.get("totalSteps"):
+        PROGRESS.labels(*labels).set(progress.get("step", 0) / progress["totalSteps"])
+    eval_loss = (progress.get("evalMetrics") or {}).get("eval_loss")
+    if isinstance(eval_loss, (int, float)):
+        EVAL_LOSS.labels(*labels).set(eval_loss)
+
+
+def forget_job(namespace: str, job: str, kind: str) -> None:
+    for gauge in (LOSS, TOKENS, MFU, PROGRESS, EVAL_LOSS):
+        try:
+            gauge.remove(namespace, job, kind)
+        except KeyError:
+            pass
+
+
+def serve(port: int) -> None:
+    start_http_server(port, registry=REGISTRY)

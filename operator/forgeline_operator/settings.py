@@ -1,0 +1,47 @@
+"""Operator configuration from environment variables (`FORGELINE_*`), with documented defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    """Every setting is an environment variable: FORGELINE_<NAME> (e.g. FORGELINE_MAX_RUNNING_JOBS)."""
+
+    model_config = SettingsConfigDict(env_prefix="FORGELINE_", extra="ignore")
+
+    watch_namespaces: str = ""
+    """Comma-separated namespaces to watch; empty watches the whole cluster."""
+    default_trainer_image: str = "ghcr.io/forgeline/trainer:0.1.0-cuda12.8"
+    """Trainer image for jobs that set no spec.resources.image."""
+    backend: Literal["kuberay", "local", "address"] = "kuberay"
+    """kuberay: a RayCluster per job; local: an embedded Ray head in the operator (tests, demo,
+    laptops); address: an existing Ray cluster at FORGELINE_RAY_ADDRESS. A job's spec.ray.address
+    always wins."""
+    ray_address: str | None = None
+    """Ray Jobs API address for backend=address, e.g. http://ray-head.ray:8265."""
+    ray_token: str | None = None
+    """Ray auth token for backend=address clusters that require one."""
+    max_running_jobs: int = Field(default=0, ge=0)
+    """Jobs provisioning or running at once; the rest wait in Pending, first come first served. 0: no cap."""
+    peering: str | None = None
+    """kopf peering object name: replicas with the same name elect one active operator
+    (a standby takes over). Unset: standalone."""
+    metrics_port: int = 8080
+    """Port of the Prometheus /metrics endpoint."""
+    health_port: int = 8081
+    """Port of the liveness/readiness endpoint (/healthz)."""
+    reconcile_interval: float = Field(default=3.0, gt=0)
+    """Seconds between reconciles of an active job (progress is refreshed at this pace)."""
+    local_work_dir: str | None = None
+    """backend=local: directory that relative paths in specs resolve against (default: cwd)."""
+    local_num_cpus: int | None = None
+    """backend=local: logical CPUs of the embedded Ray head (default: the machine's)."""
+    cluster_ready_timeout: float = 900.0
+    """Seconds a RayCluster may take to become ready before it is recreated."""
+
+    def namespaces(self) -> list[str]:
+        return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]

@@ -1,0 +1,405 @@
+"""The operator for real: a `python -m forgeline_operator` process against the real apiserver,
+running jobs on a real (embedded) Ray through the Ray Jobs API.
+
+The session operator uses backend=address pointing at a test-owned Ray head, so the Ray head
+outlives operator restarts and the tests can look at the Ray jobs directly. Its running-jobs cap
+is 1 (the 2-core machine runs one 2-worker job at a time anyway), which the cap test checks.
+The KubeRay test runs a second operator with backend=kuberay and stands in for KubeRay itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+from forgeline_operator.localray import LocalRay
+from forgeline_operator.rayjobs import RayJobs
+
+from .conftest import EXAMPLES, REPO, Cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.operator]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Operator:
+    """An operator subprocess with its own settings; restartable."""
+
+    def __init__(self, cluster: Cluster, workdir: Path, log: Path, **env: str):
+        self.cluster, self.workdir, self.log_path = cluster, workdir, log
+        self.metrics_port, self.health_port = _free_port(), _free_port()
+        self.env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONUNBUFFERED": "1",
+                    "FORGELINE_METRICS_PORT": str(self.metrics_port),
+                    "FORGELINE_HEALTH_PORT": str(self.health_port),
+                    "FORGELINE_RECONCILE_INTERVAL": "1", "FORGELINE_LOCAL_WORK_DIR": str(workdir), **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen([sys.executable, "-m", "forgeline_operator"], cwd=self.workdir,
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2):
+                    return
+            except OSError:
+                assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+                time.sleep(0.3)
+        raise TimeoutError(self.log_path.read_text()[-3000:])
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(timeout=60)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[LocalRay]:
+    with LocalRay() as head:
+        yield head
+
+
+@pytest.fixture(scope="session")
+def op_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("operator-work")
+    (d / "examples").symlink_to(EXAMPLES)
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_crd(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "-f", str(REPO / "tests/crds/ray.io_rayclusters.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/rayclusters.ray.io", "--timeout=30s")
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster, ray_head: LocalRay, op_workdir: Path, ray_crd: None,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    op = Operator(cluster, op_workdir, tmp_path_factory.mktemp("logs") / "operator.log",
+                  FORGELINE_BACKEND="address", FORGELINE_RAY_ADDRESS=ray_head.address,
+                  FORGELINE_RAY_TOKEN=ray_head.token, FORGELINE_MAX_RUNNING_JOBS="1")
+    op.start()
+    yield op
+    op.stop()
+
+
+def _get(cluster: Cluster, kind: str, name: str, ns: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", kind, name, "-n", ns, "-o", "json").stdout)
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, op: Operator | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.5)
+    tail = op.log_path.read_text()[-4000:] if op else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def _apply(cluster: Cluster, ns: str, doc: dict[str, Any]) -> None:
+    doc = {**doc, "metadata": {**doc["metadata"], "namespace": ns}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+
+
+def _example(name: str, **spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    doc["spec"].update(spec)
+    return doc
+
+
+def _phase(cluster: Cluster, kind: str, name: str, ns: str) -> str | None:
+    return (_get(cluster, kind, name, ns).get("status") or {}).get("phase")
+
+
+def _watch_until_done(cluster: Cluster, kind: str, name: str, ns: str, op: Operator,
+                      timeout: float = 300) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Poll the job to a terminal phase; return the final object and every status seen."""
+    seen: list[dict[str, Any]] = []
+
+    def done() -> Any:
+        obj = _get(cluster, kind, name, ns)
+        status = obj.get("status") or {}
+        seen.append(status)
+        return obj if status.get("phase") in ("Succeeded", "Failed") else None
+
+    return _wait(done, timeout, f"{kind}/{name} to finish", op), seen
+
+
+# -- the happy path ------------------------------------------------------------------------------
+
+
+def test_job_runs_to_succeeded_with_live_progress(cluster: Cluster, operator: Operator, namespace: str,
+                                                  op_workdir: Path) -> None:
+    _apply(cluster, namespace, _example("pretrain-tiny-llama"))
+    final, seen = _watch_until_done(cluster, "tj", "tiny-llama", namespace, operator)
+    status = final["status"]
+    assert status["phase"] == "Succeeded", status
+    phases = [s.get("phase") for s in seen]
+    assert "Running" in phases
+    live = [s["progress"] for s in seen if s.get("phase") == "Running" and s.get("progress")]
+    assert live, "no progress was seen in status while Running"
+    assert any(0 < p["step"] < p["totalSteps"] for p in live), live[-1]
+    assert status["progress"]["step"] == 60 and status["progress"]["summary"] == "60/60"
+    for key in ("loss", "tokensPerSecond", "mfu", "etaSeconds"):
+        assert key in status["progress"], key
+    assert status["progress"]["evalMetrics"]["eval_loss"] > 0
+    assert status["ray"]["jobId"].startswith("forgeline-tiny-llama-") and status["ray"]["jobStatus"] == "SUCCEEDED"
+    assert status["startTime"] <= status["completionTime"]
+    assert status["observedGeneration"] == final["metadata"]["generation"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Complete"]["status"] == "True" and conditions["Running"]["status"] == "False"
+    assert (op_workdir / "runs/tiny-llama/model.safetensors").exists()
+    table = cluster.kubectl("get", "tj", "-n", namespace).stdout
+    assert "Succeeded" in table and "60/60" in table
+    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    reasons = {e["reason"] for e in json.loads(events)["items"]}
+    assert {"Provisioning", "Submitted", "Completed"} <= reasons
+    text = operator.metrics()
+    assert 'forgeline_jobs{kind="TrainingJob",phase="Succeeded"}' in text
+    assert "forgeline_reconcile_duration_seconds_bucket" in text
+    assert f'forgeline_job_loss{{job="tiny-llama",kind="TrainingJob",namespace="{namespace}"}}' in text
+
+
+def test_invalid_spec_fails_with_validation_failed_and_creates_nothing(
+        cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay) -> None:
+    doc = _example("pretrain-tiny-llama", deepspeed={"zeroStage": 2, "offloadParams": True})
+    doc["metadata"]["name"] = "bad-offload"
+    _apply(cluster, namespace, doc)
+    status = _wait(lambda: (_get(cluster, "tj", "bad-offload", namespace).get("status") or {})
+                   if _phase(cluster, "tj", "bad-offload", namespace) == "Failed" else None, 60,
+                   "ValidationFailed", operator)
+    assert status["reason"] == "ValidationFailed"
+    assert "spec.deepspeed.offloadParams" in status["message"] and "zeroStage: 3" in status["message"]
+    time.sleep(3)  # a few reconcile intervals: still nothing may appear
+    assert "bad-offload" not in json.dumps([j.metadata for j in RayJobs(ray_head.address).client.list_jobs()])
+    assert cluster.kubectl("get", "rayclusters,secrets", "-n", namespace, "-o", "name").stdout.count("bad-offload") == 0
+
+
+def test_pipeline_runs_in_order(cluster: Cluster, operator: Operator, namespace: str) -> None:
+    for doc in yaml.safe_load_all((EXAMPLES / "pipeline-pretrain-sft-dpo.yaml").read_text()):
+        _apply(cluster, namespace, doc)
+    waiting = _wait(lambda: _get(cluster, "ftj", "pipe-dpo", namespace).get("status", {}).get("phase") == "Waiting"
+                    and _get(cluster, "ftj", "pipe-dpo", namespace)["status"], 60, "pipe-dpo Waiting", operator)
+    assert "FineTuneJob/pipe-sft" in waiting["message"]
+    assert {c["type"]: c["status"] for c in waiting["conditions"]}["Waiting"] == "True"
+    finals = {}
+    for kind, name in (("tj", "pipe-pretrain"), ("ftj", "pipe-sft"), ("ftj", "pipe-dpo")):
+        final, _ = _watch_until_done(cluster, kind, name, namespace, operator, timeout=400)
+        assert final["status"]["phase"] == "Succeeded", final["status"]
+        finals[name] = final["status"]
+    assert finals["pipe-pretrain"]["completionTime"] <= finals["pipe-sft"]["startTime"]
+    assert finals["pipe-sft"]["completionTime"] <= finals["pipe-dpo"]["startTime"]
+
+
+# -- failures, suspend, deletion, restarts ------------------------------------------------------
+
+
+def _long_job(name: str, steps: int = 400) -> dict[str, Any]:
+    doc = _example("pretrain-tiny-llama")
+    doc["metadata"]["name"] = name
+    doc["spec"]["output"]["uri"] = f"runs/{name}"
+    doc["spec"]["training"]["maxSteps"] = steps
+    doc["spec"]["checkpointing"] = {"intervalSteps": 20, "keep": 2}
+    doc["spec"]["evaluation"] = {"holdoutFraction": 0.0}
+    return doc
+
+
+def test_injected_trainer_failure_is_retried_and_recovers(cluster: Cluster, operator: Operator, namespace: str,
+                                                         op_workdir: Path) -> None:
+    doc = _long_job("flaky", steps=60)
+    doc["metadata"]["annotations"] = {"forgeline.dev/fail-at-step": "20"}
+    _apply(cluster, namespace, doc)
+    final, _ = _watch_until_done(cluster, "tj", "flaky", namespace, operator)
+    assert final["status"]["phase"] == "Succeeded" and final["status"]["restarts"] == 1
+    assert final["status"]["ray"]["jobId"].endswith("-1")
+    metrics = json.loads((op_workdir / "runs/flaky/metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 20
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "RayJobFailed" and "injected failure" in e["message"] for e in events)
+
+
+def test_suspend_stops_and_resume_continues_from_checkpoint(cluster: Cluster, operator: Operator, namespace: str,
+                                                           ray_head: LocalRay, op_workdir: Path) -> None:
+    _apply(cluster, namespace, _long_job("pausable", steps=200))
+    _wait(lambda: ((_get(cluster, "tj", "pausable", namespace).get("status") or {}).get("progress") or {})
+          .get("step", 0) >= 25, 180, "25 steps", operator)
+    first_sid = _get(cluster, "tj", "pausable", namespace)["status"]["ray"]["jobId"]
+    cluster.kubectl("patch", "tj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    status = _wait(lambda: _get(cluster, "tj", "pausable", namespace)["status"]
+                   if _phase(cluster, "tj", "pausable", namespace) == "Suspended" else None, 90, "Suspended", operator)
+    assert "checkpoints kept" in status["message"]
+    assert RayJobs(ray_head.address).status(first_sid) == "STOPPED"
+    time.sleep(2)
+    assert _phase(cluster, "tj", "pausable", namespace) == "Suspended"
+    cluster.kubectl("patch", "tj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    final, _ = _watch_until_done(cluster, "tj", "pausable", namespace, operator, timeout=400)
+    assert final["status"]["phase"] == "Succeeded"
+    metrics = json.loads((op_workdir / "runs/pausable/metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 20 and metrics["resumed_from_step"] % 20 == 0
+
+
+def test_deleting_a_running_job_stops_its_ray_job(cluster: Cluster, operator: Operator, namespace: str,
+                                                  ray_head: LocalRay) -> None:
+    _apply(cluster, namespace, _long_job("doomed", steps=2000))
+    sid = _wait(lambda: ((_get(cluster, "tj", "doomed", namespace).get("status") or {}).get("progress") or {})
+                .get("step") and _get(cluster, "tj", "doomed", namespace)["status"]["ray"]["jobId"], 180,
+                "doomed running", operator)
+    cluster.kubectl("delete", "tj", "doomed", "-n", namespace, "--timeout=120s")
+    assert RayJobs(ray_head.address).status(sid) == "STOPPED"
+    assert "doomed" not in cluster.kubectl("get", "tj", "-n", namespace).stdout
+
+
+def test_operator_restart_neither_duplicates_nor_loses_the_job(cluster: Cluster, operator: Operator,
+                                                               namespace: str, ray_head: LocalRay) -> None:
+    _apply(cluster, namespace, _long_job("survivor", steps=120))
+    _wait(lambda: _phase(cluster, "tj", "survivor", namespace) == "Running", 120, "Running", operator)
+    operator.stop(kill=True)
+    time.sleep(3)
+    operator.start()
+    final, _ = _watch_until_done(cluster, "tj", "survivor", namespace, operator, timeout=400)
+    assert final["status"]["phase"] == "Succeeded" and final["status"]["restarts"] == 0
+    submissions = [j for j in RayJobs(ray_head.address).client.list_jobs()
+                   if (j.metadata or {}).get("forgeline.dev/job") == "survivor"
+                   and (j.metadata or {}).get("forgeline.dev/namespace") == namespace]
+    assert len(submissions) == 1, [j.submission_id for j in submissions]
+
+
+def test_running_jobs_cap_queues_first_come_first_served(cluster: Cluster, operator: Operator,
+                                                         namespace: str) -> None:
+    names = ["queue-a", "queue-b", "queue-c"]
+    for n in names:
+        _apply(cluster, namespace, _long_job(n, steps=15))
+        time.sleep(1.1)  # distinct creation timestamps (second resolution)
+    active_max = 0
+    messages = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        statuses = {n: _get(cluster, "tj", n, namespace).get("status") or {} for n in names}
+        active_max = max(active_max, sum(s.get("phase") in ("Provisioning", "Running") for s in statuses.values()))
+        messages |= {s.get("message", "") for s in statuses.values() if s.get("reason") == "Queued"}
+        if all(s.get("phase") == "Succeeded" for s in statuses.values()):
+            break
+        time.sleep(0.5)
+    assert all(s.get("phase") == "Succeeded" for s in statuses.values()), statuses
+    assert active_max == 1
+    assert any("waiting for a slot" in m for m in messages)
+    starts = [statuses[n]["startTime"] for n in names]
+    assert starts == sorted(starts)
+
+
+# -- the KubeRay path --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kuberay_operator(cluster: Cluster, namespace: str, op_workdir: Path, ray_crd: None,
+                     tmp_path: Path) -> Iterator[Operator]:
+    op = Operator(cluster, op_workdir, tmp_path / "kuberay-operator.log", FORGELINE_BACKEND="kuberay",
+                  FORGELINE_DEFAULT_TRAINER_IMAGE="registry.local/forgeline/trainer:test",
+                  FORGELINE_WATCH_NAMESPACES=namespace)
+    op.start()
+    yield op
+    op.stop()
+
+
+def _ray_clusters(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
+    return json.loads(cluster.kubectl("get", "rayclusters", "-n", ns, "-o", "json").stdout)["items"]
+
+
+def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, namespace: str,
+                                               kuberay_operator: Operator) -> None:
+    """The RayCluster the operator creates is accepted by the apiserver (test copy of KubeRay's
+    CRD) with the job's placement, GPUs, volumes, auth, owner and labels; deleting the job
+    removes it (finalizer + owner reference)."""
+    doc = _example("pretrain-tiny-llama")
+    doc["metadata"]["name"] = "gpu"
+    doc["metadata"]["labels"] = {"team": "research"}
+    doc["spec"]["resources"].update(gpusPerWorker=4, cpu="32", memory="256Gi",
+                                    nodeSelector={"nvidia.com/gpu.present": "true"})
+    doc["spec"]["training"]["globalBatchSize"] = 64
+    doc["spec"]["checkpointing"] = {"storage": "pvc://ckpts/gpu"}
+    _apply(cluster, namespace, doc)
+    rc = _wait(lambda: _ray_clusters(cluster, namespace), 60, "RayCluster", kuberay_operator)[0]
+    job = _get(cluster, "tj", "gpu", namespace)
+    assert rc["metadata"]["name"] == "gpu-tj"
+    owner = rc["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "TrainingJob" and owner["uid"] == job["metadata"]["uid"] and owner["controller"]
+    assert rc["metadata"]["labels"]["forgeline.dev/job"] == "gpu" and rc["metadata"]["labels"]["team"] == "research"
+    assert rc["spec"]["rayVersion"] == "2.60.0"
+    worker = rc["spec"]["workerGroupSpecs"][0]
+    assert worker["replicas"] == worker["minReplicas"] == worker["maxReplicas"] == 2
+    pod = worker["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    container = pod["containers"][0]
+    assert container["image"] == "registry.local/forgeline/trainer:test"
+    assert container["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": 4}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token" and env["OMP_NUM_THREADS"]["value"] == "8"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "gpu-tj-ray-token"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "256Mi"}
+    assert volumes["pvc-ckpts"]["persistentVolumeClaim"]["claimName"] == "ckpts"
+    assert {"name": "pvc-ckpts", "mountPath": "/mnt/pvc/ckpts"} in container["volumeMounts"]
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    secret = json.loads(cluster.kubectl("get", "secret", "gpu-tj-ray-token", "-n", namespace, "-o", "json").stdout)
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    status = _get(cluster, "tj", "gpu", namespace)["status"]
+    assert status["phase"] == "Provisioning" and "waiting for KubeRay" in status["message"] or \
+        "is starting" in status["message"]
+    assert status["ray"]["clusterName"] == "gpu-tj"
+    cluster.kubectl("delete", "tj", "gpu", "-n", namespace, "--timeout=60s")
+    assert _ray_clusters(cluster, namespace) == []
+    assert "gpu-tj-ray-token" not in cluster.kubectl("get", "secrets", "-n", namespace, "-o", "name").stdout
+
+
+def test_kuberay_job_runs_once_the_cluster_is_ready(cluster: Cluster, namespace: str,
+                                                    kuberay_operator: Operator) -> None:
+    """Standing in for KubeRay: a Ray head with the job's token, reported ready in the
+    RayCluster's status. The operator submits there, tracks the job, and deletes the cluster
+    when it succeeds."""
+    import base64
+
+    from kubernetes import client
+
+    doc = _example("pretrain-tiny-llama")
+    doc["metadata"]["name"] = "kr"
+    doc["spec"]["output"]["uri"] = "runs/kr"
+    _apply(cluster, namespace, doc)
+    _wait(lambda: _ray_clusters(cluster, namespace), 60, "RayCluster", kuberay_operator)
+    secret = json.loads(cluster.kubectl("get", "secret", "kr-tj-ray-token", "-n", namespace, "-o", "json").stdout)
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    with LocalRay(token=token) as head:
+        api = client.CustomObjectsApi(cluster.api_client())
+        api.patch_namespaced_custom_object_status("ray.io", "v1", namespace, "rayclusters", "kr-tj", {"status": {
+            "state": "ready", "head": {"serviceIP": "127.0.0.1"},
+            "endpoints": {"dashboard": str(head.dashboard_port)}}})
+        final, seen = _watch_until_done(cluster, "tj", "kr", namespace, kuberay_operator, timeout=300)
+        assert final["status"]["phase"] == "Succeeded", final["status"]
+        assert any(s.get("phase") == "Running" and s.get("progress") for s in seen)
+        assert final["status"]["ray"]["clusterName"] == "kr-tj"
+        assert final["status"]["ray"]["address"] == f"http://127.0.0.1:{head.dashboard_port}"
+        ids = [j.submission_id for j in RayJobs(head.address, token=token).client.list_jobs()]
+        assert ids == [final["status"]["ray"]["jobId"]]
+    _wait(lambda: _ray_clusters(cluster, namespace) == [], 30, "cluster deleted after success", kuberay_operator)
