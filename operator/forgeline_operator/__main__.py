@@ -22,7 +22,7 @@ def main() -> int:
     namespaces = s.namespaces()
     kopf.run(
         clusterwide=not namespaces,
-        namespaces=namespaces or None,
+        namespaces=tuple(namespaces),
         standalone=s.peering is None,
         peering_name=s.peering,
         liveness_endpoint=f"http://0.0.0.0:{s.health_port}/healthz",

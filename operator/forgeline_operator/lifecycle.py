@@ -45,11 +45,11 @@ def conditions_for(phase: str, reason: str, message: str, generation: int | None
             why, text = reason, message
         else:
             why, text = phase, ""
-        out.append({
-            "type": ctype, "status": status, "reason": why, "message": text,
-            "lastTransitionTime": at if flipped else before.get("lastTransitionTime", at),
-            "observedGeneration": generation,
-        })
+        cond = {"type": ctype, "status": status, "reason": why, "message": text,
+                "lastTransitionTime": at if flipped else before.get("lastTransitionTime", at),
+                "observedGeneration": generation}
+        # No empty strings or nulls: a merge patch (and apiserver 1.20) reads "" as null.
+        out.append({k: v for k, v in cond.items() if v not in ("", None)})
     return out
 
 
@@ -58,7 +58,7 @@ def status_patch(status: dict[str, Any], phase: str, reason: str, message: str,
     """A status patch moving to `phase`, with conditions, timestamps and extra fields."""
     at = now()
     patch: dict[str, Any] = {
-        "phase": phase, "reason": reason, "message": message, "observedGeneration": generation,
+        "phase": phase, "reason": reason, "message": message or phase, "observedGeneration": generation,
         "conditions": conditions_for(phase, reason, message, generation, status.get("conditions") or [], at),
         **fields,
     }

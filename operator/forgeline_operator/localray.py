@@ -55,7 +55,11 @@ class LocalRay:
         self.stop()
 
     def start(self, timeout: float = 90.0) -> None:
-        env = {**os.environ, **self.env, "RAY_USAGE_STATS_ENABLED": "0"}
+        # Jobs run `python -m forgeline_trainer`: this interpreter's bin first on PATH makes the
+        # embedded head behave like a trainer image (its `python` has forgeline installed).
+        bin_dir = str(Path(sys.executable).parent)
+        env = {**os.environ, **self.env, "RAY_USAGE_STATS_ENABLED": "0",
+               "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
         cmd = [self._ray, "start", "--head", f"--port={self.gcs_port}",
                f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
