@@ -114,7 +114,8 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, op: Operator 
         if last:
             return last
         time.sleep(0.5)
-    tail = op.log_path.read_text()[-4000:] if op else ""
+    tail = "\n".join(line for line in (op.log_path.read_text().splitlines() if op else [])
+                     if "Timer 'reconcile' succeeded" not in line)[-4000:]
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
@@ -144,7 +145,10 @@ def _watch_until_done(cluster: Cluster, kind: str, name: str, ns: str, op: Opera
         seen.append(status)
         return obj if status.get("phase") in ("Succeeded", "Failed") else None
 
-    return _wait(done, timeout, f"{kind}/{name} to finish", op), seen
+    try:
+        return _wait(done, timeout, f"{kind}/{name} to finish", op), seen
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nlast status: {json.dumps(seen[-1] if seen else None, indent=1)}") from None
 
 
 # -- the happy path ------------------------------------------------------------------------------

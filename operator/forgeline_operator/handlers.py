@@ -63,8 +63,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="forgeline.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="forgeline.dev", key="last-handled-configuration")
-    # Events for every transition (kopf.info) and for handler errors.
-    settings.posting.level = logging.INFO
+    # Our own Events mark every transition (kopf.event); kopf posts only its warnings and errors
+    # (not a "Timer succeeded" Event per reconcile).
+    settings.posting.level = logging.WARNING
     # Sync handlers run in a thread pool; this bounds concurrent reconciles (1,000 jobs are fine:
     # each reconcile is short, and terminal jobs have no timer).
     settings.execution.max_workers = 16
@@ -203,8 +204,10 @@ class Reconciler:
             if cap:
                 with _INDEX_LOCK:
                     active = {k for k, e in _INDEX.items() if e["phase"] in ACTIVE_PHASES} | self.rt.admitted
+                    # Waiting jobs queue only once their dependencies are met (else a pipeline
+                    # applied at once could block its own first stage).
                     queue = sorted((e["created"], k) for k, e in _INDEX.items()
-                                   if e["phase"] in ("Pending", "Waiting") and k not in active)
+                                   if e["phase"] == "Pending" and k not in active)
                 position = next((i for i, (_, k) in enumerate(queue) if k == me), len(queue))
                 free = cap - len(active - {me})
                 if me not in active and position >= free:
