@@ -96,7 +96,8 @@ def operator(cluster: Cluster, ray_head: LocalRay, op_workdir: Path, ray_crd: No
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     op = Operator(cluster, op_workdir, tmp_path_factory.mktemp("logs") / "operator.log",
                   FORGELINE_BACKEND="address", FORGELINE_RAY_ADDRESS=ray_head.address,
-                  FORGELINE_RAY_TOKEN=ray_head.token, FORGELINE_MAX_RUNNING_JOBS="1")
+                  FORGELINE_RAY_TOKEN=ray_head.token, FORGELINE_MAX_RUNNING_JOBS="1",
+                  FORGELINE_WATCH_NAMESPACES="t-*")  # the per-test namespaces; not the KubeRay tests' kr-*
     op.start()
     yield op
     op.stop()
@@ -317,11 +318,22 @@ def test_running_jobs_cap_queues_first_come_first_served(cluster: Cluster, opera
 
 
 @pytest.fixture
-def kuberay_operator(cluster: Cluster, namespace: str, op_workdir: Path, ray_crd: None,
+def kr_namespace(cluster: Cluster) -> Iterator[str]:
+    """A namespace only the KubeRay-backend operator watches."""
+    import uuid
+
+    name = f"kr-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def kuberay_operator(cluster: Cluster, kr_namespace: str, op_workdir: Path, ray_crd: None,
                      tmp_path: Path) -> Iterator[Operator]:
     op = Operator(cluster, op_workdir, tmp_path / "kuberay-operator.log", FORGELINE_BACKEND="kuberay",
                   FORGELINE_DEFAULT_TRAINER_IMAGE="registry.local/forgeline/trainer:test",
-                  FORGELINE_WATCH_NAMESPACES=namespace)
+                  FORGELINE_WATCH_NAMESPACES=kr_namespace)
     op.start()
     yield op
     op.stop()
@@ -331,7 +343,7 @@ def _ray_clusters(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
     return json.loads(cluster.kubectl("get", "rayclusters", "-n", ns, "-o", "json").stdout)["items"]
 
 
-def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, namespace: str,
+def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, kr_namespace: str,
                                                kuberay_operator: Operator) -> None:
     """The RayCluster the operator creates is accepted by the apiserver (test copy of KubeRay's
     CRD) with the job's placement, GPUs, volumes, auth, owner and labels; deleting the job
@@ -343,9 +355,9 @@ def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, namespace: str,
                                     nodeSelector={"nvidia.com/gpu.present": "true"})
     doc["spec"]["training"]["globalBatchSize"] = 64
     doc["spec"]["checkpointing"] = {"storage": "pvc://ckpts/gpu"}
-    _apply(cluster, namespace, doc)
-    rc = _wait(lambda: _ray_clusters(cluster, namespace), 60, "RayCluster", kuberay_operator)[0]
-    job = _get(cluster, "tj", "gpu", namespace)
+    _apply(cluster, kr_namespace, doc)
+    rc = _wait(lambda: _ray_clusters(cluster, kr_namespace), 60, "RayCluster", kuberay_operator)[0]
+    job = _get(cluster, "tj", "gpu", kr_namespace)
     assert rc["metadata"]["name"] == "gpu-tj"
     owner = rc["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "TrainingJob" and owner["uid"] == job["metadata"]["uid"] and owner["controller"]
@@ -367,18 +379,18 @@ def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, namespace: str,
     assert volumes["pvc-ckpts"]["persistentVolumeClaim"]["claimName"] == "ckpts"
     assert {"name": "pvc-ckpts", "mountPath": "/mnt/pvc/ckpts"} in container["volumeMounts"]
     assert rc["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    secret = json.loads(cluster.kubectl("get", "secret", "gpu-tj-ray-token", "-n", namespace, "-o", "json").stdout)
+    secret = json.loads(cluster.kubectl("get", "secret", "gpu-tj-ray-token", "-n", kr_namespace, "-o", "json").stdout)
     assert secret["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
-    status = _get(cluster, "tj", "gpu", namespace)["status"]
+    status = _get(cluster, "tj", "gpu", kr_namespace)["status"]
     assert status["phase"] == "Provisioning" and "waiting for KubeRay" in status["message"] or \
         "is starting" in status["message"]
     assert status["ray"]["clusterName"] == "gpu-tj"
-    cluster.kubectl("delete", "tj", "gpu", "-n", namespace, "--timeout=60s")
-    assert _ray_clusters(cluster, namespace) == []
-    assert "gpu-tj-ray-token" not in cluster.kubectl("get", "secrets", "-n", namespace, "-o", "name").stdout
+    cluster.kubectl("delete", "tj", "gpu", "-n", kr_namespace, "--timeout=60s")
+    assert _ray_clusters(cluster, kr_namespace) == []
+    assert "gpu-tj-ray-token" not in cluster.kubectl("get", "secrets", "-n", kr_namespace, "-o", "name").stdout
 
 
-def test_kuberay_job_runs_once_the_cluster_is_ready(cluster: Cluster, namespace: str,
+def test_kuberay_job_runs_once_the_cluster_is_ready(cluster: Cluster, kr_namespace: str,
                                                     kuberay_operator: Operator) -> None:
     """Standing in for KubeRay: a Ray head with the job's token, reported ready in the
     RayCluster's status. The operator submits there, tracks the job, and deletes the cluster
@@ -390,20 +402,20 @@ def test_kuberay_job_runs_once_the_cluster_is_ready(cluster: Cluster, namespace:
     doc = _example("pretrain-tiny-llama")
     doc["metadata"]["name"] = "kr"
     doc["spec"]["output"]["uri"] = "runs/kr"
-    _apply(cluster, namespace, doc)
-    _wait(lambda: _ray_clusters(cluster, namespace), 60, "RayCluster", kuberay_operator)
-    secret = json.loads(cluster.kubectl("get", "secret", "kr-tj-ray-token", "-n", namespace, "-o", "json").stdout)
+    _apply(cluster, kr_namespace, doc)
+    _wait(lambda: _ray_clusters(cluster, kr_namespace), 60, "RayCluster", kuberay_operator)
+    secret = json.loads(cluster.kubectl("get", "secret", "kr-tj-ray-token", "-n", kr_namespace, "-o", "json").stdout)
     token = base64.b64decode(secret["data"]["token"]).decode()
     with LocalRay(token=token) as head:
         api = client.CustomObjectsApi(cluster.api_client())
-        api.patch_namespaced_custom_object_status("ray.io", "v1", namespace, "rayclusters", "kr-tj", {"status": {
+        api.patch_namespaced_custom_object_status("ray.io", "v1", kr_namespace, "rayclusters", "kr-tj", {"status": {
             "state": "ready", "head": {"serviceIP": "127.0.0.1"},
             "endpoints": {"dashboard": str(head.dashboard_port)}}})
-        final, seen = _watch_until_done(cluster, "tj", "kr", namespace, kuberay_operator, timeout=300)
+        final, seen = _watch_until_done(cluster, "tj", "kr", kr_namespace, kuberay_operator, timeout=300)
         assert final["status"]["phase"] == "Succeeded", final["status"]
         assert any(s.get("phase") == "Running" and s.get("progress") for s in seen)
         assert final["status"]["ray"]["clusterName"] == "kr-tj"
         assert final["status"]["ray"]["address"] == f"http://127.0.0.1:{head.dashboard_port}"
         ids = [j.submission_id for j in RayJobs(head.address, token=token).client.list_jobs()]
         assert ids == [final["status"]["ray"]["jobId"]]
-    _wait(lambda: _ray_clusters(cluster, namespace) == [], 30, "cluster deleted after success", kuberay_operator)
+    _wait(lambda: _ray_clusters(cluster, kr_namespace) == [], 30, "cluster deleted after success", kuberay_operator)
