@@ -314,6 +314,15 @@ def test_running_jobs_cap_queues_first_come_first_served(cluster: Cluster, opera
     assert starts == sorted(starts)
 
 
+def test_ttl_deletes_the_finished_job_when_asked(cluster: Cluster, operator: Operator, namespace: str) -> None:
+    doc = _long_job("ephemeral", steps=10)
+    doc["spec"].update(ttlSecondsAfterFinished=2, deleteJobAfterTtl=True)
+    _apply(cluster, namespace, doc)
+    _wait(lambda: _phase(cluster, "tj", "ephemeral", namespace) == "Succeeded", 300, "Succeeded", operator)
+    _wait(lambda: "ephemeral" not in cluster.kubectl("get", "tj", "-n", namespace).stdout, 60,
+          "TTL deletion", operator)
+
+
 # -- the KubeRay path --------------------------------------------------------------------------
 
 
@@ -330,10 +339,11 @@ def kr_namespace(cluster: Cluster) -> Iterator[str]:
 
 @pytest.fixture
 def kuberay_operator(cluster: Cluster, kr_namespace: str, op_workdir: Path, ray_crd: None,
-                     tmp_path: Path) -> Iterator[Operator]:
+                     ray_head: LocalRay, tmp_path: Path) -> Iterator[Operator]:
     op = Operator(cluster, op_workdir, tmp_path / "kuberay-operator.log", FORGELINE_BACKEND="kuberay",
                   FORGELINE_DEFAULT_TRAINER_IMAGE="registry.local/forgeline/trainer:test",
-                  FORGELINE_WATCH_NAMESPACES=kr_namespace)
+                  FORGELINE_WATCH_NAMESPACES=kr_namespace,
+                  FORGELINE_RAY_TOKEN=ray_head.token)  # for jobs that name an existing cluster
     op.start()
     yield op
     op.stop()
@@ -419,3 +429,15 @@ def test_kuberay_job_runs_once_the_cluster_is_ready(cluster: Cluster, kr_namespa
         ids = [j.submission_id for j in RayJobs(head.address, token=token).client.list_jobs()]
         assert ids == [final["status"]["ray"]["jobId"]]
     _wait(lambda: _ray_clusters(cluster, kr_namespace) == [], 30, "cluster deleted after success", kuberay_operator)
+
+
+def test_job_naming_an_existing_ray_cluster_creates_none(cluster: Cluster, kr_namespace: str,
+                                                         kuberay_operator: Operator, ray_head: LocalRay) -> None:
+    """spec.ray.address: the job runs on that Ray cluster even under the KubeRay backend."""
+    doc = _long_job("existing", steps=10)
+    doc["spec"]["ray"] = {"address": ray_head.address}
+    _apply(cluster, kr_namespace, doc)
+    final, _ = _watch_until_done(cluster, "tj", "existing", kr_namespace, kuberay_operator)
+    assert final["status"]["phase"] == "Succeeded", final["status"]
+    assert final["status"]["ray"]["address"] == ray_head.address
+    assert _ray_clusters(cluster, kr_namespace) == []

@@ -151,6 +151,8 @@ class Reconciler:
         self.status: dict[str, Any] = dict(body.get("status") or {})
         self.generation = body.get("metadata", {}).get("generation")
         self.kind = job.KIND
+        # spec.ray.address names an existing Ray cluster for this job, whatever the operator's backend.
+        self.backend = _backend_for(rt, job)
 
     # -- transitions --
     def move(self, phase: str, reason: str, message: str, **fields: Any) -> None:
@@ -215,7 +217,7 @@ class Reconciler:
                               f"position {position + 1 - max(free, 0)} in the queue")
                     return
             self.rt.admitted.add(me)
-        self.move("Provisioning", "Provisioning", f"creating the Ray cluster ({self.rt.backend.name})",
+        self.move("Provisioning", "Provisioning", f"creating the Ray cluster ({self.backend.name})",
                   checkpointUri=self._config(0).paths.checkpoints, outputUri=self._config(0).paths.output)
 
     def _dependency(self) -> tuple[str, str, dict[str, Any] | None] | None:
@@ -243,7 +245,7 @@ class Reconciler:
         job = self.job
         src = job.spec.model.init_from if isinstance(job, TrainingJob) else job.spec.base_model
         rm = job.spec.rl.reward_model if isinstance(job, FineTuneJob) and job.spec.rl else None
-        work_dir = self.rt.settings.local_work_dir or (os.getcwd() if self.rt.backend.name == "local" else None)
+        work_dir = self.rt.settings.local_work_dir or (os.getcwd() if self.backend.name == "local" else None)
         fail_at = _fault_injection(self.body)
         return build_job_config(job, base_model=self._resolved(src), reward_model=self._resolved(rm),
                                 work_dir=work_dir, attempt=attempt, fail_at_step=fail_at,
@@ -252,13 +254,13 @@ class Reconciler:
 
     # -- Provisioning --
     def provision(self) -> None:
-        state = self.rt.backend.ensure(self.job, self.body, self.ns)
+        state = self.backend.ensure(self.job, self.body, self.ns)
         ray_info = {"clusterName": state.cluster_name, "address": state.address,
                     "dashboardUrl": state.address}
         if not state.ready:
             waited = _age(self.status, "Provisioning")
-            if waited > self.rt.settings.cluster_ready_timeout and isinstance(self.rt.backend, KubeRayBackend):
-                self.rt.backend.teardown(self.job, self.ns)
+            if waited > self.rt.settings.cluster_ready_timeout and isinstance(self.backend, KubeRayBackend):
+                self.backend.teardown(self.job, self.ns)
                 self.move("Provisioning", "ClusterRecreated",
                           f"RayCluster not ready after {waited:.0f}s: deleted, recreating")
                 return
@@ -290,7 +292,7 @@ class Reconciler:
     def track(self) -> None:
         ray = dict(self.status.get("ray") or {})
         sid = ray.get("jobId")
-        state = self.rt.backend.ensure(self.job, self.body, self.ns)
+        state = self.backend.ensure(self.job, self.body, self.ns)
         if not state.ready:
             self.move("Provisioning", "ClusterLost", f"the Ray cluster is gone or unready ({state.message}); "
                       "recreating it and resubmitting from the newest checkpoint")
@@ -313,7 +315,7 @@ class Reconciler:
                       **fields)
             self._release()
             if self.job.spec.ttl_seconds_after_finished is None:
-                self.rt.backend.teardown(self.job, self.ns)
+                self.backend.teardown(self.job, self.ns)
             return
         if ray_status in TERMINAL_RAY_STATES:  # FAILED or STOPPED
             error = cursor.latest.get("error", {}).get("message") or _last_error(jobs, sid)
@@ -331,7 +333,7 @@ class Reconciler:
             self.move("Failed", "BackoffLimitExceeded",
                       f"Ray job {sid} {ray_status} after {restarts} resubmissions: {error}", **fields)
             self._release()
-            self.rt.backend.teardown(self.job, self.ns)
+            self.backend.teardown(self.job, self.ns)
             return
         if fields.get("progress") != self.status.get("progress") or ray_status != ray.get("jobStatus"):
             for k, v in fields.items():
@@ -340,7 +342,7 @@ class Reconciler:
     # -- Suspended --
     def suspend(self) -> None:
         self.stop_ray_job()
-        self.rt.backend.teardown(self.job, self.ns)
+        self.backend.teardown(self.job, self.ns)
         self._release()
         self.move("Suspended", "Suspended", "Ray job stopped and cluster deleted; checkpoints kept in "
                   f"{self.status.get('checkpointUri') or 'storage'}; set spec.suspend=false to resume")
@@ -349,8 +351,8 @@ class Reconciler:
         sid = (self.status.get("ray") or {}).get("jobId")
         if not sid or self.status.get("phase") not in ("Running", "Provisioning"):
             return
-        state = self.rt.backend.ensure(self.job, self.body, self.ns) if not isinstance(
-            self.rt.backend, KubeRayBackend) or self.rt.backend.exists(self.job, self.ns) else None
+        state = self.backend.ensure(self.job, self.body, self.ns) if not isinstance(
+            self.backend, KubeRayBackend) or self.backend.exists(self.job, self.ns) else None
         if state is None or not state.ready:
             return
         jobs = RayJobs(state.address, python=state.python, token=state.token)
@@ -365,6 +367,13 @@ class Reconciler:
     def _release(self) -> None:
         with self.rt.lock:
             self.rt.admitted.discard((self.ns, self.kind, self.job.metadata.name))
+
+
+def _backend_for(rt: Runtime, job: TrainingJob | FineTuneJob) -> Backend:
+    """spec.ray.address names an existing Ray cluster for this job, whatever the operator's backend."""
+    if job.spec.ray.address:
+        return AddressBackend(job.spec.ray.address, rt.settings.ray_token)
+    return rt.backend
 
 
 def _age(status: dict[str, Any], phase: str) -> float:
@@ -481,7 +490,7 @@ def _register(plural: str) -> None:
         if age < spec["ttlSecondsAfterFinished"]:
             return
         job = _parse(body, plural)
-        RUNTIME.backend.teardown(job, namespace)
+        _backend_for(RUNTIME, job).teardown(job, namespace)
         if spec.get("deleteJobAfterTtl"):
             from kubernetes import client
 
@@ -501,7 +510,7 @@ def _register(plural: str) -> None:
         rec = Reconciler(RUNTIME, job, body, patch, namespace, logger)
         rec.stop_ray_job()
         rec._release()
-        RUNTIME.backend.teardown(job, namespace)
+        rec.backend.teardown(job, namespace)
 
 
 for _plural in KINDS:
