@@ -15,16 +15,18 @@ PYTEST_ARGS ?=
 
 setup: venv tools
 
-# The virtual environment: the package with its operator, trainer and dev extras. torch comes
+# The virtual environment: the package with its operator, trainer and dev extras, constrained to
+# the trainer image's pins (so the tests train with exactly what the image ships). torch comes
 # first: the CPU build where there is no NVIDIA GPU (pip takes it from this machine's wheel
 # cache), the default CUDA build where there is one.
 TORCH ?= torch==2.13.0
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml trainer_image/requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip 2>&1 | grep -v WARNING || true
 	$(PIP) install -q '$(TORCH)' 2>&1 | grep -v WARNING || true
-	$(PIP) install -q -e '.[operator,trainer,dev]' 2>&1 | grep -v WARNING || true
+	sed 's/\[[^]]*\]//' trainer_image/requirements.txt > $(VENV)/constraints.txt
+	$(PIP) install -q -e '.[operator,trainer,dev]' -c $(VENV)/constraints.txt 2>&1 | grep -v WARNING || true
 	$(PY) -c "import forgeline_operator, forgeline_trainer, kopf, kubernetes, ray, torch, transformers, peft, trl, deepspeed, pytest"
 	touch $@
 

@@ -97,10 +97,22 @@ def operator(cluster: Cluster, ray_head: LocalRay, op_workdir: Path, ray_crd: No
     op = Operator(cluster, op_workdir, tmp_path_factory.mktemp("logs") / "operator.log",
                   FORGELINE_BACKEND="address", FORGELINE_RAY_ADDRESS=ray_head.address,
                   FORGELINE_RAY_TOKEN=ray_head.token, FORGELINE_MAX_RUNNING_JOBS="1",
-                  FORGELINE_WATCH_NAMESPACES="t-*")  # the per-test namespaces; not the KubeRay tests' kr-*
+                  FORGELINE_WATCH_NAMESPACES="op-*")  # only these tests' namespaces
     op.start()
     yield op
     op.stop()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """Operator tests get `op-*` namespaces: the session operator watches only those (jobs other
+    test modules created in their `t-*` namespaces are not its business)."""
+    import uuid
+
+    name = f"op-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def _get(cluster: Cluster, kind: str, name: str, ns: str) -> dict[str, Any]:
