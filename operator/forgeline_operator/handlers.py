@@ -22,7 +22,7 @@ from typing import Any
 import kopf
 
 from . import builders, lifecycle, metrics
-from .api import API_GROUP, API_VERSION, FineTuneJob, InvalidJobError, TrainingJob, is_terminal, parse_job
+from .api import API_GROUP, API_VERSION, FineTuneJob, InvalidJobError, TrainingJob, parse_job
 from .api.jobconfig import build_job_config
 from .backends import AddressBackend, Backend, ClusterState, KubeRayBackend, LocalBackend
 from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs

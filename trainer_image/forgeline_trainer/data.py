@@ -184,6 +184,16 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path):
     return fast
 
 
+def tokenizer_from_files(files: dict[str, bytes]):  # noqa: ANN201
+    """A tokenizer from its saved files (the driver ships them to the workers as bytes)."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="forgeline-tok-"))
+    for name, blob in files.items():
+        (tmp / name).write_bytes(blob)
+    return load_tokenizer(str(tmp))
+
+
 def load_tokenizer(location: str):  # noqa: ANN201
     """A saved tokenizer directory (or hub id); gets a pad token and a chat template if it lacks them."""
     from transformers import AutoTokenizer

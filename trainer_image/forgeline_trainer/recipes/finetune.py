@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from forgeline_operator.api.finetune_job import LoraSettings, PromptTuningSettin
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, dump_job_config, load_job_config
 
 from .. import data as D
-from .. import models, optim, outputs, progress, sft_data, storage
+from .. import collective, models, optim, outputs, progress, sft_data, storage
 from ..checkpoints import Checkpointer
 from ..runtime import RuntimeInfo, fault_injection, resolve_precision
 
@@ -174,11 +173,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
         else:
             grad_norm = engine.get_global_grad_norm()
-        loss_value = _mean(total_loss)
+        loss_value = collective.mean(total_loss)
         first_loss = first_loss if first_loss is not None else loss_value
         done = step + 1
-        reporter.step(done, loss_value, scheduler.get_last_lr()[0], grad_norm=_float(grad_norm),
-                      samples=plan.global_batch, tokens=int(_sum(tokens)),
+        reporter.step(done, loss_value, scheduler.get_last_lr()[0], grad_norm=collective.as_float(grad_norm),
+                      samples=plan.global_batch, tokens=int(collective.total(tokens)),
                       epoch=round(done * plan.global_batch / len(train_ex), 4))
         if eval_ex and spec.evaluation.interval_steps and done % spec.evaluation.interval_steps == 0 \
                 and done != total_steps:
@@ -275,7 +274,7 @@ def _evaluate(net: Any, examples: list[sft_data.Tokenized], spec: Any, plan: opt
     batches = [mine[i:i + plan.micro] for i in range(0, len(mine), plan.micro)][: spec.evaluation.max_batches]
     # DDP's forward broadcasts buffers and ZeRO-3 gathers parameters: every rank must run the same
     # number of forwards, so ranks with fewer batches run (and ignore) extra ones.
-    n_batches = int(_max(len(batches)))
+    n_batches = int(collective.maximum(len(batches)))
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
@@ -306,39 +305,8 @@ def _evaluate(net: Any, examples: list[sft_data.Tokenized], spec: Any, plan: opt
             "accuracy": (correct / c).item(), "eval_tokens": float(count.item())}
 
 
-def _max(n: int) -> int:
-    import torch
-
-    t = torch.tensor([n], dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
 
 
-def _mean(t: Any) -> float:
-    import torch
-
-    v = t.detach().float().clone()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(v)
-        v /= torch.distributed.get_world_size()
-    return float(v.item())
-
-
-def _sum(t: Any) -> float:
-    import torch
-
-    v = t.detach().float().clone()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(v)
-    return float(v.item())
-
-
-def _float(x: Any) -> float | None:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
 
 
 def _write_output(cfg: FineTuneJobConfig, model: Any, prep: dict[str, Any], summary: dict[str, Any],

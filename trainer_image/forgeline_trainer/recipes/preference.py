@@ -23,11 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from forgeline_operator.api.finetune_job import LoraSettings, PreferenceSettings
+from forgeline_operator.api.finetune_job import PreferenceSettings
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, dump_job_config, load_job_config
 
 from .. import data as D
-from .. import hf_trainer, models, optim, outputs, progress, sft_data, storage
+from .. import collective, hf_trainer, models, optim, outputs, progress, sft_data, storage
 from ..runtime import RuntimeInfo, resolve_precision
 
 # -- driver ------------------------------------------------------------------------------------
@@ -74,14 +74,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rt = RuntimeInfo.current()
     torch.manual_seed(spec.training.seed)
     bf16, dtype_name = resolve_precision(spec.training.precision, rt.on_gpu)
-    tokenizer = _tokenizer(prep["tokenizer_files"])
+    tokenizer = D.tokenizer_from_files(prep["tokenizer_files"])
     train_ds = datasets.Dataset.from_list(prep["train"])
     eval_ds = datasets.Dataset.from_list(prep["eval"]) if prep["eval"] else None
 
     # ---- setup ----
     plan = optim.batch_plan(spec.training.global_batch_size, spec.training.micro_batch_size, rt.world)
     steps = hf_trainer.total_steps(spec, len(train_ds), plan.global_batch)
-    peft_config = _lora_config(spec, task="SEQ_CLS" if method == "reward-model" else "CAUSAL_LM")
+    peft_config = collective.lora_config(spec, task="SEQ_CLS" if method == "reward-model" else "CAUSAL_LM")
     work = tempfile.mkdtemp(prefix="forgeline-hf-")
     args = hf_trainer.common_args(spec, work, rt.on_gpu, bf16, steps)
     args.update(gradient_accumulation_steps=plan.accumulation, max_length=spec.dataset.max_sequence_length)
@@ -152,22 +152,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _lora_config(spec: Any, task: str):  # noqa: ANN202
-    if spec.lora is None:
-        return None
-    from peft import LoraConfig
-
-    lora: LoraSettings = spec.lora
-    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      bias=lora.bias, task_type=task)
-
-
-def _tokenizer(files: dict[str, bytes]):  # noqa: ANN202
-    tmp = Path(tempfile.mkdtemp(prefix="forgeline-tok-"))
-    for name, blob in files.items():
-        (tmp / name).write_bytes(blob)
-    return D.load_tokenizer(str(tmp))
 
 
 def _preference_metrics(trainer: Any, method: str, eval_ds: Any, tokenizer: Any) -> dict[str, float]:

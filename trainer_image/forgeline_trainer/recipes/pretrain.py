@@ -24,7 +24,7 @@ from typing import Any
 from forgeline_operator.api.jobconfig import TrainingJobConfig, dump_job_config, load_job_config
 
 from .. import data as D
-from .. import models, optim, outputs, progress, storage
+from .. import collective, models, optim, outputs, progress, storage
 from ..checkpoints import Checkpointer
 from ..runtime import RuntimeInfo, fault_injection, resolve_precision
 
@@ -86,7 +86,6 @@ def prepare(cfg: TrainingJobConfig, staging: Path) -> dict[str, Any]:
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    import numpy as np
     import ray
     import ray.train
     import torch
@@ -102,7 +101,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     train_blocks: D.TokenBlocks = ray.get(prep["train"])
     eval_blocks: D.TokenBlocks | None = ray.get(prep["eval"]) if prep["eval"] is not None else None
     masked = spec.objective == "masked"
-    tokenizer = _tokenizer_from_files(prep["tokenizer_files"]) if masked else None
+    tokenizer = D.tokenizer_from_files(prep["tokenizer_files"]) if masked else None
     seq = spec.data.sequence_length
 
     # ---- setup: model ----
@@ -187,10 +186,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
         else:
             grad_norm = engine.get_global_grad_norm()
-        loss_value = _mean_across_workers(total_loss)
+        loss_value = collective.mean(total_loss)
         first_loss = first_loss if first_loss is not None else loss_value
         done = step + 1
-        reporter.step(done, loss_value, scheduler.get_last_lr()[0], grad_norm=_float(grad_norm),
+        reporter.step(done, loss_value, scheduler.get_last_lr()[0], grad_norm=collective.as_float(grad_norm),
                       samples=plan.global_batch, step_seconds=round(time.perf_counter() - t0, 4))
         evaluating = eval_blocks is not None and spec.evaluation.interval_steps and \
             done % spec.evaluation.interval_steps == 0 and done != total_steps
@@ -278,7 +277,7 @@ def _evaluate(net: Any, blocks: D.TokenBlocks | None, spec: Any, plan: optim.Bat
     mine = np.arange(blocks.n)[rt.rank::rt.world]
     batches = [mine[i:i + plan.micro] for i in range(0, len(mine), plan.micro)][: spec.evaluation.max_batches]
     # Every worker must run the same number of forwards (ZeRO-3 gathers parameters collectively).
-    n_batches = int(_max_across_workers(len(batches)))
+    n_batches = int(collective.maximum(len(batches)))
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     with torch.no_grad():
@@ -299,26 +298,6 @@ def _evaluate(net: Any, blocks: D.TokenBlocks | None, spec: Any, plan: optim.Bat
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": float(count.item())}
 
 
-def _mean_across_workers(value: Any) -> float:
-    import torch
-
-    v = value.detach().float().clone()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(v)
-        v /= torch.distributed.get_world_size()
-    return float(v.item())
-
-
-def _max_across_workers(n: int) -> int:
-    import torch
-
-    t = torch.tensor([n], dtype=torch.long)
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    elif torch.distributed.is_initialized():
-        t = t.cuda()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
 
 
 def _grad_norm(model: Any) -> Any:
@@ -328,18 +307,6 @@ def _grad_norm(model: Any) -> Any:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
-def _float(x: Any) -> float | None:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
-
-
-def _tokenizer_from_files(files: dict[str, bytes]):  # noqa: ANN202
-    tmp = Path(tempfile.mkdtemp(prefix="forgeline-tok-"))
-    for name, blob in files.items():
-        (tmp / name).write_bytes(blob)
-    return D.load_tokenizer(str(tmp))
 
 
 def _full_state_dict(engine: Any, model: Any) -> dict[str, Any] | None:

@@ -23,11 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from forgeline_operator.api.finetune_job import LoraSettings
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, dump_job_config, load_job_config
 
 from .. import data as D
-from .. import hf_trainer, models, optim, outputs, progress, sft_data, storage
+from .. import collective, hf_trainer, models, optim, outputs, progress, sft_data, storage
 from ..runtime import RuntimeInfo, resolve_precision
 
 # -- driver ------------------------------------------------------------------------------------
@@ -75,7 +74,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rt = RuntimeInfo.current()
     torch.manual_seed(spec.training.seed)
     bf16, dtype_name = resolve_precision(spec.training.precision, rt.on_gpu)
-    tokenizer = _tokenizer(prep["tokenizer_files"])
+    tokenizer = D.tokenizer_from_files(prep["tokenizer_files"])
     tokenizer.padding_side = "left"  # generation
     train_ds = datasets.Dataset.from_list(prep["train"])
     reward_model = AutoModelForSequenceClassification.from_pretrained(prep["reward_dir"], num_labels=1)
@@ -94,7 +93,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                            beta=rl.kl_coef, **args)
     trainer = GRPOTrainer(model=prep["base_dir"], reward_funcs=reward_model, args=grpo_args,
                           train_dataset=train_ds, processing_class=tokenizer,
-                          reward_processing_classes=reward_tok, peft_config=_lora_config(spec))
+                          reward_processing_classes=reward_tok, peft_config=collective.lora_config(spec, task="CAUSAL_LM"))
     model = trainer.model
     n_total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -145,22 +144,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _lora_config(spec: Any):  # noqa: ANN202
-    if spec.lora is None:
-        return None
-    from peft import LoraConfig
-
-    lora: LoraSettings = spec.lora
-    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      bias=lora.bias, task_type="CAUSAL_LM")
-
-
-def _tokenizer(files: dict[str, bytes]):  # noqa: ANN202
-    tmp = Path(tempfile.mkdtemp(prefix="forgeline-tok-"))
-    for name, blob in files.items():
-        (tmp / name).write_bytes(blob)
-    return D.load_tokenizer(str(tmp))
 
 
 def _mean_reward(policy: Any, reward_model: Any, tokenizer: Any, reward_tok: Any,
