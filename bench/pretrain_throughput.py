@@ -63,7 +63,7 @@ def run_recipe(steps: int, work: Path) -> tuple[dict, list[dict]]:
 
     job = parse_job(manifest(steps, str(work / "recipe-out")))
     with LocalRay() as head:
-        result = run_job(job, RayJobs(head.address, python=local_python()), Console(stderr=True),
+        result = run_job(job, RayJobs(head.address, python=local_python(), token=head.token), Console(stderr=True),
                          output=None, done={}, work_dir=str(work), quiet=True)
     if not result.ok:
         raise SystemExit(f"recipe run failed: {result.status}")

@@ -49,7 +49,7 @@ Runner = Callable[..., tuple[RunResult, dict[str, Any]]]
 @pytest.fixture(scope="session")
 def run(ray_head: LocalRay, workdir: Path) -> Runner:
     """Run an example (by file stem) or a parsed job; cached per job name for dependants."""
-    jobs = RayJobs(ray_head.address, python=local_python())
+    jobs = RayJobs(ray_head.address, python=local_python(), token=ray_head.token)
     done: dict[str, RunResult] = {}
     console = Console(file=open(os.devnull, "w"), force_terminal=False)  # noqa: SIM115
 

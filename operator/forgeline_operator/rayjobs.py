@@ -68,8 +68,9 @@ class RayJobs:
 
     def __init__(self, address: str, python: str | None = None, request_timeout: float = 30.0,
                  token: str | None = None):
-        """token: the cluster's Ray auth token (sent as `Authorization: Bearer`); unset, Ray's own
-        RAY_AUTH_TOKEN / token file lookup applies."""
+        """token: the cluster's Ray auth token (sent as `Authorization: Bearer`). Pass it whenever
+        it is known: Ray's own lookup (RAY_AUTH_TOKEN / token file) is cached per process, so a
+        process that talks to two Ray clusters would send the first one's token to both."""
         from ray.job_submission import JobSubmissionClient
 
         self.address = address

@@ -162,7 +162,8 @@ def main(args: Any) -> int:
             console.print("starting an embedded Ray head (token auth) ...")
             local.start()
             console.print(f"Ray dashboard: {local.address}")
-        ray_jobs = RayJobs(args.address or local.address, python=local_python() if local else None)
+        ray_jobs = RayJobs(args.address or local.address, python=local_python() if local else None,
+                           token=local.token if local else None)
         for job in jobs:
             result = run_job(job, ray_jobs, console, output=args.output, done=done,
                              work_dir=os.getcwd(), submitted=submitted)
