@@ -163,7 +163,7 @@ def main(args: Any) -> int:
             local.start()
             console.print(f"Ray dashboard: {local.address}")
         ray_jobs = RayJobs(args.address or local.address, python=local_python() if local else None,
-                           token=local.token if local else None)
+                           token=local.token if local else None, request_timeout=10)
         for job in jobs:
             result = run_job(job, ray_jobs, console, output=args.output, done=done,
                              work_dir=os.getcwd(), submitted=submitted)
@@ -184,15 +184,23 @@ def main(args: Any) -> int:
 
 
 def _stop(ray_jobs: RayJobs, submission_ids: list[str], console: Console) -> None:
-    """Stop this run's Ray jobs (only ours, even on a shared cluster) and wait until they end."""
+    """Stop this run's Ray jobs (only ours, even on a shared cluster) and wait until they end
+    (at most about a minute: then the embedded head, if any, is stopped regardless)."""
+    deadline = time.monotonic() + 60
     for sid in submission_ids:
-        if (ray_jobs.status(sid) or "STOPPED") in TERMINAL_RAY_STATES:
-            continue
-        ray_jobs.stop(sid)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (ray_jobs.status(sid) or "STOPPED") not in TERMINAL_RAY_STATES:
-            time.sleep(0.5)
-        console.print(f"stopped Ray job {sid} ({ray_jobs.status(sid)})")
+        try:
+            state = ray_jobs.status(sid) or "STOPPED"
+            if state in TERMINAL_RAY_STATES:
+                continue
+            ray_jobs.stop(sid)
+            while time.monotonic() < deadline:
+                state = ray_jobs.status(sid) or "STOPPED"
+                if state in TERMINAL_RAY_STATES:
+                    break
+                time.sleep(0.5)
+        except Exception as exc:  # noqa: BLE001 - a wedged dashboard must not block the exit
+            state = f"unknown: {exc}"
+        console.print(f"stopped Ray job {sid} ({state})")
 
 
 def _summary(result: RunResult, work_dir: str) -> str:
