@@ -25,7 +25,7 @@ from forgeline_operator.localray import LocalRay
 from forgeline_operator.rayjobs import RayJobs, local_python
 from forgeline_operator.runlocal import RunResult, run_job
 
-from .conftest import EXAMPLES, REPO
+from .conftest import EXAMPLES
 
 pytestmark = pytest.mark.trainer
 
