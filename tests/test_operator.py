@@ -337,6 +337,36 @@ def test_ttl_deletes_the_finished_job_when_asked(cluster: Cluster, operator: Ope
           "TTL deletion", operator)
 
 
+def test_a_thousand_jobs(cluster: Cluster, operator: Operator, namespace: str) -> None:
+    """1,000 job objects: every one is admitted and parked (suspend: true, so no Ray work), the
+    operator stays healthy, and its metrics count them all."""
+    base = _long_job("bulk", steps=10)
+    base["spec"]["suspend"] = True
+    items = []
+    for i in range(1000):
+        doc = json.loads(json.dumps(base))
+        doc["metadata"] = {"name": f"bulk-{i:04d}", "namespace": namespace}
+        items.append(doc)
+    started = time.monotonic()
+    for chunk in range(0, 1000, 250):
+        cluster.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                              "items": items[chunk:chunk + 250]}), timeout=300)
+
+    def suspended() -> int:
+        out = json.loads(cluster.kubectl("get", "tj", "-n", namespace, "-o", "json", timeout=120).stdout)
+        phases = [(o.get("status") or {}).get("phase") for o in out["items"]]
+        return len(phases) == 1000 and phases.count("Suspended") == 1000
+
+    _wait(suspended, 900, "1,000 jobs Suspended", operator)
+    elapsed = time.monotonic() - started
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5) as r:
+        assert r.status == 200
+    text = operator.metrics()
+    line = next(ln for ln in text.splitlines() if ln.startswith('forgeline_jobs{kind="TrainingJob",phase="Suspended"}'))
+    assert float(line.split()[-1]) >= 1000
+    print(f"1,000 jobs created and Suspended in {elapsed:.0f}s")
+
+
 # -- the KubeRay path --------------------------------------------------------------------------
 
 
