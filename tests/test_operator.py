@@ -72,8 +72,9 @@ class Operator:
             return r.read().decode()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[LocalRay]:
+    """This module's Ray head: gone when the module's tests are (the suite runs on 2 cores)."""
     with LocalRay() as head:
         yield head
 
@@ -91,7 +92,7 @@ def ray_crd(cluster: Cluster) -> None:
     cluster.kubectl("wait", "--for=condition=Established", "crd/rayclusters.ray.io", "--timeout=30s")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(cluster: Cluster, ray_head: LocalRay, op_workdir: Path, ray_crd: None,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     op = Operator(cluster, op_workdir, tmp_path_factory.mktemp("logs") / "operator.log",

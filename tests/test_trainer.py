@@ -30,7 +30,7 @@ from .conftest import EXAMPLES
 pytestmark = pytest.mark.trainer
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[LocalRay]:
     with LocalRay() as head:
         yield head
@@ -46,7 +46,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 Runner = Callable[..., tuple[RunResult, dict[str, Any]]]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def run(ray_head: LocalRay, workdir: Path) -> Runner:
     """Run an example (by file stem) or a parsed job; cached per job name for dependants."""
     jobs = RayJobs(ray_head.address, python=local_python(), token=ray_head.token)
