@@ -47,7 +47,8 @@ work="$cache/build"
 rm -rf "$work" && mkdir -p "$work"
 cd "$work"
 apt-get source --download-only kubernetes >/dev/null
-dsc=$(ls kubernetes_*.dsc | head -n 1)
+dscs=(kubernetes_*.dsc)
+dsc=${dscs[0]}
 dpkg-source --no-check -x "$dsc" src >/dev/null
 
 # The Debian rules build in a GOPATH layout: .go/src/k8s.io/kubernetes -> source root.
@@ -62,7 +63,7 @@ cd src/.go/src/k8s.io/kubernetes
 export GOPATH="$work/src/.go" CGO_ENABLED=0 GOCACHE="$cache/gocache"
 make WHAT=cmd/kube-apiserver KUBE_BUILD_PLATFORMS=linux/amd64 >"$work/make.log" 2>&1 || {
   tail -n 40 "$work/make.log"; exit 1; }
-built=$(find "$work/src/_output" -type f -name kube-apiserver | head -n 1)
+built=$(find "$work/src/_output" -type f -name kube-apiserver -print -quit)
 mkdir -p "$cache/bin"
 cp "$built" "$bin"
 "$bin" --version

