@@ -86,3 +86,74 @@ def test_progress_mapping() -> None:
                                  "mfu": 0.2, "eta_seconds": 12.0}, {"type": "eval", "step": 20, "eval_loss": 3.0})
     assert p["summary"] == "30/60" and p["percent"] == 50 and p["tokensPerSecond"] == 100.0
     assert p["evalMetrics"] == {"eval_loss": 3.0}
+
+
+def test_node_pool_preset_merges_with_the_jobs_own_placement() -> None:
+    from forgeline_operator.settings import NodePool
+
+    pool = NodePool.model_validate({
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "zone": "a"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    job = _job(nodePool="h100", gpusPerWorker=1, nodeSelector={"zone": "b"},
+               tolerations=[{"key": "spot", "operator": "Exists"}])
+    worker = builders.build_ray_cluster(job, "img", pool)["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "zone": "b"}
+    assert worker["tolerations"] == [pool.tolerations[0], {"key": "spot", "operator": "Exists"}]
+
+
+def test_node_pools_parse_from_the_helm_rendered_env(monkeypatch) -> None:  # noqa: ANN001
+    import json
+
+    from forgeline_operator.settings import OperatorSettings
+
+    values = yaml.safe_load((EXAMPLES.parent / "helm/forgeline/values.yaml").read_text())
+    monkeypatch.setenv("FORGELINE_NODE_POOLS", json.dumps(values["nodePools"]))
+    pools = OperatorSettings().node_pools
+    assert pools["h100"].node_selector == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pools["h100"].tolerations[0]["key"] == "nvidia.com/gpu"
+    monkeypatch.setenv("FORGELINE_NODE_POOLS", '{"h100": {"nodeSelectr": {}}}')
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError, match="nodeSelectr"):
+        OperatorSettings()
+
+
+def _tolerates(tolerations: list[dict], taint: dict) -> bool:
+    return any(t.get("key") == taint["key"] and t.get("effect") in (None, "", taint["effect"])
+               and (t.get("operator") == "Exists" or t.get("value") == taint.get("value"))
+               for t in tolerations)
+
+
+def test_gpu_examples_land_on_the_kind_gpu_pool() -> None:
+    """Every example that asks for GPUs, with the chart's default node pools, selects the GPU
+    node of kind-config.yaml and tolerates its taint; CPU examples tolerate nothing special."""
+    from forgeline_operator.settings import NodePool
+
+    root = EXAMPLES.parent
+    kind = yaml.safe_load((root / "kind-config.yaml").read_text())
+    pools = {k: NodePool.model_validate(v)
+             for k, v in yaml.safe_load((root / "helm/forgeline/values.yaml").read_text())["nodePools"].items()}
+    gpu_nodes = [n for n in kind["nodes"] if n.get("labels", {}).get("nvidia.com/gpu.present") == "true"]
+    assert gpu_nodes, "kind-config.yaml has no GPU pool"
+    taints = [t for n in gpu_nodes for p in n.get("kubeadmConfigPatches", [])
+              for t in yaml.safe_load(p)["nodeRegistration"]["taints"]]
+    checked = 0
+    for path in sorted(EXAMPLES.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") not in ("TrainingJob", "FineTuneJob"):
+                continue
+            doc.setdefault("metadata", {})["uid"] = "u"
+            job = parse_job(doc)
+            if not job.spec.resources.gpus_per_worker:
+                continue
+            pool = pools.get(job.spec.resources.node_pool or "")
+            assert not job.spec.resources.node_pool or pool, f"{path.name}: unknown node pool"
+            spec = builders.build_ray_cluster(job, "img", pool)["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+            selector = spec.get("nodeSelector", {})
+            assert selector, f"{path.name}: a GPU job without a node selector lands anywhere"
+            assert any(selector.items() <= n["labels"].items() for n in gpu_nodes), \
+                f"{path.name}: nodeSelector {selector} matches no GPU node in kind-config.yaml"
+            assert all(_tolerates(spec["tolerations"], t) for t in taints), path.name
+            checked += 1
+    assert checked >= 2

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from . import builders
 from .api import FineTuneJob, TrainingJob
+from .settings import NodePool
 
 Job = TrainingJob | FineTuneJob
 
@@ -74,12 +75,14 @@ RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 class KubeRayBackend:
     name = "kuberay"
 
-    def __init__(self, api_client: Any, default_image: str, adopt: Any):
+    def __init__(self, api_client: Any, default_image: str, adopt: Any,
+                 node_pools: dict[str, NodePool] | None = None):
         from kubernetes import client
 
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.default_image = default_image
+        self.node_pools = node_pools or {}
         self.adopt = adopt  # kopf.adopt, injected so this module stays testable without kopf
 
     def _token(self, job: Job, body: Any, namespace: str) -> str:
@@ -114,7 +117,8 @@ class KubeRayBackend:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            manifest = builders.build_ray_cluster(job, self.default_image)
+            pool = self.node_pools.get(job.spec.resources.node_pool or "")
+            manifest = builders.build_ray_cluster(job, self.default_image, pool)
             self.adopt(manifest, owner=body)
             try:
                 self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, manifest)

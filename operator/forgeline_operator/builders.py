@@ -12,6 +12,7 @@ from typing import Any
 
 from .api import FineTuneJob, TrainingJob
 from .api.common import Resources
+from .settings import NodePool
 
 MANAGED_BY = "forgeline"
 DASHBOARD_PORT = 8265
@@ -94,15 +95,21 @@ def _env(job: TrainingJob | FineTuneJob, threads: int) -> list[dict[str, Any]]:
     ]
 
 
-def build_ray_cluster(job: TrainingJob | FineTuneJob, default_image: str) -> dict[str, Any]:
+def build_ray_cluster(job: TrainingJob | FineTuneJob, default_image: str,
+                      node_pool: NodePool | None = None) -> dict[str, Any]:
     """A KubeRay RayCluster: a CPU-only head (no training on it) and one worker group on the
-    job's node pool with its GPUs, shared memory, PVC mounts and Ray token auth."""
+    job's node pool with its GPUs, shared memory, PVC mounts and Ray token auth.
+
+    `node_pool` is the preset `spec.resources.nodePool` names: its selector and tolerations come
+    first, the job's own nodeSelector keys override it and its tolerations are added."""
     spec, res = job.spec, job.spec.resources
     image = res.image or default_image
     volumes, mounts = _volumes(job, res)
     gpus = res.gpus_per_worker
     per_process_cpus = _cpus(res.cpu) / max(gpus, 1)
-    tolerations = list(res.tolerations)
+    node_selector = {**(node_pool.node_selector if node_pool else {}), **res.node_selector}
+    tolerations = list(node_pool.tolerations) if node_pool else []
+    tolerations += [t for t in res.tolerations if t not in tolerations]
     if gpus and not any(t.get("key") == res.gpu_resource for t in tolerations):
         tolerations.append({"key": res.gpu_resource, "operator": "Exists", "effect": "NoSchedule"})
     worker_limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
@@ -120,8 +127,8 @@ def build_ray_cluster(job: TrainingJob | FineTuneJob, default_image: str) -> dic
         "volumes": volumes,
         "tolerations": tolerations,
     }
-    if res.node_selector:
-        worker_pod["nodeSelector"] = dict(res.node_selector)
+    if node_selector:
+        worker_pod["nodeSelector"] = node_selector
     if res.affinity:
         worker_pod["affinity"] = res.affinity
     head_pod = {

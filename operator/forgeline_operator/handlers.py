@@ -22,7 +22,7 @@ from typing import Any
 import kopf
 
 from . import builders, lifecycle, metrics
-from .api import API_GROUP, API_VERSION, FineTuneJob, InvalidJobError, TrainingJob, parse_job
+from .api import API_GROUP, API_VERSION, FieldError, FineTuneJob, InvalidJobError, TrainingJob, parse_job
 from .api.jobconfig import build_job_config
 from .backends import AddressBackend, Backend, ClusterState, KubeRayBackend, LocalBackend
 from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs
@@ -98,7 +98,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
             raise kopf.PermanentError("FORGELINE_BACKEND=address needs FORGELINE_RAY_ADDRESS")
         backend = AddressBackend(s.ray_address, s.ray_token)
     else:
-        backend = KubeRayBackend(api_client, s.default_trainer_image, kopf.adopt)
+        backend = KubeRayBackend(api_client, s.default_trainer_image, kopf.adopt, s.node_pools)
     RUNTIME = Runtime(settings=s, backend=backend, api_client=api_client, local_ray=local)
     metrics.register_phase_source(_phase_counts)
     metrics.serve(s.metrics_port)
@@ -403,9 +403,19 @@ def _fault_injection(body: Any) -> int | None:
 
 
 def _parse(body: Any, plural: str) -> TrainingJob | FineTuneJob:
+    """The typed job, or InvalidJobError: the spec's own rules, then this operator's node pools."""
     manifest = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KINDS[plural].KIND,
                 "metadata": dict(body["metadata"]), "spec": dict(body["spec"])}
-    return parse_job(manifest)  # type: ignore[return-value]
+    job: TrainingJob | FineTuneJob = parse_job(manifest)  # type: ignore[assignment]
+    pool = job.spec.resources.node_pool
+    settings = RUNTIME.settings if RUNTIME else SETTINGS
+    if pool and pool not in settings.node_pools and settings.backend == "kuberay" and not job.spec.ray.address:
+        known = ", ".join(sorted(settings.node_pools)) or "none are configured"
+        raise InvalidJobError([FieldError(
+            "spec.resources.nodePool", f"this cluster has no node pool '{pool}'",
+            f"use one of the operator's node pools ({known}; Helm value nodePools), or remove "
+            "nodePool and set resources.nodeSelector/tolerations")], job.metadata.name)
+    return job
 
 
 def _fail_invalid(exc: InvalidJobError, body: Any, patch: Any, kind: str) -> None:

@@ -11,6 +11,8 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from .api.status import PHASES
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 TRANSITIONS = Counter("forgeline_job_transitions_total", "Job phase transitions",
@@ -31,6 +33,14 @@ MFU = Gauge("forgeline_job_mfu", "Model FLOPs utilisation (0-1)", _JOB_LABELS, r
 PROGRESS = Gauge("forgeline_job_progress_ratio", "Optimizer steps done / planned", _JOB_LABELS,
                  registry=REGISTRY)
 EVAL_LOSS = Gauge("forgeline_job_eval_loss", "Latest evaluation loss", _JOB_LABELS, registry=REGISTRY)
+
+# Counters exist at 0 from the start, so `rate()` in dashboards and alerts has a series to work on
+# (a labelled counter that never fired has none, and "no data" reads like a broken scrape).
+for _kind in ("TrainingJob", "FineTuneJob"):
+    for _counter in (RECONCILE_ERRORS, SUBMIT_ERRORS, RESTARTS):
+        _counter.labels(_kind)
+    for _phase in PHASES:  # the "job failed" alert needs the 0 before the first failure
+        TRANSITIONS.labels(_kind, _phase)
 
 
 class _PhaseCollector:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class NodePool(BaseModel):
+    """A node pool preset (Helm value `nodePools.<name>`): where a job's workers may run."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the workers must match."""
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    """Tolerations for the pool's taints."""
 
 
 class OperatorSettings(BaseSettings):
@@ -42,6 +54,11 @@ class OperatorSettings(BaseSettings):
     """backend=local: logical CPUs of the embedded Ray head (default: the machine's)."""
     cluster_ready_timeout: float = 900.0
     """Seconds a RayCluster may take to become ready before it is recreated."""
+    node_pools: dict[str, NodePool] = Field(default_factory=dict)
+    """Node pool presets as JSON, e.g. {"h100": {"nodeSelector": {...}, "tolerations": [...]}};
+    jobs pick one with spec.resources.nodePool."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Operator log level."""
 
     def namespaces(self) -> list[str]:
         return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]

@@ -193,6 +193,8 @@ class Resources(ApiModel):
     """Memory per worker."""
     shared_memory: Quantity = "8Gi"
     """Size of the in-memory /dev/shm volume (NCCL and data loaders need more than the default 64Mi)."""
+    node_pool: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Node pool preset from the operator's configuration (Helm value `nodePools`, e.g. `h100`); its nodeSelector and tolerations are merged with the ones below. The operator fails the job if it has no such pool."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the workers must match, e.g. `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`."""
     tolerations: list[dict[str, Any]] = Field(
