@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 export FORGELINE_CACHE ?= $(HOME)/.cache/forgeline
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup venv tools crds validate lint clean
+.PHONY: test demo setup venv tools crds dashboards validate lint clean
 
 setup: venv tools
 
@@ -44,7 +44,11 @@ demo: setup
 	$(PY) -m forgeline_operator.demo
 
 crds: venv
-	$(VENV)/bin/forgeline crds --dir crds
+	$(VENV)/bin/forgeline crds --dir crds --docs docs/crd-reference.md
+	cp crds/*.yaml helm/forgeline/crds/  # the chart ships the same files (tests/test_helm.py checks)
+
+dashboards: venv
+	$(PY) -m forgeline_operator.monitoring.dashboard
 
 validate: venv
 	$(VENV)/bin/forgeline validate examples examples/production

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from .conftest import REPO
 
 REQS = REPO / "trainer_image" / "requirements.txt"
@@ -51,3 +53,16 @@ def test_dockerfile_uses_the_clusters_ray_and_the_pins() -> None:
     assert _pins()["ray"] == ray_version
     assert "pip install --no-cache-dir -r trainer_image/requirements.txt" in text
     assert "pip install --no-cache-dir --no-deps ." in text
+
+
+def test_operator_dockerfile_matches_the_chart() -> None:
+    """The operator image runs as the UID the chart's restricted pod security context demands,
+    installs only the operator extra (no torch), and under the trainer image's pins."""
+    text = (REPO / "operator" / "Dockerfile").read_text()
+    values = yaml.safe_load((REPO / "helm/forgeline/values.yaml").read_text())
+    uid = values["podSecurityContext"]["runAsUser"]
+    assert f"USER {uid}:{uid}" in text
+    assert "'.[operator]'" in text and "torch" not in text.split("FROM", 1)[1]
+    assert "-c /tmp/constraints.txt" in text
+    chart = (REPO / "helm/forgeline/Chart.yaml").read_text()
+    assert f'appVersion: "{yaml.safe_load(chart)["appVersion"]}"' in chart

@@ -2,7 +2,8 @@
 
     forgeline validate examples/*.yaml      # every error with its field path and a fix
     forgeline validate -o json job.yaml     # the same, machine-readable
-    forgeline crds [--dir crds] [--check]   # (re)generate crds/ from the models
+    forgeline crds [--dir crds] [--docs docs/crd-reference.md] [--check]
+                                            # (re)generate crds/ (and the reference) from the models
     forgeline run examples/pretrain-tiny-llama.yaml   # train on an embedded Ray, live progress
 """
 
@@ -21,6 +22,7 @@ from rich.markup import escape
 
 from .api import API_GROUP, JOB_KINDS, FieldError, InvalidJobError, parse_job
 from .api.crd import render_crds, write_crds
+from .api.reference import render_reference
 
 
 @dataclass
@@ -131,17 +133,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_crds(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
+    docs = Path(args.docs) if args.docs else None
     if args.check:
         stale = [name for name, text in render_crds().items()
                  if not (directory / name).exists() or (directory / name).read_text() != text]
+        if docs is not None and (not docs.exists() or docs.read_text() != render_reference()):
+            stale.append(str(docs))
         if stale:
-            print(f"out of date: {', '.join(stale)}; run `forgeline crds --dir {directory}`",
+            again = f"forgeline crds --dir {directory}" + (f" --docs {docs}" if docs else "")
+            print(f"out of date: {', '.join(stale)}; run `make crds` (or `{again}`)",
                   file=sys.stderr)
             return 1
-        print(f"{directory}: up to date")
+        print(f"{directory}: up to date" + (f"; {docs}: up to date" if docs else ""))
         return 0
     for path in write_crds(directory):
         print(f"wrote {path}")
+    if docs is not None:
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text(render_reference())
+        print(f"wrote {docs}")
     return 0
 
 
@@ -154,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
     p = sub.add_parser("crds", help="write the CustomResourceDefinitions generated from the models")
     p.add_argument("--dir", default="crds", help="output directory (default: crds)")
+    p.add_argument("--docs", metavar="PATH", default=None,
+                   help="also write the Markdown CRD reference there (e.g. docs/crd-reference.md)")
     p.add_argument("--check", action="store_true", help="only check that the files are up to date")
     p.set_defaults(func=_cmd_crds)
     p = sub.add_parser("run", help="run a TrainingJob/FineTuneJob manifest on local or existing Ray")
