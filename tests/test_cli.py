@@ -87,3 +87,11 @@ def test_operator_modules_load_no_training_stack() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_run_against_an_unreachable_ray_says_what_to_fix() -> None:
+    proc = _forgeline("run", "--address", "http://127.0.0.1:1", "examples/pretrain-tiny-llama.yaml")
+    assert proc.returncode == 1
+    out = " ".join(proc.stdout.split())
+    assert "cannot use the Ray cluster at http://127.0.0.1:1" in out and "fix: pass the Ray Jobs API address" in out
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 from rich.markup import escape
+from ray.exceptions import AuthenticationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .api import FieldError, FineTuneJob, InvalidJobError, TrainingJob, parse_job
@@ -177,6 +178,12 @@ def main(args: Any) -> int:
         return 130
     except (InvalidJobError, RuntimeError) as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
+        return 1
+    except (ConnectionError, OSError, AuthenticationError) as exc:
+        where = args.address or "the embedded Ray head"
+        console.print(f"[red]cannot use the Ray cluster at {escape(where)}: {escape(str(exc).strip())}[/red]\n"
+                      "  fix: pass the Ray Jobs API address (dashboard port, usually 8265) to --address, "
+                      "and for clusters with token auth export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
         return 1
     finally:
         if local is not None:
