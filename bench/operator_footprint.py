@@ -1,0 +1,120 @@
+"""The operator's memory and CPU with many jobs: the numbers behind the chart's `resources`.
+
+    .venv/bin/python bench/operator_footprint.py [--jobs 1000]
+
+Starts the real control plane (etcd + kube-apiserver), the operator process
+(`python -m forgeline_operator`, as the chart runs it), creates N TrainingJobs parked with
+`suspend: true` (admitted, validated, status written, no Ray work), and reports:
+the operator's RSS idle, peak while admitting, and settled; CPU seconds spent admitting; and
+its CPU use over 60 s with N parked jobs (the steady state of a busy cluster's backlog).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import yaml
+
+from forgeline_operator.devcluster import ControlPlane, find_binary
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+    return subprocess.run([find_binary("kubectl"), "--kubeconfig", str(kubeconfig), *args], input=stdin,
+                          capture_output=True, text=True, check=True, timeout=600).stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="forgeline-bench-"))
+    with ControlPlane(workdir=work / "cp") as cp:
+        _kubectl(cp.kubeconfig, "apply", "-f", str(REPO / "crds"))
+        _kubectl(cp.kubeconfig, "wait", "--for=condition=Established", "crd/trainingjobs.forgeline.dev")
+        _kubectl(cp.kubeconfig, "create", "namespace", "bench")
+        health = _free_port()
+        env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "FORGELINE_BACKEND": "address",
+               "FORGELINE_RAY_ADDRESS": "http://127.0.0.1:1", "FORGELINE_WATCH_NAMESPACES": "bench",
+               "FORGELINE_METRICS_PORT": str(_free_port()), "FORGELINE_HEALTH_PORT": str(health),
+               "FORGELINE_LOG_LEVEL": "WARNING"}
+        log = open(work / "operator.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "forgeline_operator"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            for _ in range(200):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.3)
+            op = psutil.Process(proc.pid)
+            time.sleep(5)
+            idle_rss = op.memory_info().rss
+            peak = [idle_rss]
+            stop = threading.Event()
+
+            def _sample() -> None:
+                while not stop.is_set():
+                    peak[0] = max(peak[0], op.memory_info().rss)
+                    time.sleep(0.2)
+
+            sampler = threading.Thread(target=_sample, daemon=True)
+            sampler.start()
+            base = yaml.safe_load((REPO / "examples/pretrain-tiny-llama.yaml").read_text())
+            base["spec"]["suspend"] = True
+            items = []
+            for i in range(args.jobs):
+                doc = json.loads(json.dumps(base))
+                doc["metadata"] = {"name": f"bulk-{i:05d}", "namespace": "bench"}
+                items.append(doc)
+            cpu0 = sum(op.cpu_times()[:2])
+            started = time.monotonic()
+            for chunk in range(0, args.jobs, 250):
+                _kubectl(cp.kubeconfig, "create", "-f", "-",
+                         stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items[chunk:chunk + 250]}))
+            while True:
+                out = json.loads(_kubectl(cp.kubeconfig, "get", "tj", "-n", "bench", "-o", "json"))
+                if sum((o.get("status") or {}).get("phase") == "Suspended" for o in out["items"]) == args.jobs:
+                    break
+                time.sleep(2)
+            admitted_s = time.monotonic() - started
+            admit_cpu = sum(op.cpu_times()[:2]) - cpu0
+            time.sleep(10)
+            cpu1 = sum(op.cpu_times()[:2])
+            time.sleep(60)
+            steady_cpu = (sum(op.cpu_times()[:2]) - cpu1) / 60
+            settled_rss = op.memory_info().rss
+            stop.set()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}")
+    print(f"| jobs | admitted + Suspended | CPU s admitting | RSS idle | RSS peak | RSS settled | CPU with jobs parked |")
+    print(f"| {args.jobs} | {admitted_s:.0f} s | {admit_cpu:.1f} | {idle_rss / 2**20:.0f} MiB | "
+          f"{peak[0] / 2**20:.0f} MiB | {settled_rss / 2**20:.0f} MiB | {steady_cpu * 1000:.0f} mCPU |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
