@@ -157,3 +157,22 @@ def test_gpu_examples_land_on_the_kind_gpu_pool() -> None:
             assert all(_tolerates(spec["tolerations"], t) for t in taints), path.name
             checked += 1
     assert checked >= 2
+
+
+def test_budget_is_wall_clock_since_start_and_gpu_hours() -> None:
+    from datetime import datetime, timezone
+
+    from forgeline_operator.api.common import Budget
+
+    at = datetime(2026, 1, 1, 2, 0, 0, tzinfo=timezone.utc)
+    start = "2026-01-01T00:00:00Z"  # two hours before `at`
+    assert lifecycle.budget_exceeded(None, 2, 8, start, at) is None
+    assert lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=7200), 2, 8, start, at) is None
+    assert lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=3600), 2, 8, None, at) is None  # not started
+    msg = lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=3600), 2, 8, start, at)
+    assert msg == "ran 7200s since it started, over spec.budget.activeDeadlineSeconds (3600s)"
+    assert lifecycle.budget_exceeded(Budget(maxGpuHours=32), 2, 8, start, at) is None  # exactly 32 GPU-hours
+    msg = lifecycle.budget_exceeded(Budget(maxGpuHours=31.5), 2, 8, start, at)
+    assert msg is not None and "used 32.00 GPU-hours (2 workers × 8 GPUs × 2.00 h)" in msg
+    assert "spec.budget.maxGpuHours (31.5)" in msg
+    assert lifecycle.budget_exceeded(Budget(maxGpuHours=0.1), 4, 0, start, at) is None  # CPU jobs use no GPU-hours

@@ -311,6 +311,20 @@ def test_deleting_a_running_job_stops_its_ray_job(cluster: Cluster, operator: Op
     assert "doomed" not in cluster.kubectl("get", "tj", "-n", namespace).stdout
 
 
+def test_active_deadline_stops_the_job_and_fails_it_with_budget_exceeded(
+        cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay) -> None:
+    doc = _long_job("deadline", steps=2000)
+    doc["spec"]["budget"] = {"activeDeadlineSeconds": 25}
+    _apply(cluster, namespace, doc)
+    status = _wait(lambda: (lambda st: st if st.get("phase") == "Failed" else None)(
+        _get(cluster, "tj", "deadline", namespace).get("status") or {}), 180, "deadline Failed", operator)
+    assert status["reason"] == "BudgetExceeded", status
+    assert "over spec.budget.activeDeadlineSeconds (25s)" in status["message"]
+    assert RayJobs(ray_head.address, token=ray_head.token).status(status["ray"]["jobId"]) == "STOPPED"
+    reasons = {e["reason"] for e in json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]}
+    assert "BudgetExceeded" in reasons
+
+
 def test_operator_restart_neither_duplicates_nor_loses_the_job(cluster: Cluster, operator: Operator,
                                                                namespace: str, ray_head: LocalRay) -> None:
     _apply(cluster, namespace, _long_job("survivor", steps=120))

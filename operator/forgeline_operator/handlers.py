@@ -256,8 +256,24 @@ class Reconciler:
                                 # an injected failure must fail the Ray job, not be absorbed by Ray Train
                                 max_worker_failures=0 if fail_at else 2)
 
+    # -- budget (spec.budget), checked while the job holds or waits for a cluster --
+    def over_budget(self) -> bool:
+        res = self.job.spec.resources
+        why = lifecycle.budget_exceeded(self.job.spec.budget, res.workers, res.gpus_per_worker,
+                                        self.status.get("startTime"))
+        if why is None:
+            return False
+        self.stop_ray_job()
+        self.backend.teardown(self.job, self.ns)
+        self._release()
+        self.move("Failed", "BudgetExceeded", f"{why}: Ray job stopped and cluster deleted; checkpoints kept in "
+                  f"{self.status.get('checkpointUri') or 'storage'}")
+        return True
+
     # -- Provisioning --
     def provision(self) -> None:
+        if self.over_budget():
+            return
         state = self.backend.ensure(self.job, self.body, self.ns)
         ray_info = {"clusterName": state.cluster_name, "address": state.address,
                     "dashboardUrl": state.address}
@@ -294,6 +310,8 @@ class Reconciler:
 
     # -- Running --
     def track(self) -> None:
+        if self.over_budget():
+            return
         ray = dict(self.status.get("ray") or {})
         sid = ray.get("jobId")
         state = self.backend.ensure(self.job, self.body, self.ns)

@@ -67,6 +67,24 @@ def status_patch(status: dict[str, Any], phase: str, reason: str, message: str,
     return patch
 
 
+def budget_exceeded(budget: Any, workers: int, gpus_per_worker: int, start_time: str | None,
+                    at: datetime | None = None) -> str | None:
+    """Why a job is over its spec.budget (a message naming the field), or None. Wall-clock time
+    since status.startTime, so retries count; GPU-hours are what the job holds allocated."""
+    if budget is None or not start_time:
+        return None
+    at = at or datetime.now(timezone.utc)
+    elapsed = (at - datetime.fromisoformat(start_time.replace("Z", "+00:00"))).total_seconds()
+    deadline = budget.active_deadline_seconds
+    if deadline is not None and elapsed > deadline:
+        return (f"ran {elapsed:.0f}s since it started, over spec.budget.activeDeadlineSeconds ({deadline}s)")
+    gpu_hours = workers * gpus_per_worker * elapsed / 3600
+    if budget.max_gpu_hours is not None and gpu_hours > budget.max_gpu_hours:
+        return (f"used {gpu_hours:.2f} GPU-hours ({workers} workers × {gpus_per_worker} GPUs × "
+                f"{elapsed / 3600:.2f} h), over spec.budget.maxGpuHours ({budget.max_gpu_hours:g})")
+    return None
+
+
 def changed(status: dict[str, Any], phase: str, reason: str, message: str) -> bool:
     return (status.get("phase"), status.get("reason"), status.get("message")) != (phase, reason, message)
 

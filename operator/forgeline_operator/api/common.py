@@ -252,12 +252,12 @@ class Output(ApiModel):
 
 
 class Budget(ApiModel):
-    """Hard limits. A job that reaches one stops, saves a checkpoint, and fails with reason BudgetExceeded."""
+    """Hard limits, checked at every reconcile. A job over one has its Ray job stopped and its cluster deleted, and fails with reason BudgetExceeded; its periodic checkpoints stay in storage (a new job with the same spec and a larger budget resumes from them)."""
 
     max_gpu_hours: float | None = Field(default=None, gt=0)
-    """Most GPU-hours (workers × GPUs × wall hours) the job may use."""
+    """Most GPU-hours the job may use: workers × gpusPerWorker × wall-clock hours since it first started."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
-    """Most seconds from start to finish, counted over retries."""
+    """Most wall-clock seconds since the job first started (status.startTime), counted over retries."""
 
 
 class RayTarget(ApiModel):
