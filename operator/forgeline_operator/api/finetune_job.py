@@ -144,7 +144,7 @@ class FineTuneJobSpec(Lifecycle):
     base_model: ModelSource
     """The model to fine-tune: path, hubId, or fromJob (another job's output)."""
     method: Method
-    """full, lora, qlora, prompt-tuning, reward-model, dpo, ppo or grpo."""
+    """full, lora, qlora, prompt-tuning, reward-model, dpo, ppo or grpo (ppo is refused with a pointer to grpo in this release)."""
     lora: LoraSettings | None = None
     """LoRA settings (defaults apply for lora and qlora when unset)."""
     quantization: Quantization | None = None
@@ -202,6 +202,11 @@ class FineTuneJobSpec(Lifecycle):
         if self.preference is not None and m not in PREFERENCE_METHODS:
             out.append(FieldIssue(("preference",), f"preference settings do not apply to method {m}",
                                   "remove spec.preference, or use method: dpo or reward-model"))
+        if m == "ppo":  # refused here, not after a GPU cluster was provisioned for it
+            out.append(FieldIssue(("method",), "ppo is not available in this release (TRL's PPOTrainer is "
+                                  "experimental and the trainer does not drive it yet)",
+                                  "use method: grpo with the same rl settings (group-relative advantages, "
+                                  "no value model)"))
         if m in RL_METHODS and self.rl is None:
             out.append(FieldIssue(("rl",), f"method {m} needs a reward model",
                                   "add `rl: {rewardModel: {fromJob: {kind: FineTuneJob, name: my-rm}}}`"))
