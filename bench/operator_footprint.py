@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,10 @@ import psutil
 import yaml
 
 from forgeline_operator.devcluster import ControlPlane, find_binary
+from forgeline_operator.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
@@ -52,10 +47,10 @@ def main() -> int:
         _kubectl(cp.kubeconfig, "apply", "-f", str(REPO / "crds"))
         _kubectl(cp.kubeconfig, "wait", "--for=condition=Established", "crd/trainingjobs.forgeline.dev")
         _kubectl(cp.kubeconfig, "create", "namespace", "bench")
-        health = _free_port()
+        health = free_port()
         env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "FORGELINE_BACKEND": "address",
                "FORGELINE_RAY_ADDRESS": "http://127.0.0.1:1", "FORGELINE_WATCH_NAMESPACES": "bench",
-               "FORGELINE_METRICS_PORT": str(_free_port()), "FORGELINE_HEALTH_PORT": str(health),
+               "FORGELINE_METRICS_PORT": str(free_port()), "FORGELINE_HEALTH_PORT": str(health),
                "FORGELINE_LOG_LEVEL": "WARNING"}
         log = open(work / "operator.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, "-m", "forgeline_operator"], env=env, stdout=log,

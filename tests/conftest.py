@@ -11,6 +11,7 @@ import os
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +76,16 @@ class Cluster:
         for name in names:
             crd = yaml.safe_load((TEST_CRDS / name).read_text())["metadata"]["name"]
             self.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
+
+    @contextmanager
+    def scratch_namespace(self, prefix: str) -> Iterator[str]:
+        """A fresh `<prefix>-<random>` namespace, deleted (without waiting) afterwards."""
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.kubectl("create", "namespace", name)
+        try:
+            yield name
+        finally:
+            self.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
     def api_client(self):  # noqa: ANN201 - kubernetes.client.ApiClient
         from kubernetes import config
@@ -167,10 +178,8 @@ def release(cluster: Cluster, monitoring_crds: None, ray_crd: None) -> Iterator[
 
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with cluster.scratch_namespace("t") as name:
+        yield name
 
 
 def load_yaml_documents(path: Path) -> list[dict]:

@@ -7,8 +7,6 @@ Targets live in a file_sd file, so a test can add one (another operator) while i
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -18,31 +16,23 @@ from typing import Any
 
 import yaml
 
+from forgeline_operator.devcluster import find_binary
+from forgeline_operator.ports import free_port
+
 from .conftest import CHART
 
 RULES = CHART / "files/alerts/forgeline.rules.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def find_prometheus(name: str = "prometheus") -> str:
-    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-    if not found:
-        raise FileNotFoundError(f"{name} not found: run `make tools` (installs Debian's prometheus)")
-    return found
-
 
 class Prometheus:
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.targets: dict[str, list[str]] = {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
 
     def add_target(self, job: str, address: str) -> None:
         self.targets.setdefault(job, []).append(address)
@@ -52,7 +42,8 @@ class Prometheus:
         tmp.replace(self.workdir / "targets.json")  # atomic: Prometheus never reads half a file
 
     def start(self) -> None:
-        (self.workdir / "targets.json").exists() or (self.workdir / "targets.json").write_text("[]")
+        if not (self.workdir / "targets.json").exists():
+            (self.workdir / "targets.json").write_text("[]")
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
@@ -62,7 +53,7 @@ class Prometheus:
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         log = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
-            [find_prometheus(), f"--config.file={self.workdir / 'prometheus.yml'}",
+            [find_binary("prometheus"), f"--config.file={self.workdir / 'prometheus.yml'}",
              f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
@@ -71,6 +62,7 @@ class Prometheus:
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
                     if r.status == 200:
+                        self.started_at = time.time()
                         return
             except OSError:
                 time.sleep(0.3)
@@ -122,7 +114,7 @@ class GpuStandIn:
             self.util.labels(*tags).set(87.5 - i)
             self.used.labels(*tags).set(61_000 + i)
             self.avail.labels(*tags).set(81_559 - 61_000 - i)
-        self.port = _free_port()
+        self.port = free_port()
         self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
 
     def stop(self) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -198,12 +197,8 @@ def test_every_value_is_documented() -> None:
 
 @pytest.fixture
 def scratch_namespaces(cluster: Cluster) -> Iterator[list[str]]:
-    names = [f"h-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    for n in names:
-        cluster.kubectl("create", "namespace", n)
-    yield names
-    for n in names:
-        cluster.kubectl("delete", "namespace", n, "--wait=false", check=False)
+    with cluster.scratch_namespace("h") as first, cluster.scratch_namespace("h") as second:
+        yield [first, second]
 
 
 @pytest.mark.cluster

@@ -9,14 +9,16 @@ import subprocess
 
 import yaml
 
+from forgeline_operator.devcluster import find_binary
+
 from .conftest import REPO
-from .prom import RULES, find_prometheus
+from .prom import RULES
 
 ALERT_TESTS = REPO / "tests/prometheus/forgeline-alerts.test.yaml"
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([find_prometheus("promtool"), *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([find_binary("promtool"), *args], capture_output=True, text=True, timeout=120,
                           cwd=ALERT_TESTS.parent)
 
 

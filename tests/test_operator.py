@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import yaml
 
 from forgeline_operator.localray import LocalRay
 from forgeline_operator.rayjobs import RayJobs
+from forgeline_operator.ports import free_port
 
 from .conftest import CHART, EXAMPLES, Cluster, Release
 from .prom import GpuStandIn, Prometheus
@@ -32,18 +32,13 @@ from .prom import GpuStandIn, Prometheus
 pytestmark = [pytest.mark.cluster, pytest.mark.operator]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Operator:
     """An operator subprocess with its own settings; restartable."""
 
     def __init__(self, cluster: Cluster, workdir: Path, log: Path, kubeconfig: Path | None = None, **env: str):
         self.cluster, self.workdir, self.log_path = cluster, workdir, log
-        self.metrics_port, self.health_port = _free_port(), _free_port()
+        self.metrics_port, self.health_port = free_port(), free_port()
         self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1",
                     "FORGELINE_METRICS_PORT": str(self.metrics_port),
@@ -119,7 +114,6 @@ def prometheus(operator: Operator, ray_head: LocalRay, tmp_path_factory: pytest.
     if gpu:
         prom.add_target("forgeline-ray", f"127.0.0.1:{gpu.port}")
     prom.start()
-    prom.started_at = time.time()  # type: ignore[attr-defined]
     yield prom
     prom.stop()
     if gpu:
@@ -130,12 +124,8 @@ def prometheus(operator: Operator, ray_head: LocalRay, tmp_path_factory: pytest.
 def namespace(cluster: Cluster) -> Iterator[str]:
     """Operator tests get `op-*` namespaces: the session operator watches only those (jobs other
     test modules created in their `t-*` namespaces are not its business)."""
-    import uuid
-
-    name = f"op-{uuid.uuid4().hex[:10]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with cluster.scratch_namespace("op") as name:
+        yield name
 
 
 def _get(cluster: Cluster, kind: str, name: str, ns: str) -> dict[str, Any]:
@@ -420,12 +410,8 @@ def test_a_thousand_jobs(cluster: Cluster, operator: Operator, namespace: str) -
 @pytest.fixture
 def kr_namespace(cluster: Cluster) -> Iterator[str]:
     """A namespace only the KubeRay-backend operator watches."""
-    import uuid
-
-    name = f"kr-{uuid.uuid4().hex[:10]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with cluster.scratch_namespace("kr") as name:
+        yield name
 
 
 @pytest.fixture
@@ -567,7 +553,7 @@ def test_every_dashboard_panel_has_data_in_prometheus(prometheus: Prometheus) ->
     queries = panel_queries(dashboard)
     assert len(queries) >= 10
     time.sleep(3)  # the last scrape of the finished jobs' gauges
-    start, end = prometheus.started_at, time.time()  # type: ignore[attr-defined]
+    start, end = prometheus.started_at, time.time()
     empty = []
     for title, expr in queries:
         promql = expr.replace("$__rate_interval", "15s").replace("$namespace", ".*")

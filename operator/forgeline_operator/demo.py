@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,16 +30,12 @@ from rich.rule import Rule
 from rich.table import Table
 
 from .devcluster import ControlPlane, find_binary
+from .ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "examples" / "pipeline-pretrain-sft-dpo.yaml"
 JOBS = [("tj", "pipe-pretrain"), ("ftj", "pipe-sft"), ("ftj", "pipe-dpo")]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Kubectl:
@@ -88,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"kube-apiserver {cp.url}; KUBECONFIG={cp.kubeconfig}")
 
         console.print(Rule("2. the operator, with an embedded Ray head as its backend"))
-        metrics_port, health_port = _free_port(), _free_port()
+        metrics_port, health_port = free_port(), free_port()
         env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "FORGELINE_BACKEND": "local",
                "FORGELINE_METRICS_PORT": str(metrics_port), "FORGELINE_HEALTH_PORT": str(health_port),
                "FORGELINE_RECONCILE_INTERVAL": "2", "FORGELINE_LOCAL_WORK_DIR": str(REPO),

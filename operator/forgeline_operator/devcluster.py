@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .ports import free_port
 
 CACHE = Path(os.environ.get("FORGELINE_CACHE", Path.home() / ".cache" / "forgeline"))
 ADMIN_TOKEN = "forgeline-admin-token"
@@ -48,11 +49,6 @@ def find_binary(name: str) -> str:
         "run `make tools` (tests/setup/*.sh) or set KUBEBUILDER_ASSETS to envtest binaries")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @dataclass
 class ControlPlane:
@@ -63,9 +59,9 @@ class ControlPlane:
     """token → (user name, groups), e.g. a ServiceAccount-like user for RBAC tests."""
 
     def __post_init__(self) -> None:
-        self.etcd_port = _free_port()
-        self.etcd_peer_port = _free_port()
-        self.port = _free_port()
+        self.etcd_port = free_port()
+        self.etcd_peer_port = free_port()
+        self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = self.workdir / "kubeconfig"
         self._procs: list[subprocess.Popen[bytes]] = []

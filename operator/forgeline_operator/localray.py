@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,11 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .ports import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalRay:
@@ -29,12 +25,12 @@ class LocalRay:
         # Ray's session directories go under temp_dir; its socket paths must stay short.
         self.temp_dir = Path(temp_dir or tempfile.mkdtemp(prefix="flray-", dir="/tmp"))
         self.token = token or secrets.token_hex(16)
-        self.gcs_port = _free_port()
-        self.dashboard_port = _free_port()
-        self.client_port = _free_port()
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.client_port = free_port()
         # Every fixed default port (agent 52365, metrics 8080, ...) made explicit and free, so two
         # embedded heads (parallel tests, a demo beside a run) never collide.
-        self.extra_ports = {flag: _free_port() for flag in (
+        self.extra_ports = {flag: free_port() for flag in (
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
             "node-manager-port", "object-manager-port", "runtime-env-agent-port")}
         self.metrics_port = self.extra_ports["metrics-export-port"]
