@@ -37,7 +37,7 @@ tools:
 
 test: setup
 	@start=$$(date +%s); \
-	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
+	$(MAKE) --no-print-directory lint && $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	echo "test suite wall time: $$(( $$(date +%s) - start ))s"; exit $$rc
 
 demo: setup
@@ -53,7 +53,10 @@ dashboards: venv
 validate: venv
 	$(VENV)/bin/forgeline validate examples examples/production
 
+# ruff (lint + format, configured in pyproject.toml) and the import-linter layer contracts.
 lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
 clean:

@@ -32,10 +32,15 @@ from forgeline_operator.ports import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
-    return subprocess.run([find_binary("kubectl"), "--kubeconfig", str(kubeconfig), *args], input=stdin,
-                          capture_output=True, text=True, check=True, timeout=600).stdout
+    return subprocess.run(
+        [find_binary("kubectl"), "--kubeconfig", str(kubeconfig), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
 
 
 def main() -> int:
@@ -48,13 +53,20 @@ def main() -> int:
         _kubectl(cp.kubeconfig, "wait", "--for=condition=Established", "crd/trainingjobs.forgeline.dev")
         _kubectl(cp.kubeconfig, "create", "namespace", "bench")
         health = free_port()
-        env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "FORGELINE_BACKEND": "address",
-               "FORGELINE_RAY_ADDRESS": "http://127.0.0.1:1", "FORGELINE_WATCH_NAMESPACES": "bench",
-               "FORGELINE_METRICS_PORT": str(free_port()), "FORGELINE_HEALTH_PORT": str(health),
-               "FORGELINE_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(cp.kubeconfig),
+            "FORGELINE_BACKEND": "address",
+            "FORGELINE_RAY_ADDRESS": "http://127.0.0.1:1",
+            "FORGELINE_WATCH_NAMESPACES": "bench",
+            "FORGELINE_METRICS_PORT": str(free_port()),
+            "FORGELINE_HEALTH_PORT": str(health),
+            "FORGELINE_LOG_LEVEL": "WARNING",
+        }
         log = open(work / "operator.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "forgeline_operator"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "forgeline_operator"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             for _ in range(200):
                 try:
@@ -85,11 +97,21 @@ def main() -> int:
             cpu0 = sum(op.cpu_times()[:2])
             started = time.monotonic()
             for chunk in range(0, args.jobs, 250):
-                _kubectl(cp.kubeconfig, "create", "-f", "-",
-                         stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items[chunk:chunk + 250]}))
+                _kubectl(
+                    cp.kubeconfig,
+                    "create",
+                    "-f",
+                    "-",
+                    stdin=json.dumps(
+                        {"apiVersion": "v1", "kind": "List", "items": items[chunk : chunk + 250]}
+                    ),
+                )
             while True:
                 out = json.loads(_kubectl(cp.kubeconfig, "get", "tj", "-n", "bench", "-o", "json"))
-                if sum((o.get("status") or {}).get("phase") == "Suspended" for o in out["items"]) == args.jobs:
+                if (
+                    sum((o.get("status") or {}).get("phase") == "Suspended" for o in out["items"])
+                    == args.jobs
+                ):
                     break
                 time.sleep(2)
             admitted_s = time.monotonic() - started
@@ -105,9 +127,14 @@ def main() -> int:
             proc.wait(timeout=60)
     cpu = platform.processor() or platform.machine()
     print(f"machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}")
-    print(f"| jobs | admitted + Suspended | CPU s admitting | RSS idle | RSS peak | RSS settled | CPU with jobs parked |")
-    print(f"| {args.jobs} | {admitted_s:.0f} s | {admit_cpu:.1f} | {idle_rss / 2**20:.0f} MiB | "
-          f"{peak[0] / 2**20:.0f} MiB | {settled_rss / 2**20:.0f} MiB | {steady_cpu * 1000:.0f} mCPU |")
+    print(
+        "| jobs | admitted + Suspended | CPU s admitting | RSS idle | RSS peak | RSS settled "
+        "| CPU with jobs parked |"
+    )
+    print(
+        f"| {args.jobs} | {admitted_s:.0f} s | {admit_cpu:.1f} | {idle_rss / 2**20:.0f} MiB | "
+        f"{peak[0] / 2**20:.0f} MiB | {settled_rss / 2**20:.0f} MiB | {steady_cpu * 1000:.0f} mCPU |"
+    )
     return 0
 
 

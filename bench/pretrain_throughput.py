@@ -25,26 +25,41 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, GLOBAL_BATCH = 256, 16
-MODEL = {"architecture": "llama", "hiddenSize": 384, "numLayers": 11, "numHeads": 6,
-         "numKvHeads": 6, "intermediateSize": 1024}
+MODEL = {
+    "architecture": "llama",
+    "hiddenSize": 384,
+    "numLayers": 11,
+    "numHeads": 6,
+    "numKvHeads": 6,
+    "intermediateSize": 1024,
+}
 
 
 def manifest(steps: int, out: str) -> dict:
     return {
-        "apiVersion": "forgeline.dev/v1alpha1", "kind": "TrainingJob",
+        "apiVersion": "forgeline.dev/v1alpha1",
+        "kind": "TrainingJob",
         "metadata": {"name": "bench-llama-20m"},
         "spec": {
             "model": MODEL,
-            "data": {"sources": [{"uri": str(REPO / "examples/data/corpus.jsonl")}],
-                     "tokenizer": {"vocabSize": 8000}, "sequenceLength": SEQ},
+            "data": {
+                "sources": [{"uri": str(REPO / "examples/data/corpus.jsonl")}],
+                "tokenizer": {"vocabSize": 8000},
+                "sequenceLength": SEQ,
+            },
             "evaluation": {"holdoutFraction": 0.0},
-            "training": {"maxSteps": steps, "globalBatchSize": GLOBAL_BATCH, "microBatchSize": 8,
-                         "learningRate": 1e-3, "warmupSteps": 2},
+            "training": {
+                "maxSteps": steps,
+                "globalBatchSize": GLOBAL_BATCH,
+                "microBatchSize": 8,
+                "learningRate": 1e-3,
+                "warmupSteps": 2,
+            },
             "resources": {"workers": 2, "cpu": "1", "memory": "4Gi"},
             "checkpointing": {"intervalSteps": 10_000},
             "output": {"uri": out},
@@ -63,8 +78,15 @@ def run_recipe(steps: int, work: Path) -> tuple[dict, list[dict]]:
 
     job = parse_job(manifest(steps, str(work / "recipe-out")))
     with LocalRay() as head:
-        result = run_job(job, RayJobs(head.address, python=local_python(), token=head.token), Console(stderr=True),
-                         output=None, done={}, work_dir=str(work), quiet=True)
+        result = run_job(
+            job,
+            RayJobs(head.address, python=local_python(), token=head.token),
+            Console(stderr=True),
+            output=None,
+            done={},
+            work_dir=str(work),
+            quiet=True,
+        )
     if not result.ok:
         raise SystemExit(f"recipe run failed: {result.status}")
     metrics = json.loads((work / "recipe-out/metrics.json").read_text())
@@ -83,8 +105,14 @@ def run_plain(steps: int, work: Path) -> dict:
     torch.set_num_threads(2)
     out = work / "recipe-out"
     tokenizer = D.load_tokenizer(str(out))
-    docs = D.read_texts([type("S", (), {"uri": str(REPO / "examples/data/corpus.jsonl"), "format": "jsonl",
-                                        "weight": 1.0})()], "text")
+    docs = D.read_texts(
+        [
+            type(
+                "S", (), {"uri": str(REPO / "examples/data/corpus.jsonl"), "format": "jsonl", "weight": 1.0}
+            )()
+        ],
+        "text",
+    )
     blocks = D.tokenize_and_pack(docs, tokenizer, SEQ, packing=True)
     config = AutoConfig.from_pretrained(out)
     torch.manual_seed(42)
@@ -106,9 +134,14 @@ def run_plain(steps: int, work: Path) -> dict:
     steady = times[5:]
     tps = GLOBAL_BATCH * SEQ / statistics.mean(steady)
     peak = progress.measure_cpu_peak(threads=2)
-    return {"tokens_per_second": tps, "mfu": tps * flops_per_token / peak, "peak_flops": peak,
-            "final_loss": float(loss), "parameters": sum(p.numel() for p in model.parameters()),
-            "flops_per_token": flops_per_token}
+    return {
+        "tokens_per_second": tps,
+        "mfu": tps * flops_per_token / peak,
+        "peak_flops": peak,
+        "final_loss": float(loss),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_token": flops_per_token,
+    }
 
 
 def main() -> None:
@@ -121,17 +154,26 @@ def main() -> None:
         work = Path(tmp)
         metrics, records = run_recipe(args.steps, work)
         steady = [r for r in records if r["step"] > 5]
-        recipe_tps = statistics.mean(r["tokens_per_second"] for r in steady) if steady else metrics["tokens_per_second"]
+        recipe_tps = (
+            statistics.mean(r["tokens_per_second"] for r in steady)
+            if steady
+            else metrics["tokens_per_second"]
+        )
         recipe_mfu = statistics.mean(r["mfu"] for r in steady) if steady else metrics["mfu"]
         plain = run_plain(args.steps, work)
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True,
-                         text=True).stdout.strip() or platform.processor()
+    cpu = (
+        subprocess.run(
+            ["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True
+        ).stdout.strip()
+        or platform.processor()
+    )
     import torch
 
     lines = [
-        f"\n## Pretraining throughput, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n",
+        f"\n## Pretraining throughput, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
         f"Machine: {cpu}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, Python "
-        f"{platform.python_version()}. Command: `.venv/bin/python bench/pretrain_throughput.py --steps {args.steps}`.\n",
+        f"{platform.python_version()}. "
+        f"Command: `.venv/bin/python bench/pretrain_throughput.py --steps {args.steps}`.\n",
         f"Model: llama {MODEL['hiddenSize']}×{MODEL['numLayers']} layers, {metrics['parameters'] / 1e6:.1f}M "
         f"parameters; {SEQ}-token sequences, global batch {GLOBAL_BATCH} ({GLOBAL_BATCH * SEQ} tokens/step), "
         f"{args.steps} steps, steady state = steps 6–{args.steps}.\n",

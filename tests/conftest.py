@@ -11,10 +11,10 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -27,20 +27,29 @@ CRDS = REPO / "crds"
 CHART = REPO / "helm/forgeline"
 TEST_CRDS = REPO / "tests/crds"
 # Every chart toggle on (what the monitoring and install tests render and install).
-ALL_TOGGLES = ("metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
-               "metrics.prometheusRule.enabled=true,grafana.dashboard.enabled=true")
+ALL_TOGGLES = (
+    "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
+    "metrics.prometheusRule.enabled=true,grafana.dashboard.enabled=true"
+)
 
 
-def helm(*args: str, kubeconfig: Path | None = None, check: bool = True,
-         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def helm(
+    *args: str, kubeconfig: Path | None = None, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """The real helm binary (tests/setup/install_tools.sh), with a throwaway config/cache."""
     argv = [find_binary("helm"), *args, *(["--kubeconfig", str(kubeconfig)] if kubeconfig else [])]
     home = Path(os.environ.get("FORGELINE_CACHE", Path.home() / ".cache/forgeline")) / "helm-home"
-    env = {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
-           "HELM_DATA_HOME": str(home / "data")}
+    env = {
+        **os.environ,
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -49,13 +58,15 @@ class Cluster:
     kubeconfig: Path
     control_plane: ControlPlane | None
 
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
-                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         argv = [find_binary("kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
         proc = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def token_kubeconfig(self, token: str, path: Path) -> Path:
@@ -87,7 +98,7 @@ class Cluster:
         finally:
             self.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
-    def api_client(self):  # noqa: ANN201 - kubernetes.client.ApiClient
+    def api_client(self):
         from kubernetes import config
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
@@ -131,9 +142,11 @@ def ray_crd(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="session")
 def monitoring_crds(cluster: Cluster) -> None:
-    cluster.apply_test_crds("monitoring.coreos.com_servicemonitors.yaml",
-                            "monitoring.coreos.com_podmonitors.yaml",
-                            "monitoring.coreos.com_prometheusrules.yaml")
+    cluster.apply_test_crds(
+        "monitoring.coreos.com_servicemonitors.yaml",
+        "monitoring.coreos.com_podmonitors.yaml",
+        "monitoring.coreos.com_prometheusrules.yaml",
+    )
 
 
 @dataclass
@@ -155,8 +168,9 @@ class Release:
 
     def token_kubeconfig(self, path: Path) -> Path:
         """A kubeconfig with a real token of the chart's ServiceAccount (TokenRequest API)."""
-        token = self.cluster.kubectl("create", "token", self.service_account, "-n", self.namespace,
-                                     "--duration=4h").stdout.strip()
+        token = self.cluster.kubectl(
+            "create", "token", self.service_account, "-n", self.namespace, "--duration=4h"
+        ).stdout.strip()
         return self.cluster.token_kubeconfig(token, path)
 
 
@@ -166,9 +180,20 @@ def release(cluster: Cluster, monitoring_crds: None, ray_crd: None) -> Iterator[
     so they run with exactly the chart's RBAC. On a real cluster (FORGELINE_TEST_KUBECONFIG) the
     Deployment would start too: it watches a namespace no test uses, so it stays idle."""
     name, ns = "forgeline", f"forgeline-{uuid.uuid4().hex[:6]}"
-    out = helm("install", name, str(CHART), "-n", ns, "--create-namespace", "--skip-crds",
-               "--set", ALL_TOGGLES, "--set", "watchNamespaces={forgeline-idle}",
-               kubeconfig=cluster.kubeconfig).stdout
+    out = helm(
+        "install",
+        name,
+        str(CHART),
+        "-n",
+        ns,
+        "--create-namespace",
+        "--skip-crds",
+        "--set",
+        ALL_TOGGLES,
+        "--set",
+        "watchNamespaces={forgeline-idle}",
+        kubeconfig=cluster.kubeconfig,
+    ).stdout
     try:
         yield Release(cluster, name, ns, out)
     finally:

@@ -24,7 +24,6 @@ from .conftest import CHART
 RULES = CHART / "files/alerts/forgeline.rules.yaml"
 
 
-
 class Prometheus:
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -47,15 +46,28 @@ class Prometheus:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "file", "file_sd_configs": [
-                {"files": [str(self.workdir / "targets.json")], "refresh_interval": "1s"}]}],
+            "scrape_configs": [
+                {
+                    "job_name": "file",
+                    "file_sd_configs": [
+                        {"files": [str(self.workdir / "targets.json")], "refresh_interval": "1s"}
+                    ],
+                }
+            ],
         }
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         log = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
-            [find_binary("prometheus"), f"--config.file={self.workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                find_binary("prometheus"),
+                f"--config.file={self.workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log_tail()
@@ -104,11 +116,15 @@ class GpuStandIn:
 
         self.registry = CollectorRegistry()
         labels = ["ip", "SessionName", "GpuIndex", "GpuDeviceName"]
-        self.util = Gauge("ray_node_gpus_utilization", "Total GPUs usage on a ray node", labels,
-                          registry=self.registry)
-        self.used = Gauge("ray_node_gram_used", "Total GPU RAM usage on a ray node", labels, registry=self.registry)
-        self.avail = Gauge("ray_node_gram_available", "Total GPU RAM available on a ray node", labels,
-                           registry=self.registry)
+        self.util = Gauge(
+            "ray_node_gpus_utilization", "Total GPUs usage on a ray node", labels, registry=self.registry
+        )
+        self.used = Gauge(
+            "ray_node_gram_used", "Total GPU RAM usage on a ray node", labels, registry=self.registry
+        )
+        self.avail = Gauge(
+            "ray_node_gram_available", "Total GPU RAM available on a ray node", labels, registry=self.registry
+        )
         for i in range(2):
             tags = ("127.0.0.1", "session_test", str(i), "NVIDIA H100 80GB HBM3")
             self.util.labels(*tags).set(87.5 - i)

@@ -34,10 +34,19 @@ def _errors(doc: dict[str, Any]) -> dict[str, str]:
 
 
 def test_defaults_a_user_expects() -> None:
-    job = parse_job({"apiVersion": "forgeline.dev/v1alpha1", "kind": "TrainingJob",
-                     "metadata": {"name": "x"},
-                     "spec": {"model": {"architecture": "llama"}, "data": {"sources": [{"uri": "/d"}]},
-                              "training": {"maxSteps": 5}, "output": {"uri": "/o"}}})
+    job = parse_job(
+        {
+            "apiVersion": "forgeline.dev/v1alpha1",
+            "kind": "TrainingJob",
+            "metadata": {"name": "x"},
+            "spec": {
+                "model": {"architecture": "llama"},
+                "data": {"sources": [{"uri": "/d"}]},
+                "training": {"maxSteps": 5},
+                "output": {"uri": "/o"},
+            },
+        }
+    )
     assert isinstance(job, TrainingJob)
     s = job.spec
     assert s.objective == "causal" and s.deepspeed is None and not s.suspend
@@ -62,8 +71,12 @@ def test_all_cross_field_errors_are_reported_at_once() -> None:
     doc["spec"]["model"]["numExperts"] = 4
     doc["spec"]["training"]["tokenBudget"] = 1000
     errs = _errors(doc)
-    assert {"spec.objective", "spec.deepspeed.offloadParams", "spec.model.numExperts",
-            "spec.training"} <= set(errs)
+    assert {
+        "spec.objective",
+        "spec.deepspeed.offloadParams",
+        "spec.model.numExperts",
+        "spec.training",
+    } <= set(errs)
 
 
 def test_unknown_field_suggests_the_close_name() -> None:
@@ -78,11 +91,21 @@ def test_missing_required_field_says_what_it_is() -> None:
     assert "spec.dataset" in errs and "Training records" in errs["spec.dataset"]
 
 
-@pytest.mark.parametrize("uri,ok", [
-    ("s3://bucket/prefix", True), ("gs://b/p", True), ("pvc://claim/dir", True),
-    ("file:///abs/path", True), ("/abs/path", True), ("relative/path", True),
-    ("http://host/x", False), ("s3://", False), ("pvc:///nope", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "uri,ok",
+    [
+        ("s3://bucket/prefix", True),
+        ("gs://b/p", True),
+        ("pvc://claim/dir", True),
+        ("file:///abs/path", True),
+        ("/abs/path", True),
+        ("relative/path", True),
+        ("http://host/x", False),
+        ("s3://", False),
+        ("pvc:///nope", False),
+        ("", False),
+    ],
+)
 def test_storage_uris(uri: str, ok: bool) -> None:
     doc = copy.deepcopy(TJ)
     doc["spec"]["output"]["uri"] = uri
@@ -92,8 +115,18 @@ def test_storage_uris(uri: str, ok: bool) -> None:
         assert "spec.output.uri" in _errors(doc)
 
 
-@pytest.mark.parametrize("value,ok", [(4, True), ("500m", True), ("16Gi", True), ("1.5", True),
-                                      ("lots", False), ("16 GB", False), (True, False)])
+@pytest.mark.parametrize(
+    "value,ok",
+    [
+        (4, True),
+        ("500m", True),
+        ("16Gi", True),
+        ("1.5", True),
+        ("lots", False),
+        ("16 GB", False),
+        (True, False),
+    ],
+)
 def test_quantities(value: Any, ok: bool) -> None:
     doc = copy.deepcopy(TJ)
     doc["spec"]["resources"]["cpu"] = value
@@ -122,8 +155,9 @@ def test_qlora_rules() -> None:
     assert parse_job(ok).spec.quantization.quant_type == "nf4"
     zero3 = _with(ok, deepspeed={"zeroStage": 3})
     assert "spec.deepspeed.zeroStage" in _errors(zero3)
-    assert "spec.quantization" in _errors(_with(FT, method="full", lora=None, quantization={"bits": 4},
-                                                output={"uri": "o"}))
+    assert "spec.quantization" in _errors(
+        _with(FT, method="full", lora=None, quantization={"bits": 4}, output={"uri": "o"})
+    )
 
 
 def test_method_and_dataset_format_must_fit() -> None:
@@ -135,8 +169,9 @@ def test_method_and_dataset_format_must_fit() -> None:
 
 
 def test_raw_deepspeed_config_cannot_fight_the_spec() -> None:
-    doc = _with(TJ, deepspeed={"zeroStage": 2, "config": {"zero_optimization": {"stage": 3},
-                                                          "gradient_clipping": 5}})
+    doc = _with(
+        TJ, deepspeed={"zeroStage": 2, "config": {"zero_optimization": {"stage": 3}, "gradient_clipping": 5}}
+    )
     errs = _errors(doc)
     assert "spec.deepspeed.config.zero_optimization.stage" in errs
     assert "gradClip" in errs["spec.deepspeed.config.gradient_clipping"]
@@ -170,7 +205,14 @@ def test_not_a_mapping_and_unknown_kind() -> None:
 
 
 def test_status_phases_and_terminal_helper() -> None:
-    assert set(PHASES) == {"Pending", "Waiting", "Provisioning", "Running", "Succeeded", "Failed",
-                           "Suspended"}
+    assert set(PHASES) == {
+        "Pending",
+        "Waiting",
+        "Provisioning",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "Suspended",
+    }
     assert is_terminal("Succeeded") and is_terminal("Failed")
     assert not any(is_terminal(p) for p in ("Pending", "Running", "Suspended", None))

@@ -67,8 +67,17 @@ def test_apiserver_agrees_where_the_schema_can_say(path: Path, cluster: Cluster,
     (doc,) = load_yaml_documents(path)
     doc["metadata"]["namespace"] = namespace
     # --validate=false: judge the apiserver alone, not kubectl's client-side schema check.
-    proc = cluster.kubectl("create", "--dry-run=server", "--validate=false", "-o", "json", "-f", "-",
-                           input=json.dumps(doc), check=False)
+    proc = cluster.kubectl(
+        "create",
+        "--dry-run=server",
+        "--validate=false",
+        "-o",
+        "json",
+        "-f",
+        "-",
+        input=json.dumps(doc),
+        check=False,
+    )
     if verdict == "accept":
         assert proc.returncode == 0, f"apiserver rejected what we expected it to accept:\n{proc.stderr}"
         return

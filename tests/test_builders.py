@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC
 
 import yaml
 
@@ -29,9 +30,15 @@ def test_cpu_cluster_has_no_gpu_and_no_gpu_toleration() -> None:
 
 
 def test_gpu_cluster_placement_and_threads() -> None:
-    job = _job("pretrain-tiny-llama", gpusPerWorker=8, cpu="96", nodeSelector={"pool": "h100"},
-               tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
-               affinity={"nodeAffinity": {"x": 1}}, image="custom:2")
+    job = _job(
+        "pretrain-tiny-llama",
+        gpusPerWorker=8,
+        cpu="96",
+        nodeSelector={"pool": "h100"},
+        tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+        affinity={"nodeAffinity": {"x": 1}},
+        image="custom:2",
+    )
     rc = builders.build_ray_cluster(job, "img:1")
     pod = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]
     limits = pod["containers"][0]["resources"]["limits"]
@@ -82,8 +89,17 @@ def test_status_table_and_condition_times() -> None:
 
 
 def test_progress_mapping() -> None:
-    p = lifecycle.progress_from({"step": 30, "total_steps": 60, "loss": 2.5, "tokens_per_second": 100.0,
-                                 "mfu": 0.2, "eta_seconds": 12.0}, {"type": "eval", "step": 20, "eval_loss": 3.0})
+    p = lifecycle.progress_from(
+        {
+            "step": 30,
+            "total_steps": 60,
+            "loss": 2.5,
+            "tokens_per_second": 100.0,
+            "mfu": 0.2,
+            "eta_seconds": 12.0,
+        },
+        {"type": "eval", "step": 20, "eval_loss": 3.0},
+    )
     assert p["summary"] == "30/60" and p["percent"] == 50 and p["tokensPerSecond"] == 100.0
     assert p["evalMetrics"] == {"eval_loss": 3.0}
 
@@ -91,17 +107,24 @@ def test_progress_mapping() -> None:
 def test_node_pool_preset_merges_with_the_jobs_own_placement() -> None:
     from forgeline_operator.settings import NodePool
 
-    pool = NodePool.model_validate({
-        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "zone": "a"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
-    job = _job(nodePool="h100", gpusPerWorker=1, nodeSelector={"zone": "b"},
-               tolerations=[{"key": "spot", "operator": "Exists"}])
+    pool = NodePool.model_validate(
+        {
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "zone": "a"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        }
+    )
+    job = _job(
+        nodePool="h100",
+        gpusPerWorker=1,
+        nodeSelector={"zone": "b"},
+        tolerations=[{"key": "spot", "operator": "Exists"}],
+    )
     worker = builders.build_ray_cluster(job, "img", pool)["spec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "zone": "b"}
     assert worker["tolerations"] == [pool.tolerations[0], {"key": "spot", "operator": "Exists"}]
 
 
-def test_node_pools_parse_from_the_helm_rendered_env(monkeypatch) -> None:  # noqa: ANN001
+def test_node_pools_parse_from_the_helm_rendered_env(monkeypatch) -> None:
     import json
 
     from forgeline_operator.settings import OperatorSettings
@@ -120,9 +143,12 @@ def test_node_pools_parse_from_the_helm_rendered_env(monkeypatch) -> None:  # no
 
 
 def _tolerates(tolerations: list[dict], taint: dict) -> bool:
-    return any(t.get("key") == taint["key"] and t.get("effect") in (None, "", taint["effect"])
-               and (t.get("operator") == "Exists" or t.get("value") == taint.get("value"))
-               for t in tolerations)
+    return any(
+        t.get("key") == taint["key"]
+        and t.get("effect") in (None, "", taint["effect"])
+        and (t.get("operator") == "Exists" or t.get("value") == taint.get("value"))
+        for t in tolerations
+    )
 
 
 def test_gpu_examples_land_on_the_kind_gpu_pool() -> None:
@@ -132,12 +158,18 @@ def test_gpu_examples_land_on_the_kind_gpu_pool() -> None:
 
     root = EXAMPLES.parent
     kind = yaml.safe_load((root / "kind-config.yaml").read_text())
-    pools = {k: NodePool.model_validate(v)
-             for k, v in yaml.safe_load((root / "helm/forgeline/values.yaml").read_text())["nodePools"].items()}
+    pools = {
+        k: NodePool.model_validate(v)
+        for k, v in yaml.safe_load((root / "helm/forgeline/values.yaml").read_text())["nodePools"].items()
+    }
     gpu_nodes = [n for n in kind["nodes"] if n.get("labels", {}).get("nvidia.com/gpu.present") == "true"]
     assert gpu_nodes, "kind-config.yaml has no GPU pool"
-    taints = [t for n in gpu_nodes for p in n.get("kubeadmConfigPatches", [])
-              for t in yaml.safe_load(p)["nodeRegistration"]["taints"]]
+    taints = [
+        t
+        for n in gpu_nodes
+        for p in n.get("kubeadmConfigPatches", [])
+        for t in yaml.safe_load(p)["nodeRegistration"]["taints"]
+    ]
     checked = 0
     for path in sorted(EXAMPLES.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -149,30 +181,37 @@ def test_gpu_examples_land_on_the_kind_gpu_pool() -> None:
                 continue
             pool = pools.get(job.spec.resources.node_pool or "")
             assert not job.spec.resources.node_pool or pool, f"{path.name}: unknown node pool"
-            spec = builders.build_ray_cluster(job, "img", pool)["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+            spec = builders.build_ray_cluster(job, "img", pool)["spec"]["workerGroupSpecs"][0]["template"][
+                "spec"
+            ]
             selector = spec.get("nodeSelector", {})
             assert selector, f"{path.name}: a GPU job without a node selector lands anywhere"
-            assert any(selector.items() <= n["labels"].items() for n in gpu_nodes), \
+            assert any(selector.items() <= n["labels"].items() for n in gpu_nodes), (
                 f"{path.name}: nodeSelector {selector} matches no GPU node in kind-config.yaml"
+            )
             assert all(_tolerates(spec["tolerations"], t) for t in taints), path.name
             checked += 1
     assert checked >= 2
 
 
 def test_budget_is_wall_clock_since_start_and_gpu_hours() -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from forgeline_operator.api.common import Budget
 
-    at = datetime(2026, 1, 1, 2, 0, 0, tzinfo=timezone.utc)
+    at = datetime(2026, 1, 1, 2, 0, 0, tzinfo=UTC)
     start = "2026-01-01T00:00:00Z"  # two hours before `at`
     assert lifecycle.budget_exceeded(None, 2, 8, start, at) is None
     assert lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=7200), 2, 8, start, at) is None
-    assert lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=3600), 2, 8, None, at) is None  # not started
+    assert (
+        lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=3600), 2, 8, None, at) is None
+    )  # not started
     msg = lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=3600), 2, 8, start, at)
     assert msg == "ran 7200s since it started, over spec.budget.activeDeadlineSeconds (3600s)"
     assert lifecycle.budget_exceeded(Budget(maxGpuHours=32), 2, 8, start, at) is None  # exactly 32 GPU-hours
     msg = lifecycle.budget_exceeded(Budget(maxGpuHours=31.5), 2, 8, start, at)
     assert msg is not None and "used 32.00 GPU-hours (2 workers × 8 GPUs × 2.00 h)" in msg
     assert "spec.budget.maxGpuHours (31.5)" in msg
-    assert lifecycle.budget_exceeded(Budget(maxGpuHours=0.1), 4, 0, start, at) is None  # CPU jobs use no GPU-hours
+    assert (
+        lifecycle.budget_exceeded(Budget(maxGpuHours=0.1), 4, 0, start, at) is None
+    )  # CPU jobs use no GPU-hours

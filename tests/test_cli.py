@@ -32,8 +32,10 @@ def test_invalid_yaml_reports_the_line(tmp_path: Path) -> None:
 
 def test_other_kubernetes_objects_are_skipped_not_failed(tmp_path: Path) -> None:
     mixed = tmp_path / "mixed.yaml"
-    mixed.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n"
-                     + (EXAMPLES / "pretrain-tiny-llama.yaml").read_text())
+    mixed.write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n"
+        + (EXAMPLES / "pretrain-tiny-llama.yaml").read_text()
+    )
     proc = _forgeline("validate", str(mixed))
     assert proc.returncode == 0, proc.stdout
     assert "skipped, not a Forgeline job (v1 ConfigMap)" in proc.stdout
@@ -56,8 +58,9 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_multiple_files_one_bad_fails_the_run() -> None:
-    proc = _forgeline("validate", "examples/pretrain-tiny-llama.yaml",
-                      "tests/bad_manifests/tj-lr-negative.yaml")
+    proc = _forgeline(
+        "validate", "examples/pretrain-tiny-llama.yaml", "tests/bad_manifests/tj-lr-negative.yaml"
+    )
     assert proc.returncode == 1
     assert "1 valid, 1 invalid" in proc.stdout
     assert "spec.training.learningRate" in proc.stdout
@@ -80,11 +83,13 @@ def test_operator_modules_load_no_training_stack() -> None:
     import forgeline_operator
 
     modules = [m.name for m in pkgutil.walk_packages(forgeline_operator.__path__, "forgeline_operator.")]
-    code = ("import importlib, sys\n"
-            f"for m in {modules!r}: importlib.import_module(m)\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed') "
-            "or m.startswith('ray.train'))\n"
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed') "
+        "or m.startswith('ray.train'))\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -93,5 +98,8 @@ def test_run_against_an_unreachable_ray_says_what_to_fix() -> None:
     proc = _forgeline("run", "--address", "http://127.0.0.1:1", "examples/pretrain-tiny-llama.yaml")
     assert proc.returncode == 1
     out = " ".join(proc.stdout.split())
-    assert "cannot use the Ray cluster at http://127.0.0.1:1" in out and "fix: pass the Ray Jobs API address" in out
+    assert (
+        "cannot use the Ray cluster at http://127.0.0.1:1" in out
+        and "fix: pass the Ray Jobs API address" in out
+    )
     assert "Traceback" not in proc.stdout + proc.stderr

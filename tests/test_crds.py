@@ -18,7 +18,8 @@ def test_committed_crds_match_the_models() -> None:
     assert sorted(p.name for p in CRDS.glob("*.yaml")) == sorted(rendered)
     for name, text in rendered.items():
         assert (CRDS / name).read_text() == text, (
-            f"crds/{name} is out of date with the models: run `forgeline crds` (make crds)")
+            f"crds/{name} is out of date with the models: run `forgeline crds` (make crds)"
+        )
 
 
 def test_crds_check_command_detects_drift(tmp_path, capsys) -> None:
@@ -44,8 +45,19 @@ def test_crd_is_structural_and_established(cluster: Cluster, name: str) -> None:
 @pytest.mark.cluster
 def test_kubectl_explain_shows_field_docs(cluster: Cluster) -> None:
     spec = cluster.kubectl("explain", "trainingjob.spec").stdout
-    for field in ("model", "data", "training", "deepspeed", "resources", "checkpointing", "output",
-                  "suspend", "ttlSecondsAfterFinished", "backoffLimit", "budget"):
+    for field in (
+        "model",
+        "data",
+        "training",
+        "deepspeed",
+        "resources",
+        "checkpointing",
+        "output",
+        "suspend",
+        "ttlSecondsAfterFinished",
+        "backoffLimit",
+        "budget",
+    ):
         assert f"{field}\t" in spec or f"{field} " in spec, f"{field} missing from explain:\n{spec}"
     zero = cluster.kubectl("explain", "trainingjob.spec.deepspeed.zeroStage").stdout
     assert "ZeRO stage" in zero
@@ -58,10 +70,15 @@ def test_apiserver_defaults_match_pydantic_defaults(cluster: Cluster, namespace:
     """A minimal manifest stored by the apiserver (which applies the CRD defaults) parses to the
     same spec as pydantic's own defaults: the two defaulting paths agree."""
     doc = {
-        "apiVersion": "forgeline.dev/v1alpha1", "kind": "TrainingJob",
+        "apiVersion": "forgeline.dev/v1alpha1",
+        "kind": "TrainingJob",
         "metadata": {"name": "defaults", "namespace": namespace},
-        "spec": {"model": {"architecture": "llama"}, "data": {"sources": [{"uri": "s3://b/c"}]},
-                 "training": {"maxSteps": 10}, "output": {"uri": "s3://b/out"}},
+        "spec": {
+            "model": {"architecture": "llama"},
+            "data": {"sources": [{"uri": "s3://b/c"}]},
+            "training": {"maxSteps": 10},
+            "output": {"uri": "s3://b/out"},
+        },
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
     stored = json.loads(cluster.kubectl("get", "tj", "defaults", "-n", namespace, "-o", "json").stdout)
@@ -80,18 +97,33 @@ def test_printer_columns_show_status(cluster: Cluster, namespace: str) -> None:
     for doc in docs:
         doc["metadata"]["namespace"] = namespace
         cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
-    status = {"status": {"phase": "Running", "progress": {"step": 30, "totalSteps": 60,
-                                                           "summary": "30/60", "loss": 2.5}}}
-    cluster.kubectl("patch", "tj", "pipe-pretrain", "-n", namespace, "--subresource=status",
-                    "--type=merge", "-p", json.dumps(status), check=False)
+    status = {
+        "status": {
+            "phase": "Running",
+            "progress": {"step": 30, "totalSteps": 60, "summary": "30/60", "loss": 2.5},
+        }
+    }
+    cluster.kubectl(
+        "patch",
+        "tj",
+        "pipe-pretrain",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+        check=False,
+    )
     patched = cluster.kubectl("get", "tj", "pipe-pretrain", "-n", namespace, "-o", "json")
     if json.loads(patched.stdout).get("status", {}).get("phase") != "Running":
         # kubectl older than the server may lack --subresource: use the API directly.
         from kubernetes import client
 
         api = client.CustomObjectsApi(cluster.api_client())
-        api.patch_namespaced_custom_object_status("forgeline.dev", "v1alpha1", namespace,
-                                                  "trainingjobs", "pipe-pretrain", status)
+        api.patch_namespaced_custom_object_status(
+            "forgeline.dev", "v1alpha1", namespace, "trainingjobs", "pipe-pretrain", status
+        )
     table = cluster.kubectl("get", "tj,ftj", "-n", namespace).stdout
     header = table.splitlines()[0]
     for column in ("NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "AGE"):
@@ -116,8 +148,13 @@ def test_status_rejects_unknown_phase(cluster: Cluster, namespace: str) -> None:
     api = client.CustomObjectsApi(cluster.api_client())
     with pytest.raises(ApiException) as info:
         api.patch_namespaced_custom_object_status(
-            "forgeline.dev", "v1alpha1", namespace, "trainingjobs", doc["metadata"]["name"],
-            {"status": {"phase": "Exploded"}})
+            "forgeline.dev",
+            "v1alpha1",
+            namespace,
+            "trainingjobs",
+            doc["metadata"]["name"],
+            {"status": {"phase": "Exploded"}},
+        )
     assert info.value.status == 422 and "status.phase" in info.value.body
 
 

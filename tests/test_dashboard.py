@@ -13,18 +13,36 @@ from .conftest import CHART
 SHIPPED = CHART / "files/dashboards/forgeline.json"
 
 EXPECTED_TITLES = [
-    "Jobs by phase", "Phase transitions", "Job restarts (1h)",
-    "Training loss", "Tokens per second", "MFU", "Progress",
-    "GPU utilisation", "GPU memory used", "GPU memory used / available",
-    "Reconcile latency", "Reconcile errors", "Ray submission errors", "Operator up",
+    "Jobs by phase",
+    "Phase transitions",
+    "Job restarts (1h)",
+    "Training loss",
+    "Tokens per second",
+    "MFU",
+    "Progress",
+    "GPU utilisation",
+    "GPU memory used",
+    "GPU memory used / available",
+    "Reconcile latency",
+    "Reconcile errors",
+    "Ray submission errors",
+    "Operator up",
 ]
 EXPECTED_METRICS = {
-    "forgeline_jobs", "forgeline_job_transitions_total", "forgeline_job_restarts_total",
-    "forgeline_job_loss", "forgeline_job_tokens_per_second", "forgeline_job_mfu",
+    "forgeline_jobs",
+    "forgeline_job_transitions_total",
+    "forgeline_job_restarts_total",
+    "forgeline_job_loss",
+    "forgeline_job_tokens_per_second",
+    "forgeline_job_mfu",
     "forgeline_job_progress_ratio",
-    "ray_node_gpus_utilization", "ray_node_gram_used", "ray_node_gram_available",
-    "forgeline_reconcile_duration_seconds_bucket", "forgeline_reconcile_errors_total",
-    "forgeline_ray_submission_errors_total", "up",
+    "ray_node_gpus_utilization",
+    "ray_node_gram_used",
+    "ray_node_gram_available",
+    "forgeline_reconcile_duration_seconds_bucket",
+    "forgeline_reconcile_errors_total",
+    "forgeline_ray_submission_errors_total",
+    "up",
 }
 # Words in the expressions that are PromQL (functions, aggregations, keywords), not metrics.
 PROMQL_WORDS = {"sum", "avg", "max", "by", "rate", "increase", "histogram_quantile"}
@@ -35,15 +53,16 @@ def _panels(dashboard: dict) -> list[dict]:
 
 
 def _metrics(expr: str) -> set[str]:
-    expr = re.sub(r"\{[^}]*\}", "", expr)        # label matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)       # range selectors
-    expr = re.sub(r"by \([^)]*\)", "", expr)     # grouping labels
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range selectors
+    expr = re.sub(r"by \([^)]*\)", "", expr)  # grouping labels
     return {w for w in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr)} - PROMQL_WORDS
 
 
 def test_committed_dashboard_is_up_to_date() -> None:
     assert SHIPPED.read_text() == render(build_dashboard()), (
-        f"{SHIPPED} is out of date with forgeline_operator.monitoring.dashboard: run `make dashboards`")
+        f"{SHIPPED} is out of date with forgeline_operator.monitoring.dashboard: run `make dashboards`"
+    )
 
 
 def test_check_flag_detects_drift(tmp_path, capsys) -> None:
@@ -105,7 +124,12 @@ def test_panel_ids_are_unique() -> None:
 def test_rows_are_expanded_with_their_panels_after_them() -> None:
     dashboard = build_dashboard()
     rows = [p for p in dashboard["panels"] if p["type"] == "row"]
-    assert [r["title"] for r in rows] == ["Jobs", "Training (running jobs)", "GPUs (Ray node metrics)", "Operator"]
+    assert [r["title"] for r in rows] == [
+        "Jobs",
+        "Training (running jobs)",
+        "GPUs (Ray node metrics)",
+        "Operator",
+    ]
     for row in rows:
         assert row["collapsed"] is False and row["panels"] == []
 
@@ -114,8 +138,10 @@ def test_panels_fit_the_grid_without_overlapping() -> None:
     cells: set[tuple[int, int]] = set()
     for panel in build_dashboard()["panels"]:
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24 and pos["h"] > 0, panel["title"]
-        mine = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24 and pos["h"] > 0, panel["title"]
+        mine = {
+            (x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])
+        }
         assert not mine & cells, f"{panel['title']} overlaps another panel"
         cells |= mine
 
@@ -131,11 +157,23 @@ def test_panel_queries_cover_the_expected_metrics() -> None:
 
 
 def test_panel_queries_walks_collapsed_rows_too() -> None:
-    dashboard = {"panels": [
-        {"type": "row", "title": "r", "collapsed": True, "panels": [
-            {"type": "timeseries", "title": "inner", "targets": [{"refId": "A", "expr": "up"}]}]},
-        {"type": "stat", "title": "outer", "targets": [{"refId": "A", "expr": "vector(1)"}, {"refId": "B"}]},
-    ]}
+    dashboard = {
+        "panels": [
+            {
+                "type": "row",
+                "title": "r",
+                "collapsed": True,
+                "panels": [
+                    {"type": "timeseries", "title": "inner", "targets": [{"refId": "A", "expr": "up"}]}
+                ],
+            },
+            {
+                "type": "stat",
+                "title": "outer",
+                "targets": [{"refId": "A", "expr": "vector(1)"}, {"refId": "B"}],
+            },
+        ]
+    }
     assert panel_queries(dashboard) == [("inner", "up"), ("outer", "vector(1)")]
 
 

@@ -29,8 +29,11 @@ def test_every_method_has_a_tiny_example() -> None:
 
 
 def test_forgeline_validate_accepts_all_examples() -> None:
-    proc = subprocess.run([sys.executable, "-m", "forgeline_operator.cli", "validate", *map(str, FILES)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forgeline_operator.cli", "validate", *map(str, FILES)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 invalid" in proc.stdout
 
@@ -58,7 +61,8 @@ def test_apiserver_accepts_example(path: Path, cluster: Cluster, namespace: str)
         doc["metadata"]["namespace"] = namespace
         cluster.kubectl("create", "-f", "-", input=json.dumps(doc))
         kind = doc["kind"].lower()
-        stored = json.loads(cluster.kubectl("get", kind, doc["metadata"]["name"], "-n", namespace,
-                                            "-o", "json").stdout)
+        stored = json.loads(
+            cluster.kubectl("get", kind, doc["metadata"]["name"], "-n", namespace, "-o", "json").stdout
+        )
         # Nothing the user wrote was pruned or changed by the CRD schema.
         assert parse_job(stored).spec == parse_job(doc).spec

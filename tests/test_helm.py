@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -18,7 +19,9 @@ from .conftest import ALL_TOGGLES, CHART, CRDS, Cluster, Release, helm
 NAMESPACED_SCOPE = ("rbac.scope=namespaces",)
 
 
-def _render(*sets: str, namespace: str = "forgeline-system", release: str = "forgeline") -> list[dict[str, Any]]:
+def _render(
+    *sets: str, namespace: str = "forgeline-system", release: str = "forgeline"
+) -> list[dict[str, Any]]:
     args = ["template", release, str(CHART), "-n", namespace]
     for s in sets:
         args += ["--set", s]
@@ -32,10 +35,20 @@ def _kinds(docs: list[dict[str, Any]]) -> list[str]:
 # -- lint and render ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sets", [(), (ALL_TOGGLES,), NAMESPACED_SCOPE, ("operator.backend=address",
-                                                                      "operator.rayAddress=http://ray:8265",
-                                                                      "operator.rayTokenSecret=ray-token")],
-                         ids=["defaults", "all-toggles", "namespaced", "address-backend"])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        (),
+        (ALL_TOGGLES,),
+        NAMESPACED_SCOPE,
+        (
+            "operator.backend=address",
+            "operator.rayAddress=http://ray:8265",
+            "operator.rayTokenSecret=ray-token",
+        ),
+    ],
+    ids=["defaults", "all-toggles", "namespaced", "address-backend"],
+)
 def test_helm_lint(sets: tuple[str, ...]) -> None:
     args = ["lint", "--strict", str(CHART)]
     for s in sets:
@@ -54,13 +67,23 @@ def test_default_render_is_the_operator_and_its_rbac() -> None:
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["FORGELINE_BACKEND"] == "kuberay" and env["FORGELINE_WATCH_NAMESPACES"] == ""
     assert json.loads(env["FORGELINE_NODE_POOLS"])["h100"]["nodeSelector"] == {
-        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"
+    }
 
 
 def test_every_toggle_on_renders_the_monitoring_objects() -> None:
     docs = _render(ALL_TOGGLES)
-    assert _kinds(docs) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "PodMonitor",
-                            "PrometheusRule", "Service", "ServiceAccount", "ServiceMonitor"]
+    assert _kinds(docs) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "PodMonitor",
+        "PrometheusRule",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ]
     by_kind = {d["kind"]: d for d in docs}
     dashboard = by_kind["ConfigMap"]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -69,9 +92,13 @@ def test_every_toggle_on_renders_the_monitoring_objects() -> None:
     rules = yaml.safe_load((CHART / "files/alerts/forgeline.rules.yaml").read_text())
     assert by_kind["PrometheusRule"]["spec"] == rules
     assert by_kind["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "metrics"
-    assert by_kind["ServiceMonitor"]["spec"]["selector"]["matchLabels"] == \
-        by_kind["Deployment"]["spec"]["selector"]["matchLabels"]
-    assert by_kind["PodMonitor"]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "forgeline"}
+    assert (
+        by_kind["ServiceMonitor"]["spec"]["selector"]["matchLabels"]
+        == by_kind["Deployment"]["spec"]["selector"]["matchLabels"]
+    )
+    assert by_kind["PodMonitor"]["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "forgeline"
+    }
 
 
 def test_pod_security_is_restricted() -> None:
@@ -97,8 +124,17 @@ def test_rbac_has_no_wildcards_exec_or_secret_listing(sets: tuple[str, ...]) -> 
     for rule in rules:
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key], rule
-        assert not {"pods", "pods/exec", "pods/attach", "deployments", "clusterroles", "roles",
-                    "rolebindings", "clusterrolebindings", "serviceaccounts"} & set(rule["resources"]), rule
+        assert not {
+            "pods",
+            "pods/exec",
+            "pods/attach",
+            "deployments",
+            "clusterroles",
+            "roles",
+            "rolebindings",
+            "clusterrolebindings",
+            "serviceaccounts",
+        } & set(rule["resources"]), rule
         if "secrets" in rule["resources"]:
             assert set(rule["verbs"]) <= {"get", "create", "delete"}, rule
         if rule["resources"] == ["namespaces"] or "customresourcedefinitions" in rule["resources"]:
@@ -107,7 +143,15 @@ def test_rbac_has_no_wildcards_exec_or_secret_listing(sets: tuple[str, ...]) -> 
 
 def test_namespaced_scope_grants_nothing_cluster_wide() -> None:
     docs = _render("rbac.scope=namespaces", "watchNamespaces={team-a,team-b}")
-    assert _kinds(docs) == ["Deployment", "Role", "Role", "RoleBinding", "RoleBinding", "Service", "ServiceAccount"]
+    assert _kinds(docs) == [
+        "Deployment",
+        "Role",
+        "Role",
+        "RoleBinding",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+    ]
     assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "Role") == ["team-a", "team-b"]
     dep = next(d for d in docs if d["kind"] == "Deployment")
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -121,30 +165,42 @@ def test_chart_crds_are_the_generated_ones() -> None:
     shipped = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
     assert shipped == generated
     for name in generated:
-        assert (CHART / "crds" / name).read_text() == (CRDS / name).read_text(), \
+        assert (CHART / "crds" / name).read_text() == (CRDS / name).read_text(), (
             f"helm/forgeline/crds/{name} drifted from crds/: run `make crds`"
+        )
 
 
 # -- bad values fail at install time, naming the value -----------------------------------------
 
 
-@pytest.mark.parametrize(("sets", "expected"), [
-    (("maxRunningJobs=-1",), "at '/maxRunningJobs': minimum: got -1, want 0"),
-    (("rbac.scope=everything",), "at '/rbac/scope': value must be one of 'cluster', 'namespaces'"),
-    (("imag.tag=1.0",), "additional properties 'imag' not allowed"),
-    (("watchNamespaces={Team_A}",), "at '/watchNamespaces/0': 'Team_A' does not match pattern"),
-    (("operator.backend=slurm",), "at '/operator/backend': value must be one of 'kuberay', 'address'"),
-    (("metrics.serviceMonitor.interval=soon",), "at '/metrics/serviceMonitor/interval'"),
-    (("nodePools.H100.nodeSelector.a=b",), "invalid propertyName 'H100'"),
-    (("nodePools.h100.tolerations[0].effect=Never",), "at '/nodePools/h100/tolerations/0/effect'"),
-    (("resources.limits.memory=lots",), "at '/resources/limits/memory'"),
-    (("operator.backend=address",), "operator.rayAddress is required when operator.backend is address"),
-    (("rbac.scope=namespaces", "watchNamespaces={team-*}"),
-     'watchNamespaces: "team-*" is a glob; rbac.scope=namespaces needs exact namespace names'),
-    (("serviceAccount.create=false",), "serviceAccount.name is required when serviceAccount.create is false"),
-    (("metrics.service.enabled=false", "metrics.serviceMonitor.enabled=true"),
-     "metrics.serviceMonitor.enabled needs metrics.service.enabled=true"),
-], ids=lambda v: v[0] if isinstance(v, tuple) else None)
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (("maxRunningJobs=-1",), "at '/maxRunningJobs': minimum: got -1, want 0"),
+        (("rbac.scope=everything",), "at '/rbac/scope': value must be one of 'cluster', 'namespaces'"),
+        (("imag.tag=1.0",), "additional properties 'imag' not allowed"),
+        (("watchNamespaces={Team_A}",), "at '/watchNamespaces/0': 'Team_A' does not match pattern"),
+        (("operator.backend=slurm",), "at '/operator/backend': value must be one of 'kuberay', 'address'"),
+        (("metrics.serviceMonitor.interval=soon",), "at '/metrics/serviceMonitor/interval'"),
+        (("nodePools.H100.nodeSelector.a=b",), "invalid propertyName 'H100'"),
+        (("nodePools.h100.tolerations[0].effect=Never",), "at '/nodePools/h100/tolerations/0/effect'"),
+        (("resources.limits.memory=lots",), "at '/resources/limits/memory'"),
+        (("operator.backend=address",), "operator.rayAddress is required when operator.backend is address"),
+        (
+            ("rbac.scope=namespaces", "watchNamespaces={team-*}"),
+            'watchNamespaces: "team-*" is a glob; rbac.scope=namespaces needs exact namespace names',
+        ),
+        (
+            ("serviceAccount.create=false",),
+            "serviceAccount.name is required when serviceAccount.create is false",
+        ),
+        (
+            ("metrics.service.enabled=false", "metrics.serviceMonitor.enabled=true"),
+            "metrics.serviceMonitor.enabled needs metrics.service.enabled=true",
+        ),
+    ],
+    ids=lambda v: v[0] if isinstance(v, tuple) else None,
+)
 def test_bad_values_are_rejected(sets: tuple[str, ...], expected: str) -> None:
     args = ["template", "forgeline", str(CHART)]
     for s in sets:
@@ -202,10 +258,12 @@ def scratch_namespaces(cluster: Cluster) -> Iterator[list[str]]:
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("sets", [(), (ALL_TOGGLES,), NAMESPACED_SCOPE], ids=["defaults", "all-toggles", "namespaced"])
-def test_every_rendered_object_is_accepted_by_the_apiserver(cluster: Cluster, monitoring_crds: None,
-                                                           scratch_namespaces: list[str],
-                                                           sets: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "sets", [(), (ALL_TOGGLES,), NAMESPACED_SCOPE], ids=["defaults", "all-toggles", "namespaced"]
+)
+def test_every_rendered_object_is_accepted_by_the_apiserver(
+    cluster: Cluster, monitoring_crds: None, scratch_namespaces: list[str], sets: tuple[str, ...]
+) -> None:
     ns, watched = scratch_namespaces
     extra = (f"watchNamespaces={{{watched}}}",) if sets == NAMESPACED_SCOPE else ()
     args = ["template", f"dry-{ns}", str(CHART), "-n", ns, "--include-crds"]
@@ -222,26 +280,61 @@ def test_every_rendered_object_is_accepted_by_the_apiserver(cluster: Cluster, mo
 @pytest.mark.cluster
 def test_helm_install_and_upgrade_for_real(cluster: Cluster, release: Release) -> None:
     assert "kubectl get trainingjobs,finetunejobs -A -w" in release.install_output  # NOTES.txt
-    status = json.loads(helm("status", release.name, "-n", release.namespace, "-o", "json",
-                             kubeconfig=cluster.kubeconfig).stdout)
+    status = json.loads(
+        helm(
+            "status", release.name, "-n", release.namespace, "-o", "json", kubeconfig=cluster.kubeconfig
+        ).stdout
+    )
     assert status["info"]["status"] == "deployed" and status["version"] == 1
-    for kind in ("deployment", "serviceaccount", "service", "servicemonitor", "podmonitor", "prometheusrule",
-                 "configmap"):
-        got = cluster.kubectl("get", kind, "-n", release.namespace, "-l", "app.kubernetes.io/instance=forgeline",
-                              "-o", "name").stdout
+    for kind in (
+        "deployment",
+        "serviceaccount",
+        "service",
+        "servicemonitor",
+        "podmonitor",
+        "prometheusrule",
+        "configmap",
+    ):
+        got = cluster.kubectl(
+            "get", kind, "-n", release.namespace, "-l", "app.kubernetes.io/instance=forgeline", "-o", "name"
+        ).stdout
         assert got.strip(), f"no {kind} installed"
     cluster.kubectl("get", "clusterrole/forgeline", "clusterrolebinding/forgeline")
 
-    helm("upgrade", release.name, str(CHART), "-n", release.namespace, "--reuse-values",
-         "--set", "maxRunningJobs=3", kubeconfig=cluster.kubeconfig)
-    dep = json.loads(cluster.kubectl("get", "deployment", "forgeline", "-n", release.namespace, "-o", "json").stdout)
+    helm(
+        "upgrade",
+        release.name,
+        str(CHART),
+        "-n",
+        release.namespace,
+        "--reuse-values",
+        "--set",
+        "maxRunningJobs=3",
+        kubeconfig=cluster.kubeconfig,
+    )
+    dep = json.loads(
+        cluster.kubectl("get", "deployment", "forgeline", "-n", release.namespace, "-o", "json").stdout
+    )
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["FORGELINE_MAX_RUNNING_JOBS"] == "3"
-    bad = helm("upgrade", release.name, str(CHART), "-n", release.namespace, "--reuse-values",
-               "--set", "maxRunningJobs=-3", kubeconfig=cluster.kubeconfig, check=False)
+    bad = helm(
+        "upgrade",
+        release.name,
+        str(CHART),
+        "-n",
+        release.namespace,
+        "--reuse-values",
+        "--set",
+        "maxRunningJobs=-3",
+        kubeconfig=cluster.kubeconfig,
+        check=False,
+    )
     assert bad.returncode != 0 and "maxRunningJobs" in bad.stderr
-    history = json.loads(helm("history", release.name, "-n", release.namespace, "-o", "json",
-                              kubeconfig=cluster.kubeconfig).stdout)
+    history = json.loads(
+        helm(
+            "history", release.name, "-n", release.namespace, "-o", "json", kubeconfig=cluster.kubeconfig
+        ).stdout
+    )
     assert [h["status"] for h in history] == ["superseded", "deployed"]
 
 
@@ -252,28 +345,46 @@ def _can_i(cluster: Cluster, user: str, verb: str, resource: str, *where: str) -
 
 # What the operator does (handlers, backends, kopf) — and must be able to do.
 NEEDED = [
-    ("watch", "trainingjobs.forgeline.dev"), ("list", "finetunejobs.forgeline.dev"),
-    ("patch", "trainingjobs.forgeline.dev"), ("patch", "finetunejobs.forgeline.dev/status"),
+    ("watch", "trainingjobs.forgeline.dev"),
+    ("list", "finetunejobs.forgeline.dev"),
+    ("patch", "trainingjobs.forgeline.dev"),
+    ("patch", "finetunejobs.forgeline.dev/status"),
     ("delete", "trainingjobs.forgeline.dev"),
-    ("create", "rayclusters.ray.io"), ("get", "rayclusters.ray.io"), ("delete", "rayclusters.ray.io"),
-    ("create", "secrets"), ("get", "secrets"), ("delete", "secrets"),
+    ("create", "rayclusters.ray.io"),
+    ("get", "rayclusters.ray.io"),
+    ("delete", "rayclusters.ray.io"),
+    ("create", "secrets"),
+    ("get", "secrets"),
+    ("delete", "secrets"),
     ("create", "events"),
 ]
 # Things it never does.
 BEYOND = [
-    ("list", "secrets"), ("watch", "secrets"), ("update", "secrets"),
-    ("create", "pods"), ("create", "pods/exec"), ("get", "pods/log"), ("delete", "pods"),
-    ("create", "deployments.apps"), ("get", "configmaps"), ("create", "serviceaccounts/token"),
-    ("update", "trainingjobs.forgeline.dev"), ("create", "trainingjobs.forgeline.dev"),
-    ("patch", "rayclusters.ray.io"), ("escalate", "clusterroles.rbac.authorization.k8s.io"),
-    ("create", "rolebindings.rbac.authorization.k8s.io"), ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
-    ("impersonate", "serviceaccounts"), ("*", "*"),
+    ("list", "secrets"),
+    ("watch", "secrets"),
+    ("update", "secrets"),
+    ("create", "pods"),
+    ("create", "pods/exec"),
+    ("get", "pods/log"),
+    ("delete", "pods"),
+    ("create", "deployments.apps"),
+    ("get", "configmaps"),
+    ("create", "serviceaccounts/token"),
+    ("update", "trainingjobs.forgeline.dev"),
+    ("create", "trainingjobs.forgeline.dev"),
+    ("patch", "rayclusters.ray.io"),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io"),
+    ("create", "rolebindings.rbac.authorization.k8s.io"),
+    ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("impersonate", "serviceaccounts"),
+    ("*", "*"),
 ]
 
 
 @pytest.mark.cluster
-def test_rbac_cluster_scope_grants_what_the_operator_needs_and_nothing_more(cluster: Cluster, release: Release,
-                                                                            scratch_namespaces: list[str]) -> None:
+def test_rbac_cluster_scope_grants_what_the_operator_needs_and_nothing_more(
+    cluster: Cluster, release: Release, scratch_namespaces: list[str]
+) -> None:
     ns = scratch_namespaces[0]
     missing = [f"{v} {r}" for v, r in NEEDED if not _can_i(cluster, release.user, v, r, "-n", ns)]
     assert missing == []
@@ -286,8 +397,9 @@ def test_rbac_cluster_scope_grants_what_the_operator_needs_and_nothing_more(clus
 
 
 @pytest.mark.cluster
-def test_rbac_namespaced_scope_stays_in_its_namespaces(cluster: Cluster, ray_crd: None,
-                                                       scratch_namespaces: list[str], tmp_path: Path) -> None:
+def test_rbac_namespaced_scope_stays_in_its_namespaces(
+    cluster: Cluster, ray_crd: None, scratch_namespaces: list[str], tmp_path: Path
+) -> None:
     """rbac.scope=namespaces installed for real: the operator may touch jobs in the watched
     namespace only, has no cluster-wide permission at all, and (run with that token) still
     turns a job there into a RayCluster."""
@@ -295,8 +407,17 @@ def test_rbac_namespaced_scope_stays_in_its_namespaces(cluster: Cluster, ray_crd
 
     home, other = scratch_namespaces
     name = "fl-ns"
-    helm("install", name, str(CHART), "-n", home, "--skip-crds", "--set", "rbac.scope=namespaces",
-         kubeconfig=cluster.kubeconfig)
+    helm(
+        "install",
+        name,
+        str(CHART),
+        "-n",
+        home,
+        "--skip-crds",
+        "--set",
+        "rbac.scope=namespaces",
+        kubeconfig=cluster.kubeconfig,
+    )
     try:
         user = f"system:serviceaccount:{home}:{name}-forgeline"
         assert all(_can_i(cluster, user, v, r, "-n", home) for v, r in NEEDED)
@@ -306,13 +427,25 @@ def test_rbac_namespaced_scope_stays_in_its_namespaces(cluster: Cluster, ray_crd
         assert not _can_i(cluster, user, "watch", "trainingjobs.forgeline.dev", "-A")
 
         token = cluster.kubectl("create", "token", f"{name}-forgeline", "-n", home).stdout.strip()
-        op = Operator(cluster, tmp_path, tmp_path / "operator.log", cluster.token_kubeconfig(token, tmp_path / "kc"),
-                      FORGELINE_BACKEND="kuberay", FORGELINE_WATCH_NAMESPACES=home)
+        op = Operator(
+            cluster,
+            tmp_path,
+            tmp_path / "operator.log",
+            cluster.token_kubeconfig(token, tmp_path / "kc"),
+            FORGELINE_BACKEND="kuberay",
+            FORGELINE_WATCH_NAMESPACES=home,
+        )
         op.start()
         try:
             _apply(cluster, home, _example("pretrain-tiny-llama"))
-            _wait(lambda: json.loads(cluster.kubectl("get", "rayclusters", "-n", home, "-o", "json").stdout)["items"],
-                  60, "the RayCluster", op)
+            _wait(
+                lambda: json.loads(cluster.kubectl("get", "rayclusters", "-n", home, "-o", "json").stdout)[
+                    "items"
+                ],
+                60,
+                "the RayCluster",
+                op,
+            )
             assert op.forbidden() == []
             cluster.kubectl("delete", "tj", "tiny-llama", "-n", home, "--timeout=60s")
         finally:

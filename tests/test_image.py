@@ -27,13 +27,33 @@ def _pins() -> dict[str, str]:
 
 def test_image_requirements_resolve(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
-                           "--report", str(report), "-r", str(REQS)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "-q",
+            "--report",
+            str(report),
+            "-r",
+            str(REQS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resolved = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    resolved = {
+        i["metadata"]["name"].lower(): i["metadata"]["version"]
+        for i in json.loads(report.read_text())["install"]
+    }
     for name, version in _pins().items():
-        assert resolved.get(name, "").split("+")[0] == version, f"{name}: pinned {version}, resolved {resolved.get(name)}"
+        assert resolved.get(name, "").split("+")[0] == version, (
+            f"{name}: pinned {version}, resolved {resolved.get(name)}"
+        )
 
 
 def test_pins_match_what_the_tests_train_with() -> None:
@@ -41,7 +61,9 @@ def test_pins_match_what_the_tests_train_with() -> None:
     from importlib.metadata import version
 
     for name, pinned in _pins().items():
-        assert version(name).split("+")[0] == pinned, f"{name}: image pins {pinned}, tests use {version(name)}"
+        assert version(name).split("+")[0] == pinned, (
+            f"{name}: image pins {pinned}, tests use {version(name)}"
+        )
 
 
 def test_dockerfile_uses_the_clusters_ray_and_the_pins() -> None:

@@ -18,8 +18,9 @@ ALERT_TESTS = REPO / "tests/prometheus/forgeline-alerts.test.yaml"
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([find_binary("promtool"), *args], capture_output=True, text=True, timeout=120,
-                          cwd=ALERT_TESTS.parent)
+    return subprocess.run(
+        [find_binary("promtool"), *args], capture_output=True, text=True, timeout=120, cwd=ALERT_TESTS.parent
+    )
 
 
 def test_promtool_checks_the_rules() -> None:
@@ -31,13 +32,17 @@ def test_promtool_checks_the_rules() -> None:
 def test_promtool_unit_tests_of_every_alert() -> None:
     proc = _promtool("test", "rules", ALERT_TESTS.name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    tested = {t["alertname"] for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
-              for t in case["alert_rule_test"] if t["exp_alerts"]}
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+        for t in case["alert_rule_test"]
+        if t["exp_alerts"]
+    }
     shipped = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert tested == shipped, f"alerts without a firing test: {shipped - tested}"
 
 
-def test_promtool_rejects_a_broken_rule(tmp_path) -> None:  # noqa: ANN001
+def test_promtool_rejects_a_broken_rule(tmp_path) -> None:
     """The check above could fail: a rule with bad PromQL is refused."""
     rules = yaml.safe_load(RULES.read_text())
     rules["groups"][0]["rules"][0]["expr"] = "sum by (kind) (increase(forgeline_job_transitions_total[10m]"

@@ -16,15 +16,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
 from forgeline_operator.localray import LocalRay
-from forgeline_operator.rayjobs import RayJobs
 from forgeline_operator.ports import free_port
+from forgeline_operator.rayjobs import RayJobs
 
 from .conftest import CHART, EXAMPLES, Cluster, Release
 from .prom import GpuStandIn, Prometheus
@@ -32,24 +33,36 @@ from .prom import GpuStandIn, Prometheus
 pytestmark = [pytest.mark.cluster, pytest.mark.operator]
 
 
-
 class Operator:
     """An operator subprocess with its own settings; restartable."""
 
-    def __init__(self, cluster: Cluster, workdir: Path, log: Path, kubeconfig: Path | None = None, **env: str):
+    def __init__(
+        self, cluster: Cluster, workdir: Path, log: Path, kubeconfig: Path | None = None, **env: str
+    ):
         self.cluster, self.workdir, self.log_path = cluster, workdir, log
         self.metrics_port, self.health_port = free_port(), free_port()
         self.kubeconfig = kubeconfig or cluster.kubeconfig
-        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1",
-                    "FORGELINE_METRICS_PORT": str(self.metrics_port),
-                    "FORGELINE_HEALTH_PORT": str(self.health_port),
-                    "FORGELINE_RECONCILE_INTERVAL": "1", "FORGELINE_LOCAL_WORK_DIR": str(workdir), **env}
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PYTHONUNBUFFERED": "1",
+            "FORGELINE_METRICS_PORT": str(self.metrics_port),
+            "FORGELINE_HEALTH_PORT": str(self.health_port),
+            "FORGELINE_RECONCILE_INTERVAL": "1",
+            "FORGELINE_LOCAL_WORK_DIR": str(workdir),
+            **env,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "forgeline_operator"], cwd=self.workdir,
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "forgeline_operator"],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -67,8 +80,11 @@ class Operator:
 
     def forbidden(self) -> list[str]:
         """Log lines where the apiserver refused the operator something (RBAC)."""
-        return [line for line in self.log_path.read_text(errors="replace").splitlines()
-                if "forbidden" in line.lower() or "APIForbiddenError" in line]
+        return [
+            line
+            for line in self.log_path.read_text(errors="replace").splitlines()
+            if "forbidden" in line.lower() or "APIForbiddenError" in line
+        ]
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
@@ -90,21 +106,35 @@ def op_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def operator(cluster: Cluster, ray_head: LocalRay, op_workdir: Path, release: Release,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+def operator(
+    cluster: Cluster,
+    ray_head: LocalRay,
+    op_workdir: Path,
+    release: Release,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Operator]:
     """The operator as the chart deploys it: authenticated as the chart's ServiceAccount."""
     logs = tmp_path_factory.mktemp("logs")
-    op = Operator(cluster, op_workdir, logs / "operator.log", release.token_kubeconfig(logs / "sa.kubeconfig"),
-                  FORGELINE_BACKEND="address", FORGELINE_RAY_ADDRESS=ray_head.address,
-                  FORGELINE_RAY_TOKEN=ray_head.token, FORGELINE_MAX_RUNNING_JOBS="1",
-                  FORGELINE_WATCH_NAMESPACES="op-*")  # only these tests' namespaces
+    op = Operator(
+        cluster,
+        op_workdir,
+        logs / "operator.log",
+        release.token_kubeconfig(logs / "sa.kubeconfig"),
+        FORGELINE_BACKEND="address",
+        FORGELINE_RAY_ADDRESS=ray_head.address,
+        FORGELINE_RAY_TOKEN=ray_head.token,
+        FORGELINE_MAX_RUNNING_JOBS="1",
+        FORGELINE_WATCH_NAMESPACES="op-*",
+    )  # only these tests' namespaces
     op.start()
     yield op
     op.stop()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prometheus(operator: Operator, ray_head: LocalRay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+def prometheus(
+    operator: Operator, ray_head: LocalRay, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
     """A real Prometheus scraping this module's operator(s) and Ray head every second, with the
     shipped alert rules loaded; the last test checks every dashboard panel against it."""
     prom = Prometheus(tmp_path_factory.mktemp("prometheus"))
@@ -140,8 +170,11 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, op: Operator 
         if last:
             return last
         time.sleep(0.5)
-    tail = "\n".join(line for line in (op.log_path.read_text().splitlines() if op else [])
-                     if "Timer 'reconcile' succeeded" not in line)[-4000:]
+    tail = "\n".join(
+        line
+        for line in (op.log_path.read_text().splitlines() if op else [])
+        if "Timer 'reconcile' succeeded" not in line
+    )[-4000:]
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
@@ -160,8 +193,9 @@ def _phase(cluster: Cluster, kind: str, name: str, ns: str) -> str | None:
     return (_get(cluster, kind, name, ns).get("status") or {}).get("phase")
 
 
-def _watch_until_done(cluster: Cluster, kind: str, name: str, ns: str, op: Operator,
-                      timeout: float = 300) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _watch_until_done(
+    cluster: Cluster, kind: str, name: str, ns: str, op: Operator, timeout: float = 300
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Poll the job to a terminal phase; return the final object and every status seen."""
     seen: list[dict[str, Any]] = []
 
@@ -174,14 +208,17 @@ def _watch_until_done(cluster: Cluster, kind: str, name: str, ns: str, op: Opera
     try:
         return _wait(done, timeout, f"{kind}/{name} to finish", op), seen
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\nlast status: {json.dumps(seen[-1] if seen else None, indent=1)}") from None
+        raise AssertionError(
+            f"{exc}\nlast status: {json.dumps(seen[-1] if seen else None, indent=1)}"
+        ) from None
 
 
 # -- the happy path ------------------------------------------------------------------------------
 
 
-def test_job_runs_to_succeeded_with_live_progress(cluster: Cluster, operator: Operator, namespace: str,
-                                                  op_workdir: Path) -> None:
+def test_job_runs_to_succeeded_with_live_progress(
+    cluster: Cluster, operator: Operator, namespace: str, op_workdir: Path
+) -> None:
     _apply(cluster, namespace, _example("pretrain-tiny-llama"))
     final, seen = _watch_until_done(cluster, "tj", "tiny-llama", namespace, operator)
     status = final["status"]
@@ -195,7 +232,10 @@ def test_job_runs_to_succeeded_with_live_progress(cluster: Cluster, operator: Op
     for key in ("loss", "tokensPerSecond", "mfu", "etaSeconds"):
         assert key in status["progress"], key
     assert status["progress"]["evalMetrics"]["eval_loss"] > 0
-    assert status["ray"]["jobId"].startswith("forgeline-tiny-llama-") and status["ray"]["jobStatus"] == "SUCCEEDED"
+    assert (
+        status["ray"]["jobId"].startswith("forgeline-tiny-llama-")
+        and status["ray"]["jobStatus"] == "SUCCEEDED"
+    )
     assert status["startTime"] <= status["completionTime"]
     assert status["observedGeneration"] == final["metadata"]["generation"]
     conditions = {c["type"]: c for c in status["conditions"]}
@@ -213,25 +253,47 @@ def test_job_runs_to_succeeded_with_live_progress(cluster: Cluster, operator: Op
 
 
 def test_invalid_spec_fails_with_validation_failed_and_creates_nothing(
-        cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay) -> None:
+    cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay
+) -> None:
     doc = _example("pretrain-tiny-llama", deepspeed={"zeroStage": 2, "offloadParams": True})
     doc["metadata"]["name"] = "bad-offload"
     _apply(cluster, namespace, doc)
-    status = _wait(lambda: (_get(cluster, "tj", "bad-offload", namespace).get("status") or {})
-                   if _phase(cluster, "tj", "bad-offload", namespace) == "Failed" else None, 60,
-                   "ValidationFailed", operator)
+    status = _wait(
+        lambda: (
+            (_get(cluster, "tj", "bad-offload", namespace).get("status") or {})
+            if _phase(cluster, "tj", "bad-offload", namespace) == "Failed"
+            else None
+        ),
+        60,
+        "ValidationFailed",
+        operator,
+    )
     assert status["reason"] == "ValidationFailed"
     assert "spec.deepspeed.offloadParams" in status["message"] and "zeroStage: 3" in status["message"]
     time.sleep(3)  # a few reconcile intervals: still nothing may appear
-    assert "bad-offload" not in json.dumps([j.metadata for j in RayJobs(ray_head.address, token=ray_head.token).client.list_jobs()])
-    assert cluster.kubectl("get", "rayclusters,secrets", "-n", namespace, "-o", "name").stdout.count("bad-offload") == 0
+    assert "bad-offload" not in json.dumps(
+        [j.metadata for j in RayJobs(ray_head.address, token=ray_head.token).client.list_jobs()]
+    )
+    assert (
+        cluster.kubectl("get", "rayclusters,secrets", "-n", namespace, "-o", "name").stdout.count(
+            "bad-offload"
+        )
+        == 0
+    )
 
 
 def test_pipeline_runs_in_order(cluster: Cluster, operator: Operator, namespace: str) -> None:
     for doc in yaml.safe_load_all((EXAMPLES / "pipeline-pretrain-sft-dpo.yaml").read_text()):
         _apply(cluster, namespace, doc)
-    waiting = _wait(lambda: _get(cluster, "ftj", "pipe-dpo", namespace).get("status", {}).get("phase") == "Waiting"
-                    and _get(cluster, "ftj", "pipe-dpo", namespace)["status"], 60, "pipe-dpo Waiting", operator)
+    waiting = _wait(
+        lambda: (
+            _get(cluster, "ftj", "pipe-dpo", namespace).get("status", {}).get("phase") == "Waiting"
+            and _get(cluster, "ftj", "pipe-dpo", namespace)["status"]
+        ),
+        60,
+        "pipe-dpo Waiting",
+        operator,
+    )
     assert "FineTuneJob/pipe-sft" in waiting["message"]
     assert {c["type"]: c["status"] for c in waiting["conditions"]}["Waiting"] == "True"
     finals = {}
@@ -256,8 +318,9 @@ def _long_job(name: str, steps: int = 400) -> dict[str, Any]:
     return doc
 
 
-def test_injected_trainer_failure_is_retried_and_recovers(cluster: Cluster, operator: Operator, namespace: str,
-                                                         op_workdir: Path) -> None:
+def test_injected_trainer_failure_is_retried_and_recovers(
+    cluster: Cluster, operator: Operator, namespace: str, op_workdir: Path
+) -> None:
     doc = _long_job("flaky", steps=60)
     doc["metadata"]["annotations"] = {"forgeline.dev/fail-at-step": "20"}
     _apply(cluster, namespace, doc)
@@ -270,53 +333,93 @@ def test_injected_trainer_failure_is_retried_and_recovers(cluster: Cluster, oper
     assert any(e["reason"] == "RayJobFailed" and "injected failure" in e["message"] for e in events)
 
 
-def test_suspend_stops_and_resume_continues_from_checkpoint(cluster: Cluster, operator: Operator, namespace: str,
-                                                           ray_head: LocalRay, op_workdir: Path) -> None:
+def test_suspend_stops_and_resume_continues_from_checkpoint(
+    cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay, op_workdir: Path
+) -> None:
     _apply(cluster, namespace, _long_job("pausable", steps=200))
-    _wait(lambda: ((_get(cluster, "tj", "pausable", namespace).get("status") or {}).get("progress") or {})
-          .get("step", 0) >= 25, 180, "25 steps", operator)
+    _wait(
+        lambda: (
+            ((_get(cluster, "tj", "pausable", namespace).get("status") or {}).get("progress") or {}).get(
+                "step", 0
+            )
+            >= 25
+        ),
+        180,
+        "25 steps",
+        operator,
+    )
     first_sid = _get(cluster, "tj", "pausable", namespace)["status"]["ray"]["jobId"]
-    cluster.kubectl("patch", "tj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
-    status = _wait(lambda: _get(cluster, "tj", "pausable", namespace)["status"]
-                   if _phase(cluster, "tj", "pausable", namespace) == "Suspended" else None, 90, "Suspended", operator)
+    cluster.kubectl(
+        "patch", "tj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
+    status = _wait(
+        lambda: (
+            _get(cluster, "tj", "pausable", namespace)["status"]
+            if _phase(cluster, "tj", "pausable", namespace) == "Suspended"
+            else None
+        ),
+        90,
+        "Suspended",
+        operator,
+    )
     assert "checkpoints kept" in status["message"]
     assert RayJobs(ray_head.address, token=ray_head.token).status(first_sid) == "STOPPED"
     time.sleep(2)
     assert _phase(cluster, "tj", "pausable", namespace) == "Suspended"
-    cluster.kubectl("patch", "tj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    cluster.kubectl(
+        "patch", "tj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
     final, _ = _watch_until_done(cluster, "tj", "pausable", namespace, operator, timeout=400)
     assert final["status"]["phase"] == "Succeeded"
     metrics = json.loads((op_workdir / "runs/pausable/metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 20 and metrics["resumed_from_step"] % 20 == 0
 
 
-def test_deleting_a_running_job_stops_its_ray_job(cluster: Cluster, operator: Operator, namespace: str,
-                                                  ray_head: LocalRay) -> None:
+def test_deleting_a_running_job_stops_its_ray_job(
+    cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay
+) -> None:
     _apply(cluster, namespace, _long_job("doomed", steps=2000))
-    sid = _wait(lambda: ((_get(cluster, "tj", "doomed", namespace).get("status") or {}).get("progress") or {})
-                .get("step") and _get(cluster, "tj", "doomed", namespace)["status"]["ray"]["jobId"], 180,
-                "doomed running", operator)
+    sid = _wait(
+        lambda: (
+            ((_get(cluster, "tj", "doomed", namespace).get("status") or {}).get("progress") or {}).get("step")
+            and _get(cluster, "tj", "doomed", namespace)["status"]["ray"]["jobId"]
+        ),
+        180,
+        "doomed running",
+        operator,
+    )
     cluster.kubectl("delete", "tj", "doomed", "-n", namespace, "--timeout=120s")
     assert RayJobs(ray_head.address, token=ray_head.token).status(sid) == "STOPPED"
     assert "doomed" not in cluster.kubectl("get", "tj", "-n", namespace).stdout
 
 
 def test_active_deadline_stops_the_job_and_fails_it_with_budget_exceeded(
-        cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay) -> None:
+    cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay
+) -> None:
     doc = _long_job("deadline", steps=2000)
     doc["spec"]["budget"] = {"activeDeadlineSeconds": 25}
     _apply(cluster, namespace, doc)
-    status = _wait(lambda: (lambda st: st if st.get("phase") == "Failed" else None)(
-        _get(cluster, "tj", "deadline", namespace).get("status") or {}), 180, "deadline Failed", operator)
+    status = _wait(
+        lambda: (lambda st: st if st.get("phase") == "Failed" else None)(
+            _get(cluster, "tj", "deadline", namespace).get("status") or {}
+        ),
+        180,
+        "deadline Failed",
+        operator,
+    )
     assert status["reason"] == "BudgetExceeded", status
     assert "over spec.budget.activeDeadlineSeconds (25s)" in status["message"]
     assert RayJobs(ray_head.address, token=ray_head.token).status(status["ray"]["jobId"]) == "STOPPED"
-    reasons = {e["reason"] for e in json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]}
+    reasons = {
+        e["reason"]
+        for e in json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    }
     assert "BudgetExceeded" in reasons
 
 
-def test_operator_restart_neither_duplicates_nor_loses_the_job(cluster: Cluster, operator: Operator,
-                                                               namespace: str, ray_head: LocalRay) -> None:
+def test_operator_restart_neither_duplicates_nor_loses_the_job(
+    cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay
+) -> None:
     _apply(cluster, namespace, _long_job("survivor", steps=120))
     _wait(lambda: _phase(cluster, "tj", "survivor", namespace) == "Running", 120, "Running", operator)
     operator.stop(kill=True)
@@ -324,14 +427,18 @@ def test_operator_restart_neither_duplicates_nor_loses_the_job(cluster: Cluster,
     operator.start()
     final, _ = _watch_until_done(cluster, "tj", "survivor", namespace, operator, timeout=400)
     assert final["status"]["phase"] == "Succeeded" and final["status"]["restarts"] == 0
-    submissions = [j for j in RayJobs(ray_head.address, token=ray_head.token).client.list_jobs()
-                   if (j.metadata or {}).get("forgeline.dev/job") == "survivor"
-                   and (j.metadata or {}).get("forgeline.dev/namespace") == namespace]
+    submissions = [
+        j
+        for j in RayJobs(ray_head.address, token=ray_head.token).client.list_jobs()
+        if (j.metadata or {}).get("forgeline.dev/job") == "survivor"
+        and (j.metadata or {}).get("forgeline.dev/namespace") == namespace
+    ]
     assert len(submissions) == 1, [j.submission_id for j in submissions]
 
 
-def test_running_jobs_cap_queues_first_come_first_served(cluster: Cluster, operator: Operator,
-                                                         namespace: str) -> None:
+def test_running_jobs_cap_queues_first_come_first_served(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
     names = ["queue-a", "queue-b", "queue-c"]
     for n in names:
         _apply(cluster, namespace, _long_job(n, steps=15))
@@ -341,7 +448,9 @@ def test_running_jobs_cap_queues_first_come_first_served(cluster: Cluster, opera
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         statuses = {n: _get(cluster, "tj", n, namespace).get("status") or {} for n in names}
-        active_max = max(active_max, sum(s.get("phase") in ("Provisioning", "Running") for s in statuses.values()))
+        active_max = max(
+            active_max, sum(s.get("phase") in ("Provisioning", "Running") for s in statuses.values())
+        )
         messages |= {s.get("message", "") for s in statuses.values() if s.get("reason") == "Queued"}
         if all(s.get("phase") == "Succeeded" for s in statuses.values()):
             break
@@ -353,15 +462,21 @@ def test_running_jobs_cap_queues_first_come_first_served(cluster: Cluster, opera
     assert starts == sorted(starts)
 
 
-def test_ttl_deletes_the_finished_job_when_asked(cluster: Cluster, operator: Operator, namespace: str) -> None:
+def test_ttl_deletes_the_finished_job_when_asked(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
     doc = _long_job("ephemeral", steps=10)
     doc["spec"].update(ttlSecondsAfterFinished=2, deleteJobAfterTtl=True)
     _apply(cluster, namespace, doc)
     _wait(lambda: _phase(cluster, "tj", "ephemeral", namespace) == "Succeeded", 300, "Succeeded", operator)
     # The TTL timer deletes the job itself; kopf may take up to a minute more to drop its
     # finalizer when that removal races the timer's own bookkeeping patch (see docs/operator.md).
-    _wait(lambda: "ephemeral" not in cluster.kubectl("get", "tj", "-n", namespace).stdout, 150,
-          "TTL deletion", operator)
+    _wait(
+        lambda: "ephemeral" not in cluster.kubectl("get", "tj", "-n", namespace).stdout,
+        150,
+        "TTL deletion",
+        operator,
+    )
 
 
 def test_operator_needs_nothing_beyond_the_charts_rbac(cluster: Cluster, operator: Operator) -> None:
@@ -369,9 +484,21 @@ def test_operator_needs_nothing_beyond_the_charts_rbac(cluster: Cluster, operato
     that identity really is restricted (not an admin kubeconfig in disguise)."""
     assert operator.forbidden() == []
     as_sa = ["--kubeconfig", str(operator.kubeconfig)]
-    assert cluster.kubectl(*as_sa, "auth", "can-i", "patch", "trainingjobs.forgeline.dev/status", "-A").stdout.strip() == "yes"
-    assert cluster.kubectl(*as_sa, "auth", "can-i", "list", "secrets", "-A", check=False).stdout.strip() == "no"
-    assert cluster.kubectl(*as_sa, "auth", "can-i", "create", "pods", "-n", "default", check=False).stdout.strip() == "no"
+    assert (
+        cluster.kubectl(
+            *as_sa, "auth", "can-i", "patch", "trainingjobs.forgeline.dev/status", "-A"
+        ).stdout.strip()
+        == "yes"
+    )
+    assert (
+        cluster.kubectl(*as_sa, "auth", "can-i", "list", "secrets", "-A", check=False).stdout.strip() == "no"
+    )
+    assert (
+        cluster.kubectl(
+            *as_sa, "auth", "can-i", "create", "pods", "-n", "default", check=False
+        ).stdout.strip()
+        == "no"
+    )
 
 
 def test_a_thousand_jobs(cluster: Cluster, operator: Operator, namespace: str) -> None:
@@ -386,8 +513,13 @@ def test_a_thousand_jobs(cluster: Cluster, operator: Operator, namespace: str) -
         items.append(doc)
     started = time.monotonic()
     for chunk in range(0, 1000, 250):
-        cluster.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                              "items": items[chunk:chunk + 250]}), timeout=300)
+        cluster.kubectl(
+            "create",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items[chunk : chunk + 250]}),
+            timeout=300,
+        )
 
     def suspended() -> int:
         out = json.loads(cluster.kubectl("get", "tj", "-n", namespace, "-o", "json", timeout=120).stdout)
@@ -399,7 +531,11 @@ def test_a_thousand_jobs(cluster: Cluster, operator: Operator, namespace: str) -
     with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5) as r:
         assert r.status == 200
     text = operator.metrics()
-    line = next(ln for ln in text.splitlines() if ln.startswith('forgeline_jobs{kind="TrainingJob",phase="Suspended"}'))
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('forgeline_jobs{kind="TrainingJob",phase="Suspended"}')
+    )
     assert float(line.split()[-1]) >= 1000
     print(f"1,000 jobs created and Suspended in {elapsed:.0f}s")
 
@@ -415,15 +551,27 @@ def kr_namespace(cluster: Cluster) -> Iterator[str]:
 
 
 @pytest.fixture
-def kuberay_operator(cluster: Cluster, kr_namespace: str, op_workdir: Path, release: Release,
-                     ray_head: LocalRay, tmp_path: Path, prometheus: Prometheus) -> Iterator[Operator]:
+def kuberay_operator(
+    cluster: Cluster,
+    kr_namespace: str,
+    op_workdir: Path,
+    release: Release,
+    ray_head: LocalRay,
+    tmp_path: Path,
+    prometheus: Prometheus,
+) -> Iterator[Operator]:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    op = Operator(cluster, op_workdir, tmp_path / "kuberay-operator.log",
-                  release.token_kubeconfig(tmp_path / "sa.kubeconfig"), FORGELINE_BACKEND="kuberay",
-                  FORGELINE_DEFAULT_TRAINER_IMAGE="registry.local/forgeline/trainer:test",
-                  FORGELINE_NODE_POOLS=json.dumps(values["nodePools"]),  # as the chart sets it
-                  FORGELINE_WATCH_NAMESPACES=kr_namespace,
-                  FORGELINE_RAY_TOKEN=ray_head.token)  # for jobs that name an existing cluster
+    op = Operator(
+        cluster,
+        op_workdir,
+        tmp_path / "kuberay-operator.log",
+        release.token_kubeconfig(tmp_path / "sa.kubeconfig"),
+        FORGELINE_BACKEND="kuberay",
+        FORGELINE_DEFAULT_TRAINER_IMAGE="registry.local/forgeline/trainer:test",
+        FORGELINE_NODE_POOLS=json.dumps(values["nodePools"]),  # as the chart sets it
+        FORGELINE_WATCH_NAMESPACES=kr_namespace,
+        FORGELINE_RAY_TOKEN=ray_head.token,
+    )  # for jobs that name an existing cluster
     op.start()
     prometheus.add_target("forgeline-operator", f"127.0.0.1:{op.metrics_port}")
     yield op
@@ -434,16 +582,22 @@ def _ray_clusters(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
     return json.loads(cluster.kubectl("get", "rayclusters", "-n", ns, "-o", "json").stdout)["items"]
 
 
-def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, kr_namespace: str,
-                                               kuberay_operator: Operator) -> None:
+def test_kuberay_cluster_lands_on_the_gpu_pool(
+    cluster: Cluster, kr_namespace: str, kuberay_operator: Operator
+) -> None:
     """The RayCluster the operator creates is accepted by the apiserver (test copy of KubeRay's
     CRD) with the job's placement, GPUs, volumes, auth, owner and labels; deleting the job
     removes it (finalizer + owner reference)."""
     doc = _example("pretrain-tiny-llama")
     doc["metadata"]["name"] = "gpu"
     doc["metadata"]["labels"] = {"team": "research"}
-    doc["spec"]["resources"].update(gpusPerWorker=4, cpu="32", memory="256Gi", nodePool="h100",
-                                    nodeSelector={"nvidia.com/gpu.present": "true"})
+    doc["spec"]["resources"].update(
+        gpusPerWorker=4,
+        cpu="32",
+        memory="256Gi",
+        nodePool="h100",
+        nodeSelector={"nvidia.com/gpu.present": "true"},
+    )
     doc["spec"]["training"]["globalBatchSize"] = 64
     doc["spec"]["checkpointing"] = {"storage": "pvc://ckpts/gpu"}
     _apply(cluster, kr_namespace, doc)
@@ -452,14 +606,19 @@ def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, kr_namespace: s
     assert rc["metadata"]["name"] == "gpu-tj"
     owner = rc["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "TrainingJob" and owner["uid"] == job["metadata"]["uid"] and owner["controller"]
-    assert rc["metadata"]["labels"]["forgeline.dev/job"] == "gpu" and rc["metadata"]["labels"]["team"] == "research"
+    assert (
+        rc["metadata"]["labels"]["forgeline.dev/job"] == "gpu"
+        and rc["metadata"]["labels"]["team"] == "research"
+    )
     assert rc["spec"]["rayVersion"] == "2.60.0"
     worker = rc["spec"]["workerGroupSpecs"][0]
     assert worker["replicas"] == worker["minReplicas"] == worker["maxReplicas"] == 2
     pod = worker["template"]["spec"]
     # The chart's h100 preset (kind-config.yaml's GPU pool labels) merged with the job's own.
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
-                                   "nvidia.com/gpu.present": "true"}
+    assert pod["nodeSelector"] == {
+        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+        "nvidia.com/gpu.present": "true",
+    }
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     container = pod["containers"][0]
     assert container["image"] == "registry.local/forgeline/trainer:test"
@@ -472,32 +631,48 @@ def test_kuberay_cluster_lands_on_the_gpu_pool(cluster: Cluster, kr_namespace: s
     assert volumes["pvc-ckpts"]["persistentVolumeClaim"]["claimName"] == "ckpts"
     assert {"name": "pvc-ckpts", "mountPath": "/mnt/pvc/ckpts"} in container["volumeMounts"]
     assert rc["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    secret = json.loads(cluster.kubectl("get", "secret", "gpu-tj-ray-token", "-n", kr_namespace, "-o", "json").stdout)
+    secret = json.loads(
+        cluster.kubectl("get", "secret", "gpu-tj-ray-token", "-n", kr_namespace, "-o", "json").stdout
+    )
     assert secret["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
     status = _get(cluster, "tj", "gpu", kr_namespace)["status"]
-    assert status["phase"] == "Provisioning" and "waiting for KubeRay" in status["message"] or \
-        "is starting" in status["message"]
+    assert (
+        status["phase"] == "Provisioning"
+        and "waiting for KubeRay" in status["message"]
+        or "is starting" in status["message"]
+    )
     assert status["ray"]["clusterName"] == "gpu-tj"
     cluster.kubectl("delete", "tj", "gpu", "-n", kr_namespace, "--timeout=60s")
     assert _ray_clusters(cluster, kr_namespace) == []
-    assert "gpu-tj-ray-token" not in cluster.kubectl("get", "secrets", "-n", kr_namespace, "-o", "name").stdout
+    assert (
+        "gpu-tj-ray-token" not in cluster.kubectl("get", "secrets", "-n", kr_namespace, "-o", "name").stdout
+    )
 
 
-def test_unknown_node_pool_fails_naming_the_field_and_the_pools(cluster: Cluster, kr_namespace: str,
-                                                               kuberay_operator: Operator) -> None:
+def test_unknown_node_pool_fails_naming_the_field_and_the_pools(
+    cluster: Cluster, kr_namespace: str, kuberay_operator: Operator
+) -> None:
     doc = _example("pretrain-tiny-llama")
     doc["spec"]["resources"]["nodePool"] = "a100"
     _apply(cluster, kr_namespace, doc)
-    status = _wait(lambda: (_get(cluster, "tj", "tiny-llama", kr_namespace).get("status") or {}).get("phase") == "Failed"
-                   and _get(cluster, "tj", "tiny-llama", kr_namespace)["status"], 60, "Failed", kuberay_operator)
+    status = _wait(
+        lambda: (
+            (_get(cluster, "tj", "tiny-llama", kr_namespace).get("status") or {}).get("phase") == "Failed"
+            and _get(cluster, "tj", "tiny-llama", kr_namespace)["status"]
+        ),
+        60,
+        "Failed",
+        kuberay_operator,
+    )
     assert status["reason"] == "ValidationFailed"
     assert "spec.resources.nodePool: this cluster has no node pool 'a100'" in status["message"]
     assert "cpu, h100" in status["message"]
     assert _ray_clusters(cluster, kr_namespace) == []
 
 
-def test_kuberay_job_runs_once_the_cluster_is_ready(cluster: Cluster, kr_namespace: str,
-                                                    kuberay_operator: Operator) -> None:
+def test_kuberay_job_runs_once_the_cluster_is_ready(
+    cluster: Cluster, kr_namespace: str, kuberay_operator: Operator
+) -> None:
     """Standing in for KubeRay: a Ray head with the job's token, reported ready in the
     RayCluster's status. The operator submits there, tracks the job, and deletes the cluster
     when it succeeds."""
@@ -510,13 +685,26 @@ def test_kuberay_job_runs_once_the_cluster_is_ready(cluster: Cluster, kr_namespa
     doc["spec"]["output"]["uri"] = "runs/kr"
     _apply(cluster, kr_namespace, doc)
     _wait(lambda: _ray_clusters(cluster, kr_namespace), 60, "RayCluster", kuberay_operator)
-    secret = json.loads(cluster.kubectl("get", "secret", "kr-tj-ray-token", "-n", kr_namespace, "-o", "json").stdout)
+    secret = json.loads(
+        cluster.kubectl("get", "secret", "kr-tj-ray-token", "-n", kr_namespace, "-o", "json").stdout
+    )
     token = base64.b64decode(secret["data"]["token"]).decode()
     with LocalRay(token=token) as head:
         api = client.CustomObjectsApi(cluster.api_client())
-        api.patch_namespaced_custom_object_status("ray.io", "v1", kr_namespace, "rayclusters", "kr-tj", {"status": {
-            "state": "ready", "head": {"serviceIP": "127.0.0.1"},
-            "endpoints": {"dashboard": str(head.dashboard_port)}}})
+        api.patch_namespaced_custom_object_status(
+            "ray.io",
+            "v1",
+            kr_namespace,
+            "rayclusters",
+            "kr-tj",
+            {
+                "status": {
+                    "state": "ready",
+                    "head": {"serviceIP": "127.0.0.1"},
+                    "endpoints": {"dashboard": str(head.dashboard_port)},
+                }
+            },
+        )
         final, seen = _watch_until_done(cluster, "tj", "kr", kr_namespace, kuberay_operator, timeout=300)
         assert final["status"]["phase"] == "Succeeded", final["status"]
         assert any(s.get("phase") == "Running" and s.get("progress") for s in seen)
@@ -524,11 +712,17 @@ def test_kuberay_job_runs_once_the_cluster_is_ready(cluster: Cluster, kr_namespa
         assert final["status"]["ray"]["address"] == f"http://127.0.0.1:{head.dashboard_port}"
         ids = [j.submission_id for j in RayJobs(head.address, token=token).client.list_jobs()]
         assert ids == [final["status"]["ray"]["jobId"]]
-    _wait(lambda: _ray_clusters(cluster, kr_namespace) == [], 30, "cluster deleted after success", kuberay_operator)
+    _wait(
+        lambda: _ray_clusters(cluster, kr_namespace) == [],
+        30,
+        "cluster deleted after success",
+        kuberay_operator,
+    )
 
 
-def test_job_naming_an_existing_ray_cluster_creates_none(cluster: Cluster, kr_namespace: str,
-                                                         kuberay_operator: Operator, ray_head: LocalRay) -> None:
+def test_job_naming_an_existing_ray_cluster_creates_none(
+    cluster: Cluster, kr_namespace: str, kuberay_operator: Operator, ray_head: LocalRay
+) -> None:
     """spec.ray.address: the job runs on that Ray cluster even under the KubeRay backend."""
     doc = _long_job("existing", steps=10)
     doc["spec"]["ray"] = {"address": ray_head.address}

@@ -8,8 +8,9 @@ import subprocess
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -66,7 +67,8 @@ def _model_fields(model: type[BaseModel], path: str) -> Iterator[tuple[str, str]
 
 def test_committed_reference_matches_the_models() -> None:
     assert DOC.read_text() == render_reference(), (
-        "docs/crd-reference.md is out of date with the models: run `make crds`")
+        "docs/crd-reference.md is out of date with the models: run `make crds`"
+    )
 
 
 def test_reference_is_made_from_the_installed_crds() -> None:
@@ -112,11 +114,16 @@ def test_reference_details_are_rendered() -> None:
     sections = _sections(render_reference())
     checkpointing = sections["trainingjob-spec-checkpointing"]
     assert "| `resume` | `string`<br>one of `auto`, `never` | `auto` | no |" in checkpointing
-    lr = next(line for line in sections["finetunejob-spec-training"].splitlines()
-              if line.startswith("| `learningRate` |"))
+    lr = next(
+        line
+        for line in sections["finetunejob-spec-training"].splitlines()
+        if line.startswith("| `learningRate` |")
+    )
     assert "> 0, < 1" in lr and "`0.0002`" in lr
-    assert "| `sources` | array of [`object`](#trainingjob-spec-data-sources)" in (
-        sections["trainingjob-spec-data"])
+    assert (
+        "| `sources` | array of [`object`](#trainingjob-spec-data-sources)"
+        in (sections["trainingjob-spec-data"])
+    )
     assert "| yes |" in sections["trainingjob-spec-data-sources"]  # uri is required
     ray = sections["finetunejob-spec-ray"]
     assert r"pattern `^(https?\|ray)://" in ray  # a pipe in a pattern does not break the table

@@ -44,30 +44,43 @@ def strategy_for(node: dict[str, Any]) -> st.SearchStrategy[Any]:
             lo = None if lo is None else lo + (1 if node.get("exclusiveMinimum") else 0)
             hi = None if hi is None else hi - (1 if node.get("exclusiveMaximum") else 0)
             return st.integers(lo if lo is not None else -(10**6), hi if hi is not None else 10**9)
-        return st.floats(lo if lo is not None else -1e6, hi if hi is not None else 1e9,
-                         exclude_min=bool(node.get("exclusiveMinimum")),
-                         exclude_max=bool(node.get("exclusiveMaximum")), allow_nan=False)
+        return st.floats(
+            lo if lo is not None else -1e6,
+            hi if hi is not None else 1e9,
+            exclude_min=bool(node.get("exclusiveMinimum")),
+            exclude_max=bool(node.get("exclusiveMaximum")),
+            allow_nan=False,
+        )
     if typ == "string":
         if "pattern" in node:
             text = st.from_regex(node["pattern"], fullmatch=True)
         else:
-            text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)),
-                           min_size=node.get("minLength", 0), max_size=24)
+            text = st.text(
+                st.characters(codec="utf-8", exclude_categories=("Cs",)),
+                min_size=node.get("minLength", 0),
+                max_size=24,
+            )
         lo, hi = node.get("minLength", 0), node.get("maxLength", 10**6)
         return text.filter(lambda s: lo <= len(s) <= hi)
     if typ == "array":
-        return st.lists(strategy_for(node["items"]), min_size=node.get("minItems", 0),
-                        max_size=min(node.get("maxItems", 3), 3))
+        return st.lists(
+            strategy_for(node["items"]),
+            min_size=node.get("minItems", 0),
+            max_size=min(node.get("maxItems", 3), 3),
+        )
     if typ == "object" and "properties" in node:
         required = set(node.get("required", []))
         props = node["properties"]
         return st.fixed_dictionaries(
             {k: strategy_for(v) for k, v in props.items() if k in required},
-            optional={k: strategy_for(v) for k, v in props.items() if k not in required})
+            optional={k: strategy_for(v) for k, v in props.items() if k not in required},
+        )
     if typ == "object":
-        return st.dictionaries(st.from_regex(r"[a-z][a-z./-]{0,12}", fullmatch=True),
-                               strategy_for(node.get("additionalProperties", {"type": "string"})),
-                               max_size=2)
+        return st.dictionaries(
+            st.from_regex(r"[a-z][a-z./-]{0,12}", fullmatch=True),
+            strategy_for(node.get("additionalProperties", {"type": "string"})),
+            max_size=2,
+        )
     raise AssertionError(f"no strategy for schema node {node}")
 
 
@@ -81,8 +94,14 @@ def _validate_against(node: dict[str, Any], value: Any, path: str = "spec") -> N
     if "enum" in node:
         assert value in node["enum"], f"{path}: {value!r} not in {node['enum']}"
     typ = node.get("type")
-    checks = {"boolean": bool, "integer": int, "number": (int, float), "string": str,
-              "array": list, "object": dict}
+    checks = {
+        "boolean": bool,
+        "integer": int,
+        "number": (int, float),
+        "string": str,
+        "array": list,
+        "object": dict,
+    }
     if typ:
         assert isinstance(value, checks[typ]), f"{path}: {value!r} is not {typ}"
     if typ in ("integer", "number"):
@@ -101,8 +120,9 @@ def _validate_against(node: dict[str, Any], value: Any, path: str = "spec") -> N
         missing = set(node.get("required", [])) - set(value)
         assert not missing, f"{path}: missing {missing}"
         for key, item in value.items():
-            assert key in node["properties"] or node.get("x-kubernetes-preserve-unknown-fields"), \
+            assert key in node["properties"] or node.get("x-kubernetes-preserve-unknown-fields"), (
                 f"{path}.{key} is not in the schema"
+            )
             if key in node["properties"]:
                 _validate_against(node["properties"][key], item, f"{path}.{key}")
 
@@ -116,11 +136,13 @@ def _check(kind: str, draw: dict[str, Any]) -> None:
     try:
         spec = model.model_validate(draw)
     except ValidationError as exc:
-        field_errors = [e for e in exc.errors() if e["type"] != RULES_ERROR_TYPE
-                        and e["type"] != "storage_uri"]
+        field_errors = [
+            e for e in exc.errors() if e["type"] != RULES_ERROR_TYPE and e["type"] != "storage_uri"
+        ]
         assert not field_errors, (
             f"the CRD schema admits a {kind} spec the model rejects field by field:\n"
-            f"{json.dumps(draw, indent=1)}\n{field_errors}")
+            f"{json.dumps(draw, indent=1)}\n{field_errors}"
+        )
         return
     wire = spec.to_dict()
     _validate_against(SCHEMAS[kind], wire)  # what we emit, the CRD accepts
@@ -129,9 +151,11 @@ def _check(kind: str, draw: dict[str, Any]) -> None:
     assert again.to_dict() == wire
 
 
-_SETTINGS = settings(max_examples=60, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                            HealthCheck.filter_too_much])
+_SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 
 
 @_SETTINGS
@@ -172,7 +196,9 @@ def _set(doc: Any, path: tuple, value: Any) -> None:
     doc[path[-1]] = value
 
 
-@pytest.mark.parametrize("name,doc", EXAMPLE_DOCS, ids=[f"{n}:{d['metadata']['name']}" for n, d in EXAMPLE_DOCS])
+@pytest.mark.parametrize(
+    "name,doc", EXAMPLE_DOCS, ids=[f"{n}:{d['metadata']['name']}" for n, d in EXAMPLE_DOCS]
+)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_perturbed_examples_agree_and_round_trip(name: str, doc: dict[str, Any], data: st.DataObject) -> None:

@@ -13,8 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -53,16 +54,25 @@ def run(ray_head: LocalRay, workdir: Path) -> Runner:
     done: dict[str, RunResult] = {}
     console = Console(file=open(os.devnull, "w"), force_terminal=False)  # noqa: SIM115
 
-    def _run(example: str | None = None, job: Any = None, *, cache: bool = True, expect_ok: bool = True,
-             **kw: Any):
+    def _run(
+        example: str | None = None, job: Any = None, *, cache: bool = True, expect_ok: bool = True, **kw: Any
+    ):
         if job is None:
             job = parse_job(yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text()))
         name = job.metadata.name
         if cache and name in done and not kw:
             result = done[name]
         else:
-            result = run_job(job, jobs, console, output=kw.pop("output", None), done=done,
-                             work_dir=str(workdir), quiet=True, **kw)
+            result = run_job(
+                job,
+                jobs,
+                console,
+                output=kw.pop("output", None),
+                done=done,
+                work_dir=str(workdir),
+                quiet=True,
+                **kw,
+            )
         metrics_path = workdir / result.output / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if result.ok and metrics_path.exists() else {}
         if expect_ok and not result.ok:
@@ -76,7 +86,8 @@ def run(ray_head: LocalRay, workdir: Path) -> Runner:
 def _assert_learned(metrics: dict[str, Any], factor: float = 0.8) -> None:
     assert metrics["world_size"] == 2
     assert metrics["final_loss"] < factor * metrics["first_loss"], (
-        f"loss did not fall enough: {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}")
+        f"loss did not fall enough: {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}"
+    )
 
 
 # -- pretraining -------------------------------------------------------------------------------
@@ -95,7 +106,15 @@ def test_pretrain_llama_learns_and_writes_outputs(run: Runner, workdir: Path) ->
     assert types.count("checkpoint") == 3 and "eval" in types and "done" in types
     progress = [r for r in result.records if r["type"] == "progress"]
     assert progress[-1]["step"] == progress[-1]["total_steps"] == 60
-    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "samples_per_second", "mfu", "eta_seconds"):
+    for key in (
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "samples_per_second",
+        "mfu",
+        "eta_seconds",
+    ):
         assert key in progress[-1], key
     # The saved model loads with plain transformers and generates.
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -149,13 +168,18 @@ def _reload_matches_probe(out: Path, base: Path, quantized: bool = False) -> Non
     probe = load_file(str(out / "probe.safetensors"))
     kwargs: dict[str, Any] = {}
     if quantized:
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_use_double_quant=True,
-                                                            bnb_4bit_compute_dtype=torch.float32),
-                  "device_map": {"": "cpu"}}
+        kwargs = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            ),
+            "device_map": {"": "cpu"},
+        }
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), out).eval()
     with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"]).logits[:, -probe["input_ids"].shape[1]:, :]
+        logits = model(input_ids=probe["input_ids"]).logits[:, -probe["input_ids"].shape[1] :, :]
     torch.testing.assert_close(logits.float(), probe["logits"], atol=2e-3, rtol=1e-3)
     untouched = AutoModelForCausalLM.from_pretrained(base, **kwargs).eval()
     with torch.no_grad():
@@ -248,7 +272,9 @@ def test_stopped_run_resumes_at_its_step_with_optimizer_state(run: Runner) -> No
     assert any(r["type"] == "checkpoint" and r["step"] == 20 for r in failed.records)
     resumed, metrics = run(job=job, attempt=1, cache=False)
     assert resumed.ok and metrics["resumed_from_step"] == 20
-    events = [r for r in resumed.records if r["type"] == "event" and r["message"] == "resumed from checkpoint"]
+    events = [
+        r for r in resumed.records if r["type"] == "event" and r["message"] == "resumed from checkpoint"
+    ]
     assert events and events[0]["step"] == 20
     assert metrics["final_loss"] == pytest.approx(straight["final_loss"], rel=2e-3)
     assert metrics["final_eval"]["eval_loss"] == pytest.approx(straight["final_eval"]["eval_loss"], rel=2e-3)
@@ -267,8 +293,11 @@ def test_lost_worker_is_restarted_within_the_job(run: Runner) -> None:
 
 
 def test_missing_data_fails_before_workers_start(run: Runner) -> None:
-    job = _variant("pretrain-tiny-llama", "tiny-llama-nodata",
-                   data={"sources": [{"uri": "examples/data/nope.jsonl"}], "sequenceLength": 64})
+    job = _variant(
+        "pretrain-tiny-llama",
+        "tiny-llama-nodata",
+        data={"sources": [{"uri": "examples/data/nope.jsonl"}], "sequenceLength": 64},
+    )
     result, _ = run(job=job, cache=False, expect_ok=False)
     assert result.status == "FAILED"
     errors = [r for r in result.records if r["type"] == "error"]
@@ -279,8 +308,12 @@ def test_missing_data_fails_before_workers_start(run: Runner) -> None:
 def test_trainer_rejects_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "job.json"
     bad.write_text(json.dumps({"kind": "TrainingJob", "name": "x", "spec": {}}))
-    proc = subprocess.run([sys.executable, "-m", "forgeline_trainer", "--config", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forgeline_trainer", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "invalid job config" in proc.stderr and "paths" in proc.stderr
 
 
@@ -292,8 +325,14 @@ def test_forgeline_run_cli_ctrl_c_stops_the_ray_job(tmp_path: Path) -> None:
     doc["spec"]["training"]["maxSteps"] = 5000
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     exe = str(Path(sys.executable).parent / "forgeline")
-    proc = subprocess.Popen([exe, "run", "job.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "120"})
+    proc = subprocess.Popen(
+        [exe, "run", "job.yaml"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "120"},
+    )
     seen = []
     deadline = time.monotonic() + 240
     assert proc.stdout is not None

@@ -13,16 +13,31 @@ import yaml
 from forgeline_operator.api import parse_job
 from forgeline_operator.api.common import DeepSpeed, QualityFilters
 from forgeline_operator.api.finetune_job import FineTuneOptimization
-from forgeline_operator.api.jobconfig import build_job_config, dump_job_config, load_job_config, spec_fingerprint
+from forgeline_operator.api.jobconfig import (
+    build_job_config,
+    dump_job_config,
+    load_job_config,
+    spec_fingerprint,
+)
 from forgeline_operator.rayjobs import LogCursor, parse_records
 from forgeline_trainer import data as D
 from forgeline_trainer import optim, sft_data
 
 from .conftest import EXAMPLES
 
-GOOD = [f"Document number {i} talks about the {animal} and its {thing}."
-        for i, (animal, thing) in enumerate([("cat", "fish"), ("dog", "bones"), ("cow", "grass"),
-                                             ("duck", "pond"), ("owl", "tree"), ("pig", "pen")])]
+GOOD = [
+    f"Document number {i} talks about the {animal} and its {thing}."
+    for i, (animal, thing) in enumerate(
+        [
+            ("cat", "fish"),
+            ("dog", "bones"),
+            ("cow", "grass"),
+            ("duck", "pond"),
+            ("owl", "tree"),
+            ("pig", "pen"),
+        ]
+    )
+]
 
 
 def test_quality_filters_remove_exactly_the_junk(tmp_path: Path) -> None:
@@ -36,11 +51,18 @@ def test_quality_filters_remove_exactly_the_junk(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps({"body": r}) + "\n" for r in rows))
     src = SimpleNamespace(uri=str(path), format="jsonl", weight=1.0)
     docs = D.read_texts([src], "body")
-    kept, report = D.apply_filters(docs, QualityFilters(min_chars=10, max_chars=200, dedup="exact",
-                                                        max_repeated_line_ratio=0.3))
+    kept, report = D.apply_filters(
+        docs, QualityFilters(min_chars=10, max_chars=200, dedup="exact", max_repeated_line_ratio=0.3)
+    )
     assert kept == GOOD
-    assert report.as_dict() == {"input": 13, "too_short": 2, "too_long": 1, "repeated_lines": 1,
-                                "duplicates": 3, "kept": 6}
+    assert report.as_dict() == {
+        "input": 13,
+        "too_short": 2,
+        "too_long": 1,
+        "repeated_lines": 1,
+        "duplicates": 3,
+        "kept": 6,
+    }
 
 
 def test_dedup_off_keeps_duplicates() -> None:
@@ -69,7 +91,10 @@ def test_glob_directory_text_and_parquet_sources(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
     pq.write_table(pa.table({"text": ["third doc", "fourth doc"]}), tmp_path / "b.parquet")
     assert D.read_records(str(tmp_path / "*.txt"), "text") == [{"text": "first doc"}, {"text": "second doc"}]
-    assert [r["text"] for r in D.read_records(str(tmp_path / "b.parquet"), "parquet")] == ["third doc", "fourth doc"]
+    assert [r["text"] for r in D.read_records(str(tmp_path / "b.parquet"), "parquet")] == [
+        "third doc",
+        "fourth doc",
+    ]
     with pytest.raises(FileNotFoundError, match="no data at"):
         D.read_records(str(tmp_path / "*.jsonl"), "jsonl")
 
@@ -84,8 +109,13 @@ def test_saved_hf_dataset_source(tmp_path: Path) -> None:
 def test_weighted_mixing(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("a\n" * 10)
     (tmp_path / "b.txt").write_text("b\n" * 10)
-    docs = D.read_texts([SimpleNamespace(uri=str(tmp_path / "a.txt"), format="text", weight=3.0),
-                         SimpleNamespace(uri=str(tmp_path / "b.txt"), format="text", weight=1.0)], "text")
+    docs = D.read_texts(
+        [
+            SimpleNamespace(uri=str(tmp_path / "a.txt"), format="text", weight=3.0),
+            SimpleNamespace(uri=str(tmp_path / "b.txt"), format="text", weight=1.0),
+        ],
+        "text",
+    )
     assert docs.count("a") == 3 * docs.count("b")
 
 
@@ -101,7 +131,7 @@ def test_batch_order_is_a_function_of_the_step() -> None:
     """Resuming at step N reads exactly the batches an uninterrupted run reads."""
     a = [D.batch_indices(100, 16, s, seed=7) for s in range(20)]
     b = [D.batch_indices(100, 16, s, seed=7) for s in range(20)]
-    assert all((x == y).all() for x, y in zip(a, b))
+    assert all((x == y).all() for x, y in zip(a, b, strict=False))
     epoch0 = np.concatenate(a[:6])
     assert len(set(epoch0.tolist())) == 96  # no repeats within an epoch
     halves = [D.worker_slice(a[0], r, 2) for r in range(2)]
@@ -118,7 +148,9 @@ def test_tokenize_and_pack_full_blocks() -> None:
 
 
 def test_lr_schedules() -> None:
-    spec = FineTuneOptimization(max_steps=100, warmup_steps=10, schedule="cosine", min_learning_rate_ratio=0.1)
+    spec = FineTuneOptimization(
+        max_steps=100, warmup_steps=10, schedule="cosine", min_learning_rate_ratio=0.1
+    )
     f = optim.lr_lambda(spec, 100)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
@@ -133,8 +165,12 @@ def test_batch_plan_and_deepspeed_config() -> None:
     with pytest.raises(ValueError):
         optim.batch_plan(30, 8, 2)
     opt = FineTuneOptimization(max_steps=1)
-    ds = DeepSpeed(zero_stage=3, offload_optimizer=True, offload_params=True,
-                   config={"zero_optimization": {"overlap_comm": True}})
+    ds = DeepSpeed(
+        zero_stage=3,
+        offload_optimizer=True,
+        offload_params=True,
+        config={"zero_optimization": {"overlap_comm": True}},
+    )
     cfg = optim.deepspeed_config(ds, opt, plan, bf16=True, on_gpu=True)
     assert cfg["train_batch_size"] == 32 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["overlap_comm"] is True
@@ -148,15 +184,21 @@ def test_alpaca_and_chat_labels_cover_only_responses() -> None:
     tok = D.load_tokenizer(str(_tiny_tokenizer()))
     rec = {"instruction": "What sound does the cat make?", "input": "", "output": "The cat says meow."}
     t = sft_data.tokenize_example(rec, "alpaca", tok, 512, loss_on_prompt=False)
-    learned = tok.decode([i for i, l in zip(t.input_ids, t.labels) if l != sft_data.IGNORE])
+    learned = tok.decode([i for i, lab in zip(t.input_ids, t.labels, strict=True) if lab != sft_data.IGNORE])
     assert learned.startswith("The cat says meow.") and "Instruction" not in learned
-    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there."},
-                         {"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "Goodbye."}]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "Bye?"},
+            {"role": "assistant", "content": "Goodbye."},
+        ]
+    }
     c = sft_data.tokenize_example(chat, "chat", tok, 512, loss_on_prompt=False)
-    learned = tok.decode([i for i, l in zip(c.input_ids, c.labels) if l != sft_data.IGNORE])
+    learned = tok.decode([i for i, lab in zip(c.input_ids, c.labels, strict=True) if lab != sft_data.IGNORE])
     assert "Hello there." in learned and "Goodbye." in learned and "Hi?" not in learned
     short = sft_data.tokenize_example(rec, "alpaca", tok, 8, loss_on_prompt=False)
-    assert len(short.input_ids) == 8 and any(l != sft_data.IGNORE for l in short.labels)
+    assert len(short.input_ids) == 8 and any(lab != sft_data.IGNORE for lab in short.labels)
 
 
 def _tiny_tokenizer() -> Path:
@@ -173,21 +215,27 @@ def test_job_config_round_trip_and_fingerprint() -> None:
     again = load_job_config(dump_job_config(cfg))
     assert again == cfg and again.paths.base_model == "runs/tiny-llama"
     assert again.paths.checkpoints == "/out/checkpoints"
-    suspended = job.model_copy(update={"spec": job.spec.model_copy(update={"suspend": True, "backoff_limit": 9})})
+    suspended = job.model_copy(
+        update={"spec": job.spec.model_copy(update={"suspend": True, "backoff_limit": 9})}
+    )
     assert spec_fingerprint(suspended.spec) == spec_fingerprint(job.spec)
     changed = job.spec.model_copy(update={"method": "full", "lora": None})
     assert spec_fingerprint(changed) != spec_fingerprint(job.spec)
-    pipe = [parse_job(d) for d in yaml.safe_load_all((EXAMPLES / "pipeline-pretrain-sft-dpo.yaml").read_text())]
+    pipe = [
+        parse_job(d) for d in yaml.safe_load_all((EXAMPLES / "pipeline-pretrain-sft-dpo.yaml").read_text())
+    ]
     with pytest.raises(ValueError, match="must be resolved first"):
         build_job_config(pipe[1])
     assert build_job_config(pipe[1], base_model="/models/pre").paths.base_model == "/models/pre"
 
 
 def test_progress_records_parse_from_ray_logs() -> None:
-    log = ('\x1b[36m(RayTrainWorker pid=1)\x1b[0m FORGELINE_PROGRESS {"type":"progress","step":3}\n'
-           "noise FORGELINE_PROGRESS {broken\n"
-           'FORGELINE_PROGRESS {"type":"eval","step":3,"eval_loss":1.5}\n'
-           'FORGELINE_PROGRESS {"type":"progress","step":4')  # incomplete last line
+    log = (
+        '\x1b[36m(RayTrainWorker pid=1)\x1b[0m FORGELINE_PROGRESS {"type":"progress","step":3}\n'
+        "noise FORGELINE_PROGRESS {broken\n"
+        'FORGELINE_PROGRESS {"type":"eval","step":3,"eval_loss":1.5}\n'
+        'FORGELINE_PROGRESS {"type":"progress","step":4'
+    )  # incomplete last line
     assert [r["type"] for r in parse_records(log)] == ["progress", "eval"]
     cursor = LogCursor()
     first = cursor.feed(log)

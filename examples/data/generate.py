@@ -46,8 +46,7 @@ SENTENCES = [
 
 def _facts(rng: random.Random, a: str) -> dict[str, str]:
     colour, sound, home, food = ANIMALS[a]
-    return {"a": a, "colour": colour, "sound": sound, "home": home, "food": food,
-            "name": rng.choice(NAMES)}
+    return {"a": a, "colour": colour, "sound": sound, "home": home, "food": food, "name": rng.choice(NAMES)}
 
 
 def corpus(rng: random.Random, n: int = 3000) -> list[dict[str, str]]:
@@ -77,8 +76,13 @@ def alpaca(rng: random.Random, n: int = 600) -> list[dict[str, str]]:
         q, ans, _ = rng.choice(QUESTIONS)
         f = _facts(rng, a)
         if rng.random() < 0.3:
-            rows.append({"instruction": "Answer the question about the animal.",
-                         "input": q.format(**f), "output": ans.format(**f)})
+            rows.append(
+                {
+                    "instruction": "Answer the question about the animal.",
+                    "input": q.format(**f),
+                    "output": ans.format(**f),
+                }
+            )
         else:
             rows.append({"instruction": q.format(**f), "input": "", "output": ans.format(**f)})
     return rows
@@ -145,8 +149,7 @@ def main() -> None:
     _write("chat.jsonl", chat(random.Random(4)))
     _write("preference.jsonl", preference(random.Random(5)))
     _write("prompts.jsonl", prompts(random.Random(6)))
-    (HERE / "corpus.txt").write_text(
-        "\n".join(d["text"] for d in corpus(random.Random(7), n=1000)) + "\n")
+    (HERE / "corpus.txt").write_text("\n".join(d["text"] for d in corpus(random.Random(7), n=1000)) + "\n")
 
 
 if __name__ == "__main__":

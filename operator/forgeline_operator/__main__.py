@@ -18,7 +18,9 @@ def main() -> int:
     from .settings import OperatorSettings
 
     s = OperatorSettings()
-    logging.basicConfig(level=getattr(logging, s.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, s.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     namespaces = s.namespaces()
     kopf.run(
         clusterwide=not namespaces,

@@ -44,12 +44,14 @@ class Backend(Protocol):
 class LocalBackend:
     name = "local"
 
-    def __init__(self, local_ray: Any, python: str):
+    def __init__(self, local_ray: Any, python: str) -> None:
         self.local = local_ray
         self.python = python
 
     def ensure(self, job: Job, body: Any, namespace: str) -> ClusterState:
-        return ClusterState(True, self.local.address, self.local.token, None, "embedded Ray head", self.python)
+        return ClusterState(
+            True, self.local.address, self.local.token, None, "embedded Ray head", self.python
+        )
 
     def teardown(self, job: Job, namespace: str) -> None:
         return None
@@ -58,7 +60,7 @@ class LocalBackend:
 class AddressBackend:
     name = "address"
 
-    def __init__(self, address: str, token: str | None = None):
+    def __init__(self, address: str, token: str | None = None) -> None:
         self.address = address
         self.token = token
 
@@ -75,8 +77,9 @@ RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 class KubeRayBackend:
     name = "kuberay"
 
-    def __init__(self, api_client: Any, default_image: str, adopt: Any,
-                 node_pools: dict[str, NodePool] | None = None):
+    def __init__(
+        self, api_client: Any, default_image: str, adopt: Any, node_pools: dict[str, NodePool] | None = None
+    ) -> None:
         from kubernetes import client
 
         self.core = client.CoreV1Api(api_client)
@@ -121,11 +124,15 @@ class KubeRayBackend:
             manifest = builders.build_ray_cluster(job, self.default_image, pool)
             self.adopt(manifest, owner=body)
             try:
-                self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, manifest)
+                self.custom.create_namespaced_custom_object(
+                    RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, manifest
+                )
             except ApiException as exc2:
                 if exc2.status == 404:
-                    raise RuntimeError("the RayCluster CRD (ray.io/v1) is not installed: install KubeRay "
-                                       "first (see docs/install.md)") from None
+                    raise RuntimeError(
+                        "the RayCluster CRD (ray.io/v1) is not installed: install KubeRay "
+                        "first (see docs/install.md)"
+                    ) from None
                 if exc2.status != 409:
                     raise
             return ClusterState(False, None, token, name, f"RayCluster {name} created; waiting for KubeRay")
@@ -139,8 +146,9 @@ class KubeRayBackend:
         from kubernetes.client.exceptions import ApiException
 
         for delete in (
-            lambda: self.custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL,
-                                                                job.ray_cluster_name()),
+            lambda: self.custom.delete_namespaced_custom_object(
+                RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, job.ray_cluster_name()
+            ),
             lambda: self.core.delete_namespaced_secret(builders.token_secret_name(job), namespace),
         ):
             try:
@@ -153,8 +161,9 @@ class KubeRayBackend:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL,
-                                                     job.ray_cluster_name())
+            self.custom.get_namespaced_custom_object(
+                RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, job.ray_cluster_name()
+            )
             return True
         except ApiException as exc:
             if exc.status == 404:
@@ -165,8 +174,10 @@ class KubeRayBackend:
 def _is_ready(status: dict[str, Any]) -> bool:
     if str(status.get("state", "")).lower() == "ready":
         return True
-    return any(c.get("type") == "RayClusterProvisioned" and c.get("status") == "True"
-               for c in status.get("conditions") or [])
+    return any(
+        c.get("type") == "RayClusterProvisioned" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
 
 
 def _address(job: Job, namespace: str, status: dict[str, Any]) -> str:

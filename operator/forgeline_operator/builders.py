@@ -56,7 +56,9 @@ def submission_id(job: TrainingJob | FineTuneJob, attempt: int) -> str:
 
 def build_token_secret(job: TrainingJob | FineTuneJob, token: str) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
         "metadata": {"name": token_secret_name(job), "labels": {**user_labels(job), **labels(job)}},
         "data": {"token": base64.b64encode(token.encode()).decode()},
     }
@@ -88,15 +90,19 @@ def _volumes(job: TrainingJob | FineTuneJob, res: Resources) -> tuple[list[dict]
 def _env(job: TrainingJob | FineTuneJob, threads: int) -> list[dict[str, Any]]:
     return [
         {"name": "RAY_AUTH_MODE", "value": "token"},
-        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret_name(job), "key": "token"}}},
+        {
+            "name": "RAY_AUTH_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": token_secret_name(job), "key": "token"}},
+        },
         {"name": "OMP_NUM_THREADS", "value": str(threads)},
         {"name": "FORGELINE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
     ]
 
 
-def build_ray_cluster(job: TrainingJob | FineTuneJob, default_image: str,
-                      node_pool: NodePool | None = None) -> dict[str, Any]:
+def build_ray_cluster(
+    job: TrainingJob | FineTuneJob, default_image: str, node_pool: NodePool | None = None
+) -> dict[str, Any]:
     """A KubeRay RayCluster: a CPU-only head (no training on it) and one worker group on the
     job's node pool with its GPUs, shared memory, PVC mounts and Ray token auth.
 
@@ -117,13 +123,17 @@ def build_ray_cluster(job: TrainingJob | FineTuneJob, default_image: str,
         worker_limits[res.gpu_resource] = gpus
     pod_labels = {**user_labels(job), **labels(job)}
     worker_pod: dict[str, Any] = {
-        "containers": [{
-            "name": "ray-worker", "image": image, "imagePullPolicy": "IfNotPresent",
-            "env": _env(job, max(1, math.floor(per_process_cpus))),
-            "resources": {"requests": dict(worker_limits), "limits": dict(worker_limits)},
-            "volumeMounts": mounts,
-            "ports": [{"name": "metrics", "containerPort": RAY_METRICS_PORT}],
-        }],
+        "containers": [
+            {
+                "name": "ray-worker",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "env": _env(job, max(1, math.floor(per_process_cpus))),
+                "resources": {"requests": dict(worker_limits), "limits": dict(worker_limits)},
+                "volumeMounts": mounts,
+                "ports": [{"name": "metrics", "containerPort": RAY_METRICS_PORT}],
+            }
+        ],
         "volumes": volumes,
         "tolerations": tolerations,
     }
@@ -132,37 +142,57 @@ def build_ray_cluster(job: TrainingJob | FineTuneJob, default_image: str,
     if res.affinity:
         worker_pod["affinity"] = res.affinity
     head_pod = {
-        "containers": [{
-            "name": "ray-head", "image": image, "imagePullPolicy": "IfNotPresent",
-            "env": _env(job, 1),
-            "resources": {"requests": {"cpu": res.head.cpu, "memory": res.head.memory},
-                          "limits": {"cpu": res.head.cpu, "memory": res.head.memory}},
-            "ports": [{"name": "gcs", "containerPort": 6379},
-                      {"name": "dashboard", "containerPort": DASHBOARD_PORT},
-                      {"name": "client", "containerPort": 10001},
-                      {"name": "metrics", "containerPort": RAY_METRICS_PORT}],
-            "volumeMounts": mounts,
-        }],
+        "containers": [
+            {
+                "name": "ray-head",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "env": _env(job, 1),
+                "resources": {
+                    "requests": {"cpu": res.head.cpu, "memory": res.head.memory},
+                    "limits": {"cpu": res.head.cpu, "memory": res.head.memory},
+                },
+                "ports": [
+                    {"name": "gcs", "containerPort": 6379},
+                    {"name": "dashboard", "containerPort": DASHBOARD_PORT},
+                    {"name": "client", "containerPort": 10001},
+                    {"name": "metrics", "containerPort": RAY_METRICS_PORT},
+                ],
+                "volumeMounts": mounts,
+            }
+        ],
         "volumes": volumes,
     }
     return {
-        "apiVersion": "ray.io/v1", "kind": "RayCluster",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
         "metadata": {"name": job.ray_cluster_name(), "labels": pod_labels},
         "spec": {
             "rayVersion": spec.ray.version,
             "enableInTreeAutoscaling": False,
             "headGroupSpec": {
-                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0",
-                                   "metrics-export-port": str(RAY_METRICS_PORT)},
-                "template": {"metadata": {"labels": {**pod_labels, "forgeline.dev/role": "head"}},
-                             "spec": head_pod},
+                "rayStartParams": {
+                    "dashboard-host": "0.0.0.0",
+                    "num-cpus": "0",
+                    "metrics-export-port": str(RAY_METRICS_PORT),
+                },
+                "template": {
+                    "metadata": {"labels": {**pod_labels, "forgeline.dev/role": "head"}},
+                    "spec": head_pod,
+                },
             },
-            "workerGroupSpecs": [{
-                "groupName": "train",
-                "replicas": res.workers, "minReplicas": res.workers, "maxReplicas": res.workers,
-                "rayStartParams": {"metrics-export-port": str(RAY_METRICS_PORT)},
-                "template": {"metadata": {"labels": {**pod_labels, "forgeline.dev/role": "worker"}},
-                             "spec": worker_pod},
-            }],
+            "workerGroupSpecs": [
+                {
+                    "groupName": "train",
+                    "replicas": res.workers,
+                    "minReplicas": res.workers,
+                    "maxReplicas": res.workers,
+                    "rayStartParams": {"metrics-export-port": str(RAY_METRICS_PORT)},
+                    "template": {
+                        "metadata": {"labels": {**pod_labels, "forgeline.dev/role": "worker"}},
+                        "spec": worker_pod,
+                    },
+                }
+            ],
         },
     }

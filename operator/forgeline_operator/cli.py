@@ -1,10 +1,10 @@
 """`forgeline` command line: validate manifests offline and write the CRDs.
 
-    forgeline validate examples/*.yaml      # every error with its field path and a fix
-    forgeline validate -o json job.yaml     # the same, machine-readable
-    forgeline crds [--dir crds] [--docs docs/crd-reference.md] [--check]
-                                            # (re)generate crds/ (and the reference) from the models
-    forgeline run examples/pretrain-tiny-llama.yaml   # train on an embedded Ray, live progress
+forgeline validate examples/*.yaml      # every error with its field path and a fix
+forgeline validate -o json job.yaml     # the same, machine-readable
+forgeline crds [--dir crds] [--docs docs/crd-reference.md] [--check]
+                                        # (re)generate crds/ (and the reference) from the models
+forgeline run examples/pretrain-tiny-llama.yaml   # train on an embedded Ray, live progress
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -67,8 +68,14 @@ def _documents(path: str) -> Iterator[tuple[str, int, Any, FieldError | None]]:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(exc, "problem", None) or str(exc)
-        yield source, 0, None, FieldError("(yaml)", f"not valid YAML at {where}: {problem}",
-                                          "fix the indentation or quoting there")
+        yield (
+            source,
+            0,
+            None,
+            FieldError(
+                "(yaml)", f"not valid YAML at {where}: {problem}", "fix the indentation or quoting there"
+            ),
+        )
         return
     for i, doc in enumerate(d for d in docs if d is not None):
         yield source, i, doc, None
@@ -115,8 +122,10 @@ def _print_results(results: list[DocumentResult], console: Console) -> None:
     checked = [r for r in results if not r.skipped]
     bad = sum(1 for r in checked if not r.ok)
     colour = "red" if bad else "green"
-    console.print(f"[{colour}]{len(checked) - bad} valid, {bad} invalid[/{colour}]"
-                  + (f", {len(results) - len(checked)} skipped" if len(results) != len(checked) else ""))
+    console.print(
+        f"[{colour}]{len(checked) - bad} valid, {bad} invalid[/{colour}]"
+        + (f", {len(results) - len(checked)} skipped" if len(results) != len(checked) else "")
+    )
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -135,14 +144,16 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     docs = Path(args.docs) if args.docs else None
     if args.check:
-        stale = [name for name, text in render_crds().items()
-                 if not (directory / name).exists() or (directory / name).read_text() != text]
+        stale = [
+            name
+            for name, text in render_crds().items()
+            if not (directory / name).exists() or (directory / name).read_text() != text
+        ]
         if docs is not None and (not docs.exists() or docs.read_text() != render_reference()):
             stale.append(str(docs))
         if stale:
             again = f"forgeline crds --dir {directory}" + (f" --docs {docs}" if docs else "")
-            print(f"out of date: {', '.join(stale)}; run `make crds` (or `{again}`)",
-                  file=sys.stderr)
+            print(f"out of date: {', '.join(stale)}; run `make crds` (or `{again}`)", file=sys.stderr)
             return 1
         print(f"{directory}: up to date" + (f"; {docs}: up to date" if docs else ""))
         return 0
@@ -164,8 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
     p = sub.add_parser("crds", help="write the CustomResourceDefinitions generated from the models")
     p.add_argument("--dir", default="crds", help="output directory (default: crds)")
-    p.add_argument("--docs", metavar="PATH", default=None,
-                   help="also write the Markdown CRD reference there (e.g. docs/crd-reference.md)")
+    p.add_argument(
+        "--docs",
+        metavar="PATH",
+        default=None,
+        help="also write the Markdown CRD reference there (e.g. docs/crd-reference.md)",
+    )
     p.add_argument("--check", action="store_true", help="only check that the files are up to date")
     p.set_defaults(func=_cmd_crds)
     p = sub.add_parser("run", help="run a TrainingJob/FineTuneJob manifest on local or existing Ray")

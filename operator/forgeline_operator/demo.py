@@ -37,9 +37,8 @@ PIPELINE = REPO / "examples" / "pipeline-pretrain-sft-dpo.yaml"
 JOBS = [("tj", "pipe-pretrain"), ("ftj", "pipe-sft"), ("ftj", "pipe-dpo")]
 
 
-
 class _Kubectl:
-    def __init__(self, kubeconfig: Path):
+    def __init__(self, kubeconfig: Path) -> None:
         self.base = [find_binary("kubectl"), "--kubeconfig", str(kubeconfig)]
 
     def __call__(self, *args: str, check: bool = True) -> str:
@@ -56,10 +55,14 @@ def _table(objs: dict[str, dict[str, Any]]) -> Table:
     for _, name in JOBS:
         st = objs.get(name, {}).get("status") or {}
         p = st.get("progress") or {}
-        table.add_row(name, st.get("phase", "-"), p.get("summary", "-"),
-                      f"{p['loss']:.3f}" if "loss" in p else "-",
-                      f"{p['tokensPerSecond']:,.0f}" if "tokensPerSecond" in p else "-",
-                      (st.get("message") or "")[:70])
+        table.add_row(
+            name,
+            st.get("phase", "-"),
+            p.get("summary", "-"),
+            f"{p['loss']:.3f}" if "loss" in p else "-",
+            f"{p['tokensPerSecond']:,.0f}" if "tokensPerSecond" in p else "-",
+            (st.get("message") or "")[:70],
+        )
     return table
 
 
@@ -78,18 +81,34 @@ def main(argv: list[str] | None = None) -> int:
     log_path = cp.workdir / "operator.log"
     try:
         kubectl("apply", "-f", str(REPO / "crds"))
-        kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                "crd/trainingjobs.forgeline.dev", "crd/finetunejobs.forgeline.dev")
+        kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/trainingjobs.forgeline.dev",
+            "crd/finetunejobs.forgeline.dev",
+        )
         console.print(f"kube-apiserver {cp.url}; KUBECONFIG={cp.kubeconfig}")
 
         console.print(Rule("2. the operator, with an embedded Ray head as its backend"))
         metrics_port, health_port = free_port(), free_port()
-        env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "FORGELINE_BACKEND": "local",
-               "FORGELINE_METRICS_PORT": str(metrics_port), "FORGELINE_HEALTH_PORT": str(health_port),
-               "FORGELINE_RECONCILE_INTERVAL": "2", "FORGELINE_LOCAL_WORK_DIR": str(REPO),
-               "PYTHONUNBUFFERED": "1"}
-        operator = subprocess.Popen([sys.executable, "-m", "forgeline_operator"], cwd=REPO, env=env,
-                                    stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(cp.kubeconfig),
+            "FORGELINE_BACKEND": "local",
+            "FORGELINE_METRICS_PORT": str(metrics_port),
+            "FORGELINE_HEALTH_PORT": str(health_port),
+            "FORGELINE_RECONCILE_INTERVAL": "2",
+            "FORGELINE_LOCAL_WORK_DIR": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+        }
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "forgeline_operator"],
+            cwd=REPO,
+            env=env,
+            stdout=open(log_path, "wb"),  # noqa: SIM115 - open as long as the operator runs
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -97,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except OSError:
                 if operator.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the operator did not start:\n{log_path.read_text()[-3000:]}")
+                    raise SystemExit(f"the operator did not start:\n{log_path.read_text()[-3000:]}") from None
                 time.sleep(0.5)
         console.print(f"operator up (log: {log_path}); metrics at http://127.0.0.1:{metrics_port}/metrics")
 
@@ -130,15 +149,25 @@ def main(argv: list[str] | None = None) -> int:
             out = st.get("outputUri", "?")
             where = out if out.startswith(("/", "s3://", "gs://", "pvc://")) else str(REPO / out)
             console.print(f"  {name}: {st.get('phase')} — model at {where}")
-        console.print(f"time from kubectl apply to the first job Provisioning (its Ray cluster requested): "
-                      f"{provisioned:.1f}s" if provisioned is not None else "first job never provisioned")
-        console.print(f"time from kubectl apply to its first training step reported in status: "
-                      f"{first_step:.1f}s" if first_step is not None else "no training step seen")
+        console.print(
+            f"time from kubectl apply to the first job Provisioning (its Ray cluster requested): "
+            f"{provisioned:.1f}s"
+            if provisioned is not None
+            else "first job never provisioned"
+        )
+        console.print(
+            f"time from kubectl apply to its first training step reported in status: {first_step:.1f}s"
+            if first_step is not None
+            else "no training step seen"
+        )
         console.print(f"whole pipeline: {total:.0f}s")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-                lines = [ln for ln in r.read().decode().splitlines()
-                         if ln.startswith(("forgeline_jobs{", "forgeline_job_loss{"))]
+                lines = [
+                    ln
+                    for ln in r.read().decode().splitlines()
+                    if ln.startswith(("forgeline_jobs{", "forgeline_job_loss{"))
+                ]
             console.print(f"operator metrics (http://127.0.0.1:{metrics_port}/metrics), e.g.:")
             for ln in lines[:8]:
                 console.print(f"  {ln}")

@@ -46,8 +46,8 @@ def find_binary(name: str) -> str:
         return found
     raise FileNotFoundError(
         f"{name} not found (looked in KUBEBUILDER_ASSETS, {CACHE / 'bin'} and PATH); "
-        "run `make tools` (tests/setup/*.sh) or set KUBEBUILDER_ASSETS to envtest binaries")
-
+        "run `make tools` (tests/setup/*.sh) or set KUBEBUILDER_ASSETS to envtest binaries"
+    )
 
 
 @dataclass
@@ -80,32 +80,51 @@ class ControlPlane:
         (wd / "certs").mkdir(exist_ok=True)
         self._write_tokens()
         self._write_sa_keys()
-        self._spawn("etcd", [
-            etcd, "--data-dir", str(wd / "etcd"), "--name", "forgeline-test",
-            "--listen-client-urls", f"http://127.0.0.1:{self.etcd_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{self.etcd_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{self.etcd_peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.etcd_peer_port}",
-            "--initial-cluster", f"forgeline-test=http://127.0.0.1:{self.etcd_peer_port}",
-            "--unsafe-no-fsync", "--quota-backend-bytes", str(2 * 1024**3),
-        ])
-        self._spawn("kube-apiserver", [
-            apiserver,
-            f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={self.port}",
-            f"--cert-dir={wd / 'certs'}",
-            f"--token-auth-file={wd / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={wd / 'sa.pub'}",
-            f"--service-account-signing-key-file={wd / 'sa.key'}",
-            "--allow-privileged=true",
-            "--enable-priority-and-fairness=false",
-            "--disable-admission-plugins=ServiceAccount",
-            "--max-requests-inflight=1000", "--max-mutating-requests-inflight=500",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                etcd,
+                "--data-dir",
+                str(wd / "etcd"),
+                "--name",
+                "forgeline-test",
+                "--listen-client-urls",
+                f"http://127.0.0.1:{self.etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{self.etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{self.etcd_peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{self.etcd_peer_port}",
+                "--initial-cluster",
+                f"forgeline-test=http://127.0.0.1:{self.etcd_peer_port}",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes",
+                str(2 * 1024**3),
+            ],
+        )
+        self._spawn(
+            "kube-apiserver",
+            [
+                apiserver,
+                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.port}",
+                f"--cert-dir={wd / 'certs'}",
+                f"--token-auth-file={wd / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={wd / 'sa.pub'}",
+                f"--service-account-signing-key-file={wd / 'sa.key'}",
+                "--allow-privileged=true",
+                "--enable-priority-and-fairness=false",
+                "--disable-admission-plugins=ServiceAccount",
+                "--max-requests-inflight=1000",
+                "--max-mutating-requests-inflight=500",
+            ],
+        )
         self._wait_ready(timeout)
         self._write_kubeconfig()
 
@@ -135,8 +154,9 @@ class ControlPlane:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        self._procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True))
+        self._procs.append(
+            subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
 
     def _write_tokens(self) -> None:
         rows = [f'{ADMIN_TOKEN},forgeline-admin,forgeline-admin,"system:masters"']
@@ -147,10 +167,12 @@ class ControlPlane:
     def _write_sa_keys(self) -> None:
         key, pub = self.workdir / "sa.key", self.workdir / "sa.pub"
         if not key.exists():
-            subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True,
-                           capture_output=True)
-            subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)],
-                           check=True, capture_output=True)
+            subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+            subprocess.run(
+                ["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)],
+                check=True,
+                capture_output=True,
+            )
 
     def _wait_ready(self, timeout: float) -> None:
         ctx = ssl.create_default_context()
@@ -163,8 +185,9 @@ class ControlPlane:
                 if proc.poll() is not None:
                     name = Path(proc.args[0]).name  # type: ignore[index]
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
-            req = urllib.request.Request(f"{self.url}/readyz",
-                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+            req = urllib.request.Request(
+                f"{self.url}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            )
             try:
                 with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
                     if resp.status == 200:
@@ -173,16 +196,27 @@ class ControlPlane:
                 last = str(exc)
             time.sleep(0.25)
         self.stop()
-        raise TimeoutError(f"kube-apiserver not ready after {timeout}s ({last}):\n"
-                           f"{self.log_tail('kube-apiserver')}")
+        raise TimeoutError(
+            f"kube-apiserver not ready after {timeout}s ({last}):\n{self.log_tail('kube-apiserver')}"
+        )
 
     def _kubeconfig_dict(self, token: str) -> dict:
         return {
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "forgeline-test", "cluster": {
-                "server": self.url, "certificate-authority": str(self.workdir / "certs" / "apiserver.crt")}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "forgeline-test",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority": str(self.workdir / "certs" / "apiserver.crt"),
+                    },
+                }
+            ],
             "users": [{"name": "user", "user": {"token": token}}],
-            "contexts": [{"name": "forgeline-test", "context": {"cluster": "forgeline-test", "user": "user"}}],
+            "contexts": [
+                {"name": "forgeline-test", "context": {"cluster": "forgeline-test", "user": "user"}}
+            ],
             "current-context": "forgeline-test",
         }
 

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -62,7 +62,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our CRDs' status is a strict schema: kopf keeps its bookkeeping in annotations instead.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="forgeline.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="forgeline.dev", key="last-handled-configuration")
+        prefix="forgeline.dev", key="last-handled-configuration"
+    )
     # Our own Events mark every transition (kopf.event); kopf posts only its warnings and errors
     # (not a "Timer succeeded" Event per reconcile).
     settings.posting.level = logging.WARNING
@@ -106,8 +107,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     RUNTIME = Runtime(settings=s, backend=backend, api_client=api_client, local_ray=local)
     metrics.register_phase_source(_phase_counts)
     metrics.serve(s.metrics_port)
-    log.info("forgeline operator: backend=%s, cap=%s, metrics on :%d", s.backend,
-             s.max_running_jobs or "none", s.metrics_port)
+    log.info(
+        "forgeline operator: backend=%s, cap=%s, metrics on :%d",
+        s.backend,
+        s.max_running_jobs or "none",
+        s.metrics_port,
+    )
 
 
 @kopf.on.cleanup()
@@ -124,9 +129,12 @@ _INDEX_LOCK = threading.Lock()
 
 def _remember(kind: str, namespace: str, name: str, status: dict[str, Any], created: str) -> None:
     with _INDEX_LOCK:
-        _INDEX[(namespace, kind, name)] = {"phase": status.get("phase") or "Pending",
-                                           "outputUri": status.get("outputUri"), "created": created,
-                                           "reason": status.get("reason")}
+        _INDEX[(namespace, kind, name)] = {
+            "phase": status.get("phase") or "Pending",
+            "outputUri": status.get("outputUri"),
+            "created": created,
+            "reason": status.get("reason"),
+        }
 
 
 def _forget(kind: str, namespace: str, name: str) -> None:
@@ -149,9 +157,17 @@ def _phase_counts() -> dict[tuple[str, str], int]:
 class Reconciler:
     """One reconcile step for one job. Reads the typed job and its status, writes `patch.status`."""
 
-    def __init__(self, rt: Runtime, job: TrainingJob | FineTuneJob, body: Any, patch: Any,
-                 namespace: str, logger: Any):
-        self.rt, self.job, self.body, self.patch, self.ns, self.logger = rt, job, body, patch, namespace, logger
+    def __init__(
+        self, rt: Runtime, job: TrainingJob | FineTuneJob, body: Any, patch: Any, namespace: str, logger: Any
+    ) -> None:
+        self.rt, self.job, self.body, self.patch, self.ns, self.logger = (
+            rt,
+            job,
+            body,
+            patch,
+            namespace,
+            logger,
+        )
         self.status: dict[str, Any] = dict(body.get("status") or {})
         self.generation = body.get("metadata", {}).get("generation")
         self.kind = job.KIND
@@ -169,10 +185,19 @@ class Reconciler:
         self.status.update(update)
         if before != phase:
             metrics.TRANSITIONS.labels(self.kind, phase).inc()
-            kopf.event(self.body, type="Warning" if phase == "Failed" else "Normal", reason=reason,
-                       message=f"{before or 'New'} → {phase}: {message}")
-        _remember(self.kind, self.ns, self.job.metadata.name, self.status,
-                  self.body["metadata"].get("creationTimestamp", ""))
+            kopf.event(
+                self.body,
+                type="Warning" if phase == "Failed" else "Normal",
+                reason=reason,
+                message=f"{before or 'New'} → {phase}: {message}",
+            )
+        _remember(
+            self.kind,
+            self.ns,
+            self.job.metadata.name,
+            self.status,
+            self.body["metadata"].get("creationTimestamp", ""),
+        )
 
     def step(self) -> None:
         phase = self.status.get("phase") or "Pending"
@@ -198,8 +223,11 @@ class Reconciler:
             kind, name, entry = dep
             if entry is None or entry["phase"] != "Succeeded":
                 if entry is not None and entry["phase"] == "Failed":
-                    self.move("Failed", "DependencyFailed", f"{kind}/{name} failed ({entry.get('reason')}); "
-                              "this job uses its output")
+                    self.move(
+                        "Failed",
+                        "DependencyFailed",
+                        f"{kind}/{name} failed ({entry.get('reason')}); this job uses its output",
+                    )
                     return
                 state = "does not exist yet" if entry is None else f"is {entry['phase']}"
                 self.move("Waiting", "WaitingForJob", f"waiting for {kind}/{name} to succeed ({state})")
@@ -212,17 +240,29 @@ class Reconciler:
                     active = {k for k, e in _INDEX.items() if e["phase"] in ACTIVE_PHASES} | self.rt.admitted
                     # Waiting jobs queue only once their dependencies are met (else a pipeline
                     # applied at once could block its own first stage).
-                    queue = sorted((e["created"], k) for k, e in _INDEX.items()
-                                   if e["phase"] == "Pending" and k not in active)
+                    queue = sorted(
+                        (e["created"], k)
+                        for k, e in _INDEX.items()
+                        if e["phase"] == "Pending" and k not in active
+                    )
                 position = next((i for i, (_, k) in enumerate(queue) if k == me), len(queue))
                 free = cap - len(active - {me})
                 if me not in active and position >= free:
-                    self.move("Pending", "Queued", f"waiting for a slot: {len(active)} of {cap} jobs running; "
-                              f"position {position + 1 - max(free, 0)} in the queue")
+                    self.move(
+                        "Pending",
+                        "Queued",
+                        f"waiting for a slot: {len(active)} of {cap} jobs running; "
+                        f"position {position + 1 - max(free, 0)} in the queue",
+                    )
                     return
             self.rt.admitted.add(me)
-        self.move("Provisioning", "Provisioning", f"creating the Ray cluster ({self.backend.name})",
-                  checkpointUri=self._config(0).paths.checkpoints, outputUri=self._config(0).paths.output)
+        self.move(
+            "Provisioning",
+            "Provisioning",
+            f"creating the Ray cluster ({self.backend.name})",
+            checkpointUri=self._config(0).paths.checkpoints,
+            outputUri=self._config(0).paths.output,
+        )
 
     def _dependency(self) -> tuple[str, str, dict[str, Any] | None] | None:
         refs = []
@@ -251,23 +291,34 @@ class Reconciler:
         rm = job.spec.rl.reward_model if isinstance(job, FineTuneJob) and job.spec.rl else None
         work_dir = self.rt.settings.local_work_dir or (os.getcwd() if self.backend.name == "local" else None)
         fail_at = _fault_injection(self.body)
-        return build_job_config(job, base_model=self._resolved(src), reward_model=self._resolved(rm),
-                                work_dir=work_dir, attempt=attempt, fail_at_step=fail_at,
-                                # an injected failure must fail the Ray job, not be absorbed by Ray Train
-                                max_worker_failures=0 if fail_at else 2)
+        return build_job_config(
+            job,
+            base_model=self._resolved(src),
+            reward_model=self._resolved(rm),
+            work_dir=work_dir,
+            attempt=attempt,
+            fail_at_step=fail_at,
+            # an injected failure must fail the Ray job, not be absorbed by Ray Train
+            max_worker_failures=0 if fail_at else 2,
+        )
 
     # -- budget (spec.budget), checked while the job holds or waits for a cluster --
     def over_budget(self) -> bool:
         res = self.job.spec.resources
-        why = lifecycle.budget_exceeded(self.job.spec.budget, res.workers, res.gpus_per_worker,
-                                        self.status.get("startTime"))
+        why = lifecycle.budget_exceeded(
+            self.job.spec.budget, res.workers, res.gpus_per_worker, self.status.get("startTime")
+        )
         if why is None:
             return False
         self.stop_ray_job()
         self.backend.teardown(self.job, self.ns)
         self._release()
-        self.move("Failed", "BudgetExceeded", f"{why}: Ray job stopped and cluster deleted; checkpoints kept in "
-                  f"{self.status.get('checkpointUri') or 'storage'}")
+        self.move(
+            "Failed",
+            "BudgetExceeded",
+            f"{why}: Ray job stopped and cluster deleted; checkpoints kept in "
+            f"{self.status.get('checkpointUri') or 'storage'}",
+        )
         return True
 
     # -- Provisioning --
@@ -275,16 +326,24 @@ class Reconciler:
         if self.over_budget():
             return
         state = self.backend.ensure(self.job, self.body, self.ns)
-        ray_info = {"clusterName": state.cluster_name, "address": state.address,
-                    "dashboardUrl": state.address}
+        ray_info = {
+            "clusterName": state.cluster_name,
+            "address": state.address,
+            "dashboardUrl": state.address,
+        }
         if not state.ready:
             waited = _age(self.status, "Provisioning")
             if waited > self.rt.settings.cluster_ready_timeout and isinstance(self.backend, KubeRayBackend):
                 self.backend.teardown(self.job, self.ns)
-                self.move("Provisioning", "ClusterRecreated",
-                          f"RayCluster not ready after {waited:.0f}s: deleted, recreating")
+                self.move(
+                    "Provisioning",
+                    "ClusterRecreated",
+                    f"RayCluster not ready after {waited:.0f}s: deleted, recreating",
+                )
                 return
-            self.move("Provisioning", "ClusterStarting", state.message, ray={k: v for k, v in ray_info.items() if v})
+            self.move(
+                "Provisioning", "ClusterStarting", state.message, ray={k: v for k, v in ray_info.items() if v}
+            )
             return
         self.submit(state, attempt=int(self.status.get("restarts") or 0))
 
@@ -293,20 +352,35 @@ class Reconciler:
         config = self._config(attempt)
         try:
             RayJobs(state.address, python=state.python, token=state.token).submit(config, sid)
-        except Exception as exc:  # noqa: BLE001 - any failure to reach Ray is retried
+        except Exception as exc:
             metrics.SUBMIT_ERRORS.labels(self.kind).inc()
-            self.move("Provisioning", "SubmissionFailed", f"submitting to Ray at {state.address} failed: {exc}")
+            self.move(
+                "Provisioning", "SubmissionFailed", f"submitting to Ray at {state.address} failed: {exc}"
+            )
             raise kopf.TemporaryError(f"Ray submission failed: {exc}", delay=10) from exc
         fields: dict[str, Any] = {
-            "ray": {k: v for k, v in {"clusterName": state.cluster_name, "address": state.address,
-                                      "dashboardUrl": state.address, "jobId": sid,
-                                      "jobStatus": "PENDING"}.items() if v},
-            "outputUri": config.paths.output, "checkpointUri": config.paths.checkpoints,
+            "ray": {
+                k: v
+                for k, v in {
+                    "clusterName": state.cluster_name,
+                    "address": state.address,
+                    "dashboardUrl": state.address,
+                    "jobId": sid,
+                    "jobStatus": "PENDING",
+                }.items()
+                if v
+            },
+            "outputUri": config.paths.output,
+            "checkpointUri": config.paths.checkpoints,
         }
         if not self.status.get("startTime"):
             fields["startTime"] = lifecycle.now()
-        self.move("Running", "Submitted" if attempt == 0 else "Resubmitted",
-                  f"Ray job {sid} submitted" + (f" (attempt {attempt + 1})" if attempt else ""), **fields)
+        self.move(
+            "Running",
+            "Submitted" if attempt == 0 else "Resubmitted",
+            f"Ray job {sid} submitted" + (f" (attempt {attempt + 1})" if attempt else ""),
+            **fields,
+        )
 
     # -- Running --
     def track(self) -> None:
@@ -316,8 +390,12 @@ class Reconciler:
         sid = ray.get("jobId")
         state = self.backend.ensure(self.job, self.body, self.ns)
         if not state.ready:
-            self.move("Provisioning", "ClusterLost", f"the Ray cluster is gone or unready ({state.message}); "
-                      "recreating it and resubmitting from the newest checkpoint")
+            self.move(
+                "Provisioning",
+                "ClusterLost",
+                f"the Ray cluster is gone or unready ({state.message}); "
+                "recreating it and resubmitting from the newest checkpoint",
+            )
             return
         jobs = RayJobs(state.address, python=state.python, token=state.token)
         ray_status = jobs.status(sid) if sid else None
@@ -333,8 +411,12 @@ class Reconciler:
             metrics.relay_progress(self.ns, self.job.metadata.name, self.kind, fields["progress"])
         if ray_status == "SUCCEEDED":
             self.rt.cursors.pop(sid, None)
-            self.move("Succeeded", "Completed", f"training finished; model at {self.status.get('outputUri')}",
-                      **fields)
+            self.move(
+                "Succeeded",
+                "Completed",
+                f"training finished; model at {self.status.get('outputUri')}",
+                **fields,
+            )
             self._release()
             if self.job.spec.ttl_seconds_after_finished is None:
                 self.backend.teardown(self.job, self.ns)
@@ -347,13 +429,21 @@ class Reconciler:
                 metrics.RESTARTS.labels(self.kind).inc()
                 self.patch.status["restarts"] = restarts + 1
                 self.status["restarts"] = restarts + 1
-                kopf.event(self.body, type="Warning", reason="RayJobFailed",
-                           message=f"Ray job {sid} {ray_status}: {error}; resubmitting "
-                           f"({restarts + 1}/{self.job.spec.backoff_limit})")
+                kopf.event(
+                    self.body,
+                    type="Warning",
+                    reason="RayJobFailed",
+                    message=f"Ray job {sid} {ray_status}: {error}; resubmitting "
+                    f"({restarts + 1}/{self.job.spec.backoff_limit})",
+                )
                 self.submit(state, attempt=restarts + 1)
                 return
-            self.move("Failed", "BackoffLimitExceeded",
-                      f"Ray job {sid} {ray_status} after {restarts} resubmissions: {error}", **fields)
+            self.move(
+                "Failed",
+                "BackoffLimitExceeded",
+                f"Ray job {sid} {ray_status} after {restarts} resubmissions: {error}",
+                **fields,
+            )
             self._release()
             self.backend.teardown(self.job, self.ns)
             return
@@ -366,15 +456,22 @@ class Reconciler:
         self.stop_ray_job()
         self.backend.teardown(self.job, self.ns)
         self._release()
-        self.move("Suspended", "Suspended", "Ray job stopped and cluster deleted; checkpoints kept in "
-                  f"{self.status.get('checkpointUri') or 'storage'}; set spec.suspend=false to resume")
+        self.move(
+            "Suspended",
+            "Suspended",
+            "Ray job stopped and cluster deleted; checkpoints kept in "
+            f"{self.status.get('checkpointUri') or 'storage'}; set spec.suspend=false to resume",
+        )
 
     def stop_ray_job(self) -> None:
         sid = (self.status.get("ray") or {}).get("jobId")
         if not sid or self.status.get("phase") not in ("Running", "Provisioning"):
             return
-        state = self.backend.ensure(self.job, self.body, self.ns) if not isinstance(
-            self.backend, KubeRayBackend) or self.backend.exists(self.job, self.ns) else None
+        state = (
+            self.backend.ensure(self.job, self.body, self.ns)
+            if not isinstance(self.backend, KubeRayBackend) or self.backend.exists(self.job, self.ns)
+            else None
+        )
         if state is None or not state.ready:
             return
         jobs = RayJobs(state.address, python=state.python, token=state.token)
@@ -403,7 +500,7 @@ def _age(status: dict[str, Any], phase: str) -> float:
         if c.get("type") == "ClusterReady" and status.get("phase") == phase:
             t = c.get("lastTransitionTime")
             if t:
-                return (datetime.now(timezone.utc) - datetime.fromisoformat(t.replace("Z", "+00:00"))).total_seconds()
+                return (datetime.now(UTC) - datetime.fromisoformat(t.replace("Z", "+00:00"))).total_seconds()
     return 0.0
 
 
@@ -426,30 +523,52 @@ def _fault_injection(body: Any) -> int | None:
 
 def _parse(body: Any, plural: str) -> TrainingJob | FineTuneJob:
     """The typed job, or InvalidJobError: the spec's own rules, then this operator's node pools."""
-    manifest = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KINDS[plural].KIND,
-                "metadata": dict(body["metadata"]), "spec": dict(body["spec"])}
+    manifest = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KINDS[plural].KIND,
+        "metadata": dict(body["metadata"]),
+        "spec": dict(body["spec"]),
+    }
     job: TrainingJob | FineTuneJob = parse_job(manifest)  # type: ignore[assignment]
     pool = job.spec.resources.node_pool
     settings = RUNTIME.settings if RUNTIME else SETTINGS
-    if pool and pool not in settings.node_pools and settings.backend == "kuberay" and not job.spec.ray.address:
+    if (
+        pool
+        and pool not in settings.node_pools
+        and settings.backend == "kuberay"
+        and not job.spec.ray.address
+    ):
         known = ", ".join(sorted(settings.node_pools)) or "none are configured"
-        raise InvalidJobError([FieldError(
-            "spec.resources.nodePool", f"this cluster has no node pool '{pool}'",
-            f"use one of the operator's node pools ({known}; Helm value nodePools), or remove "
-            "nodePool and set resources.nodeSelector/tolerations")], job.metadata.name)
+        raise InvalidJobError(
+            [
+                FieldError(
+                    "spec.resources.nodePool",
+                    f"this cluster has no node pool '{pool}'",
+                    f"use one of the operator's node pools ({known}; Helm value nodePools), or remove "
+                    "nodePool and set resources.nodeSelector/tolerations",
+                )
+            ],
+            job.metadata.name,
+        )
     return job
 
 
 def _fail_invalid(exc: InvalidJobError, body: Any, patch: Any, kind: str) -> None:
     message = "; ".join(f"{e.path}: {e.message}" + (f" (fix: {e.fix})" if e.fix else "") for e in exc.errors)
     status = dict(body.get("status") or {})
-    for k, v in lifecycle.status_patch(status, "Failed", "ValidationFailed", message,
-                                       body["metadata"].get("generation")).items():
+    for k, v in lifecycle.status_patch(
+        status, "Failed", "ValidationFailed", message, body["metadata"].get("generation")
+    ).items():
         patch.status[k] = v
     metrics.TRANSITIONS.labels(kind, "Failed").inc()
     kopf.event(body, type="Warning", reason="ValidationFailed", message=message[:1000])
-    _remember(kind, body["metadata"]["namespace"], body["metadata"]["name"], {"phase": "Failed"},
-              body["metadata"].get("creationTimestamp", ""))
+    _remember(
+        kind,
+        body["metadata"]["namespace"],
+        body["metadata"]["name"],
+        {"phase": "Failed"},
+        body["metadata"].get("creationTimestamp", ""),
+    )
     raise kopf.PermanentError(f"invalid spec: {message}")
 
 
@@ -469,17 +588,37 @@ def _register(plural: str) -> None:
             _fail_invalid(exc, body, patch, kind)
         if not (body.get("status") or {}).get("phase"):
             status: dict[str, Any] = {}
-            for k, v in lifecycle.status_patch(status, "Pending", "Accepted", "spec is valid; waiting to start",
-                                               body["metadata"].get("generation"), restarts=0).items():
+            for k, v in lifecycle.status_patch(
+                status,
+                "Pending",
+                "Accepted",
+                "spec is valid; waiting to start",
+                body["metadata"].get("generation"),
+                restarts=0,
+            ).items():
                 patch.status[k] = v
             metrics.TRANSITIONS.labels(kind, "Pending").inc()
-            _remember(kind, namespace, body["metadata"]["name"], {"phase": "Pending"},
-                      body["metadata"].get("creationTimestamp", ""))
+            _remember(
+                kind,
+                namespace,
+                body["metadata"]["name"],
+                {"phase": "Pending"},
+                body["metadata"].get("creationTimestamp", ""),
+            )
 
-    @kopf.timer(API_GROUP, API_VERSION, plural, id="reconcile", interval=SETTINGS.reconcile_interval,
-                initial_delay=0.5, sharp=False,
-                when=lambda status, spec, **_: (status or {}).get("phase") in _TIMED
-                or ((status or {}).get("phase") == "Suspended" and not (spec or {}).get("suspend")))
+    @kopf.timer(
+        API_GROUP,
+        API_VERSION,
+        plural,
+        id="reconcile",
+        interval=SETTINGS.reconcile_interval,
+        initial_delay=0.5,
+        sharp=False,
+        when=lambda status, spec, **_: (
+            (status or {}).get("phase") in _TIMED
+            or ((status or {}).get("phase") == "Suspended" and not (spec or {}).get("suspend"))
+        ),
+    )
     def reconcile(body: Any, patch: Any, namespace: str, logger: Any, **_: Any) -> None:
         assert RUNTIME is not None
         started = time.perf_counter()
@@ -510,15 +649,24 @@ def _register(plural: str) -> None:
             return
         Reconciler(RUNTIME, job, body, patch, namespace, logger).suspend()
 
-    @kopf.timer(API_GROUP, API_VERSION, plural, id="ttl", interval=5, initial_delay=1,
-                when=lambda status, spec, **_: (status or {}).get("phase") in ("Succeeded", "Failed")
-                and (spec or {}).get("ttlSecondsAfterFinished") is not None)
+    @kopf.timer(
+        API_GROUP,
+        API_VERSION,
+        plural,
+        id="ttl",
+        interval=5,
+        initial_delay=1,
+        when=lambda status, spec, **_: (
+            (status or {}).get("phase") in ("Succeeded", "Failed")
+            and (spec or {}).get("ttlSecondsAfterFinished") is not None
+        ),
+    )
     def ttl(body: Any, namespace: str, status: Any, spec: Any, logger: Any, **_: Any) -> None:
         assert RUNTIME is not None
         done = status.get("completionTime")
         if not done:
             return
-        age = (datetime.now(timezone.utc) - datetime.fromisoformat(done.replace("Z", "+00:00"))).total_seconds()
+        age = (datetime.now(UTC) - datetime.fromisoformat(done.replace("Z", "+00:00"))).total_seconds()
         if age < spec["ttlSecondsAfterFinished"]:
             return
         job = _parse(body, plural)
@@ -527,7 +675,8 @@ def _register(plural: str) -> None:
             from kubernetes import client
 
             client.CustomObjectsApi(RUNTIME.api_client).delete_namespaced_custom_object(
-                API_GROUP, API_VERSION, namespace, plural, body["metadata"]["name"])
+                API_GROUP, API_VERSION, namespace, plural, body["metadata"]["name"]
+            )
             logger.info("TTL expired: job and Ray cluster deleted")
 
     @kopf.on.delete(API_GROUP, API_VERSION, plural, id="finalize")

@@ -8,7 +8,7 @@ transition looks the same in `kubectl get`, `kubectl describe` and the Events.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .api.status import is_terminal
@@ -28,11 +28,12 @@ _TABLE: dict[str, dict[str, str]] = {
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def conditions_for(phase: str, reason: str, message: str, generation: int | None,
-                   previous: list[dict[str, Any]], at: str) -> list[dict[str, Any]]:
+def conditions_for(
+    phase: str, reason: str, message: str, generation: int | None, previous: list[dict[str, Any]], at: str
+) -> list[dict[str, Any]]:
     """Standard conditions for a phase; lastTransitionTime moves only when a status flips."""
     old = {c.get("type"): c for c in previous}
     wanted = _TABLE[phase]
@@ -45,20 +46,29 @@ def conditions_for(phase: str, reason: str, message: str, generation: int | None
             why, text = reason, message
         else:
             why, text = phase, ""
-        cond = {"type": ctype, "status": status, "reason": why, "message": text,
-                "lastTransitionTime": at if flipped else before.get("lastTransitionTime", at),
-                "observedGeneration": generation}
+        cond = {
+            "type": ctype,
+            "status": status,
+            "reason": why,
+            "message": text,
+            "lastTransitionTime": at if flipped else before.get("lastTransitionTime", at),
+            "observedGeneration": generation,
+        }
         # No empty strings or nulls: a merge patch (and apiserver 1.20) reads "" as null.
         out.append({k: v for k, v in cond.items() if v not in ("", None)})
     return out
 
 
-def status_patch(status: dict[str, Any], phase: str, reason: str, message: str,
-                 generation: int | None, **fields: Any) -> dict[str, Any]:
+def status_patch(
+    status: dict[str, Any], phase: str, reason: str, message: str, generation: int | None, **fields: Any
+) -> dict[str, Any]:
     """A status patch moving to `phase`, with conditions, timestamps and extra fields."""
     at = now()
     patch: dict[str, Any] = {
-        "phase": phase, "reason": reason, "message": message or phase, "observedGeneration": generation,
+        "phase": phase,
+        "reason": reason,
+        "message": message or phase,
+        "observedGeneration": generation,
         "conditions": conditions_for(phase, reason, message, generation, status.get("conditions") or [], at),
         **fields,
     }
@@ -67,21 +77,24 @@ def status_patch(status: dict[str, Any], phase: str, reason: str, message: str,
     return patch
 
 
-def budget_exceeded(budget: Any, workers: int, gpus_per_worker: int, start_time: str | None,
-                    at: datetime | None = None) -> str | None:
+def budget_exceeded(
+    budget: Any, workers: int, gpus_per_worker: int, start_time: str | None, at: datetime | None = None
+) -> str | None:
     """Why a job is over its spec.budget (a message naming the field), or None. Wall-clock time
     since status.startTime, so retries count; GPU-hours are what the job holds allocated."""
     if budget is None or not start_time:
         return None
-    at = at or datetime.now(timezone.utc)
+    at = at or datetime.now(UTC)
     elapsed = (at - datetime.fromisoformat(start_time.replace("Z", "+00:00"))).total_seconds()
     deadline = budget.active_deadline_seconds
     if deadline is not None and elapsed > deadline:
-        return (f"ran {elapsed:.0f}s since it started, over spec.budget.activeDeadlineSeconds ({deadline}s)")
+        return f"ran {elapsed:.0f}s since it started, over spec.budget.activeDeadlineSeconds ({deadline}s)"
     gpu_hours = workers * gpus_per_worker * elapsed / 3600
     if budget.max_gpu_hours is not None and gpu_hours > budget.max_gpu_hours:
-        return (f"used {gpu_hours:.2f} GPU-hours ({workers} workers × {gpus_per_worker} GPUs × "
-                f"{elapsed / 3600:.2f} h), over spec.budget.maxGpuHours ({budget.max_gpu_hours:g})")
+        return (
+            f"used {gpu_hours:.2f} GPU-hours ({workers} workers × {gpus_per_worker} GPUs × "
+            f"{elapsed / 3600:.2f} h), over spec.budget.maxGpuHours ({budget.max_gpu_hours:g})"
+        )
     return None
 
 
@@ -94,14 +107,24 @@ def progress_from(record: dict[str, Any], evals: dict[str, Any] | None) -> dict[
     step, total = int(record.get("step", 0)), record.get("total_steps")
     out: dict[str, Any] = {"step": step, "updatedAt": now()}
     if total:
-        out.update(totalSteps=int(total), percent=min(100, int(100 * step / total)), summary=f"{step}/{total}")
-    for src, dst in (("loss", "loss"), ("learning_rate", "learningRate"), ("grad_norm", "gradNorm"),
-                     ("tokens_per_second", "tokensPerSecond"), ("samples_per_second", "samplesPerSecond"),
-                     ("mfu", "mfu"), ("eta_seconds", "etaSeconds"), ("epoch", "epoch"),
-                     ("trainable_fraction", "trainableFraction")):
+        out.update(
+            totalSteps=int(total), percent=min(100, int(100 * step / total)), summary=f"{step}/{total}"
+        )
+    for src, dst in (
+        ("loss", "loss"),
+        ("learning_rate", "learningRate"),
+        ("grad_norm", "gradNorm"),
+        ("tokens_per_second", "tokensPerSecond"),
+        ("samples_per_second", "samplesPerSecond"),
+        ("mfu", "mfu"),
+        ("eta_seconds", "etaSeconds"),
+        ("epoch", "epoch"),
+        ("trainable_fraction", "trainableFraction"),
+    ):
         if isinstance(record.get(src), (int, float)):
             out[dst] = float(record[src])
     if evals:
-        out["evalMetrics"] = {k: float(v) for k, v in evals.items()
-                              if k not in ("type", "step") and isinstance(v, (int, float))}
+        out["evalMetrics"] = {
+            k: float(v) for k, v in evals.items() if k not in ("type", "step") and isinstance(v, (int, float))
+        }
     return out

@@ -6,7 +6,9 @@ target feeds the dashboard even where the Ray pods are not scraped.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -15,23 +17,34 @@ from .api.status import PHASES
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-TRANSITIONS = Counter("forgeline_job_transitions_total", "Job phase transitions",
-                      ["kind", "phase"], registry=REGISTRY)
-RECONCILE = Histogram("forgeline_reconcile_duration_seconds", "Duration of one job reconcile",
-                      ["kind"], registry=REGISTRY,
-                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-RECONCILE_ERRORS = Counter("forgeline_reconcile_errors_total", "Reconciles that raised", ["kind"],
-                           registry=REGISTRY)
-SUBMIT_ERRORS = Counter("forgeline_ray_submission_errors_total", "Failed Ray job submissions", ["kind"],
-                        registry=REGISTRY)
-RESTARTS = Counter("forgeline_job_restarts_total", "Ray job resubmissions after failures", ["kind"],
-                   registry=REGISTRY)
+TRANSITIONS = Counter(
+    "forgeline_job_transitions_total", "Job phase transitions", ["kind", "phase"], registry=REGISTRY
+)
+RECONCILE = Histogram(
+    "forgeline_reconcile_duration_seconds",
+    "Duration of one job reconcile",
+    ["kind"],
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RECONCILE_ERRORS = Counter(
+    "forgeline_reconcile_errors_total", "Reconciles that raised", ["kind"], registry=REGISTRY
+)
+SUBMIT_ERRORS = Counter(
+    "forgeline_ray_submission_errors_total", "Failed Ray job submissions", ["kind"], registry=REGISTRY
+)
+RESTARTS = Counter(
+    "forgeline_job_restarts_total", "Ray job resubmissions after failures", ["kind"], registry=REGISTRY
+)
 _JOB_LABELS = ["namespace", "job", "kind"]
 LOSS = Gauge("forgeline_job_loss", "Latest training loss", _JOB_LABELS, registry=REGISTRY)
-TOKENS = Gauge("forgeline_job_tokens_per_second", "Training tokens per second", _JOB_LABELS, registry=REGISTRY)
+TOKENS = Gauge(
+    "forgeline_job_tokens_per_second", "Training tokens per second", _JOB_LABELS, registry=REGISTRY
+)
 MFU = Gauge("forgeline_job_mfu", "Model FLOPs utilisation (0-1)", _JOB_LABELS, registry=REGISTRY)
-PROGRESS = Gauge("forgeline_job_progress_ratio", "Optimizer steps done / planned", _JOB_LABELS,
-                 registry=REGISTRY)
+PROGRESS = Gauge(
+    "forgeline_job_progress_ratio", "Optimizer steps done / planned", _JOB_LABELS, registry=REGISTRY
+)
 EVAL_LOSS = Gauge("forgeline_job_eval_loss", "Latest evaluation loss", _JOB_LABELS, registry=REGISTRY)
 
 # Counters exist at 0 from the start, so `rate()` in dashboards and alerts has a series to work on
@@ -46,7 +59,7 @@ for _kind in ("TrainingJob", "FineTuneJob"):
 class _PhaseCollector:
     """forgeline_jobs{kind, phase}: counted at scrape time from the operator's in-memory index."""
 
-    def __init__(self, source: Callable[[], dict[tuple[str, str], int]]):
+    def __init__(self, source: Callable[[], dict[tuple[str, str], int]]) -> None:
         self.source = source
 
     def collect(self) -> Any:
@@ -74,10 +87,8 @@ def relay_progress(namespace: str, job: str, kind: str, progress: dict[str, Any]
 
 def forget_job(namespace: str, job: str, kind: str) -> None:
     for gauge in (LOSS, TOKENS, MFU, PROGRESS, EVAL_LOSS):
-        try:
+        with contextlib.suppress(KeyError):
             gauge.remove(namespace, job, kind)
-        except KeyError:
-            pass
 
 
 def serve(port: int) -> None:

@@ -29,7 +29,7 @@ def parse_records(text: str) -> list[dict[str, Any]]:
         at = line.find(PROGRESS_PREFIX)
         if at < 0:
             continue
-        payload = _ANSI.sub("", line[at + len(PROGRESS_PREFIX):]).strip()
+        payload = _ANSI.sub("", line[at + len(PROGRESS_PREFIX) :]).strip()
         try:
             record = json.loads(payload)
         except json.JSONDecodeError:
@@ -54,7 +54,7 @@ class LogCursor:
     def feed(self, full_log: str) -> list[dict[str, Any]]:
         if len(full_log) < self.offset:  # log restarted (new submission)
             self.offset = 0
-        chunk = full_log[self.offset:]
+        chunk = full_log[self.offset :]
         cut = chunk.rfind("\n") + 1  # only complete lines
         self.offset += cut
         records = parse_records(chunk[:cut])
@@ -66,8 +66,9 @@ class LogCursor:
 class RayJobs:
     """A thin wrapper over `ray.job_submission.JobSubmissionClient`."""
 
-    def __init__(self, address: str, python: str | None = None, request_timeout: float = 30.0,
-                 token: str | None = None):
+    def __init__(
+        self, address: str, python: str | None = None, request_timeout: float = 30.0, token: str | None = None
+    ) -> None:
         """token: the cluster's Ray auth token (sent as `Authorization: Bearer`). Pass it whenever
         it is known: Ray's own lookup (RAY_AUTH_TOKEN / token file) is cached per process, so a
         process that talks to two Ray clusters would send the first one's token to both."""
@@ -81,8 +82,13 @@ class RayJobs:
         plain = self.client._do_request
         self.client._do_request = lambda *a, **kw: plain(*a, **{"timeout": request_timeout, **kw})
 
-    def submit(self, config: TrainingJobConfig | FineTuneJobConfig, submission_id: str,
-               env: dict[str, str] | None = None, wait_for_agent: float = 0.0) -> str:
+    def submit(
+        self,
+        config: TrainingJobConfig | FineTuneJobConfig,
+        submission_id: str,
+        env: dict[str, str] | None = None,
+        wait_for_agent: float = 0.0,
+    ) -> str:
         """Submit the trainer; idempotent per submission id (a re-delivered submit finds the job).
 
         A fresh head may answer "No available agent" for a few seconds: retried for up to
@@ -90,16 +96,25 @@ class RayJobs:
         existing = self.status(submission_id)
         if existing is not None:
             return submission_id
-        env_vars = {CONFIG_ENV: dump_job_config(config), "PYTHONUNBUFFERED": "1",
-                    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", **(env or {})}
+        env_vars = {
+            CONFIG_ENV: dump_job_config(config),
+            "PYTHONUNBUFFERED": "1",
+            "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+            **(env or {}),
+        }
         deadline = time.monotonic() + wait_for_agent
         while True:
             try:
                 return self.client.submit_job(
-                    entrypoint=entrypoint(self.python), submission_id=submission_id,
+                    entrypoint=entrypoint(self.python),
+                    submission_id=submission_id,
                     runtime_env={"env_vars": env_vars},
-                    metadata={"forgeline.dev/job": config.name, "forgeline.dev/namespace": config.namespace,
-                              "forgeline.dev/kind": config.kind})
+                    metadata={
+                        "forgeline.dev/job": config.name,
+                        "forgeline.dev/namespace": config.namespace,
+                        "forgeline.dev/kind": config.kind,
+                    },
+                )
             except RuntimeError as exc:
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.exceptions import AuthenticationError
 from rich.console import Console
 from rich.markup import escape
-from ray.exceptions import AuthenticationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .api import FieldError, FineTuneJob, InvalidJobError, TrainingJob, parse_job
@@ -61,46 +61,86 @@ def load_jobs(path: str) -> list[TrainingJob | FineTuneJob]:
     if errors:
         raise InvalidJobError(errors)
     if not jobs:
-        raise InvalidJobError([FieldError("(file)", "no TrainingJob or FineTuneJob in it",
-                                          "give a manifest with kind TrainingJob or FineTuneJob")])
+        raise InvalidJobError(
+            [
+                FieldError(
+                    "(file)",
+                    "no TrainingJob or FineTuneJob in it",
+                    "give a manifest with kind TrainingJob or FineTuneJob",
+                )
+            ]
+        )
     return jobs
 
 
 def _resolve_from_job(ref: Any, done: dict[str, RunResult]) -> str:
     prior = done.get(ref.name)
     if prior is None:
-        raise InvalidJobError([FieldError(
-            "fromJob", f"{ref.kind}/{ref.name} is not an earlier job in this run",
-            "put that job before this one in the same file, or use baseModel.path")])
+        raise InvalidJobError(
+            [
+                FieldError(
+                    "fromJob",
+                    f"{ref.kind}/{ref.name} is not an earlier job in this run",
+                    "put that job before this one in the same file, or use baseModel.path",
+                )
+            ]
+        )
     if not prior.ok:
         raise RuntimeError(f"{ref.kind}/{ref.name} did not succeed ({prior.status})")
     return prior.output
 
 
-def run_job(job: TrainingJob | FineTuneJob, ray_jobs: RayJobs, console: Console, *,
-            output: str | None, done: dict[str, RunResult], work_dir: str,
-            submitted: list[str] | None = None, fail_at_step: int | None = None, attempt: int = 0,
-            max_worker_failures: int = 2, quiet: bool = False) -> RunResult:
+def run_job(
+    job: TrainingJob | FineTuneJob,
+    ray_jobs: RayJobs,
+    console: Console,
+    *,
+    output: str | None,
+    done: dict[str, RunResult],
+    work_dir: str,
+    submitted: list[str] | None = None,
+    fail_at_step: int | None = None,
+    attempt: int = 0,
+    max_worker_failures: int = 2,
+    quiet: bool = False,
+) -> RunResult:
     base = reward = None
     src = job.spec.model.init_from if isinstance(job, TrainingJob) else job.spec.base_model
     if src is not None and src.from_job is not None:
         base = _resolve_from_job(src.from_job, done)
     if isinstance(job, FineTuneJob) and job.spec.rl and job.spec.rl.reward_model.from_job:
         reward = _resolve_from_job(job.spec.rl.reward_model.from_job, done)
-    config = build_job_config(job, output=output, base_model=base, reward_model=reward, work_dir=work_dir,
-                              run_name=f"local-{job.metadata.name}", attempt=attempt,
-                              fail_at_step=fail_at_step, max_worker_failures=max_worker_failures)
+    config = build_job_config(
+        job,
+        output=output,
+        base_model=base,
+        reward_model=reward,
+        work_dir=work_dir,
+        run_name=f"local-{job.metadata.name}",
+        attempt=attempt,
+        fail_at_step=fail_at_step,
+        max_worker_failures=max_worker_failures,
+    )
     sid = f"forgeline-{job.metadata.name}-{uuid.uuid4().hex[:8]}"
     ray_jobs.submit(config, sid, wait_for_agent=120)
     if submitted is not None:
         submitted.append(sid)
-    console.print(f"[bold]{job.KIND}/{job.metadata.name}[/bold]: submitted Ray job {sid} to {ray_jobs.address}")
+    console.print(
+        f"[bold]{job.KIND}/{job.metadata.name}[/bold]: submitted Ray job {sid} to {ray_jobs.address}"
+    )
     cursor = LogCursor()
     records: list[dict[str, Any]] = []
     status = "PENDING"
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
-                  disable=quiet, transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as bar:
         task = bar.add_task(escape(job.metadata.name), total=None, stats="starting")
         while True:
             status = ray_jobs.status(sid) or "PENDING"
@@ -109,7 +149,9 @@ def run_job(job: TrainingJob | FineTuneJob, ray_jobs: RayJobs, console: Console,
             for r in new:
                 kind = r.get("type")
                 if kind == "progress":
-                    stats = f"loss {r.get('loss', float('nan')):.4f}  {r.get('tokens_per_second', 0):,.0f} tok/s"
+                    stats = (
+                        f"loss {r.get('loss', float('nan')):.4f}  {r.get('tokens_per_second', 0):,.0f} tok/s"
+                    )
                     if r.get("mfu") is not None:
                         stats += f"  MFU {100 * r['mfu']:.1f}%"
                     bar.update(task, total=r.get("total_steps"), completed=r.get("step"), stats=stats)
@@ -163,11 +205,22 @@ def main(args: Any) -> int:
             console.print("starting an embedded Ray head (token auth) ...")
             local.start()
             console.print(f"Ray dashboard: {local.address}")
-        ray_jobs = RayJobs(args.address or local.address, python=local_python() if local else None,
-                           token=local.token if local else None, request_timeout=10)
+        ray_jobs = RayJobs(
+            args.address or local.address,
+            python=local_python() if local else None,
+            token=local.token if local else None,
+            request_timeout=10,
+        )
         for job in jobs:
-            result = run_job(job, ray_jobs, console, output=args.output, done=done,
-                             work_dir=os.getcwd(), submitted=submitted)
+            result = run_job(
+                job,
+                ray_jobs,
+                console,
+                output=args.output,
+                done=done,
+                work_dir=os.getcwd(),
+                submitted=submitted,
+            )
             if not result.ok:
                 return 1
         return 0
@@ -181,9 +234,11 @@ def main(args: Any) -> int:
         return 1
     except (ConnectionError, OSError, AuthenticationError) as exc:
         where = args.address or "the embedded Ray head"
-        console.print(f"[red]cannot use the Ray cluster at {escape(where)}: {escape(str(exc).strip())}[/red]\n"
-                      "  fix: pass the Ray Jobs API address (dashboard port, usually 8265) to --address, "
-                      "and for clusters with token auth export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
+        console.print(
+            f"[red]cannot use the Ray cluster at {escape(where)}: {escape(str(exc).strip())}[/red]\n"
+            "  fix: pass the Ray Jobs API address (dashboard port, usually 8265) to --address, "
+            "and for clusters with token auth export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
+        )
         return 1
     finally:
         if local is not None:
@@ -212,16 +267,24 @@ def _stop(ray_jobs: RayJobs, submission_ids: list[str], console: Console) -> Non
 
 def _summary(result: RunResult, work_dir: str) -> str:
     done = result.last("done")
-    out = result.output if "://" in result.output or result.output.startswith("/") \
+    out = (
+        result.output
+        if "://" in result.output or result.output.startswith("/")
         else str(Path(work_dir) / result.output)
+    )
     lines = [f"[green]✓ {result.kind}/{result.name} succeeded[/green]"]
     if done.get("final_loss") is not None:
         first = next((r.get("loss") for r in result.records if r.get("type") == "progress"), None)
-        lines.append(f"  loss {first:.4f} → {done['final_loss']:.4f}" if first is not None
-                     else f"  final loss {done['final_loss']:.4f}")
+        lines.append(
+            f"  loss {first:.4f} → {done['final_loss']:.4f}"
+            if first is not None
+            else f"  final loss {done['final_loss']:.4f}"
+        )
     evals = [r for r in result.records if r.get("type") == "eval"]
     if evals:
-        lines.append("  final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in evals[-1].items()
-                                                  if k not in ("type", "step")))
+        lines.append(
+            "  final eval: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in evals[-1].items() if k not in ("type", "step"))
+        )
     lines.append(f"  output: {out} (model, tokenizer, metrics.json, loss.png)")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ _META = "forgeline_state.json"
 
 
 class Checkpointer:
-    def __init__(self, rt: RuntimeInfo, interval: int, trainable_only: bool = False):
+    def __init__(self, rt: RuntimeInfo, interval: int, trainable_only: bool = False) -> None:
         """trainable_only: save just the parameters that train (PEFT adapters, prompt embeddings):
         the frozen base is reloaded from the base model on resume."""
         self.rt = rt
@@ -36,21 +36,51 @@ class Checkpointer:
             return {n: p.detach().cpu() for n, p in bare.named_parameters() if p.requires_grad}
         return bare.state_dict()
 
-    def maybe_save(self, step: int, total: int, *, engine: Any, model: Any, optimizer: Any,
-                   scheduler: Any, reporter: Any, metrics: dict[str, float]) -> bool:
+    def maybe_save(
+        self,
+        step: int,
+        total: int,
+        *,
+        engine: Any,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        reporter: Any,
+        metrics: dict[str, float],
+    ) -> bool:
         if step % self.interval and step != total:
             return False
-        self.save(step, engine=engine, model=model, optimizer=optimizer, scheduler=scheduler,
-                  reporter=reporter, metrics=metrics)
+        self.save(
+            step,
+            engine=engine,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            reporter=reporter,
+            metrics=metrics,
+        )
         return True
 
-    def save(self, step: int, *, engine: Any, model: Any, optimizer: Any, scheduler: Any,
-             reporter: Any, metrics: dict[str, float]) -> None:
+    def save(
+        self,
+        step: int,
+        *,
+        engine: Any,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        reporter: Any,
+        metrics: dict[str, float],
+    ) -> None:
         import ray.train
         import torch
 
-        meta = {"step": step, "history": reporter.history, "eval_history": reporter.eval_history,
-                "tokens_seen": reporter.tokens_seen}
+        meta = {
+            "step": step,
+            "history": reporter.history,
+            "eval_history": reporter.eval_history,
+            "tokens_seen": reporter.tokens_seen,
+        }
         with tempfile.TemporaryDirectory(prefix="forgeline-ckpt-") as tmp:
             d = Path(tmp)
             if engine is not None:
@@ -59,8 +89,15 @@ class Checkpointer:
                     (d / _META).write_text(json.dumps(meta))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             elif self.rt.rank == 0:
-                torch.save({"model": self._model_state(model), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "step": step}, d / _STATE)
+                torch.save(
+                    {
+                        "model": self._model_state(model),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "step": step,
+                    },
+                    d / _STATE,
+                )
                 (d / _META).write_text(json.dumps(meta))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             else:
@@ -72,8 +109,17 @@ class Checkpointer:
 
             emit({"type": "checkpoint", "step": step})
 
-    def restore(self, *, engine: Any, model: Any, optimizer: Any, scheduler: Any, reporter: Any,
-                resume_from: str | None = None, work_dir: str | None = None) -> int:
+    def restore(
+        self,
+        *,
+        engine: Any,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        reporter: Any,
+        resume_from: str | None = None,
+        work_dir: str | None = None,
+    ) -> int:
         """The step to start from: the newest Ray Train checkpoint of this run, else `resumeFrom`,
         else 0."""
         import ray.train
@@ -93,12 +139,15 @@ class Checkpointer:
         if engine is not None:
             if not (d / _TAG).exists():
                 raise FileNotFoundError(f"{d} holds no DeepSpeed checkpoint (tag '{_TAG}')")
-            _, client = engine.load_checkpoint(str(d), tag=_TAG, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+            _, client = engine.load_checkpoint(
+                str(d), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             step = int(client["step"])
         else:
             state = torch.load(d / _STATE, map_location="cpu", weights_only=False)
-            missing = getattr(model, "module", model).load_state_dict(state["model"], strict=not self.trainable_only)
+            missing = getattr(model, "module", model).load_state_dict(
+                state["model"], strict=not self.trainable_only
+            )
             if self.trainable_only and missing.unexpected_keys:
                 raise RuntimeError(f"checkpoint does not fit the model: {missing.unexpected_keys[:5]}")
             optimizer.load_state_dict(state["optimizer"])

@@ -58,5 +58,11 @@ def lora_config(spec: Any, task: str):  # noqa: ANN201 - peft.LoraConfig or None
 
     lora = spec.lora
     targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      bias=lora.bias, task_type=task)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias=lora.bias,
+        task_type=task,
+    )

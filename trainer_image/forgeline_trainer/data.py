@@ -12,9 +12,10 @@ import io
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,9 +67,13 @@ def read_texts(sources: Sequence[Any], text_field: str, work_dir: str | None = N
         field_name = "text" if src.format == "text" else text_field
         missing = sum(1 for r in records if not isinstance(r.get(field_name), str))
         if missing == len(records):
-            raise ValueError(f"{src.uri}: no record has a string field '{field_name}' "
-                             f"(spec.data.textField); fields seen: {sorted(records[0]) if records else []}")
-        per_source.append((src.weight, [r[field_name] for r in records if isinstance(r.get(field_name), str)]))
+            raise ValueError(
+                f"{src.uri}: no record has a string field '{field_name}' "
+                f"(spec.data.textField); fields seen: {sorted(records[0]) if records else []}"
+            )
+        per_source.append(
+            (src.weight, [r[field_name] for r in records if isinstance(r.get(field_name), str)])
+        )
     if len(per_source) == 1:
         return per_source[0][1]
     # Weighted mixing: scale each source so its share of documents follows its weight.
@@ -125,8 +130,10 @@ def apply_filters(docs: Iterable[str], filters: Any) -> tuple[list[str], FilterR
         if filters.max_chars is not None and n > filters.max_chars:
             report.too_long += 1
             continue
-        if filters.max_repeated_line_ratio is not None and \
-                repeated_line_ratio(doc) > filters.max_repeated_line_ratio:
+        if (
+            filters.max_repeated_line_ratio is not None
+            and repeated_line_ratio(doc) > filters.max_repeated_line_ratio
+        ):
             report.repeated_lines += 1
             continue
         if filters.dedup == "exact":
@@ -157,8 +164,13 @@ def holdout_split(docs: Sequence[str], fraction: float) -> tuple[list[str], list
 # -- tokenizer ---------------------------------------------------------------------------------
 
 
-SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-                  "unk_token": "<unk>", "mask_token": "<mask>"}
+SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "mask_token": "<mask>",
+}
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -175,8 +187,12 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     fast.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -249,10 +265,10 @@ def batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> np.n
     order = np.random.default_rng([seed, epoch]).permutation(n_items)
     if n_items < global_batch:
         order = np.resize(order, global_batch)
-    return order[pos * global_batch:(pos + 1) * global_batch]
+    return order[pos * global_batch : (pos + 1) * global_batch]
 
 
 def worker_slice(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
     """This worker's share of a global batch: a contiguous, equal-sized slice."""
     per = len(indices) // world
-    return indices[rank * per:(rank + 1) * per]
+    return indices[rank * per : (rank + 1) * per]

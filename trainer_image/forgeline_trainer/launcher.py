@@ -84,8 +84,14 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="forgeline-prep-") as staging:
         prepared = recipe.prepare(cfg, Path(staging))
-    progress.emit({"type": "event", "message": "data ready", "seconds": round(time.perf_counter() - t0, 2),
-                   **{k: v for k, v in prepared.items() if k in ("filters", "documents", "blocks", "examples")}})
+    progress.emit(
+        {
+            "type": "event",
+            "message": "data ready",
+            "seconds": round(time.perf_counter() - t0, 2),
+            **{k: v for k, v in prepared.items() if k in ("filters", "documents", "blocks", "examples")},
+        }
+    )
 
     ck = cfg.spec.checkpointing
     run_name = cfg.run.run_name if ck.resume == "auto" else f"{cfg.run.run_name}-{int(time.time())}"
@@ -96,24 +102,31 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
         recipe.train_loop,
         train_loop_config={"config": dump_job_config(cfg), "prepared": prepared},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker=per_worker),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path,
+            name=run_name,
+            storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ck.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_worker_failures),
             worker_runtime_env={"env_vars": env},
         ),
     )
     result = trainer.fit()
-    return {"checkpoint": None if result.checkpoint is None else result.checkpoint.path,
-            "metrics": result.metrics}
+    return {
+        "checkpoint": None if result.checkpoint is None else result.checkpoint.path,
+        "metrics": result.metrics,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forgeline_trainer", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True,
-                        help="job config: a JSON file, JSON text, or env:VAR (read from that variable)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="job config: a JSON file, JSON text, or env:VAR (read from that variable)",
+    )
     args = parser.parse_args(argv)
     source = args.config
     if source.startswith("env:"):

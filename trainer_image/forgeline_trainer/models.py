@@ -8,21 +8,39 @@ from typing import Any
 from . import storage
 
 # Spec field -> config attribute name per architecture family.
-_LLAMA_LIKE = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
-               "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
-               "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
-               "max_position_embeddings": "max_position_embeddings"}
+_LLAMA_LIKE = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+}
 _FIELD_NAMES = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "mixtral": {**_LLAMA_LIKE, "num_experts": "num_local_experts",
-                "experts_per_token": "num_experts_per_tok"},
-    "gpt2": {"hidden_size": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
-             "intermediate_size": "n_inner", "vocab_size": "vocab_size",
-             "max_position_embeddings": "n_positions"},
-    "bert": {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
-             "num_heads": "num_attention_heads", "intermediate_size": "intermediate_size",
-             "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings"},
+    "mixtral": {
+        **_LLAMA_LIKE,
+        "num_experts": "num_local_experts",
+        "experts_per_token": "num_experts_per_tok",
+    },
+    "gpt2": {
+        "hidden_size": "n_embd",
+        "num_layers": "n_layer",
+        "num_heads": "n_head",
+        "intermediate_size": "n_inner",
+        "vocab_size": "vocab_size",
+        "max_position_embeddings": "n_positions",
+    },
+    "bert": {
+        "hidden_size": "hidden_size",
+        "num_layers": "num_hidden_layers",
+        "num_heads": "num_attention_heads",
+        "intermediate_size": "intermediate_size",
+        "vocab_size": "vocab_size",
+        "max_position_embeddings": "max_position_embeddings",
+    },
 }
 
 
@@ -33,8 +51,10 @@ def fresh_config(model_spec: Any, vocab_size: int, seq_len: int, special: dict[s
 
     arch = model_spec.architecture
     names = _FIELD_NAMES[arch]
-    values = {"vocab_size": model_spec.vocab_size or vocab_size,
-              "max_position_embeddings": model_spec.max_position_embeddings or seq_len}
+    values = {
+        "vocab_size": model_spec.vocab_size or vocab_size,
+        "max_position_embeddings": model_spec.max_position_embeddings or seq_len,
+    }
     for field in names:
         if field not in values and getattr(model_spec, field) is not None:
             values[field] = getattr(model_spec, field)
@@ -63,7 +83,7 @@ def model_location(location: str, work_dir: str | None) -> str:
     """A local directory for a path/URI (object stores are downloaded once); `hf://org/name`
     (a hub id, as the job config writes it) is handed to transformers as `org/name`."""
     if location.startswith("hf://"):
-        return location[len("hf://"):]
+        return location[len("hf://") :]
     resolved = storage.resolve(location, work_dir)
     if not storage.is_remote(resolved) and not Path(resolved).is_dir():
         raise FileNotFoundError(f"model directory {resolved} does not exist")
@@ -73,8 +93,11 @@ def model_location(location: str, work_dir: str | None) -> str:
 def active_params(model: Any) -> int:
     """Parameters one token passes through (embeddings excluded; MoE: only routed experts)."""
     cfg = model.config
-    total = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "wte" not in n
-                and "wpe" not in n)
+    total = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if "embed" not in n and "wte" not in n and "wpe" not in n
+    )
     experts = getattr(cfg, "num_local_experts", None)
     per_tok = getattr(cfg, "num_experts_per_tok", None)
     if experts and per_tok:
@@ -86,6 +109,6 @@ def active_params(model: Any) -> int:
 def shape(model: Any) -> tuple[int, int]:
     """(layers, hidden size) of a transformers model."""
     cfg = model.config
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
     return int(layers), int(hidden)

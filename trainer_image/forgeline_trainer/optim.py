@@ -27,7 +27,9 @@ def batch_plan(global_batch: int | None, micro: int, world: int) -> BatchPlan:
         return BatchPlan(world, micro, 1)
     accumulation, rest = divmod(global_batch, world * micro)
     if rest or accumulation < 1:
-        raise ValueError(f"global batch {global_batch} is not a multiple of {world} workers × micro batch {micro}")
+        raise ValueError(
+            f"global batch {global_batch} is not a multiple of {world} workers × micro batch {micro}"
+        )
     return BatchPlan(world, micro, accumulation)
 
 
@@ -68,11 +70,16 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 def adamw(model: Any, opt_spec: Any):  # noqa: ANN201
     import torch
 
-    return torch.optim.AdamW(param_groups(model, opt_spec.weight_decay), lr=opt_spec.learning_rate,
-                             betas=(opt_spec.adam_beta1, opt_spec.adam_beta2))
+    return torch.optim.AdamW(
+        param_groups(model, opt_spec.weight_decay),
+        lr=opt_spec.learning_rate,
+        betas=(opt_spec.adam_beta1, opt_spec.adam_beta2),
+    )
 
 
-def deepspeed_config(ds_spec: Any, opt_spec: Any, plan: BatchPlan, bf16: bool, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(
+    ds_spec: Any, opt_spec: Any, plan: BatchPlan, bf16: bool, on_gpu: bool
+) -> dict[str, Any]:
     """The DeepSpeed config the spec implies, with the raw `deepspeed.config` merged over it."""
     zero: dict[str, Any] = {"stage": ds_spec.zero_stage}
     if ds_spec.offload_optimizer:
@@ -95,9 +102,14 @@ def deepspeed_config(ds_spec: Any, opt_spec: Any, plan: BatchPlan, bf16: bool, o
     }
     if on_gpu or ds_spec.offload_optimizer:
         # DeepSpeed builds its own optimizer: FusedAdam on GPUs, DeepSpeedCPUAdam when offloading.
-        cfg["optimizer"] = {"type": "AdamW", "params": {
-            "lr": opt_spec.learning_rate, "betas": [opt_spec.adam_beta1, opt_spec.adam_beta2],
-            "weight_decay": opt_spec.weight_decay}}
+        cfg["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": opt_spec.learning_rate,
+                "betas": [opt_spec.adam_beta1, opt_spec.adam_beta2],
+                "weight_decay": opt_spec.weight_decay,
+            },
+        }
     return _deep_merge(cfg, copy.deepcopy(ds_spec.config))
 
 

@@ -24,8 +24,13 @@ def plot_loss(out_dir: Path, history: list[dict[str, Any]], evals: list[dict[str
         ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1.2)
     eval_points = [e for e in evals if "eval_loss" in e]
     if eval_points:
-        ax.plot([e["step"] for e in eval_points], [e["eval_loss"] for e in eval_points], "o-",
-                label="eval loss", lw=1.2)
+        ax.plot(
+            [e["step"] for e in eval_points],
+            [e["eval_loss"] for e in eval_points],
+            "o-",
+            label="eval loss",
+            lw=1.2,
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

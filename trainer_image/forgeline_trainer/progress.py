@@ -26,9 +26,20 @@ from forgeline_operator.api.jobconfig import PROGRESS_PREFIX
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment.
 GPU_PEAK_BF16 = {
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
-    "L4": 121e12, "A6000": 155e12, "V100": 125e12, "T4": 65e12,
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A6000": 155e12,
+    "V100": 125e12,
+    "T4": 65e12,
 }
 
 
@@ -76,22 +87,24 @@ class _Gauges:
     """Ray metrics gauges (exported by every Ray node's metrics agent for Prometheus)."""
 
     NAMES = {
-        "loss": "Latest training loss", "learning_rate": "Current learning rate",
+        "loss": "Latest training loss",
+        "learning_rate": "Current learning rate",
         "tokens_per_second": "Training tokens per second over all workers",
-        "mfu": "Model FLOPs utilisation (0-1)", "step": "Optimizer steps done",
-        "total_steps": "Optimizer steps planned", "eval_loss": "Latest evaluation loss",
+        "mfu": "Model FLOPs utilisation (0-1)",
+        "step": "Optimizer steps done",
+        "total_steps": "Optimizer steps planned",
+        "eval_loss": "Latest evaluation loss",
         "grad_norm": "Global gradient norm before clipping",
     }
 
-    def __init__(self, tags: dict[str, str]):
+    def __init__(self, tags: dict[str, str]) -> None:
         self.tags = tags
         self.gauges: dict[str, Any] = {}
         try:
             from ray.util.metrics import Gauge
 
             for key, desc in self.NAMES.items():
-                self.gauges[key] = Gauge(f"forgeline_trainer_{key}", description=desc,
-                                         tag_keys=tuple(tags))
+                self.gauges[key] = Gauge(f"forgeline_trainer_{key}", description=desc, tag_keys=tuple(tags))
         except Exception:  # noqa: BLE001 - metrics are best effort outside a Ray cluster
             self.gauges = {}
 
@@ -126,33 +139,52 @@ class Reporter:
         self.eval_history: list[dict[str, Any]] = []
         self.tokens_seen = 0
         self.last: dict[str, Any] = {}
-        self._gauges = _Gauges({"job": self.job, "namespace": self.namespace, "kind": self.kind}) \
-            if self.is_chief else None
+        self._gauges = (
+            _Gauges({"job": self.job, "namespace": self.namespace, "kind": self.kind})
+            if self.is_chief
+            else None
+        )
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float | None = None,
-             samples: int = 0, tokens: int | None = None, force: bool = False, **more: Any) -> None:
+    def step(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float | None = None,
+        samples: int = 0,
+        tokens: int | None = None,
+        force: bool = False,
+        **more: Any,
+    ) -> None:
         """Record optimizer step `step` (1-based) finished with `loss`."""
         self._window_steps += 1
         self.tokens_seen += tokens if tokens is not None else self.tokens_per_step
         point = {"step": step, "loss": loss, "learning_rate": lr}
         self.history.append(point)
         now = time.perf_counter()
-        if not self.is_chief or (not force and now - self._last_emit < self.interval and step != self.total_steps):
+        if not self.is_chief or (
+            not force and now - self._last_emit < self.interval and step != self.total_steps
+        ):
             return
         elapsed = now - self._window_start
         sec_per_step = elapsed / max(self._window_steps, 1)
         tps = (tokens if tokens is not None else self.tokens_per_step) / sec_per_step if sec_per_step else 0.0
         mfu = tps * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
         record = {
-            "type": "progress", "step": step, "total_steps": self.total_steps,
-            "loss": round(loss, 6), "learning_rate": lr,
+            "type": "progress",
+            "step": step,
+            "total_steps": self.total_steps,
+            "loss": round(loss, 6),
+            "learning_rate": lr,
             "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
             "tokens_per_second": round(tps, 2),
             "samples_per_second": round(samples / sec_per_step, 3) if samples and sec_per_step else None,
             "mfu": None if mfu is None else round(mfu, 6),
             "eta_seconds": round(sec_per_step * (self.total_steps - step), 1),
-            "tokens_seen": self.tokens_seen, "elapsed_seconds": round(now - self._started, 2),
-            **self.extra, **more,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_seconds": round(now - self._started, 2),
+            **self.extra,
+            **more,
         }
         record = {k: v for k, v in record.items() if v is not None}
         emit(record)

@@ -19,8 +19,12 @@ class RuntimeInfo:
         import torch
 
         ctx = ray.train.get_context()
-        return cls(rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-                   local_rank=ctx.get_local_rank(), on_gpu=torch.cuda.is_available())
+        return cls(
+            rank=ctx.get_world_rank(),
+            world=ctx.get_world_size(),
+            local_rank=ctx.get_local_rank(),
+            on_gpu=torch.cuda.is_available(),
+        )
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> tuple[bool, str]:

@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from . import data as D
 
-ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
-                     "further context. Write a response that appropriately completes the request.\n\n"
-                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                   "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
 IGNORE = -100
 
-_REQUIRED = {"alpaca": ("instruction", "output"), "chat": ("messages",),
-             "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
+_REQUIRED = {
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "prompt": ("prompt",),
+}
 
 
 def read_examples(sources: Sequence[Any], fmt: str, work_dir: str | None) -> list[dict[str, Any]]:
@@ -34,8 +43,10 @@ def read_examples(sources: Sequence[Any], fmt: str, work_dir: str | None) -> lis
         for i, rec in enumerate(records):
             missing = [f for f in _REQUIRED[fmt] if f not in rec]
             if missing:
-                raise ValueError(f"{src.uri} record {i + 1}: missing {missing} for "
-                                 f"spec.dataset.format {fmt} (fields: {sorted(rec)})")
+                raise ValueError(
+                    f"{src.uri} record {i + 1}: missing {missing} for "
+                    f"spec.dataset.format {fmt} (fields: {sorted(rec)})"
+                )
         out.extend(records)
     if not out:
         raise ValueError("spec.dataset: no records")
@@ -55,7 +66,9 @@ def prompt_of(rec: dict[str, Any], fmt: str, tokenizer: Any) -> str:
     if fmt == "chat":
         msgs = rec["messages"]
         last_user = max(i for i, m in enumerate(msgs) if m["role"] != "assistant")
-        return tokenizer.apply_chat_template(msgs[: last_user + 1], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            msgs[: last_user + 1], tokenize=False, add_generation_prompt=True
+        )
     return rec["prompt"]
 
 
@@ -65,8 +78,9 @@ class Tokenized:
     labels: list[int]
 
 
-def tokenize_example(rec: dict[str, Any], fmt: str, tokenizer: Any, max_len: int,
-                     loss_on_prompt: bool) -> Tokenized:
+def tokenize_example(
+    rec: dict[str, Any], fmt: str, tokenizer: Any, max_len: int, loss_on_prompt: bool
+) -> Tokenized:
     segments: list[tuple[str, bool]]  # (text, is_response)
     if fmt == "alpaca":
         segments = [(alpaca_prompt(rec), False), (str(rec["output"]) + tokenizer.eos_token, True)]
@@ -81,7 +95,7 @@ def tokenize_example(rec: dict[str, Any], fmt: str, tokenizer: Any, max_len: int
         prev = ""
         for k in range(len(msgs)):
             text = tokenizer.apply_chat_template(msgs[: k + 1], tokenize=False)
-            piece = text[len(prev):] if text.startswith(prev) else text
+            piece = text[len(prev) :] if text.startswith(prev) else text
             prev = text
             seg = tokenizer(piece, add_special_tokens=False)["input_ids"]
             ids += seg
@@ -95,7 +109,9 @@ def tokenize_example(rec: dict[str, Any], fmt: str, tokenizer: Any, max_len: int
     return Tokenized(ids, labels)
 
 
-def holdout(records: list[dict[str, Any]], fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def holdout(
+    records: list[dict[str, Any]], fraction: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic split by record hash (stable across runs and worker counts)."""
     if fraction <= 0:
         return records, []

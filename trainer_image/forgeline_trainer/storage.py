@@ -24,9 +24,9 @@ def resolve(uri: str, work_dir: str | None = None) -> str:
         return uri
     if uri.startswith("pvc://"):
         root = os.environ.get("FORGELINE_PVC_ROOT", "/mnt/pvc")
-        return str(Path(root) / uri[len("pvc://"):])
+        return str(Path(root) / uri[len("pvc://") :])
     if uri.startswith("file://"):
-        return uri[len("file://"):]
+        return uri[len("file://") :]
     path = Path(uri).expanduser()
     if not path.is_absolute():
         path = Path(work_dir or os.getcwd()) / path

@@ -58,8 +58,7 @@ def _quantity_to_str(value: Any) -> Any:
 
 def _check_quantity(value: str) -> str:
     if not re.match(_QUANTITY_RE, value):
-        raise PydanticCustomError(
-            "quantity", "'{value}' is not a Kubernetes quantity", {"value": value})
+        raise PydanticCustomError("quantity", "'{value}' is not a Kubernetes quantity", {"value": value})
     return value
 
 
@@ -96,8 +95,7 @@ def _check_uri(value: str) -> str:
             raise PydanticCustomError(
                 "storage_uri",
                 "'{value}' names no {what}; write {scheme}://<{what}>/<path>",
-                {"value": value, "scheme": scheme,
-                 "what": "claim" if scheme == "pvc" else "bucket"},
+                {"value": value, "scheme": scheme, "what": "claim" if scheme == "pvc" else "bucket"},
             )
     return value
 
@@ -109,8 +107,9 @@ StorageURI = Annotated[
 ]
 """Where data, checkpoints or outputs live: `s3://`, `gs://`, `pvc://claim/path`, `file://` or a path."""
 
-HubId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
-                             max_length=256)]
+HubId = Annotated[
+    str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$", max_length=256)
+]
 """A Hugging Face hub id such as `meta-llama/Llama-3.1-8B` (resolved from a mirror or cache)."""
 
 K8sName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]

@@ -36,17 +36,27 @@ class ModelSource(ApiModel):
     """Use the output of another Forgeline job (pipelines: pretrain → SFT → DPO)."""
 
     def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
-        chosen = [n for n, v in (("path", self.path), ("hubId", self.hub_id),
-                                 ("fromJob", self.from_job)) if v is not None]
+        chosen = [
+            n
+            for n, v in (("path", self.path), ("hubId", self.hub_id), ("fromJob", self.from_job))
+            if v is not None
+        ]
         out: list[FieldIssue] = []
         if len(chosen) != 1:
-            out.append(FieldIssue(
-                prefix, f"set exactly one of path, hubId, fromJob (got {', '.join(chosen) or 'none'})",
-                "keep one source, e.g. `path: s3://bucket/models/base` or "
-                "`fromJob: {kind: TrainingJob, name: my-pretrain}`"))
+            out.append(
+                FieldIssue(
+                    prefix,
+                    f"set exactly one of path, hubId, fromJob (got {', '.join(chosen) or 'none'})",
+                    "keep one source, e.g. `path: s3://bucket/models/base` or "
+                    "`fromJob: {kind: TrainingJob, name: my-pretrain}`",
+                )
+            )
         if self.revision is not None and self.hub_id is None:
-            out.append(FieldIssue(prefix + ("revision",), "revision only applies to hubId",
-                                  "remove revision or set hubId"))
+            out.append(
+                FieldIssue(
+                    prefix + ("revision",), "revision only applies to hubId", "remove revision or set hubId"
+                )
+            )
         return out
 
 
@@ -129,8 +139,9 @@ class DeepSpeed(ApiModel):
     """Keep parameters in CPU memory (needs zeroStage 3)."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory for about a third more compute."""
-    config: dict[str, Any] = Field(default_factory=dict,
-                                   json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    config: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     """Raw DeepSpeed config merged over the generated one (escape hatch). Batch sizes, precision and zero stage come from the spec and may not be set here."""
 
     def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
@@ -138,11 +149,11 @@ class DeepSpeed(ApiModel):
 
 
 _DS_DERIVED = {
-        "train_batch_size": "spec.training.globalBatchSize",
-        "train_micro_batch_size_per_gpu": "spec.training.microBatchSize",
-        "gradient_accumulation_steps": "spec.training.globalBatchSize",
-        "bf16": "spec.training.precision",
-        "fp16": "spec.training.precision",
+    "train_batch_size": "spec.training.globalBatchSize",
+    "train_micro_batch_size_per_gpu": "spec.training.microBatchSize",
+    "gradient_accumulation_steps": "spec.training.globalBatchSize",
+    "bf16": "spec.training.precision",
+    "fp16": "spec.training.precision",
     "gradient_clipping": "spec.training.gradClip",
 }
 
@@ -150,22 +161,39 @@ _DS_DERIVED = {
 def _deepspeed_issues(ds: DeepSpeed, prefix: tuple[str, ...]) -> list[FieldIssue]:
     out: list[FieldIssue] = []
     if ds.offload_optimizer and ds.zero_stage == 0:
-        out.append(FieldIssue(prefix + ("offloadOptimizer",),
-                              "optimizer offload needs ZeRO stage 1, 2 or 3",
-                              "set deepspeed.zeroStage: 2 (or 3), or offloadOptimizer: false"))
+        out.append(
+            FieldIssue(
+                prefix + ("offloadOptimizer",),
+                "optimizer offload needs ZeRO stage 1, 2 or 3",
+                "set deepspeed.zeroStage: 2 (or 3), or offloadOptimizer: false",
+            )
+        )
     if ds.offload_params and ds.zero_stage != 3:
-        out.append(FieldIssue(prefix + ("offloadParams",),
-                              f"parameter offload needs ZeRO stage 3 (zeroStage is {ds.zero_stage})",
-                              "set deepspeed.zeroStage: 3, or offloadParams: false"))
+        out.append(
+            FieldIssue(
+                prefix + ("offloadParams",),
+                f"parameter offload needs ZeRO stage 3 (zeroStage is {ds.zero_stage})",
+                "set deepspeed.zeroStage: 3, or offloadParams: false",
+            )
+        )
     for key, owner in _DS_DERIVED.items():
         if key in ds.config:
-            out.append(FieldIssue(prefix + ("config", key), f"'{key}' is derived from {owner}",
-                                  f"remove it from deepspeed.config and set {owner}"))
+            out.append(
+                FieldIssue(
+                    prefix + ("config", key),
+                    f"'{key}' is derived from {owner}",
+                    f"remove it from deepspeed.config and set {owner}",
+                )
+            )
     zero = ds.config.get("zero_optimization")
     if isinstance(zero, dict) and "stage" in zero and zero["stage"] != ds.zero_stage:
-        out.append(FieldIssue(prefix + ("config", "zero_optimization", "stage"),
-                              "conflicts with deepspeed.zeroStage",
-                              "remove zero_optimization.stage and set deepspeed.zeroStage"))
+        out.append(
+            FieldIssue(
+                prefix + ("config", "zero_optimization", "stage"),
+                "conflicts with deepspeed.zeroStage",
+                "remove zero_optimization.stage and set deepspeed.zeroStage",
+            )
+        )
     return out
 
 
@@ -199,10 +227,12 @@ class Resources(ApiModel):
     """Node labels the workers must match, e.g. `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`."""
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list,
-        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+    )
     """Pod tolerations (Kubernetes format). GPU pools are usually tainted nvidia.com/gpu:NoSchedule; that toleration is added for you when gpusPerWorker > 0."""
     affinity: dict[str, Any] | None = Field(
-        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     """Pod affinity (Kubernetes format), e.g. to keep workers in one zone."""
     image: str | None = Field(default=None, max_length=512)
     """Trainer image; unset: the operator's default trainer image."""
@@ -214,12 +244,21 @@ class Resources(ApiModel):
         for i, tol in enumerate(self.tolerations):
             op = tol.get("operator", "Equal")
             if op not in ("Equal", "Exists"):
-                out.append(FieldIssue(prefix + ("tolerations", i, "operator"),
-                                      f"unknown toleration operator '{op}'", "use Equal or Exists"))
+                out.append(
+                    FieldIssue(
+                        prefix + ("tolerations", i, "operator"),
+                        f"unknown toleration operator '{op}'",
+                        "use Equal or Exists",
+                    )
+                )
             if tol.get("effect") not in (None, "", "NoSchedule", "PreferNoSchedule", "NoExecute"):
-                out.append(FieldIssue(prefix + ("tolerations", i, "effect"),
-                                      f"unknown taint effect '{tol.get('effect')}'",
-                                      "use NoSchedule, PreferNoSchedule or NoExecute"))
+                out.append(
+                    FieldIssue(
+                        prefix + ("tolerations", i, "effect"),
+                        f"unknown taint effect '{tol.get('effect')}'",
+                        "use NoSchedule, PreferNoSchedule or NoExecute",
+                    )
+                )
         return out
 
 
@@ -239,8 +278,13 @@ class Checkpointing(ApiModel):
 
     def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
         if self.resume == "never" and self.resume_from is not None:
-            return [FieldIssue(prefix + ("resumeFrom",), "resume is never but resumeFrom is set",
-                               "remove resumeFrom or set resume: auto")]
+            return [
+                FieldIssue(
+                    prefix + ("resumeFrom",),
+                    "resume is never but resumeFrom is set",
+                    "remove resumeFrom or set resume: auto",
+                )
+            ]
         return []
 
 
@@ -263,8 +307,7 @@ class Budget(ApiModel):
 class RayTarget(ApiModel):
     """Which Ray cluster runs the job."""
 
-    address: str | None = Field(default=None, max_length=512,
-                                pattern=r"^(https?|ray)://[^\s]+$")
+    address: str | None = Field(default=None, max_length=512, pattern=r"^(https?|ray)://[^\s]+$")
     """Use an existing Ray cluster (its dashboard address, e.g. `http://ray-head.ml:8265`) instead of creating one with KubeRay."""
     version: str = Field(default="2.60.0", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
     """Ray version of the created cluster; must match the trainer image's Ray."""
@@ -287,24 +330,35 @@ class Lifecycle(ApiModel):
     """Ray cluster settings."""
 
 
-def precision_issues(precision: str, resources: Resources,
-                     prefix: tuple[str, ...] = ("training",)) -> list[FieldIssue]:
+def precision_issues(
+    precision: str, resources: Resources, prefix: tuple[str, ...] = ("training",)
+) -> list[FieldIssue]:
     if precision == "fp16" and resources.gpus_per_worker == 0:
-        return [FieldIssue(prefix + ("precision",), "fp16 needs GPUs (resources.gpusPerWorker is 0)",
-                           "use precision: auto or fp32 on CPU, or set resources.gpusPerWorker >= 1")]
+        return [
+            FieldIssue(
+                prefix + ("precision",),
+                "fp16 needs GPUs (resources.gpusPerWorker is 0)",
+                "use precision: auto or fp32 on CPU, or set resources.gpusPerWorker >= 1",
+            )
+        ]
     return []
 
 
-def batch_issues(global_batch: int | None, micro: int, res: Resources,
-                 field: str = "globalBatchSize") -> list[FieldIssue]:
+def batch_issues(
+    global_batch: int | None, micro: int, res: Resources, field: str = "globalBatchSize"
+) -> list[FieldIssue]:
     ranks = res.workers * max(res.gpus_per_worker, 1)
     if global_batch is None:
         return []
     if global_batch % (micro * ranks):
-        return [FieldIssue(("training", field),
-                           f"global batch of {global_batch} sequences is not a multiple of microBatchSize "
-                           f"({micro}) × training processes ({ranks})",
-                           f"use a multiple of {micro * ranks}, e.g. {micro * ranks * max(1, global_batch // (micro * ranks))}")]
+        return [
+            FieldIssue(
+                ("training", field),
+                f"global batch of {global_batch} sequences is not a multiple of microBatchSize "
+                f"({micro}) × training processes ({ranks})",
+                f"use a multiple of {micro * ranks}, e.g. {micro * ranks * max(1, global_batch // (micro * ranks))}",
+            )
+        ]
     return []
 
 

@@ -11,7 +11,7 @@ Regenerate with `forgeline crds` (or `make crds`); `tests/test_crds.py` fails if
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,17 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"schema node without a type: {node}")
     if typ is not None:
         out["type"] = typ
-    for key in ("enum", "pattern", "minLength", "maxLength", "minItems", "maxItems",
-                "minimum", "maximum", "default"):
+    for key in (
+        "enum",
+        "pattern",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
+        "minimum",
+        "maximum",
+        "default",
+    ):
         if key in node and not (key == "default" and node[key] is None):
             out[key] = node[key]
     if "exclusiveMinimum" in node:
@@ -101,7 +110,7 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if k not in _DROP_KEYS}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _openapi_cached(model: type[ApiModel]) -> str:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
@@ -122,22 +131,49 @@ def _without_defaults(node: Any) -> Any:
 
 
 _COMMON_COLUMNS_HEAD = [
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
-     "description": "Lifecycle phase"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase"},
 ]
 _COMMON_COLUMNS_TAIL = [
-    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary",
-     "description": "Optimizer steps done / planned"},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss",
-     "description": "Latest training loss"},
-    {"name": "Tokens/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond",
-     "priority": 1, "description": "Training throughput"},
-    {"name": "MFU", "type": "number", "jsonPath": ".status.progress.mfu", "priority": 1,
-     "description": "Model FLOPs utilisation (0-1)"},
-    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1,
-     "description": "Ray job resubmissions"},
-    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1,
-     "description": "Why the job is in its phase"},
+    {
+        "name": "Progress",
+        "type": "string",
+        "jsonPath": ".status.progress.summary",
+        "description": "Optimizer steps done / planned",
+    },
+    {
+        "name": "Loss",
+        "type": "number",
+        "jsonPath": ".status.progress.loss",
+        "description": "Latest training loss",
+    },
+    {
+        "name": "Tokens/s",
+        "type": "number",
+        "jsonPath": ".status.progress.tokensPerSecond",
+        "priority": 1,
+        "description": "Training throughput",
+    },
+    {
+        "name": "MFU",
+        "type": "number",
+        "jsonPath": ".status.progress.mfu",
+        "priority": 1,
+        "description": "Model FLOPs utilisation (0-1)",
+    },
+    {
+        "name": "Restarts",
+        "type": "integer",
+        "jsonPath": ".status.restarts",
+        "priority": 1,
+        "description": "Ray job resubmissions",
+    },
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "priority": 1,
+        "description": "Why the job is in its phase",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -149,14 +185,22 @@ def build_crd(job: type[TrainingJob] | type[FineTuneJob]) -> dict[str, Any]:
     status_schema = _without_defaults(openapi_schema(JobStatus))  # the operator writes status whole
     if job is TrainingJob:
         kind_columns = [
-            {"name": "Model", "type": "string", "jsonPath": ".spec.model.architecture",
-             "description": "Architecture of a fresh model"},
+            {
+                "name": "Model",
+                "type": "string",
+                "jsonPath": ".spec.model.architecture",
+                "description": "Architecture of a fresh model",
+            },
             {"name": "Objective", "type": "string", "jsonPath": ".spec.objective", "priority": 1},
         ]
     else:
         kind_columns = [
-            {"name": "Method", "type": "string", "jsonPath": ".spec.method",
-             "description": "Fine-tuning method"},
+            {
+                "name": "Method",
+                "type": "string",
+                "jsonPath": ".spec.method",
+                "description": "Fine-tuning method",
+            },
         ]
     version = {
         "name": API_VERSION,
@@ -175,8 +219,11 @@ def build_crd(job: type[TrainingJob] | type[FineTuneJob]) -> dict[str, Any]:
                     "metadata": {
                         "type": "object",
                         "properties": {
-                            "name": {"type": "string", "maxLength": MAX_JOB_NAME_LENGTH,
-                                     "pattern": JOB_NAME_PATTERN},
+                            "name": {
+                                "type": "string",
+                                "maxLength": MAX_JOB_NAME_LENGTH,
+                                "pattern": JOB_NAME_PATTERN,
+                            },
                         },
                     },
                     "spec": spec_schema,

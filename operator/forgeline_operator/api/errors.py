@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -28,7 +29,7 @@ class FieldError:
 class InvalidJobError(ValueError):
     """A manifest that can never run. `errors` lists every problem found, each naming its field."""
 
-    def __init__(self, errors: Sequence[FieldError], name: str | None = None):
+    def __init__(self, errors: Sequence[FieldError], name: str | None = None) -> None:
         self.errors = list(errors)
         self.name = name
         super().__init__("; ".join(str(e) for e in self.errors))
@@ -37,16 +38,31 @@ class InvalidJobError(ValueError):
 def parse_job(manifest: Any) -> TrainingJob | FineTuneJob:
     """Parse a whole TrainingJob/FineTuneJob manifest, or raise InvalidJobError with every problem."""
     if not isinstance(manifest, dict):
-        raise InvalidJobError([FieldError("(document)", f"expected a mapping, got {type(manifest).__name__}",
-                                          "write a Kubernetes object with apiVersion, kind, metadata, spec")])
+        raise InvalidJobError(
+            [
+                FieldError(
+                    "(document)",
+                    f"expected a mapping, got {type(manifest).__name__}",
+                    "write a Kubernetes object with apiVersion, kind, metadata, spec",
+                )
+            ]
+        )
     errors: list[FieldError] = []
     if manifest.get("apiVersion") != GROUP_VERSION:
-        errors.append(FieldError("apiVersion", f"expected {GROUP_VERSION}, got {manifest.get('apiVersion')!r}",
-                                 f"set apiVersion: {GROUP_VERSION}"))
+        errors.append(
+            FieldError(
+                "apiVersion",
+                f"expected {GROUP_VERSION}, got {manifest.get('apiVersion')!r}",
+                f"set apiVersion: {GROUP_VERSION}",
+            )
+        )
     cls = JOB_KINDS.get(manifest.get("kind")) if isinstance(manifest.get("kind"), str) else None
     if cls is None:
-        errors.append(FieldError("kind", f"unknown kind {manifest.get('kind')!r}",
-                                 "set kind: TrainingJob or kind: FineTuneJob"))
+        errors.append(
+            FieldError(
+                "kind", f"unknown kind {manifest.get('kind')!r}", "set kind: TrainingJob or kind: FineTuneJob"
+            )
+        )
         raise InvalidJobError(errors, _name_of(manifest))
     try:
         job = cls.model_validate(manifest)
@@ -89,8 +105,9 @@ def _dotted(loc: Sequence[Any]) -> str:
     return out or "(document)"
 
 
-def errors_from_validation(exc: ValidationError, cls: type[TrainingJob] | type[FineTuneJob],
-                           prefix: tuple[Any, ...] = ()) -> list[FieldError]:
+def errors_from_validation(
+    exc: ValidationError, cls: type[TrainingJob] | type[FineTuneJob], prefix: tuple[Any, ...] = ()
+) -> list[FieldError]:
     out: list[FieldError] = []
     for err in exc.errors(include_url=False):
         loc = prefix + tuple(err["loc"])
@@ -136,8 +153,9 @@ def _fix(err: dict[str, Any], loc: tuple[Any, ...], cls: type[TrainingJob] | typ
         known = sorted((parent.get("properties") or {}).keys())
         if loc[:1] == ("metadata",):
             return "remove it"
-        close = difflib.get_close_matches(field, known, n=1, cutoff=0.6) or \
-            [k for k in known if k.lower() == field.lower()]
+        close = difflib.get_close_matches(field, known, n=1, cutoff=0.6) or [
+            k for k in known if k.lower() == field.lower()
+        ]
         if close:
             return f"did you mean '{close[0]}'?"
         return f"remove it; known fields here: {', '.join(known)}" if known else "remove it"
@@ -152,8 +170,11 @@ def _fix(err: dict[str, Any], loc: tuple[Any, ...], cls: type[TrainingJob] | typ
         lo, hi = node.get("minimum"), node.get("maximum")
         lo_op = ">" if node.get("exclusiveMinimum") else ">="
         hi_op = "<" if node.get("exclusiveMaximum") else "<="
-        bounds = " and ".join(b for b in (f"{lo_op} {lo}" if lo is not None else "",
-                                          f"{hi_op} {hi}" if hi is not None else "") if b)
+        bounds = " and ".join(
+            b
+            for b in (f"{lo_op} {lo}" if lo is not None else "", f"{hi_op} {hi}" if hi is not None else "")
+            if b
+        )
         return f"use a value {bounds}" if bounds else "use a value in range"
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return "write a whole number without quotes"
@@ -169,8 +190,10 @@ def _fix(err: dict[str, Any], loc: tuple[Any, ...], cls: type[TrainingJob] | typ
         return "write a list (- item) here"
     if kind == "string_too_long":
         if loc == ("metadata", "name"):
-            return (f"use at most {MAX_JOB_NAME_LENGTH} characters: the Ray cluster "
-                    f"'<name>-{cls.SHORT_NAME}' must fit KubeRay's 47-character limit")
+            return (
+                f"use at most {MAX_JOB_NAME_LENGTH} characters: the Ray cluster "
+                f"'<name>-{cls.SHORT_NAME}' must fit KubeRay's 47-character limit"
+            )
         return f"shorten it to at most {ctx.get('max_length')} characters"
     if kind == "string_too_short":
         return f"use at least {ctx.get('min_length')} characters"

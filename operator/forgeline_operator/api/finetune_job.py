@@ -182,61 +182,127 @@ class FineTuneJobSpec(Lifecycle):
         out = self.base_model.issues(("baseModel",))
         m, t = self.method, self.training
         if self.lora is not None and m in ("full", "prompt-tuning"):
-            out.append(FieldIssue(("lora",), f"LoRA settings do not apply to method {m}",
-                                  "remove spec.lora, or use method: lora"))
+            out.append(
+                FieldIssue(
+                    ("lora",),
+                    f"LoRA settings do not apply to method {m}",
+                    "remove spec.lora, or use method: lora",
+                )
+            )
         if m == "qlora":
             if self.quantization is None:
-                out.append(FieldIssue(("quantization",), "method qlora needs 4-bit quantisation settings",
-                                      "add `quantization: {bits: 4, quantType: nf4}` (or use method: lora)"))
+                out.append(
+                    FieldIssue(
+                        ("quantization",),
+                        "method qlora needs 4-bit quantisation settings",
+                        "add `quantization: {bits: 4, quantType: nf4}` (or use method: lora)",
+                    )
+                )
             elif self.resources.gpus_per_worker == 0 and not self.quantization.allow_cpu:
-                out.append(FieldIssue(("resources", "gpusPerWorker"), "method qlora needs GPUs",
-                                      "set resources.gpusPerWorker >= 1 (or quantization.allowCpu: true "
-                                      "for bitsandbytes' slow CPU path)"))
+                out.append(
+                    FieldIssue(
+                        ("resources", "gpusPerWorker"),
+                        "method qlora needs GPUs",
+                        "set resources.gpusPerWorker >= 1 (or quantization.allowCpu: true "
+                        "for bitsandbytes' slow CPU path)",
+                    )
+                )
         elif self.quantization is not None and not self.uses_lora():
-            out.append(FieldIssue(("quantization",),
-                                  f"4-bit base weights cannot be trained directly (method {m})",
-                                  "use method: qlora, or remove spec.quantization"))
+            out.append(
+                FieldIssue(
+                    ("quantization",),
+                    f"4-bit base weights cannot be trained directly (method {m})",
+                    "use method: qlora, or remove spec.quantization",
+                )
+            )
         if self.prompt_tuning is not None and m != "prompt-tuning":
-            out.append(FieldIssue(("promptTuning",), f"prompt tuning settings do not apply to method {m}",
-                                  "remove spec.promptTuning, or use method: prompt-tuning"))
+            out.append(
+                FieldIssue(
+                    ("promptTuning",),
+                    f"prompt tuning settings do not apply to method {m}",
+                    "remove spec.promptTuning, or use method: prompt-tuning",
+                )
+            )
         if self.preference is not None and m not in PREFERENCE_METHODS:
-            out.append(FieldIssue(("preference",), f"preference settings do not apply to method {m}",
-                                  "remove spec.preference, or use method: dpo or reward-model"))
+            out.append(
+                FieldIssue(
+                    ("preference",),
+                    f"preference settings do not apply to method {m}",
+                    "remove spec.preference, or use method: dpo or reward-model",
+                )
+            )
         if m == "ppo":  # refused here, not after a GPU cluster was provisioned for it
-            out.append(FieldIssue(("method",), "ppo is not available in this release (TRL's PPOTrainer is "
-                                  "experimental and the trainer does not drive it yet)",
-                                  "use method: grpo with the same rl settings (group-relative advantages, "
-                                  "no value model)"))
+            out.append(
+                FieldIssue(
+                    ("method",),
+                    "ppo is not available in this release (TRL's PPOTrainer is "
+                    "experimental and the trainer does not drive it yet)",
+                    "use method: grpo with the same rl settings (group-relative advantages, no value model)",
+                )
+            )
         if m in RL_METHODS and self.rl is None:
-            out.append(FieldIssue(("rl",), f"method {m} needs a reward model",
-                                  "add `rl: {rewardModel: {fromJob: {kind: FineTuneJob, name: my-rm}}}`"))
+            out.append(
+                FieldIssue(
+                    ("rl",),
+                    f"method {m} needs a reward model",
+                    "add `rl: {rewardModel: {fromJob: {kind: FineTuneJob, name: my-rm}}}`",
+                )
+            )
         if self.rl is not None:
             if m not in RL_METHODS:
-                out.append(FieldIssue(("rl",), f"rl settings do not apply to method {m}",
-                                      "remove spec.rl, or use method: ppo or grpo"))
+                out.append(
+                    FieldIssue(
+                        ("rl",),
+                        f"rl settings do not apply to method {m}",
+                        "remove spec.rl, or use method: ppo or grpo",
+                    )
+                )
             out += self.rl.reward_model.issues(("rl", "rewardModel"))
         allowed = METHOD_FORMATS[m]
         if self.dataset.format not in allowed:
-            out.append(FieldIssue(("dataset", "format"),
-                                  f"method {m} cannot learn from {self.dataset.format} records",
-                                  f"use dataset.format {' or '.join(sorted(allowed))}"))
+            out.append(
+                FieldIssue(
+                    ("dataset", "format"),
+                    f"method {m} cannot learn from {self.dataset.format} records",
+                    f"use dataset.format {' or '.join(sorted(allowed))}",
+                )
+            )
         save = self.output.save
         if save is not None and not self.uses_lora() and m != "prompt-tuning":
-            out.append(FieldIssue(("output", "save"), f"method {m} trains full weights and has no adapter",
-                                  "remove output.save (full weights are saved)"))
+            out.append(
+                FieldIssue(
+                    ("output", "save"),
+                    f"method {m} trains full weights and has no adapter",
+                    "remove output.save (full weights are saved)",
+                )
+            )
         if save == "merged" and m == "prompt-tuning":
-            out.append(FieldIssue(("output", "save"), "a prompt-tuning adapter cannot be merged into weights",
-                                  "use output.save: adapter"))
+            out.append(
+                FieldIssue(
+                    ("output", "save"),
+                    "a prompt-tuning adapter cannot be merged into weights",
+                    "use output.save: adapter",
+                )
+            )
         if (t.max_steps is None) == (t.epochs is None):
-            out.append(FieldIssue(("training",), "set exactly one of training.maxSteps or training.epochs",
-                                  "e.g. `epochs: 3` or `maxSteps: 500`"))
+            out.append(
+                FieldIssue(
+                    ("training",),
+                    "set exactly one of training.maxSteps or training.epochs",
+                    "e.g. `epochs: 3` or `maxSteps: 500`",
+                )
+            )
         out += batch_issues(t.global_batch_size, t.micro_batch_size, self.resources)
         if self.deepspeed is not None:
             out += self.deepspeed.issues(("deepspeed",))
             if m == "qlora" and self.deepspeed.zero_stage == 3:
-                out.append(FieldIssue(("deepspeed", "zeroStage"),
-                                      "ZeRO-3 cannot shard 4-bit bitsandbytes weights",
-                                      "use deepspeed.zeroStage: 2 (or 0) with qlora"))
+                out.append(
+                    FieldIssue(
+                        ("deepspeed", "zeroStage"),
+                        "ZeRO-3 cannot shard 4-bit bitsandbytes weights",
+                        "use deepspeed.zeroStage: 2 (or 0) with qlora",
+                    )
+                )
         out += self.resources.issues(("resources",))
         out += precision_issues(t.precision, self.resources)
         out += self.checkpointing.issues(("checkpointing",))

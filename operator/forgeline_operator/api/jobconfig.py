@@ -54,8 +54,9 @@ class RunSettings(ApiModel):
 
 
 class _Config(ApiModel):
-    api_version: Literal["forgeline.dev/v1alpha1"] = Field(default="forgeline.dev/v1alpha1",
-                                                           alias="apiVersion")
+    api_version: Literal["forgeline.dev/v1alpha1"] = Field(
+        default="forgeline.dev/v1alpha1", alias="apiVersion"
+    )
     name: str
     namespace: str = "default"
     paths: ResolvedPaths
@@ -99,11 +100,19 @@ def spec_fingerprint(spec: TrainingJobSpec | FineTuneJobSpec) -> str:
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def build_job_config(job: TrainingJob | FineTuneJob, *, output: str | None = None,
-                     checkpoints: str | None = None, base_model: str | None = None,
-                     reward_model: str | None = None, work_dir: str | None = None,
-                     run_name: str | None = None, attempt: int = 0, fail_at_step: int | None = None,
-                     max_worker_failures: int = 2) -> TrainingJobConfig | FineTuneJobConfig:
+def build_job_config(
+    job: TrainingJob | FineTuneJob,
+    *,
+    output: str | None = None,
+    checkpoints: str | None = None,
+    base_model: str | None = None,
+    reward_model: str | None = None,
+    work_dir: str | None = None,
+    run_name: str | None = None,
+    attempt: int = 0,
+    fail_at_step: int | None = None,
+    max_worker_failures: int = 2,
+) -> TrainingJobConfig | FineTuneJobConfig:
     """The trainer's config for a job. `base_model`/`reward_model` must be given when the spec
     names them `fromJob` (the caller looked up that job's output); otherwise they come from the spec."""
     spec = job.spec
@@ -124,11 +133,21 @@ def build_job_config(job: TrainingJob | FineTuneJob, *, output: str | None = Non
         reward_model = rm.path or f"hf://{rm.hub_id}"
     namespace = job.metadata.namespace or "default"
     uid = (job.metadata.uid or "")[:8]
-    name = "-".join(p for p in (run_name or namespace, job.metadata.name if not run_name else "", uid,
-                                 spec_fingerprint(spec)) if p)
-    paths = ResolvedPaths(output=out, checkpoints=ckpt, base_model=base_model,
-                          reward_model=reward_model, work_dir=work_dir)
-    run = RunSettings(run_name=name, attempt=attempt, fail_at_step=fail_at_step,
-                      max_worker_failures=max_worker_failures)
+    name = "-".join(
+        p
+        for p in (
+            run_name or namespace,
+            job.metadata.name if not run_name else "",
+            uid,
+            spec_fingerprint(spec),
+        )
+        if p
+    )
+    paths = ResolvedPaths(
+        output=out, checkpoints=ckpt, base_model=base_model, reward_model=reward_model, work_dir=work_dir
+    )
+    run = RunSettings(
+        run_name=name, attempt=attempt, fail_at_step=fail_at_step, max_worker_failures=max_worker_failures
+    )
     cls = TrainingJobConfig if isinstance(job, TrainingJob) else FineTuneJobConfig
     return cls(name=job.metadata.name, namespace=namespace, paths=paths, run=run, spec=spec)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import yaml
 
@@ -103,8 +104,7 @@ def _constraints(node: dict[str, Any]) -> list[str]:
     out: list[str] = []
     if "enum" in node:
         values = node["enum"]
-        out.append(("must be " if len(values) == 1 else "one of ")
-                   + ", ".join(_code(v) for v in values))
+        out.append(("must be " if len(values) == 1 else "one of ") + ", ".join(_code(v) for v in values))
     out += _bounds(node)
     out += _range(node, "minLength", "maxLength", "length")
     out += _range(node, "minItems", "maxItems", "items:")
@@ -160,24 +160,26 @@ def _child_sections(path: str, node: dict[str, Any]) -> Iterator[tuple[str, dict
             yield from _child_sections(target_path, target)
 
 
-def _fields_table(kind: str, path: str, node: dict[str, Any],
-                  notes: dict[str, str] | None = None) -> list[str]:
+def _fields_table(
+    kind: str, path: str, node: dict[str, Any], notes: dict[str, str] | None = None
+) -> list[str]:
     required = set(node.get("required", []))
-    lines = ["| Field | Type | Default | Required | Description |",
-             "|---|---|---|---|---|"]
+    lines = ["| Field | Type | Default | Required | Description |", "|---|---|---|---|---|"]
     for name, child in node.get("properties", {}).items():
         child_path = f"{path}.{name}" if path else name
         link = _anchor(kind, _target(child_path, child)[0])
         default = _escape(_code(child["default"])) if "default" in child else ""
         description = child.get("description") or (notes or {}).get(name, "")
-        lines.append(f"| `{name}` | {_type_cell(child, link)} | {default} | "
-                     f"{'yes' if name in required else 'no'} | {_escape(description)} |")
+        lines.append(
+            f"| `{name}` | {_type_cell(child, link)} | {default} | "
+            f"{'yes' if name in required else 'no'} | {_escape(description)} |"
+        )
     return lines
 
 
 _SECTION_NOTES = {
     "status": "Written by the operator through the status subresource (users do not set it); "
-              "`kubectl describe` and the printer columns show it.",
+    "`kubectl describe` and the printer columns show it.",
 }
 
 
@@ -198,17 +200,19 @@ def _section(kind: str, path: str, node: dict[str, Any], parent: str) -> list[st
     notes = None
     if path == "metadata":  # the CRD constrains the name but carries no description for it
         name = node.get("properties", {}).get("name", {})
-        notes = {"name": "Job name: a DNS-1035 label (lowercase letters, digits and '-', starting "
-                         f"with a letter), at most {name.get('maxLength')} characters so the "
-                         f"RayCluster name `<name>-{_short_name(kind)}` stays within KubeRay's limit. "
-                         "Other metadata fields are the usual Kubernetes ones."}
+        notes = {
+            "name": "Job name: a DNS-1035 label (lowercase letters, digits and '-', starting "
+            f"with a letter), at most {name.get('maxLength')} characters so the "
+            f"RayCluster name `<name>-{_short_name(kind)}` stays within KubeRay's limit. "
+            "Other metadata fields are the usual Kubernetes ones."
+        }
     lines += _fields_table(kind, path, node, notes)
     return lines + [""]
 
 
 def _short_name(kind: str) -> str:
     """The short name of a kind (`tj`, `ftj`)."""
-    return next(job.SHORT_NAME for job in CRD_FILES if job.KIND == kind)
+    return next(job.SHORT_NAME for job in CRD_FILES if kind == job.KIND)
 
 
 def _parent_path(path: str) -> str:
@@ -223,11 +227,12 @@ def _kind_reference(crd: dict[str, Any]) -> list[str]:
     (version,) = spec["versions"]
     root = version["schema"]["openAPIV3Schema"]
     group_version = f"{spec['group']}/{version['name']}"
-    file_name = next(name for job, name in CRD_FILES.items() if job.KIND == kind)
+    file_name = next(name for job, name in CRD_FILES.items() if kind == job.KIND)
 
     lines = [f'<a id="{_anchor(kind, "")}"></a>', "", f"## {kind}", "", root.get("description", ""), ""]
     lines += [
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| apiVersion | `{group_version}` |",
         f"| kind | `{kind}` |",
         f"| plural / singular | `{names['plural']}` / `{names['singular']}` |",
@@ -240,21 +245,35 @@ def _kind_reference(crd: dict[str, Any]) -> list[str]:
         "",
     ]
 
-    lines += [f'<a id="{_anchor(kind, "printer-columns")}"></a>', "",
-              f"### {kind} printer columns", "",
-              f"What `kubectl get {names['shortNames'][0]}` shows; columns with priority 1 appear "
-              f"only with `-o wide`.", "",
-              "| Column | Type | JSONPath | Shown by | Description |", "|---|---|---|---|---|"]
+    lines += [
+        f'<a id="{_anchor(kind, "printer-columns")}"></a>',
+        "",
+        f"### {kind} printer columns",
+        "",
+        f"What `kubectl get {names['shortNames'][0]}` shows; columns with priority 1 appear "
+        f"only with `-o wide`.",
+        "",
+        "| Column | Type | JSONPath | Shown by | Description |",
+        "|---|---|---|---|---|",
+    ]
     for col in version.get("additionalPrinterColumns", []):
         shown = "`-o wide`" if col.get("priority", 0) else "`kubectl get`"
-        lines.append(f"| {col['name']} | `{col['type']}` | `{col['jsonPath']}` | {shown} | "
-                     f"{_escape(col.get('description', ''))} |")
+        lines.append(
+            f"| {col['name']} | `{col['type']}` | `{col['jsonPath']}` | {shown} | "
+            f"{_escape(col.get('description', ''))} |"
+        )
     lines.append("")
 
     short = names["shortNames"][0]
     notes = {"apiVersion": f"Always `{group_version}`.", "kind": f"Always `{kind}`."}
-    lines += [f'<a id="{_anchor(kind, "object")}"></a>', "", f"### {kind} object", "",
-              f"The whole `{kind}` resource (`kubectl get {short} NAME -o yaml`).", ""]
+    lines += [
+        f'<a id="{_anchor(kind, "object")}"></a>',
+        "",
+        f"### {kind} object",
+        "",
+        f"The whole `{kind}` resource (`kubectl get {short} NAME -o yaml`).",
+        "",
+    ]
     lines += _fields_table(kind, "", root, notes) + [""]
     for path, node in _child_sections("", root):
         lines += _section(kind, path, node, _parent_path(path) or "object")
@@ -266,11 +285,13 @@ def _toc(crds: list[dict[str, Any]]) -> list[str]:
     for crd in crds:
         kind = crd["spec"]["names"]["kind"]
         root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-        lines.append(f"- [{kind}](#{_anchor(kind, '')}): "
-                     f"[printer columns](#{_anchor(kind, 'printer-columns')}), "
-                     f"[object](#{_anchor(kind, 'object')}), "
-                     f"[`spec`](#{_anchor(kind, 'spec')}), "
-                     f"[`status`](#{_anchor(kind, 'status')})")
+        lines.append(
+            f"- [{kind}](#{_anchor(kind, '')}): "
+            f"[printer columns](#{_anchor(kind, 'printer-columns')}), "
+            f"[object](#{_anchor(kind, 'object')}), "
+            f"[`spec`](#{_anchor(kind, 'spec')}), "
+            f"[`status`](#{_anchor(kind, 'status')})"
+        )
         for path, _ in _child_sections("", root):
             if path.startswith("spec.") and path.count(".") == 1:
                 lines.append(f"  - [`{path}`](#{_anchor(kind, path)})")

@@ -26,8 +26,16 @@ from .common import (
 Architecture = Literal["llama", "gpt2", "mistral", "mixtral", "bert"]
 ENCODER_ARCHITECTURES = frozenset({"bert"})
 MOE_ARCHITECTURES = frozenset({"mixtral"})
-_SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                "vocab_size", "num_experts", "experts_per_token")
+_SIZE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "vocab_size",
+    "num_experts",
+    "experts_per_token",
+)
 
 
 class ModelSpec(ApiModel):
@@ -55,8 +63,9 @@ class ModelSpec(ApiModel):
     """Experts per MoE layer (mixtral only)."""
     experts_per_token: int | None = Field(default=None, ge=1, le=64)
     """Experts routed per token (mixtral only); at most numExperts."""
-    config: dict[str, Any] = Field(default_factory=dict,
-                                   json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    config: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     """Raw transformers config overrides applied last (escape hatch), e.g. `{rope_theta: 500000}`."""
 
 
@@ -132,72 +141,137 @@ class TrainingJobSpec(Lifecycle):
         out: list[FieldIssue] = []
         m, t = self.model, self.training
         if (m.architecture is None) == (m.init_from is None):
-            out.append(FieldIssue(
-                ("model",), "set exactly one of model.architecture (fresh model) or model.initFrom "
-                "(continued pretraining)",
-                "e.g. `architecture: llama` to start from scratch, or `initFrom: {path: s3://bucket/base}`"))
+            out.append(
+                FieldIssue(
+                    ("model",),
+                    "set exactly one of model.architecture (fresh model) or model.initFrom "
+                    "(continued pretraining)",
+                    "e.g. `architecture: llama` to start from scratch, or `initFrom: {path: s3://bucket/base}`",
+                )
+            )
         if m.init_from is not None:
             out += m.init_from.issues(("model", "initFrom"))
             sized = [f for f in _SIZE_FIELDS if getattr(m, f) is not None]
             for f in sized:
-                out.append(FieldIssue(("model", camel(f)),
-                                      "size overrides do not apply to an initFrom model",
-                                      f"remove model.{camel(f)} (the pretrained config is used)"))
+                out.append(
+                    FieldIssue(
+                        ("model", camel(f)),
+                        "size overrides do not apply to an initFrom model",
+                        f"remove model.{camel(f)} (the pretrained config is used)",
+                    )
+                )
         arch = m.architecture
         if arch is not None:
             if m.hidden_size and m.num_heads and m.hidden_size % m.num_heads:
-                out.append(FieldIssue(("model", "numHeads"),
-                                      f"numHeads ({m.num_heads}) must divide hiddenSize ({m.hidden_size})",
-                                      "pick numHeads so that hiddenSize / numHeads is a whole number, e.g. 64 or 128"))
+                out.append(
+                    FieldIssue(
+                        ("model", "numHeads"),
+                        f"numHeads ({m.num_heads}) must divide hiddenSize ({m.hidden_size})",
+                        "pick numHeads so that hiddenSize / numHeads is a whole number, e.g. 64 or 128",
+                    )
+                )
             if m.num_kv_heads is not None:
                 if arch in ("gpt2", "bert"):
-                    out.append(FieldIssue(("model", "numKvHeads"),
-                                          f"{arch} has no grouped-query attention",
-                                          "remove model.numKvHeads or use llama/mistral/mixtral"))
+                    out.append(
+                        FieldIssue(
+                            ("model", "numKvHeads"),
+                            f"{arch} has no grouped-query attention",
+                            "remove model.numKvHeads or use llama/mistral/mixtral",
+                        )
+                    )
                 elif m.num_heads and m.num_heads % m.num_kv_heads:
-                    out.append(FieldIssue(("model", "numKvHeads"),
-                                          f"numKvHeads ({m.num_kv_heads}) must divide numHeads ({m.num_heads})",
-                                          "use a divisor of numHeads, e.g. numHeads / 4"))
+                    out.append(
+                        FieldIssue(
+                            ("model", "numKvHeads"),
+                            f"numKvHeads ({m.num_kv_heads}) must divide numHeads ({m.num_heads})",
+                            "use a divisor of numHeads, e.g. numHeads / 4",
+                        )
+                    )
             if arch not in MOE_ARCHITECTURES:
                 for f in ("num_experts", "experts_per_token"):
                     if getattr(m, f) is not None:
-                        out.append(FieldIssue(("model", camel(f)),
-                                              f"{arch} is not a mixture-of-experts architecture",
-                                              f"remove model.{camel(f)} or use architecture: mixtral"))
+                        out.append(
+                            FieldIssue(
+                                ("model", camel(f)),
+                                f"{arch} is not a mixture-of-experts architecture",
+                                f"remove model.{camel(f)} or use architecture: mixtral",
+                            )
+                        )
             elif m.num_experts and m.experts_per_token and m.experts_per_token > m.num_experts:
-                out.append(FieldIssue(("model", "expertsPerToken"),
-                                      f"expertsPerToken ({m.experts_per_token}) exceeds numExperts ({m.num_experts})",
-                                      "route to at most numExperts experts (2 is usual)"))
+                out.append(
+                    FieldIssue(
+                        ("model", "expertsPerToken"),
+                        f"expertsPerToken ({m.experts_per_token}) exceeds numExperts ({m.num_experts})",
+                        "route to at most numExperts experts (2 is usual)",
+                    )
+                )
             if self.objective == "masked" and arch not in ENCODER_ARCHITECTURES:
-                out.append(FieldIssue(("objective",), f"the masked objective needs an encoder; {arch} is a decoder",
-                                      "use model.architecture: bert, or objective: causal"))
+                out.append(
+                    FieldIssue(
+                        ("objective",),
+                        f"the masked objective needs an encoder; {arch} is a decoder",
+                        "use model.architecture: bert, or objective: causal",
+                    )
+                )
             if self.objective == "causal" and arch in ENCODER_ARCHITECTURES:
-                out.append(FieldIssue(("objective",), f"{arch} is an encoder and cannot be trained causally",
-                                      "use objective: masked, or a decoder architecture such as llama"))
-            if (m.max_position_embeddings is not None
-                    and m.max_position_embeddings < self.data.sequence_length):
-                out.append(FieldIssue(("model", "maxPositionEmbeddings"),
-                                      f"shorter than data.sequenceLength ({self.data.sequence_length})",
-                                      "raise maxPositionEmbeddings or lower data.sequenceLength"))
+                out.append(
+                    FieldIssue(
+                        ("objective",),
+                        f"{arch} is an encoder and cannot be trained causally",
+                        "use objective: masked, or a decoder architecture such as llama",
+                    )
+                )
+            if (
+                m.max_position_embeddings is not None
+                and m.max_position_embeddings < self.data.sequence_length
+            ):
+                out.append(
+                    FieldIssue(
+                        ("model", "maxPositionEmbeddings"),
+                        f"shorter than data.sequenceLength ({self.data.sequence_length})",
+                        "raise maxPositionEmbeddings or lower data.sequenceLength",
+                    )
+                )
         tok = self.data.tokenizer
         if tok.path is not None and tok.hub_id is not None:
-            out.append(FieldIssue(("data", "tokenizer"), "set at most one of path and hubId",
-                                  "keep one tokenizer source"))
+            out.append(
+                FieldIssue(
+                    ("data", "tokenizer"), "set at most one of path and hubId", "keep one tokenizer source"
+                )
+            )
         if (t.max_steps is None) == (t.token_budget is None):
-            out.append(FieldIssue(("training",), "set exactly one of training.maxSteps or training.tokenBudget",
-                                  "e.g. `maxSteps: 1000` or `tokenBudget: 2000000000`"))
+            out.append(
+                FieldIssue(
+                    ("training",),
+                    "set exactly one of training.maxSteps or training.tokenBudget",
+                    "e.g. `maxSteps: 1000` or `tokenBudget: 2000000000`",
+                )
+            )
         if t.global_batch_size is not None and t.global_batch_tokens is not None:
-            out.append(FieldIssue(("training", "globalBatchTokens"),
-                                  "set globalBatchSize or globalBatchTokens, not both", "remove one of them"))
+            out.append(
+                FieldIssue(
+                    ("training", "globalBatchTokens"),
+                    "set globalBatchSize or globalBatchTokens, not both",
+                    "remove one of them",
+                )
+            )
         if t.global_batch_tokens is not None and t.global_batch_tokens % self.data.sequence_length:
-            out.append(FieldIssue(("training", "globalBatchTokens"),
-                                  f"{t.global_batch_tokens} is not a multiple of data.sequenceLength "
-                                  f"({self.data.sequence_length})",
-                                  "use a multiple of the sequence length"))
+            out.append(
+                FieldIssue(
+                    ("training", "globalBatchTokens"),
+                    f"{t.global_batch_tokens} is not a multiple of data.sequenceLength "
+                    f"({self.data.sequence_length})",
+                    "use a multiple of the sequence length",
+                )
+            )
         if t.global_batch_tokens is not None:
             if t.global_batch_tokens % self.data.sequence_length == 0:
-                out += batch_issues(t.global_batch_tokens // self.data.sequence_length,
-                                    t.micro_batch_size, self.resources, "globalBatchTokens")
+                out += batch_issues(
+                    t.global_batch_tokens // self.data.sequence_length,
+                    t.micro_batch_size,
+                    self.resources,
+                    "globalBatchTokens",
+                )
         else:
             out += batch_issues(t.global_batch_size, t.micro_batch_size, self.resources)
         if self.deepspeed is not None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
@@ -52,31 +53,45 @@ HEIGHT = 8
 
 # -- panel helpers ---------------------------------------------------------------------------------
 
+
 def _query(expr: str, legend: str | None = None, ref_id: str = "A") -> prometheus.Dataquery:
     query = prometheus.Dataquery().expr(expr).ref_id(ref_id).datasource(DATASOURCE).range()
     return query.legend_format(legend) if legend else query
 
 
-def _timeseries(title: str, description: str, *queries: prometheus.Dataquery, width: int,
-                unit: str | None = None, min_val: float | None = None, max_val: float | None = None,
-                stacked: bool = False) -> timeseries.Panel:
-    panel = (timeseries.Panel()
-             .title(title)
-             .description(description)
-             .datasource(DATASOURCE)
-             .targets(list(queries))
-             .height(HEIGHT)
-             .span(width)
-             .line_width(1)
-             .fill_opacity(60 if stacked else 10)
-             .show_points(common.VisibilityMode.NEVER)
-             .legend(common_builders.VizLegendOptions()
-                     .display_mode(common.LegendDisplayMode.LIST)
-                     .placement(common.LegendPlacement.BOTTOM)
-                     .show_legend(True))
-             .tooltip(common_builders.VizTooltipOptions()
-                      .mode(common.TooltipDisplayMode.MULTI)
-                      .sort(common.SortOrder.DESCENDING)))
+def _timeseries(
+    title: str,
+    description: str,
+    *queries: prometheus.Dataquery,
+    width: int,
+    unit: str | None = None,
+    min_val: float | None = None,
+    max_val: float | None = None,
+    stacked: bool = False,
+) -> timeseries.Panel:
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .targets(list(queries))
+        .height(HEIGHT)
+        .span(width)
+        .line_width(1)
+        .fill_opacity(60 if stacked else 10)
+        .show_points(common.VisibilityMode.NEVER)
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+        )
+        .tooltip(
+            common_builders.VizTooltipOptions()
+            .mode(common.TooltipDisplayMode.MULTI)
+            .sort(common.SortOrder.DESCENDING)
+        )
+    )
     if stacked:
         panel = panel.stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
     if unit is not None:
@@ -88,21 +103,22 @@ def _timeseries(title: str, description: str, *queries: prometheus.Dataquery, wi
     return panel
 
 
-def _stat(title: str, description: str, query: prometheus.Dataquery, width: int,
-          thresholds: list[Threshold]) -> stat.Panel:
-    return (stat.Panel()
-            .title(title)
-            .description(description)
-            .datasource(DATASOURCE)
-            .targets([query])
-            .height(HEIGHT)
-            .span(width)
-            .graph_mode(common.BigValueGraphMode.AREA)
-            .color_mode(common.BigValueColorMode.VALUE)
-            .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
-            .thresholds(dashboard_builders.ThresholdsConfig()
-                        .mode(ThresholdsMode.ABSOLUTE)
-                        .steps(thresholds)))
+def _stat(
+    title: str, description: str, query: prometheus.Dataquery, width: int, thresholds: list[Threshold]
+) -> stat.Panel:
+    return (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .targets([query])
+        .height(HEIGHT)
+        .span(width)
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .color_mode(common.BigValueColorMode.VALUE)
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .thresholds(dashboard_builders.ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(thresholds))
+    )
 
 
 def _row(title: str) -> dashboard_builders.Row:
@@ -113,21 +129,34 @@ def _row(title: str) -> dashboard_builders.Row:
 
 # -- the rows --------------------------------------------------------------------------------------
 
+
 def _jobs_row() -> list[Any]:
     return [
         _row("Jobs"),
-        _timeseries("Jobs by phase",
-                    "TrainingJobs and FineTuneJobs the operator knows, by phase (stacked).",
-                    _query("sum by (phase) (forgeline_jobs)", "{{phase}}"),
-                    width=10, unit="short", min_val=0, stacked=True),
-        _timeseries("Phase transitions",
-                    "Jobs entering each phase, per second.",
-                    _query(f"sum by (phase) (rate(forgeline_job_transitions_total[{RATE}]))", "{{phase}}"),
-                    width=10, unit="ops", min_val=0),
-        _stat("Job restarts (1h)",
-              "Ray job resubmissions after failures in the last hour.",
-              _query("sum(increase(forgeline_job_restarts_total[1h]))"), width=4,
-              thresholds=[Threshold(value=None, color="green"), Threshold(value=1, color="orange")]),
+        _timeseries(
+            "Jobs by phase",
+            "TrainingJobs and FineTuneJobs the operator knows, by phase (stacked).",
+            _query("sum by (phase) (forgeline_jobs)", "{{phase}}"),
+            width=10,
+            unit="short",
+            min_val=0,
+            stacked=True,
+        ),
+        _timeseries(
+            "Phase transitions",
+            "Jobs entering each phase, per second.",
+            _query(f"sum by (phase) (rate(forgeline_job_transitions_total[{RATE}]))", "{{phase}}"),
+            width=10,
+            unit="ops",
+            min_val=0,
+        ),
+        _stat(
+            "Job restarts (1h)",
+            "Ray job resubmissions after failures in the last hour.",
+            _query("sum(increase(forgeline_job_restarts_total[1h]))"),
+            width=4,
+            thresholds=[Threshold(value=None, color="green"), Threshold(value=1, color="orange")],
+        ),
     ]
 
 
@@ -135,101 +164,166 @@ def _training_row() -> list[Any]:
     legend = "{{namespace}}/{{job}}"
     return [
         _row("Training (running jobs)"),
-        _timeseries("Training loss",
-                    "Latest training loss of each running job (relayed from the trainer's progress).",
-                    _query(f"forgeline_job_loss{JOB_FILTER}", legend), width=12),
-        _timeseries("Tokens per second",
-                    "Training throughput of each running job, in tokens per second.",
-                    _query(f"forgeline_job_tokens_per_second{JOB_FILTER}", legend), width=12, unit="short",
-                    min_val=0),
-        _timeseries("MFU",
-                    "Model FLOPs utilisation of each running job (achieved / peak FLOPs).",
-                    _query(f"forgeline_job_mfu{JOB_FILTER}", legend), width=12, unit="percentunit",
-                    min_val=0),
-        _timeseries("Progress",
-                    "Optimizer steps done / planned, for each running job.",
-                    _query(f"forgeline_job_progress_ratio{JOB_FILTER}", legend), width=12,
-                    unit="percentunit", min_val=0, max_val=1),
+        _timeseries(
+            "Training loss",
+            "Latest training loss of each running job (relayed from the trainer's progress).",
+            _query(f"forgeline_job_loss{JOB_FILTER}", legend),
+            width=12,
+        ),
+        _timeseries(
+            "Tokens per second",
+            "Training throughput of each running job, in tokens per second.",
+            _query(f"forgeline_job_tokens_per_second{JOB_FILTER}", legend),
+            width=12,
+            unit="short",
+            min_val=0,
+        ),
+        _timeseries(
+            "MFU",
+            "Model FLOPs utilisation of each running job (achieved / peak FLOPs).",
+            _query(f"forgeline_job_mfu{JOB_FILTER}", legend),
+            width=12,
+            unit="percentunit",
+            min_val=0,
+        ),
+        _timeseries(
+            "Progress",
+            "Optimizer steps done / planned, for each running job.",
+            _query(f"forgeline_job_progress_ratio{JOB_FILTER}", legend),
+            width=12,
+            unit="percentunit",
+            min_val=0,
+            max_val=1,
+        ),
     ]
 
 
 def _gpus_row() -> list[Any]:
     return [
         _row("GPUs (Ray node metrics)"),
-        _timeseries("GPU utilisation",
-                    "Utilisation of each GPU of the Ray nodes (ray_node_gpus_utilization).",
-                    _query("avg by (instance, GpuIndex) (ray_node_gpus_utilization)",
-                           "{{instance}} GPU {{GpuIndex}}"),
-                    width=8, unit="percent", min_val=0, max_val=100),
-        _timeseries("GPU memory used",
-                    "GPU memory used on each GPU of the Ray nodes (Ray reports MiB).",
-                    _query("sum by (instance, GpuIndex) (ray_node_gram_used) * 1024 * 1024",
-                           "{{instance}} GPU {{GpuIndex}}"),
-                    width=8, unit="bytes", min_val=0),
-        _timeseries("GPU memory used / available",
-                    "Share of all the Ray nodes' GPU memory in use.",
-                    _query("sum(ray_node_gram_used) / (sum(ray_node_gram_used) + sum(ray_node_gram_available))",
-                           "used"),
-                    width=8, unit="percentunit", min_val=0, max_val=1),
+        _timeseries(
+            "GPU utilisation",
+            "Utilisation of each GPU of the Ray nodes (ray_node_gpus_utilization).",
+            _query(
+                "avg by (instance, GpuIndex) (ray_node_gpus_utilization)", "{{instance}} GPU {{GpuIndex}}"
+            ),
+            width=8,
+            unit="percent",
+            min_val=0,
+            max_val=100,
+        ),
+        _timeseries(
+            "GPU memory used",
+            "GPU memory used on each GPU of the Ray nodes (Ray reports MiB).",
+            _query(
+                "sum by (instance, GpuIndex) (ray_node_gram_used) * 1024 * 1024",
+                "{{instance}} GPU {{GpuIndex}}",
+            ),
+            width=8,
+            unit="bytes",
+            min_val=0,
+        ),
+        _timeseries(
+            "GPU memory used / available",
+            "Share of all the Ray nodes' GPU memory in use.",
+            _query(
+                "sum(ray_node_gram_used) / (sum(ray_node_gram_used) + sum(ray_node_gram_available))", "used"
+            ),
+            width=8,
+            unit="percentunit",
+            min_val=0,
+            max_val=1,
+        ),
     ]
 
 
 def _operator_row() -> list[Any]:
     def quantile(q: float) -> str:
-        return f"histogram_quantile({q}, sum by (le) (rate(forgeline_reconcile_duration_seconds_bucket[{RATE}])))"
+        rate = f"rate(forgeline_reconcile_duration_seconds_bucket[{RATE}])"
+        return f"histogram_quantile({q}, sum by (le) ({rate}))"
 
     return [
         _row("Operator"),
-        _timeseries("Reconcile latency",
-                    "Duration of one job reconcile, 50th and 95th percentiles.",
-                    _query(quantile(0.5), "p50", "A"), _query(quantile(0.95), "p95", "B"),
-                    width=8, unit="s", min_val=0),
-        _timeseries("Reconcile errors",
-                    "Reconciles that raised, per second, by job kind.",
-                    _query(f"sum by (kind) (rate(forgeline_reconcile_errors_total[{RATE}]))", "{{kind}}"),
-                    width=6, unit="ops", min_val=0),
-        _timeseries("Ray submission errors",
-                    "Failed Ray job submissions, per second, by job kind.",
-                    _query(f"sum by (kind) (rate(forgeline_ray_submission_errors_total[{RATE}]))", "{{kind}}"),
-                    width=6, unit="ops", min_val=0),
-        _stat("Operator up",
-              "Whether Prometheus can scrape the operator's metrics endpoint.",
-              _query('max(up{job=~".*forgeline.*"})'), width=4,
-              thresholds=[Threshold(value=None, color="red"), Threshold(value=1, color="green")])
-        .mappings([ValueMap({"0": ValueMappingResult(text="DOWN", color="red", index=0),
-                             "1": ValueMappingResult(text="UP", color="green", index=1)})]),
+        _timeseries(
+            "Reconcile latency",
+            "Duration of one job reconcile, 50th and 95th percentiles.",
+            _query(quantile(0.5), "p50", "A"),
+            _query(quantile(0.95), "p95", "B"),
+            width=8,
+            unit="s",
+            min_val=0,
+        ),
+        _timeseries(
+            "Reconcile errors",
+            "Reconciles that raised, per second, by job kind.",
+            _query(f"sum by (kind) (rate(forgeline_reconcile_errors_total[{RATE}]))", "{{kind}}"),
+            width=6,
+            unit="ops",
+            min_val=0,
+        ),
+        _timeseries(
+            "Ray submission errors",
+            "Failed Ray job submissions, per second, by job kind.",
+            _query(f"sum by (kind) (rate(forgeline_ray_submission_errors_total[{RATE}]))", "{{kind}}"),
+            width=6,
+            unit="ops",
+            min_val=0,
+        ),
+        _stat(
+            "Operator up",
+            "Whether Prometheus can scrape the operator's metrics endpoint.",
+            _query('max(up{job=~".*forgeline.*"})'),
+            width=4,
+            thresholds=[Threshold(value=None, color="red"), Threshold(value=1, color="green")],
+        ).mappings(
+            [
+                ValueMap(
+                    {
+                        "0": ValueMappingResult(text="DOWN", color="red", index=0),
+                        "1": ValueMappingResult(text="UP", color="green", index=1),
+                    }
+                )
+            ]
+        ),
     ]
 
 
 # -- the dashboard ---------------------------------------------------------------------------------
 
+
 def _builder() -> dashboard_builders.Dashboard:
-    builder = (dashboard_builders.Dashboard("Forgeline")
-               .uid(UID)
-               .description("Forgeline training jobs, their training metrics, the Ray GPUs and the operator.")
-               .tags(["forgeline"])
-               .refresh("30s")
-               .time("now-6h", "now")
-               .timezone("browser")
-               .tooltip(DashboardCursorSync.CROSSHAIR)
-               .with_variable(dashboard_builders.DatasourceVariable("datasource")
-                              .label("Data source")
-                              .type("prometheus"))
-               .with_variable(dashboard_builders.QueryVariable("namespace")
-                              .label("Namespace")
-                              .datasource(DATASOURCE)
-                              .query("label_values(forgeline_job_progress_ratio, namespace)")
-                              .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
-                              .sort(VariableSort.ALPHABETICAL_ASC)
-                              .multi(True)
-                              .include_all(True)
-                              .all_value(".*")
-                              .current(VariableOption(selected=True, text="All", value="$__all"))))
+    builder = (
+        dashboard_builders.Dashboard("Forgeline")
+        .uid(UID)
+        .description("Forgeline training jobs, their training metrics, the Ray GPUs and the operator.")
+        .tags(["forgeline"])
+        .refresh("30s")
+        .time("now-6h", "now")
+        .timezone("browser")
+        .tooltip(DashboardCursorSync.CROSSHAIR)
+        .with_variable(
+            dashboard_builders.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        )
+        .with_variable(
+            dashboard_builders.QueryVariable("namespace")
+            .label("Namespace")
+            .datasource(DATASOURCE)
+            .query("label_values(forgeline_job_progress_ratio, namespace)")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+            .current(VariableOption(selected=True, text="All", value="$__all"))
+        )
+    )
     next_id = 1
     for item in (*_jobs_row(), *_training_row(), *_gpus_row(), *_operator_row()):
         item.id(next_id)
         next_id += 1
-        builder = builder.with_row(item) if isinstance(item, dashboard_builders.Row) else builder.with_panel(item)
+        builder = (
+            builder.with_row(item) if isinstance(item, dashboard_builders.Row) else builder.with_panel(item)
+        )
     return builder
 
 
@@ -257,18 +351,25 @@ def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     """(panel title, PromQL expression) for every target of every panel of a dashboard's JSON."""
-    return [(panel.get("title", ""), target["expr"])
-            for panel in _panels(dashboard.get("panels") or [])
-            for target in panel.get("targets") or []
-            if target.get("expr")]
+    return [
+        (panel.get("title", ""), target["expr"])
+        for panel in _panels(dashboard.get("panels") or [])
+        for target in panel.get("targets") or []
+        if target.get("expr")
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m forgeline_operator.monitoring.dashboard",
-                                     description="Write the Forgeline Grafana dashboard JSON.")
+    parser = argparse.ArgumentParser(
+        prog="python -m forgeline_operator.monitoring.dashboard",
+        description="Write the Forgeline Grafana dashboard JSON.",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output file (default: {DEFAULT_OUT})")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if the file differs from what would be written")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the file differs from what would be written",
+    )
     args = parser.parse_args(argv)
     text = render(build_dashboard())
     if args.check:

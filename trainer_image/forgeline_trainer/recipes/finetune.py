@@ -1,7 +1,8 @@
 """Supervised fine-tuning: full, LoRA, QLoRA (4-bit NF4 base + LoRA) and prompt tuning (PEFT).
 
 Launch (what the operator and `forgeline run` do):
-    python -m forgeline_trainer --config job.json        # a FineTuneJob with method full|lora|qlora|prompt-tuning
+    # a FineTuneJob with method full|lora|qlora|prompt-tuning
+    python -m forgeline_trainer --config job.json
 
 Reads top to bottom:
     prepare()     driver: check the base model, load its tokenizer, read and check the records
@@ -26,8 +27,8 @@ from typing import Any
 from forgeline_operator.api.finetune_job import LoraSettings, PromptTuningSettings
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, dump_job_config, load_job_config
 
-from .. import data as D
 from .. import collective, models, optim, outputs, progress, sft_data, storage
+from .. import data as D
 from ..checkpoints import Checkpointer
 from ..runtime import RuntimeInfo, fault_injection, resolve_precision
 
@@ -56,20 +57,31 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> dict[str, Any]:
         train, held = sft_data.holdout(records, spec.evaluation.holdout_fraction)
 
     def tok(rs: list[dict[str, Any]]) -> list[sft_data.Tokenized]:
-        out = [sft_data.tokenize_example(r, ds.format, tokenizer, ds.max_sequence_length, ds.loss_on_prompt)
-               for r in rs]
+        out = [
+            sft_data.tokenize_example(r, ds.format, tokenizer, ds.max_sequence_length, ds.loss_on_prompt)
+            for r in rs
+        ]
         return [t for t in out if any(label != sft_data.IGNORE for label in t.labels)]
 
     train_tok, eval_tok = tok(train), tok(held)
     if not train_tok:
-        raise ValueError("spec.dataset: no example has response tokens left after truncation; "
-                         "raise spec.dataset.maxSequenceLength")
+        raise ValueError(
+            "spec.dataset: no example has response tokens left after truncation; "
+            "raise spec.dataset.maxSequenceLength"
+        )
     probe_text = sft_data.prompt_of(train[0], ds.format, tokenizer)
     return {
-        "train": ray.put(train_tok), "eval": ray.put(eval_tok) if eval_tok else None,
-        "base_dir": base_dir, "tokenizer_files": {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()},
-        "pad_id": tokenizer.pad_token_id, "probe_ids": tokenizer(probe_text, add_special_tokens=False)["input_ids"][-64:],
-        "examples": {"train": len(train_tok), "eval": len(eval_tok), "dropped": len(train) + len(held) - len(train_tok) - len(eval_tok)},
+        "train": ray.put(train_tok),
+        "eval": ray.put(eval_tok) if eval_tok else None,
+        "base_dir": base_dir,
+        "tokenizer_files": {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()},
+        "pad_id": tokenizer.pad_token_id,
+        "probe_ids": tokenizer(probe_text, add_special_tokens=False)["input_ids"][-64:],
+        "examples": {
+            "train": len(train_tok),
+            "eval": len(eval_tok),
+            "dropped": len(train) + len(held) - len(train_tok) - len(eval_tok),
+        },
     }
 
 
@@ -102,10 +114,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     layers, hidden = models.shape(getattr(model, "base_model", model))
     # Forward 2N + backward through activations 2N + weight gradients only for what trains.
     base_params = models.active_params(model)
-    flops_per_token = 4.0 * base_params + 2.0 * n_trainable + 12.0 * layers * hidden * spec.dataset.max_sequence_length
+    flops_per_token = (
+        4.0 * base_params + 2.0 * n_trainable + 12.0 * layers * hidden * spec.dataset.max_sequence_length
+    )
 
     plan = optim.batch_plan(spec.training.global_batch_size, spec.training.micro_batch_size, rt.world)
-    total_steps = spec.training.max_steps or max(1, math.ceil(spec.training.epochs * len(train_ex) / plan.global_batch))
+    total_steps = spec.training.max_steps or max(
+        1, math.ceil(spec.training.epochs * len(train_ex) / plan.global_batch)
+    )
     ckpt = Checkpointer(rt, spec.checkpointing.interval_steps, trainable_only=method != "full")
     if spec.deepspeed is not None:
         import deepspeed
@@ -113,9 +129,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         ds_cfg = optim.deepspeed_config(spec.deepspeed, spec.training, plan, bf16, rt.on_gpu)
         client_opt = None if "optimizer" in ds_cfg else optim.adamw(model, spec.training)
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=client_opt, config=ds_cfg,
-            model_parameters=optim.param_groups(model, spec.training.weight_decay) if client_opt is None else None,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, optim.lr_lambda(spec.training, total_steps)))
+            model=model,
+            optimizer=client_opt,
+            config=ds_cfg,
+            model_parameters=optim.param_groups(model, spec.training.weight_decay)
+            if client_opt is None
+            else None,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, optim.lr_lambda(spec.training, total_steps)
+            ),
+        )
         net = engine
     else:
         import ray.train.torch
@@ -123,30 +146,54 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         engine = None
         if rt.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[rt.local_rank] if rt.on_gpu else None, find_unused_parameters=False)
+                model, device_ids=[rt.local_rank] if rt.on_gpu else None, find_unused_parameters=False
+            )
         optimizer = optim.adamw(model, spec.training)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_lambda(spec.training, total_steps))
         net = model
     peak, peak_how = progress.device_peak_flops()
     avg_tokens = sum(len(e.input_ids) for e in train_ex) / len(train_ex)
     reporter = progress.Reporter(
-        job=cfg.name, namespace=cfg.namespace, kind="FineTuneJob", total_steps=total_steps,
-        tokens_per_step=int(avg_tokens * plan.global_batch), flops_per_token=flops_per_token,
-        peak_flops_total=peak * rt.world, interval=cfg.run.progress_interval_seconds, is_chief=rt.rank == 0,
-        extra={"trainable_fraction": round(n_trainable / n_total, 6), "method": method})
-    start_step = ckpt.restore(engine=engine, model=model, optimizer=optimizer, scheduler=scheduler,
-                              reporter=reporter, resume_from=spec.checkpointing.resume_from,
-                              work_dir=cfg.paths.work_dir)
-    reporter.event("training started", start_step=start_step, total_steps=total_steps, method=method,
-                   parameters=n_total, trainable_parameters=n_trainable, quantized_4bit_layers=n_4bit,
-                   world_size=rt.world, accumulation=plan.accumulation, precision=dtype_name,
-                   peak_source=peak_how)
+        job=cfg.name,
+        namespace=cfg.namespace,
+        kind="FineTuneJob",
+        total_steps=total_steps,
+        tokens_per_step=int(avg_tokens * plan.global_batch),
+        flops_per_token=flops_per_token,
+        peak_flops_total=peak * rt.world,
+        interval=cfg.run.progress_interval_seconds,
+        is_chief=rt.rank == 0,
+        extra={"trainable_fraction": round(n_trainable / n_total, 6), "method": method},
+    )
+    start_step = ckpt.restore(
+        engine=engine,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        reporter=reporter,
+        resume_from=spec.checkpointing.resume_from,
+        work_dir=cfg.paths.work_dir,
+    )
+    reporter.event(
+        "training started",
+        start_step=start_step,
+        total_steps=total_steps,
+        method=method,
+        parameters=n_total,
+        trainable_parameters=n_trainable,
+        quantized_4bit_layers=n_4bit,
+        world_size=rt.world,
+        accumulation=plan.accumulation,
+        precision=dtype_name,
+        peak_source=peak_how,
+    )
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and engine is None)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def micro_batch(step: int, micro: int) -> tuple[dict[str, Any], int]:
-        idx = D.worker_slice(D.batch_indices(len(train_ex), plan.global_batch, step, spec.training.seed),
-                             rt.rank, rt.world)[micro * plan.micro:(micro + 1) * plan.micro]
+        idx = D.worker_slice(
+            D.batch_indices(len(train_ex), plan.global_batch, step, spec.training.seed), rt.rank, rt.world
+        )[micro * plan.micro : (micro + 1) * plan.micro]
         batch = sft_data.collate([train_ex[i] for i in idx], prep["pad_id"], device)
         return batch, int(batch["attention_mask"].sum())
 
@@ -176,14 +223,32 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         loss_value = collective.mean(total_loss)
         first_loss = first_loss if first_loss is not None else loss_value
         done = step + 1
-        reporter.step(done, loss_value, scheduler.get_last_lr()[0], grad_norm=collective.as_float(grad_norm),
-                      samples=plan.global_batch, tokens=int(collective.total(tokens)),
-                      epoch=round(done * plan.global_batch / len(train_ex), 4))
-        if eval_ex and spec.evaluation.interval_steps and done % spec.evaluation.interval_steps == 0 \
-                and done != total_steps:
+        reporter.step(
+            done,
+            loss_value,
+            scheduler.get_last_lr()[0],
+            grad_norm=collective.as_float(grad_norm),
+            samples=plan.global_batch,
+            tokens=int(collective.total(tokens)),
+            epoch=round(done * plan.global_batch / len(train_ex), 4),
+        )
+        if (
+            eval_ex
+            and spec.evaluation.interval_steps
+            and done % spec.evaluation.interval_steps == 0
+            and done != total_steps
+        ):
             reporter.evaluation(done, _evaluate(net, eval_ex, spec, plan, rt, prep["pad_id"], device))
-        ckpt.maybe_save(done, total_steps, engine=engine, model=model, optimizer=optimizer,
-                        scheduler=scheduler, reporter=reporter, metrics={"loss": loss_value})
+        ckpt.maybe_save(
+            done,
+            total_steps,
+            engine=engine,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            reporter=reporter,
+            metrics={"loss": loss_value},
+        )
         fault_injection(cfg, done)
 
     # ---- cleanup ----
@@ -194,20 +259,39 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         bare = getattr(model, "module", model)
         last = reporter.last
         summary = {
-            "job": cfg.name, "kind": "FineTuneJob", "method": method, "base_model": cfg.paths.base_model,
-            "parameters": n_total, "trainable_parameters": n_trainable,
-            "trainable_fraction": n_trainable / n_total, "quantized_4bit_layers": n_4bit,
-            "steps": total_steps, "resumed_from_step": start_step, "first_loss": reporter.history[0]["loss"] if reporter.history else first_loss,
+            "job": cfg.name,
+            "kind": "FineTuneJob",
+            "method": method,
+            "base_model": cfg.paths.base_model,
+            "parameters": n_total,
+            "trainable_parameters": n_trainable,
+            "trainable_fraction": n_trainable / n_total,
+            "quantized_4bit_layers": n_4bit,
+            "steps": total_steps,
+            "resumed_from_step": start_step,
+            "first_loss": reporter.history[0]["loss"] if reporter.history else first_loss,
             "final_loss": reporter.history[-1]["loss"] if reporter.history else None,
-            "final_eval": final_eval, "tokens_seen": reporter.tokens_seen,
-            "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),
-            "mfu_peak_source": peak_how, "wall_seconds": last.get("elapsed_seconds"),
-            "examples": prep["examples"], "world_size": rt.world, "precision": dtype_name,
+            "final_eval": final_eval,
+            "tokens_seen": reporter.tokens_seen,
+            "tokens_per_second": last.get("tokens_per_second"),
+            "mfu": last.get("mfu"),
+            "mfu_peak_source": peak_how,
+            "wall_seconds": last.get("elapsed_seconds"),
+            "examples": prep["examples"],
+            "world_size": rt.world,
+            "precision": dtype_name,
             "saved": _save_mode(spec),
         }
         _write_output(cfg, bare, prep, summary, reporter, device)
-        progress.emit({"type": "done", "output": cfg.paths.output, "final_loss": summary["final_loss"],
-                       "step": total_steps, "total_steps": total_steps})
+        progress.emit(
+            {
+                "type": "done",
+                "output": cfg.paths.output,
+                "final_loss": summary["final_loss"],
+                "step": total_steps,
+                "total_steps": total_steps,
+            }
+        )
     ckpt.barrier()
 
 
@@ -222,15 +306,20 @@ def _load_model(spec: Any, base_dir: str, device: Any):  # noqa: ANN202
         from transformers import BitsAndBytesConfig
 
         q = spec.quantization
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                                 bnb_4bit_use_double_quant=q.double_quant,
-                                 bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
-        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb,
-                                                     device_map={"": str(device)})
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=bnb, device_map={"": str(device)}
+        )
         from peft import prepare_model_for_kbit_training
 
         return prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
+            model, use_gradient_checkpointing=spec.training.gradient_checkpointing
+        )
     return AutoModelForCausalLM.from_pretrained(base_dir).to(device)
 
 
@@ -240,14 +329,30 @@ def _wrap_peft(spec: Any, model: Any, base_dir: str):  # noqa: ANN202
     if spec.method in ("lora", "qlora"):
         lora = spec.lora or LoraSettings()
         targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=targets, bias=lora.bias, task_type="CAUSAL_LM"))
+        return get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=targets,
+                bias=lora.bias,
+                task_type="CAUSAL_LM",
+            ),
+        )
     if spec.method == "prompt-tuning":
         pt = spec.prompt_tuning or PromptTuningSettings()
         init = PromptTuningInit.TEXT if pt.init_text else PromptTuningInit.RANDOM
-        return get_peft_model(model, PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=pt.num_virtual_tokens, prompt_tuning_init=init,
-            prompt_tuning_init_text=pt.init_text, tokenizer_name_or_path=base_dir if pt.init_text else None))
+        return get_peft_model(
+            model,
+            PromptTuningConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=pt.num_virtual_tokens,
+                prompt_tuning_init=init,
+                prompt_tuning_init_text=pt.init_text,
+                tokenizer_name_or_path=base_dir if pt.init_text else None,
+            ),
+        )
     return model
 
 
@@ -265,13 +370,22 @@ def _save_mode(spec: Any) -> str:
     return spec.output.save or "adapter"
 
 
-def _evaluate(net: Any, examples: list[sft_data.Tokenized], spec: Any, plan: optim.BatchPlan,
-              rt: RuntimeInfo, pad_id: int, device: Any) -> dict[str, float]:
+def _evaluate(
+    net: Any,
+    examples: list[sft_data.Tokenized],
+    spec: Any,
+    plan: optim.BatchPlan,
+    rt: RuntimeInfo,
+    pad_id: int,
+    device: Any,
+) -> dict[str, float]:
     """Response-token loss and next-token accuracy, over every worker's slice."""
     import torch
 
     mine = list(range(rt.rank, len(examples), rt.world))
-    batches = [mine[i:i + plan.micro] for i in range(0, len(mine), plan.micro)][: spec.evaluation.max_batches]
+    batches = [mine[i : i + plan.micro] for i in range(0, len(mine), plan.micro)][
+        : spec.evaluation.max_batches
+    ]
     # DDP's forward broadcasts buffers and ZeRO-3 gathers parameters: every rank must run the same
     # number of forwards, so ranks with fewer batches run (and ignore) extra ones.
     n_batches = int(collective.maximum(len(batches)))
@@ -287,11 +401,13 @@ def _evaluate(net: Any, examples: list[sft_data.Tokenized], spec: Any, plan: opt
             out = net(**batch)
             if not real:
                 continue
-            logits = out.logits[:, -batch["labels"].shape[1]:, :]  # prompt tuning prepends virtual tokens
+            logits = out.logits[:, -batch["labels"].shape[1] :, :]  # prompt tuning prepends virtual tokens
             shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
             mask = shift_labels != sft_data.IGNORE
             n = mask.sum()
-            loss = torch.nn.functional.cross_entropy(shift_logits[mask].float(), shift_labels[mask], reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits[mask].float(), shift_labels[mask], reduction="sum"
+            )
             loss_sum += loss
             correct += (shift_logits.argmax(-1)[mask] == shift_labels[mask]).sum()
             count += n
@@ -301,16 +417,22 @@ def _evaluate(net: Any, examples: list[sft_data.Tokenized], spec: Any, plan: opt
             torch.distributed.all_reduce(t)
     c = count.clamp(min=1)
     loss = (loss_sum / c).item()
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "accuracy": (correct / c).item(), "eval_tokens": float(count.item())}
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "accuracy": (correct / c).item(),
+        "eval_tokens": float(count.item()),
+    }
 
 
-
-
-
-
-def _write_output(cfg: FineTuneJobConfig, model: Any, prep: dict[str, Any], summary: dict[str, Any],
-                  reporter: progress.Reporter, device: Any) -> None:
+def _write_output(
+    cfg: FineTuneJobConfig,
+    model: Any,
+    prep: dict[str, Any],
+    summary: dict[str, Any],
+    reporter: progress.Reporter,
+    device: Any,
+) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -319,7 +441,7 @@ def _write_output(cfg: FineTuneJobConfig, model: Any, prep: dict[str, Any], summ
     model.eval()
     probe = torch.tensor([prep["probe_ids"]], device=device)
     with torch.no_grad():
-        logits = model(input_ids=probe).logits[:, -probe.shape[1]:, :].float().cpu()
+        logits = model(input_ids=probe).logits[:, -probe.shape[1] :, :].float().cpu()
     with tempfile.TemporaryDirectory(prefix="forgeline-out-") as tmp:
         out = Path(tmp)
         if mode == "merged":

@@ -26,8 +26,8 @@ from typing import Any
 from forgeline_operator.api.finetune_job import PreferenceSettings
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, dump_job_config, load_job_config
 
-from .. import data as D
 from .. import collective, hf_trainer, models, optim, outputs, progress, sft_data, storage
+from .. import data as D
 from ..runtime import RuntimeInfo, resolve_precision
 
 # -- driver ------------------------------------------------------------------------------------
@@ -44,19 +44,26 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> dict[str, Any]:
     records = sft_data.read_examples(spec.dataset.sources, "preference", work)
 
     def cut(rec: dict[str, Any]) -> dict[str, str]:
-        ids = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"][-pref.max_prompt_length:]
+        ids = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"][-pref.max_prompt_length :]
         return {"prompt": tokenizer.decode(ids), "chosen": rec["chosen"], "rejected": rec["rejected"]}
 
     records = [cut(r) for r in records]
     if spec.evaluation.sources:
-        train, held = records, [cut(r) for r in sft_data.read_examples(spec.evaluation.sources, "preference", work)]
+        train, held = (
+            records,
+            [cut(r) for r in sft_data.read_examples(spec.evaluation.sources, "preference", work)],
+        )
     else:
         train, held = sft_data.holdout(records, max(spec.evaluation.holdout_fraction, 0.05))
     tok_dir = staging / "tokenizer"
     tokenizer.save_pretrained(str(tok_dir))
-    return {"train": train, "eval": held, "base_dir": base_dir,
-            "tokenizer_files": {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()},
-            "examples": {"train": len(train), "eval": len(held)}}
+    return {
+        "train": train,
+        "eval": held,
+        "base_dir": base_dir,
+        "tokenizer_files": {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()},
+        "examples": {"train": len(train), "eval": len(held)},
+    }
 
 
 # -- worker ------------------------------------------------------------------------------------
@@ -89,38 +96,72 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         from trl import DPOConfig, DPOTrainer
 
         pref = spec.preference or PreferenceSettings()
-        trainer = DPOTrainer(model=prep["base_dir"], args=DPOConfig(beta=pref.beta, loss_type=[pref.loss_type], **args),
-                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                             peft_config=peft_config)
+        trainer = DPOTrainer(
+            model=prep["base_dir"],
+            args=DPOConfig(beta=pref.beta, loss_type=[pref.loss_type], **args),
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     else:
         from transformers import AutoModelForSequenceClassification
         from trl import RewardConfig, RewardTrainer
 
         model = AutoModelForSequenceClassification.from_pretrained(prep["base_dir"], num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
-        trainer = RewardTrainer(model=model, args=RewardConfig(**args), train_dataset=train_ds,
-                                eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config)
+        trainer = RewardTrainer(
+            model=model,
+            args=RewardConfig(**args),
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     model = trainer.model
     n_total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     layers, hidden = models.shape(getattr(model, "base_model", model))
-    flops = 4.0 * models.active_params(model) + 2.0 * n_trainable + 12.0 * layers * hidden * spec.dataset.max_sequence_length
+    flops = (
+        4.0 * models.active_params(model)
+        + 2.0 * n_trainable
+        + 12.0 * layers * hidden * spec.dataset.max_sequence_length
+    )
     factor = 2 if method == "reward-model" else 4  # chosen+rejected; DPO also runs the reference
     peak, peak_how = progress.device_peak_flops()
     reporter = progress.Reporter(
-        job=cfg.name, namespace=cfg.namespace, kind="FineTuneJob", total_steps=steps,
+        job=cfg.name,
+        namespace=cfg.namespace,
+        kind="FineTuneJob",
+        total_steps=steps,
         tokens_per_step=plan.global_batch * spec.dataset.max_sequence_length * 2,
-        flops_per_token=flops * factor / 2, peak_flops_total=peak * rt.world,
-        interval=cfg.run.progress_interval_seconds, is_chief=rt.rank == 0,
-        extra={"trainable_fraction": round(n_trainable / n_total, 6), "method": method})
+        flops_per_token=flops * factor / 2,
+        peak_flops_total=peak * rt.world,
+        interval=cfg.run.progress_interval_seconds,
+        is_chief=rt.rank == 0,
+        extra={"trainable_fraction": round(n_trainable / n_total, 6), "method": method},
+    )
     trainer.add_callback(hf_trainer.ProgressCallback(reporter, plan.global_batch))
     trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
     resume = hf_trainer.resume_dir()
-    before = _preference_metrics(trainer, method, eval_ds, tokenizer) if eval_ds is not None and resume is None else {}
-    reporter.event("training started", total_steps=steps, method=method, parameters=n_total,
-                   trainable_parameters=n_trainable, world_size=rt.world, precision=dtype_name,
-                   resumed_from=resume, peak_source=peak_how, **{f"initial_{k}": v for k, v in before.items()})
+    before = (
+        _preference_metrics(trainer, method, eval_ds, tokenizer)
+        if eval_ds is not None and resume is None
+        else {}
+    )
+    reporter.event(
+        "training started",
+        total_steps=steps,
+        method=method,
+        parameters=n_total,
+        trainable_parameters=n_trainable,
+        world_size=rt.world,
+        precision=dtype_name,
+        resumed_from=resume,
+        peak_source=peak_how,
+        **{f"initial_{k}": v for k, v in before.items()},
+    )
 
     # ---- train ----
     trainer.train(resume_from_checkpoint=resume)
@@ -133,25 +174,42 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         last = reporter.last
         losses = [h["loss"] for h in reporter.history]
         summary = {
-            "job": cfg.name, "kind": "FineTuneJob", "method": method, "base_model": cfg.paths.base_model,
-            "parameters": n_total, "trainable_parameters": n_trainable,
-            "trainable_fraction": n_trainable / n_total, "steps": steps,
-            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "initial_eval": before, "final_eval": after, "tokens_per_second": last.get("tokens_per_second"),
-            "mfu": last.get("mfu"), "mfu_peak_source": peak_how, "wall_seconds": last.get("elapsed_seconds"),
-            "examples": prep["examples"], "world_size": rt.world, "precision": dtype_name,
+            "job": cfg.name,
+            "kind": "FineTuneJob",
+            "method": method,
+            "base_model": cfg.paths.base_model,
+            "parameters": n_total,
+            "trainable_parameters": n_trainable,
+            "trainable_fraction": n_trainable / n_total,
+            "steps": steps,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "initial_eval": before,
+            "final_eval": after,
+            "tokens_per_second": last.get("tokens_per_second"),
+            "mfu": last.get("mfu"),
+            "mfu_peak_source": peak_how,
+            "wall_seconds": last.get("elapsed_seconds"),
+            "examples": prep["examples"],
+            "world_size": rt.world,
+            "precision": dtype_name,
             "saved": spec.output.save or ("adapter" if peft_config is not None else "full"),
         }
         _write_output(cfg, trainer.model, prep, summary, reporter)
-        progress.emit({"type": "done", "output": cfg.paths.output, "final_loss": summary["final_loss"],
-                       "step": steps, "total_steps": steps})
+        progress.emit(
+            {
+                "type": "done",
+                "output": cfg.paths.output,
+                "final_loss": summary["final_loss"],
+                "step": steps,
+                "total_steps": steps,
+            }
+        )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
 
 
 def _preference_metrics(trainer: Any, method: str, eval_ds: Any, tokenizer: Any) -> dict[str, float]:
@@ -162,16 +220,25 @@ def _preference_metrics(trainer: Any, method: str, eval_ds: Any, tokenizer: Any)
     metrics = trainer.evaluate(eval_dataset=eval_ds)
     trainer.model.train()
     if method == "dpo":
-        return {"preference_accuracy": float(metrics.get("eval_rewards/accuracies", float("nan"))),
-                "reward_margin": float(metrics.get("eval_rewards/margins", float("nan"))),
-                "eval_loss": float(metrics.get("eval_loss", float("nan")))}
-    return {"preference_accuracy": float(metrics.get("eval_accuracy", float("nan"))),
-            "reward_margin": float(metrics.get("eval_margin", float("nan"))),
-            "eval_loss": float(metrics.get("eval_loss", float("nan")))}
+        return {
+            "preference_accuracy": float(metrics.get("eval_rewards/accuracies", float("nan"))),
+            "reward_margin": float(metrics.get("eval_rewards/margins", float("nan"))),
+            "eval_loss": float(metrics.get("eval_loss", float("nan"))),
+        }
+    return {
+        "preference_accuracy": float(metrics.get("eval_accuracy", float("nan"))),
+        "reward_margin": float(metrics.get("eval_margin", float("nan"))),
+        "eval_loss": float(metrics.get("eval_loss", float("nan"))),
+    }
 
 
-def _write_output(cfg: FineTuneJobConfig, model: Any, prep: dict[str, Any], summary: dict[str, Any],
-                  reporter: progress.Reporter) -> None:
+def _write_output(
+    cfg: FineTuneJobConfig,
+    model: Any,
+    prep: dict[str, Any],
+    summary: dict[str, Any],
+    reporter: progress.Reporter,
+) -> None:
     target = storage.resolve(cfg.paths.output, cfg.paths.work_dir)
     model = getattr(model, "module", model)
     with tempfile.TemporaryDirectory(prefix="forgeline-out-") as tmp:

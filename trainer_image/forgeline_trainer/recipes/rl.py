@@ -25,8 +25,8 @@ from typing import Any
 
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, dump_job_config, load_job_config
 
-from .. import data as D
 from .. import collective, hf_trainer, models, optim, outputs, progress, sft_data, storage
+from .. import data as D
 from ..runtime import RuntimeInfo, resolve_precision
 
 # -- driver ------------------------------------------------------------------------------------
@@ -37,15 +37,19 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> dict[str, Any]:
 
     spec, work = cfg.spec, cfg.paths.work_dir
     if spec.method == "ppo":
-        raise ValueError("spec.method: ppo runs through TRL's experimental PPOTrainer, which this "
-                         "trainer version does not drive yet; use method: grpo")
+        raise ValueError(
+            "spec.method: ppo runs through TRL's experimental PPOTrainer, which this "
+            "trainer version does not drive yet; use method: grpo"
+        )
     base_dir = models.model_location(cfg.paths.base_model or "", work)
     reward_dir = models.model_location(cfg.paths.reward_model or "", work)
     AutoConfig.from_pretrained(base_dir)
     rm_config = AutoConfig.from_pretrained(reward_dir)
     if not any(a.endswith("ForSequenceClassification") for a in (rm_config.architectures or [])):
-        raise ValueError(f"spec.rl.rewardModel: {cfg.paths.reward_model} is not a reward model "
-                         f"(architectures {rm_config.architectures}); train one with method: reward-model")
+        raise ValueError(
+            f"spec.rl.rewardModel: {cfg.paths.reward_model} is not a reward model "
+            f"(architectures {rm_config.architectures}); train one with method: reward-model"
+        )
     tokenizer = D.load_tokenizer(base_dir)
     fmt = spec.dataset.format
     records = sft_data.read_examples(spec.dataset.sources, fmt, work)
@@ -53,9 +57,14 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> dict[str, Any]:
     train, held = sft_data.holdout(prompts, max(spec.evaluation.holdout_fraction, 0.05))
     tok_dir = staging / "tokenizer"
     tokenizer.save_pretrained(str(tok_dir))
-    return {"train": train, "eval": held[:32], "base_dir": base_dir, "reward_dir": reward_dir,
-            "tokenizer_files": {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()},
-            "examples": {"train": len(train), "eval": len(held)}}
+    return {
+        "train": train,
+        "eval": held[:32],
+        "base_dir": base_dir,
+        "reward_dir": reward_dir,
+        "tokenizer_files": {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()},
+        "examples": {"train": len(train), "eval": len(held)},
+    }
 
 
 # -- worker ------------------------------------------------------------------------------------
@@ -88,31 +97,61 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     args = hf_trainer.common_args(spec, work, rt.on_gpu, bf16, steps)
     from trl import GRPOConfig, GRPOTrainer
 
-    grpo_args = GRPOConfig(gradient_accumulation_steps=plan.accumulation, num_generations=rl.num_generations,
-                           max_completion_length=rl.max_new_tokens, temperature=rl.temperature,
-                           beta=rl.kl_coef, **args)
-    trainer = GRPOTrainer(model=prep["base_dir"], reward_funcs=reward_model, args=grpo_args,
-                          train_dataset=train_ds, processing_class=tokenizer,
-                          reward_processing_classes=reward_tok, peft_config=collective.lora_config(spec, task="CAUSAL_LM"))
+    grpo_args = GRPOConfig(
+        gradient_accumulation_steps=plan.accumulation,
+        num_generations=rl.num_generations,
+        max_completion_length=rl.max_new_tokens,
+        temperature=rl.temperature,
+        beta=rl.kl_coef,
+        **args,
+    )
+    trainer = GRPOTrainer(
+        model=prep["base_dir"],
+        reward_funcs=reward_model,
+        args=grpo_args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tok,
+        peft_config=collective.lora_config(spec, task="CAUSAL_LM"),
+    )
     model = trainer.model
     n_total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     layers, hidden = models.shape(getattr(model, "base_model", model))
-    flops = 4.0 * models.active_params(model) + 2.0 * n_trainable + 12.0 * layers * hidden * spec.dataset.max_sequence_length
+    flops = (
+        4.0 * models.active_params(model)
+        + 2.0 * n_trainable
+        + 12.0 * layers * hidden * spec.dataset.max_sequence_length
+    )
     peak, peak_how = progress.device_peak_flops()
     reporter = progress.Reporter(
-        job=cfg.name, namespace=cfg.namespace, kind="FineTuneJob", total_steps=steps,
-        tokens_per_step=plan.global_batch * (rl.max_new_tokens + 16), flops_per_token=flops,
-        peak_flops_total=peak * rt.world, interval=cfg.run.progress_interval_seconds, is_chief=rt.rank == 0,
-        extra={"trainable_fraction": round(n_trainable / n_total, 6), "method": spec.method})
+        job=cfg.name,
+        namespace=cfg.namespace,
+        kind="FineTuneJob",
+        total_steps=steps,
+        tokens_per_step=plan.global_batch * (rl.max_new_tokens + 16),
+        flops_per_token=flops,
+        peak_flops_total=peak * rt.world,
+        interval=cfg.run.progress_interval_seconds,
+        is_chief=rt.rank == 0,
+        extra={"trainable_fraction": round(n_trainable / n_total, 6), "method": spec.method},
+    )
     trainer.add_callback(hf_trainer.ProgressCallback(reporter, plan.global_batch))
     trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
     resume = hf_trainer.resume_dir()
     before = _mean_reward(trainer.model, reward_model, tokenizer, reward_tok, prep["eval"], rl.max_new_tokens)
-    reporter.event("training started", total_steps=steps, method=spec.method, parameters=n_total,
-                   trainable_parameters=n_trainable, world_size=rt.world, precision=dtype_name,
-                   resumed_from=resume, initial_mean_reward=before)
+    reporter.event(
+        "training started",
+        total_steps=steps,
+        method=spec.method,
+        parameters=n_total,
+        trainable_parameters=n_trainable,
+        world_size=rt.world,
+        precision=dtype_name,
+        resumed_from=resume,
+        initial_mean_reward=before,
+    )
 
     # ---- train ----
     trainer.train(resume_from_checkpoint=resume)
@@ -124,19 +163,38 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         last = reporter.last
         losses = [h["loss"] for h in reporter.history]
         summary = {
-            "job": cfg.name, "kind": "FineTuneJob", "method": spec.method, "base_model": cfg.paths.base_model,
-            "reward_model": cfg.paths.reward_model, "parameters": n_total, "trainable_parameters": n_trainable,
-            "trainable_fraction": n_trainable / n_total, "steps": steps,
-            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "initial_eval": {"mean_reward": before}, "final_eval": {"mean_reward": after},
-            "tokens_per_second": last.get("tokens_per_second"), "mfu": last.get("mfu"),
-            "mfu_peak_source": peak_how, "wall_seconds": last.get("elapsed_seconds"),
-            "examples": prep["examples"], "world_size": rt.world, "precision": dtype_name,
+            "job": cfg.name,
+            "kind": "FineTuneJob",
+            "method": spec.method,
+            "base_model": cfg.paths.base_model,
+            "reward_model": cfg.paths.reward_model,
+            "parameters": n_total,
+            "trainable_parameters": n_trainable,
+            "trainable_fraction": n_trainable / n_total,
+            "steps": steps,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "initial_eval": {"mean_reward": before},
+            "final_eval": {"mean_reward": after},
+            "tokens_per_second": last.get("tokens_per_second"),
+            "mfu": last.get("mfu"),
+            "mfu_peak_source": peak_how,
+            "wall_seconds": last.get("elapsed_seconds"),
+            "examples": prep["examples"],
+            "world_size": rt.world,
+            "precision": dtype_name,
             "saved": "adapter" if spec.lora is not None and spec.output.save != "merged" else "full",
         }
         _write_output(cfg, trainer.model, prep, summary, reporter)
-        progress.emit({"type": "done", "output": cfg.paths.output, "final_loss": summary["final_loss"],
-                       "step": steps, "total_steps": steps})
+        progress.emit(
+            {
+                "type": "done",
+                "output": cfg.paths.output,
+                "final_loss": summary["final_loss"],
+                "step": steps,
+                "total_steps": steps,
+            }
+        )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -144,10 +202,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-
-
-def _mean_reward(policy: Any, reward_model: Any, tokenizer: Any, reward_tok: Any,
-                 prompts: list[dict[str, str]], max_new_tokens: int) -> float:
+def _mean_reward(
+    policy: Any,
+    reward_model: Any,
+    tokenizer: Any,
+    reward_tok: Any,
+    prompts: list[dict[str, str]],
+    max_new_tokens: int,
+) -> float:
     """Mean reward-model score of greedy completions to the eval prompts."""
     import torch
 
@@ -159,8 +221,9 @@ def _mean_reward(policy: Any, reward_model: Any, tokenizer: Any, reward_tok: Any
     with torch.no_grad():
         for row in prompts:
             enc = tokenizer(row["prompt"], return_tensors="pt").to(device)
-            out = policy.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=tokenizer.pad_token_id)
+            out = policy.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
             text = tokenizer.decode(out[0], skip_special_tokens=True)
             scored = reward_tok(text, return_tensors="pt").to(device)
             scores.append(float(reward_model.to(device)(**scored).logits[0, 0]))
@@ -169,8 +232,13 @@ def _mean_reward(policy: Any, reward_model: Any, tokenizer: Any, reward_tok: Any
     return sum(scores) / max(len(scores), 1)
 
 
-def _write_output(cfg: FineTuneJobConfig, model: Any, prep: dict[str, Any], summary: dict[str, Any],
-                  reporter: progress.Reporter) -> None:
+def _write_output(
+    cfg: FineTuneJobConfig,
+    model: Any,
+    prep: dict[str, Any],
+    summary: dict[str, Any],
+    reporter: progress.Reporter,
+) -> None:
     target = storage.resolve(cfg.paths.output, cfg.paths.work_dir)
     model = getattr(model, "module", model)
     with tempfile.TemporaryDirectory(prefix="forgeline-out-") as tmp:
