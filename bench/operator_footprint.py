@@ -20,14 +20,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import yaml
 
 from forgeline_operator.devcluster import ControlPlane, find_binary
-from forgeline_operator.ports import free_port
+from forgeline_operator.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,29 +51,19 @@ def main() -> int:
         _kubectl(cp.kubeconfig, "apply", "-f", str(REPO / "crds"))
         _kubectl(cp.kubeconfig, "wait", "--for=condition=Established", "crd/trainingjobs.forgeline.dev")
         _kubectl(cp.kubeconfig, "create", "namespace", "bench")
-        health = free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(cp.kubeconfig),
-            "FORGELINE_BACKEND": "address",
-            "FORGELINE_RAY_ADDRESS": "http://127.0.0.1:1",
-            "FORGELINE_WATCH_NAMESPACES": "bench",
-            "FORGELINE_METRICS_PORT": str(free_port()),
-            "FORGELINE_HEALTH_PORT": str(health),
-            "FORGELINE_LOG_LEVEL": "WARNING",
-        }
-        log = open(work / "operator.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "forgeline_operator"], env=env, stdout=log, stderr=subprocess.STDOUT
+        proc = OperatorProcess(
+            cp.kubeconfig,
+            work,
+            work / "operator.log",
+            FORGELINE_BACKEND="address",
+            FORGELINE_RAY_ADDRESS="http://127.0.0.1:1",
+            FORGELINE_WATCH_NAMESPACES="bench",
+            FORGELINE_LOG_LEVEL="WARNING",
         )
+        proc.start()
         try:
-            for _ in range(200):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.3)
-            op = psutil.Process(proc.pid)
+            assert proc.proc is not None
+            op = psutil.Process(proc.proc.pid)
             time.sleep(5)
             idle_rss = op.memory_info().rss
             peak = [idle_rss]
@@ -123,8 +112,7 @@ def main() -> int:
             settled_rss = op.memory_info().rss
             stop.set()
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            proc.stop()
     cpu = platform.processor() or platform.machine()
     print(f"machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}")
     print(

@@ -128,6 +128,19 @@ def test_storage_uris(uri: str, ok: bool) -> None:
     ],
 )
 def test_quantities(value: Any, ok: bool) -> None:
+    """Kubernetes quantities (memory: any quantity; CPU: also a count of CPUs, see below)."""
+    doc = copy.deepcopy(TJ)
+    doc["spec"]["resources"]["memory"] = value
+    if ok:
+        assert parse_job(doc).spec.resources.memory == str(value)
+    else:
+        assert "spec.resources.memory" in _errors(doc)
+
+
+@pytest.mark.parametrize(
+    "value,ok", [(4, True), ("500m", True), ("1.5", True), ("16Gi", False), ("lots", False), (True, False)]
+)
+def test_cpu_must_be_a_count_of_cpus(value: Any, ok: bool) -> None:
     doc = copy.deepcopy(TJ)
     doc["spec"]["resources"]["cpu"] = value
     if ok:
@@ -216,3 +229,13 @@ def test_status_phases_and_terminal_helper() -> None:
     }
     assert is_terminal("Succeeded") and is_terminal("Failed")
     assert not any(is_terminal(p) for p in ("Pending", "Running", "Suspended", None))
+
+
+def test_cpu_quantities_parse_strictly() -> None:
+    from forgeline_operator.api.quantities import cpu_cores
+
+    assert cpu_cores("4") == 4.0 and cpu_cores("1.5") == 1.5 and cpu_cores("500m") == 0.5
+    assert cpu_cores(2) == 2.0 and cpu_cores(" 250m ") == 0.25
+    for bad in ("2Gi", "lots", "", "0", "-1", "1.5m5", True):
+        with pytest.raises(ValueError, match=r"spec.resources.head.cpu: .*; write CPUs as e.g. 4"):
+            cpu_cores(bad, "spec.resources.head.cpu")

@@ -1,13 +1,10 @@
-"""Pure builders and the status table, without a cluster."""
+"""Pure builders (RayCluster, token Secret, names), without a cluster."""
 
 from __future__ import annotations
 
-import copy
-from datetime import UTC
-
 import yaml
 
-from forgeline_operator import builders, lifecycle
+from forgeline_operator import builders
 from forgeline_operator.api import parse_job
 
 from .conftest import EXAMPLES
@@ -73,35 +70,6 @@ def test_names_and_ids_fit() -> None:
     assert builders.dashboard_address(job, "ml") == "http://tiny-llama-tj-head-svc.ml.svc:8265"
     secret = builders.build_token_secret(job, "s3cret")
     assert secret["metadata"]["name"] == "tiny-llama-tj-ray-token" and secret["data"]["token"] == "czNjcmV0"
-
-
-def test_status_table_and_condition_times() -> None:
-    s1 = lifecycle.status_patch({}, "Pending", "Accepted", "ok", 1)
-    conds = {c["type"]: c for c in s1["conditions"]}
-    assert all(c["status"] == "False" for c in conds.values())
-    s2 = lifecycle.status_patch(s1, "Running", "Submitted", "go", 1)
-    conds2 = {c["type"]: c for c in s2["conditions"]}
-    assert conds2["Running"]["status"] == "True" and conds2["ClusterReady"]["status"] == "True"
-    assert conds2["Failed"]["lastTransitionTime"] == conds["Failed"]["lastTransitionTime"]
-    s3 = lifecycle.status_patch({**s1, **s2}, "Succeeded", "Completed", "done", 1)
-    assert s3["completionTime"] and {c["type"]: c["status"] for c in s3["conditions"]}["Complete"] == "True"
-    assert "completionTime" not in lifecycle.status_patch(copy.deepcopy(s2), "Running", "x", "y", 1)
-
-
-def test_progress_mapping() -> None:
-    p = lifecycle.progress_from(
-        {
-            "step": 30,
-            "total_steps": 60,
-            "loss": 2.5,
-            "tokens_per_second": 100.0,
-            "mfu": 0.2,
-            "eta_seconds": 12.0,
-        },
-        {"type": "eval", "step": 20, "eval_loss": 3.0},
-    )
-    assert p["summary"] == "30/60" and p["percent"] == 50 and p["tokensPerSecond"] == 100.0
-    assert p["evalMetrics"] == {"eval_loss": 3.0}
 
 
 def test_node_pool_preset_merges_with_the_jobs_own_placement() -> None:
@@ -192,26 +160,3 @@ def test_gpu_examples_land_on_the_kind_gpu_pool() -> None:
             assert all(_tolerates(spec["tolerations"], t) for t in taints), path.name
             checked += 1
     assert checked >= 2
-
-
-def test_budget_is_wall_clock_since_start_and_gpu_hours() -> None:
-    from datetime import datetime
-
-    from forgeline_operator.api.common import Budget
-
-    at = datetime(2026, 1, 1, 2, 0, 0, tzinfo=UTC)
-    start = "2026-01-01T00:00:00Z"  # two hours before `at`
-    assert lifecycle.budget_exceeded(None, 2, 8, start, at) is None
-    assert lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=7200), 2, 8, start, at) is None
-    assert (
-        lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=3600), 2, 8, None, at) is None
-    )  # not started
-    msg = lifecycle.budget_exceeded(Budget(activeDeadlineSeconds=3600), 2, 8, start, at)
-    assert msg == "ran 7200s since it started, over spec.budget.activeDeadlineSeconds (3600s)"
-    assert lifecycle.budget_exceeded(Budget(maxGpuHours=32), 2, 8, start, at) is None  # exactly 32 GPU-hours
-    msg = lifecycle.budget_exceeded(Budget(maxGpuHours=31.5), 2, 8, start, at)
-    assert msg is not None and "used 32.00 GPU-hours (2 workers × 8 GPUs × 2.00 h)" in msg
-    assert "spec.budget.maxGpuHours (31.5)" in msg
-    assert (
-        lifecycle.budget_exceeded(Budget(maxGpuHours=0.1), 4, 0, start, at) is None
-    )  # CPU jobs use no GPU-hours

@@ -10,10 +10,7 @@ The KubeRay test runs a second operator with backend=kuberay and stands in for K
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,7 +21,7 @@ import pytest
 import yaml
 
 from forgeline_operator.localray import LocalRay
-from forgeline_operator.ports import free_port
+from forgeline_operator.operator_process import OperatorProcess
 from forgeline_operator.rayjobs import RayJobs
 
 from .conftest import CHART, EXAMPLES, Cluster, Release
@@ -33,50 +30,25 @@ from .prom import GpuStandIn, Prometheus
 pytestmark = [pytest.mark.cluster, pytest.mark.operator]
 
 
-class Operator:
-    """An operator subprocess with its own settings; restartable."""
+class Operator(OperatorProcess):
+    """An operator subprocess with the tests' settings (fast reconciles, fault injection on)."""
 
     def __init__(
         self, cluster: Cluster, workdir: Path, log: Path, kubeconfig: Path | None = None, **env: str
-    ):
-        self.cluster, self.workdir, self.log_path = cluster, workdir, log
-        self.metrics_port, self.health_port = free_port(), free_port()
-        self.kubeconfig = kubeconfig or cluster.kubeconfig
-        self.env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "PYTHONUNBUFFERED": "1",
-            "FORGELINE_METRICS_PORT": str(self.metrics_port),
-            "FORGELINE_HEALTH_PORT": str(self.health_port),
-            "FORGELINE_RECONCILE_INTERVAL": "1",
-            "FORGELINE_LOCAL_WORK_DIR": str(workdir),
+    ) -> None:
+        self.cluster = cluster
+        super().__init__(
+            kubeconfig or cluster.kubeconfig,
+            workdir,
+            log,
+            FORGELINE_RECONCILE_INTERVAL="1",
+            FORGELINE_LOCAL_WORK_DIR=str(workdir),
+            FORGELINE_ALLOW_FAULT_INJECTION="true",  # the fail-at-step annotation (off by default)
             **env,
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "forgeline_operator"],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2):
-                    return
-            except OSError:
-                assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-                time.sleep(0.3)
-        raise TimeoutError(self.log_path.read_text()[-3000:])
 
-    def stop(self, kill: bool = False) -> None:
-        if self.proc and self.proc.poll() is None:
-            (self.proc.kill if kill else self.proc.terminate)()
-            self.proc.wait(timeout=60)
+    def start(self, timeout: float = 60.0) -> None:
+        super().start(timeout)
 
     def forbidden(self) -> list[str]:
         """Log lines where the apiserver refused the operator something (RBAC)."""
@@ -85,10 +57,6 @@ class Operator:
             for line in self.log_path.read_text(errors="replace").splitlines()
             if "forbidden" in line.lower() or "APIForbiddenError" in line
         ]
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
 
 
 @pytest.fixture(scope="module")

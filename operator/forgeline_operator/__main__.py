@@ -1,8 +1,9 @@
 """`python -m forgeline_operator`: run the operator (kopf) with settings from FORGELINE_* env vars.
 
-Equivalent to `kopf run -m forgeline_operator.handlers` plus: the namespaces to watch
-(FORGELINE_WATCH_NAMESPACES), peering for a standby replica (FORGELINE_PEERING) and the health
-endpoint (FORGELINE_HEALTH_PORT, /healthz) used by the liveness and readiness probes.
+Registers the handlers (`handlers.registry`) and runs kopf with one `Runtime` as the operator's
+memo, plus: the namespaces to watch (FORGELINE_WATCH_NAMESPACES), peering for a standby replica
+(FORGELINE_PEERING) and the health endpoint (FORGELINE_HEALTH_PORT, /healthz) used by the
+liveness and readiness probes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 def main() -> int:
     import kopf
 
-    from . import handlers  # noqa: F401 - registers the handlers
+    from .handlers import registry
+    from .runtime import Runtime
     from .settings import OperatorSettings
 
     s = OperatorSettings()
@@ -23,6 +25,8 @@ def main() -> int:
     )
     namespaces = s.namespaces()
     kopf.run(
+        registry=registry(s),
+        memo=Runtime(s),
         clusterwide=not namespaces,
         namespaces=tuple(namespaces),
         standalone=s.peering is None,

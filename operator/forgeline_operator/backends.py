@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import builders
-from .api import FineTuneJob, TrainingJob
+from .api import Job
+from .localray import LocalRay
 from .settings import NodePool
-
-Job = TrainingJob | FineTuneJob
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ClusterState:
 class Backend(Protocol):
     name: str
 
-    def ensure(self, job: Job, body: Any, namespace: str) -> ClusterState: ...
+    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str) -> ClusterState: ...
 
     def teardown(self, job: Job, namespace: str) -> None: ...
 
@@ -44,11 +44,11 @@ class Backend(Protocol):
 class LocalBackend:
     name = "local"
 
-    def __init__(self, local_ray: Any, python: str) -> None:
+    def __init__(self, local_ray: LocalRay, python: str) -> None:
         self.local = local_ray
         self.python = python
 
-    def ensure(self, job: Job, body: Any, namespace: str) -> ClusterState:
+    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str) -> ClusterState:
         return ClusterState(
             True, self.local.address, self.local.token, None, "embedded Ray head", self.python
         )
@@ -64,7 +64,7 @@ class AddressBackend:
         self.address = address
         self.token = token
 
-    def ensure(self, job: Job, body: Any, namespace: str) -> ClusterState:
+    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str) -> ClusterState:
         return ClusterState(True, self.address, self.token, None, f"existing Ray cluster {self.address}")
 
     def teardown(self, job: Job, namespace: str) -> None:
@@ -78,7 +78,11 @@ class KubeRayBackend:
     name = "kuberay"
 
     def __init__(
-        self, api_client: Any, default_image: str, adopt: Any, node_pools: dict[str, NodePool] | None = None
+        self,
+        api_client: Any,
+        default_image: str,
+        adopt: Callable[..., Any],
+        node_pools: dict[str, NodePool] | None = None,
     ) -> None:
         from kubernetes import client
 
@@ -88,7 +92,7 @@ class KubeRayBackend:
         self.node_pools = node_pools or {}
         self.adopt = adopt  # kopf.adopt, injected so this module stays testable without kopf
 
-    def _token(self, job: Job, body: Any, namespace: str) -> str:
+    def _token(self, job: Job, body: Mapping[str, Any], namespace: str) -> str:
         from kubernetes.client.exceptions import ApiException
 
         name = builders.token_secret_name(job)
@@ -110,7 +114,7 @@ class KubeRayBackend:
             return base64.b64decode(secret.data["token"]).decode()
         return token
 
-    def ensure(self, job: Job, body: Any, namespace: str) -> ClusterState:
+    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str) -> ClusterState:
         from kubernetes.client.exceptions import ApiException
 
         token = self._token(job, body, namespace)

@@ -10,8 +10,9 @@ import math
 import re
 from typing import Any
 
-from .api import FineTuneJob, TrainingJob
+from .api import Job
 from .api.common import Resources
+from .api.quantities import cpu_cores
 from .settings import NodePool
 
 MANAGED_BY = "forgeline"
@@ -21,7 +22,7 @@ PVC_ROOT = "/mnt/pvc"
 _NOT_PROPAGATED = re.compile(r"^(kubectl\.kubernetes\.io/|kopf\.zalando\.org/)")
 
 
-def labels(job: TrainingJob | FineTuneJob) -> dict[str, str]:
+def labels(job: Job) -> dict[str, str]:
     return {
         "app.kubernetes.io/managed-by": MANAGED_BY,
         "app.kubernetes.io/name": "forgeline-ray",
@@ -30,31 +31,31 @@ def labels(job: TrainingJob | FineTuneJob) -> dict[str, str]:
     }
 
 
-def user_labels(job: TrainingJob | FineTuneJob) -> dict[str, str]:
+def user_labels(job: Job) -> dict[str, str]:
     """The job's own labels, minus kubectl's and kopf's bookkeeping (never copied to children)."""
     return {k: v for k, v in job.metadata.labels.items() if not _NOT_PROPAGATED.match(k)}
 
 
-def token_secret_name(job: TrainingJob | FineTuneJob) -> str:
+def token_secret_name(job: Job) -> str:
     return f"{job.ray_cluster_name()}-ray-token"
 
 
-def head_service(job: TrainingJob | FineTuneJob) -> str:
+def head_service(job: Job) -> str:
     """KubeRay names the head Service `<cluster>-head-svc`."""
     return f"{job.ray_cluster_name()}-head-svc"
 
 
-def dashboard_address(job: TrainingJob | FineTuneJob, namespace: str) -> str:
+def dashboard_address(job: Job, namespace: str) -> str:
     return f"http://{head_service(job)}.{namespace}.svc:{DASHBOARD_PORT}"
 
 
-def submission_id(job: TrainingJob | FineTuneJob, attempt: int) -> str:
+def submission_id(job: Job, attempt: int) -> str:
     """Deterministic per job and attempt: a re-delivered submit finds the job instead of duplicating it."""
     uid = (job.metadata.uid or "local")[:8]
     return f"forgeline-{job.metadata.name}-{uid}-{attempt}"
 
 
-def build_token_secret(job: TrainingJob | FineTuneJob, token: str) -> dict[str, Any]:
+def build_token_secret(job: Job, token: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -64,20 +65,13 @@ def build_token_secret(job: TrainingJob | FineTuneJob, token: str) -> dict[str, 
     }
 
 
-def _cpus(quantity: str) -> float:
-    m = re.fullmatch(r"([0-9.]+)(m?)", quantity)
-    if not m:
-        return 1.0
-    return float(m.group(1)) / (1000 if m.group(2) else 1)
-
-
-def pvc_claims(job: TrainingJob | FineTuneJob) -> list[str]:
+def pvc_claims(job: Job) -> list[str]:
     """Every PersistentVolumeClaim a `pvc://claim/...` URI in the spec names, sorted."""
     claims = set(re.findall(r"pvc://([a-z0-9]([-a-z0-9.]*[a-z0-9])?)", job.spec.model_dump_json()))
     return sorted(c[0] for c in claims)
 
 
-def _volumes(job: TrainingJob | FineTuneJob, res: Resources) -> tuple[list[dict], list[dict]]:
+def _volumes(job: Job, res: Resources) -> tuple[list[dict], list[dict]]:
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shared_memory}}]
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
     for claim in pvc_claims(job):
@@ -87,7 +81,7 @@ def _volumes(job: TrainingJob | FineTuneJob, res: Resources) -> tuple[list[dict]
     return volumes, mounts
 
 
-def _env(job: TrainingJob | FineTuneJob, threads: int) -> list[dict[str, Any]]:
+def _env(job: Job, threads: int) -> list[dict[str, Any]]:
     return [
         {"name": "RAY_AUTH_MODE", "value": "token"},
         {
@@ -100,75 +94,21 @@ def _env(job: TrainingJob | FineTuneJob, threads: int) -> list[dict[str, Any]]:
     ]
 
 
-def build_ray_cluster(
-    job: TrainingJob | FineTuneJob, default_image: str, node_pool: NodePool | None = None
-) -> dict[str, Any]:
+def build_ray_cluster(job: Job, default_image: str, node_pool: NodePool | None = None) -> dict[str, Any]:
     """A KubeRay RayCluster: a CPU-only head (no training on it) and one worker group on the
     job's node pool with its GPUs, shared memory, PVC mounts and Ray token auth.
 
     `node_pool` is the preset `spec.resources.nodePool` names: its selector and tolerations come
     first, the job's own nodeSelector keys override it and its tolerations are added."""
-    spec, res = job.spec, job.spec.resources
+    res = job.spec.resources
     image = res.image or default_image
-    volumes, mounts = _volumes(job, res)
-    gpus = res.gpus_per_worker
-    per_process_cpus = _cpus(res.cpu) / max(gpus, 1)
-    node_selector = {**(node_pool.node_selector if node_pool else {}), **res.node_selector}
-    tolerations = list(node_pool.tolerations) if node_pool else []
-    tolerations += [t for t in res.tolerations if t not in tolerations]
-    if gpus and not any(t.get("key") == res.gpu_resource for t in tolerations):
-        tolerations.append({"key": res.gpu_resource, "operator": "Exists", "effect": "NoSchedule"})
-    worker_limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
-    if gpus:
-        worker_limits[res.gpu_resource] = gpus
     pod_labels = {**user_labels(job), **labels(job)}
-    worker_pod: dict[str, Any] = {
-        "containers": [
-            {
-                "name": "ray-worker",
-                "image": image,
-                "imagePullPolicy": "IfNotPresent",
-                "env": _env(job, max(1, math.floor(per_process_cpus))),
-                "resources": {"requests": dict(worker_limits), "limits": dict(worker_limits)},
-                "volumeMounts": mounts,
-                "ports": [{"name": "metrics", "containerPort": RAY_METRICS_PORT}],
-            }
-        ],
-        "volumes": volumes,
-        "tolerations": tolerations,
-    }
-    if node_selector:
-        worker_pod["nodeSelector"] = node_selector
-    if res.affinity:
-        worker_pod["affinity"] = res.affinity
-    head_pod = {
-        "containers": [
-            {
-                "name": "ray-head",
-                "image": image,
-                "imagePullPolicy": "IfNotPresent",
-                "env": _env(job, 1),
-                "resources": {
-                    "requests": {"cpu": res.head.cpu, "memory": res.head.memory},
-                    "limits": {"cpu": res.head.cpu, "memory": res.head.memory},
-                },
-                "ports": [
-                    {"name": "gcs", "containerPort": 6379},
-                    {"name": "dashboard", "containerPort": DASHBOARD_PORT},
-                    {"name": "client", "containerPort": 10001},
-                    {"name": "metrics", "containerPort": RAY_METRICS_PORT},
-                ],
-                "volumeMounts": mounts,
-            }
-        ],
-        "volumes": volumes,
-    }
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
         "metadata": {"name": job.ray_cluster_name(), "labels": pod_labels},
         "spec": {
-            "rayVersion": spec.ray.version,
+            "rayVersion": job.spec.ray.version,
             "enableInTreeAutoscaling": False,
             "headGroupSpec": {
                 "rayStartParams": {
@@ -178,7 +118,7 @@ def build_ray_cluster(
                 },
                 "template": {
                     "metadata": {"labels": {**pod_labels, "forgeline.dev/role": "head"}},
-                    "spec": head_pod,
+                    "spec": _head_pod(job, image),
                 },
             },
             "workerGroupSpecs": [
@@ -190,9 +130,75 @@ def build_ray_cluster(
                     "rayStartParams": {"metrics-export-port": str(RAY_METRICS_PORT)},
                     "template": {
                         "metadata": {"labels": {**pod_labels, "forgeline.dev/role": "worker"}},
-                        "spec": worker_pod,
+                        "spec": _worker_pod(job, image, node_pool),
                     },
                 }
             ],
         },
+    }
+
+
+def _placement(res: Resources, node_pool: NodePool | None) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """nodeSelector and tolerations: the pool's, then the job's; GPU pools' usual taint tolerated."""
+    node_selector = {**(node_pool.node_selector if node_pool else {}), **res.node_selector}
+    tolerations = list(node_pool.tolerations) if node_pool else []
+    tolerations += [t for t in res.tolerations if t not in tolerations]
+    if res.gpus_per_worker and not any(t.get("key") == res.gpu_resource for t in tolerations):
+        tolerations.append({"key": res.gpu_resource, "operator": "Exists", "effect": "NoSchedule"})
+    return node_selector, tolerations
+
+
+def _worker_pod(job: Job, image: str, node_pool: NodePool | None) -> dict[str, Any]:
+    res = job.spec.resources
+    volumes, mounts = _volumes(job, res)
+    gpus = res.gpus_per_worker
+    threads = max(1, math.floor(cpu_cores(res.cpu) / max(gpus, 1)))  # per training process
+    limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    if gpus:
+        limits[res.gpu_resource] = gpus
+    node_selector, tolerations = _placement(res, node_pool)
+    pod: dict[str, Any] = {
+        "containers": [
+            {
+                "name": "ray-worker",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "env": _env(job, threads),
+                "resources": {"requests": dict(limits), "limits": dict(limits)},
+                "volumeMounts": mounts,
+                "ports": [{"name": "metrics", "containerPort": RAY_METRICS_PORT}],
+            }
+        ],
+        "volumes": volumes,
+        "tolerations": tolerations,
+    }
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if res.affinity:
+        pod["affinity"] = res.affinity
+    return pod
+
+
+def _head_pod(job: Job, image: str) -> dict[str, Any]:
+    res = job.spec.resources
+    volumes, mounts = _volumes(job, res)
+    quantities = {"cpu": res.head.cpu, "memory": res.head.memory}
+    return {
+        "containers": [
+            {
+                "name": "ray-head",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "env": _env(job, 1),
+                "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+                "ports": [
+                    {"name": "gcs", "containerPort": 6379},
+                    {"name": "dashboard", "containerPort": DASHBOARD_PORT},
+                    {"name": "client", "containerPort": 10001},
+                    {"name": "metrics", "containerPort": RAY_METRICS_PORT},
+                ],
+                "volumeMounts": mounts,
+            }
+        ],
+        "volumes": volumes,
     }

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
-import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from rich.rule import Rule
 from rich.table import Table
 
 from .devcluster import ControlPlane, find_binary
-from .ports import free_port
+from .operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "examples" / "pipeline-pretrain-sft-dpo.yaml"
@@ -66,6 +65,105 @@ def _table(objs: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
+@dataclass
+class _Watched:
+    """What the demo saw while the pipeline ran (seconds from `kubectl apply`)."""
+
+    objs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provisioned: float | None = None
+    first_step: float | None = None
+    total: float = 0.0
+
+    def phase(self, name: str) -> str | None:
+        return ((self.objs.get(name) or {}).get("status") or {}).get("phase")
+
+    @property
+    def succeeded(self) -> bool:
+        return all(self.phase(n) == "Succeeded" for _, n in JOBS)
+
+
+def _install_crds(kubectl: _Kubectl) -> None:
+    kubectl("apply", "-f", str(REPO / "crds"))
+    kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/trainingjobs.forgeline.dev",
+        "crd/finetunejobs.forgeline.dev",
+    )
+
+
+def _start_operator(cp: ControlPlane) -> OperatorProcess:
+    operator = OperatorProcess(
+        cp.kubeconfig,
+        REPO,
+        cp.workdir / "operator.log",
+        FORGELINE_BACKEND="local",
+        FORGELINE_RECONCILE_INTERVAL="2",
+        FORGELINE_LOCAL_WORK_DIR=str(REPO),
+    )
+    try:
+        operator.start(timeout=120)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    return operator
+
+
+def _watch_pipeline(kubectl: _Kubectl, console: Console, timeout: float) -> _Watched:
+    """Apply the pipeline and show the jobs live until all succeed, one fails, or time is up."""
+    applied = time.monotonic()
+    console.print(kubectl("apply", "-f", str(PIPELINE)).strip())
+    seen = _Watched()
+    with Live(_table(seen.objs), console=console, refresh_per_second=2) as live:
+        while time.monotonic() - applied < timeout:
+            items = json.loads(kubectl("get", "tj,ftj", "-o", "json"))["items"]
+            seen.objs = {o["metadata"]["name"]: o for o in items}
+            live.update(_table(seen.objs))
+            first = (seen.objs.get("pipe-pretrain") or {}).get("status") or {}
+            if seen.provisioned is None and first.get("phase") in ("Provisioning", "Running", "Succeeded"):
+                seen.provisioned = time.monotonic() - applied
+            if seen.first_step is None and (first.get("progress") or {}).get("step", 0) >= 1:
+                seen.first_step = time.monotonic() - applied
+            phases = [seen.phase(n) for _, n in JOBS]
+            if all(p == "Succeeded" for p in phases) or "Failed" in phases:
+                break
+            time.sleep(1)
+    seen.total = time.monotonic() - applied
+    return seen
+
+
+def _report(kubectl: _Kubectl, console: Console, seen: _Watched, operator: OperatorProcess) -> None:
+    console.print(kubectl("get", "tj,ftj", "-o", "wide").rstrip())
+    for _, name in JOBS:
+        st = (seen.objs.get(name) or {}).get("status") or {}
+        out = st.get("outputUri", "?")
+        where = out if out.startswith(("/", "s3://", "gs://", "pvc://")) else str(REPO / out)
+        console.print(f"  {name}: {st.get('phase')} — model at {where}")
+    console.print(
+        "time from kubectl apply to the first job Provisioning (its Ray cluster requested): "
+        f"{seen.provisioned:.1f}s"
+        if seen.provisioned is not None
+        else "first job never provisioned"
+    )
+    console.print(
+        f"time from kubectl apply to its first training step reported in status: {seen.first_step:.1f}s"
+        if seen.first_step is not None
+        else "no training step seen"
+    )
+    console.print(f"whole pipeline: {seen.total:.0f}s")
+    try:
+        lines = [
+            ln
+            for ln in operator.metrics().splitlines()
+            if ln.startswith(("forgeline_jobs{", "forgeline_job_loss{"))
+        ]
+    except OSError:
+        return
+    console.print(f"operator metrics ({operator.metrics_url}), e.g.:")
+    for ln in lines[:8]:
+        console.print(f"  {ln}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep everything running at the end")
@@ -77,104 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     cp = ControlPlane()
     cp.start()
     kubectl = _Kubectl(cp.kubeconfig)
-    operator: subprocess.Popen[bytes] | None = None
-    log_path = cp.workdir / "operator.log"
+    operator: OperatorProcess | None = None
     try:
-        kubectl("apply", "-f", str(REPO / "crds"))
-        kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/trainingjobs.forgeline.dev",
-            "crd/finetunejobs.forgeline.dev",
-        )
+        _install_crds(kubectl)
         console.print(f"kube-apiserver {cp.url}; KUBECONFIG={cp.kubeconfig}")
-
         console.print(Rule("2. the operator, with an embedded Ray head as its backend"))
-        metrics_port, health_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(cp.kubeconfig),
-            "FORGELINE_BACKEND": "local",
-            "FORGELINE_METRICS_PORT": str(metrics_port),
-            "FORGELINE_HEALTH_PORT": str(health_port),
-            "FORGELINE_RECONCILE_INTERVAL": "2",
-            "FORGELINE_LOCAL_WORK_DIR": str(REPO),
-            "PYTHONUNBUFFERED": "1",
-        }
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "forgeline_operator"],
-            cwd=REPO,
-            env=env,
-            stdout=open(log_path, "wb"),  # noqa: SIM115 - open as long as the operator runs
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2)
-                break
-            except OSError:
-                if operator.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the operator did not start:\n{log_path.read_text()[-3000:]}") from None
-                time.sleep(0.5)
-        console.print(f"operator up (log: {log_path}); metrics at http://127.0.0.1:{metrics_port}/metrics")
-
+        operator = _start_operator(cp)
+        console.print(f"operator up (log: {operator.log_path}); metrics at {operator.metrics_url}")
         console.print(Rule("3. kubectl apply -f examples/pipeline-pretrain-sft-dpo.yaml"))
-        applied = time.monotonic()
-        console.print(kubectl("apply", "-f", str(PIPELINE)).strip())
-        provisioned = first_step = None
-        objs: dict[str, dict[str, Any]] = {}
-        with Live(_table(objs), console=console, refresh_per_second=2) as live:
-            while time.monotonic() - applied < args.timeout:
-                items = json.loads(kubectl("get", "tj,ftj", "-o", "json"))["items"]
-                objs = {o["metadata"]["name"]: o for o in items}
-                live.update(_table(objs))
-                first = (objs.get("pipe-pretrain") or {}).get("status") or {}
-                if provisioned is None and first.get("phase") in ("Provisioning", "Running", "Succeeded"):
-                    provisioned = time.monotonic() - applied
-                if first_step is None and (first.get("progress") or {}).get("step", 0) >= 1:
-                    first_step = time.monotonic() - applied
-                phases = [((objs.get(n) or {}).get("status") or {}).get("phase") for _, n in JOBS]
-                if all(p == "Succeeded" for p in phases) or "Failed" in phases:
-                    break
-                time.sleep(1)
-        total = time.monotonic() - applied
-
+        seen = _watch_pipeline(kubectl, console, args.timeout)
         console.print(Rule("4. results"))
-        console.print(kubectl("get", "tj,ftj", "-o", "wide").rstrip())
-        ok = all(((objs.get(n) or {}).get("status") or {}).get("phase") == "Succeeded" for _, n in JOBS)
-        for _, name in JOBS:
-            st = (objs.get(name) or {}).get("status") or {}
-            out = st.get("outputUri", "?")
-            where = out if out.startswith(("/", "s3://", "gs://", "pvc://")) else str(REPO / out)
-            console.print(f"  {name}: {st.get('phase')} — model at {where}")
-        console.print(
-            f"time from kubectl apply to the first job Provisioning (its Ray cluster requested): "
-            f"{provisioned:.1f}s"
-            if provisioned is not None
-            else "first job never provisioned"
-        )
-        console.print(
-            f"time from kubectl apply to its first training step reported in status: {first_step:.1f}s"
-            if first_step is not None
-            else "no training step seen"
-        )
-        console.print(f"whole pipeline: {total:.0f}s")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-                lines = [
-                    ln
-                    for ln in r.read().decode().splitlines()
-                    if ln.startswith(("forgeline_jobs{", "forgeline_job_loss{"))
-                ]
-            console.print(f"operator metrics (http://127.0.0.1:{metrics_port}/metrics), e.g.:")
-            for ln in lines[:8]:
-                console.print(f"  {ln}")
-        except OSError:
-            pass
-        if not ok:
-            console.print(f"[red]the pipeline did not succeed; operator log: {log_path}[/red]")
+        _report(kubectl, console, seen, operator)
+        if not seen.succeeded:
+            console.print(f"[red]the pipeline did not succeed; operator log: {operator.log_path}[/red]")
             return 1
         console.print("[green]✓ three jobs Succeeded[/green]")
         if args.keep:
@@ -185,12 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        if operator is not None and operator.poll() is None:
-            operator.terminate()
-            try:
-                operator.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                operator.kill()
+        if operator is not None:
+            operator.stop()
         cp.stop()
 
 

@@ -74,59 +74,61 @@ class ControlPlane:
         self.stop()
 
     def start(self, timeout: float = 90.0) -> None:
-        etcd, apiserver = find_binary("etcd"), find_binary("kube-apiserver")
         wd = self.workdir
         (wd / "etcd").mkdir(parents=True, exist_ok=True)
         (wd / "certs").mkdir(exist_ok=True)
         self._write_tokens()
         self._write_sa_keys()
-        self._spawn(
-            "etcd",
-            [
-                etcd,
-                "--data-dir",
-                str(wd / "etcd"),
-                "--name",
-                "forgeline-test",
-                "--listen-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{self.etcd_peer_port}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{self.etcd_peer_port}",
-                "--initial-cluster",
-                f"forgeline-test=http://127.0.0.1:{self.etcd_peer_port}",
-                "--unsafe-no-fsync",
-                "--quota-backend-bytes",
-                str(2 * 1024**3),
-            ],
-        )
-        self._spawn(
-            "kube-apiserver",
-            [
-                apiserver,
-                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={self.port}",
-                f"--cert-dir={wd / 'certs'}",
-                f"--token-auth-file={wd / 'tokens.csv'}",
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={wd / 'sa.pub'}",
-                f"--service-account-signing-key-file={wd / 'sa.key'}",
-                "--allow-privileged=true",
-                "--enable-priority-and-fairness=false",
-                "--disable-admission-plugins=ServiceAccount",
-                "--max-requests-inflight=1000",
-                "--max-mutating-requests-inflight=500",
-            ],
-        )
+        self._spawn("etcd", self._etcd_command())
+        self._spawn("kube-apiserver", self._apiserver_command())
         self._wait_ready(timeout)
         self._write_kubeconfig()
+
+    def _etcd_command(self) -> list[str]:
+        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        client = f"http://127.0.0.1:{self.etcd_port}"
+        return [
+            find_binary("etcd"),
+            "--data-dir",
+            str(self.workdir / "etcd"),
+            "--name",
+            "forgeline-test",
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"forgeline-test={peer}",
+            "--unsafe-no-fsync",
+            "--quota-backend-bytes",
+            str(2 * 1024**3),
+        ]
+
+    def _apiserver_command(self) -> list[str]:
+        wd = self.workdir
+        return [
+            find_binary("kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self.port}",
+            f"--cert-dir={wd / 'certs'}",
+            f"--token-auth-file={wd / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={wd / 'sa.pub'}",
+            f"--service-account-signing-key-file={wd / 'sa.key'}",
+            "--allow-privileged=true",
+            "--enable-priority-and-fairness=false",
+            "--disable-admission-plugins=ServiceAccount",
+            "--max-requests-inflight=1000",
+            "--max-mutating-requests-inflight=500",
+        ]
 
     def stop(self) -> None:
         for proc in reversed(self._procs):

@@ -2,8 +2,9 @@
 
     Pending → (Waiting) → Provisioning → Running → Succeeded | Failed;  any non-terminal → Suspended
 
-`status_patch()` is the only place that writes phase, reason, message and conditions, so every
-transition looks the same in `kubectl get`, `kubectl describe` and the Events.
+`status_patch()` builds every phase, reason, message and conditions patch, and
+`reconciler.StatusWriter.transition` is its one caller, so every transition looks the same in
+`kubectl get`, `kubectl describe` and the Events.
 """
 
 from __future__ import annotations
@@ -75,27 +76,6 @@ def status_patch(
     if is_terminal(phase) and not status.get("completionTime"):
         patch["completionTime"] = at
     return patch
-
-
-def budget_exceeded(
-    budget: Any, workers: int, gpus_per_worker: int, start_time: str | None, at: datetime | None = None
-) -> str | None:
-    """Why a job is over its spec.budget (a message naming the field), or None. Wall-clock time
-    since status.startTime, so retries count; GPU-hours are what the job holds allocated."""
-    if budget is None or not start_time:
-        return None
-    at = at or datetime.now(UTC)
-    elapsed = (at - datetime.fromisoformat(start_time.replace("Z", "+00:00"))).total_seconds()
-    deadline = budget.active_deadline_seconds
-    if deadline is not None and elapsed > deadline:
-        return f"ran {elapsed:.0f}s since it started, over spec.budget.activeDeadlineSeconds ({deadline}s)"
-    gpu_hours = workers * gpus_per_worker * elapsed / 3600
-    if budget.max_gpu_hours is not None and gpu_hours > budget.max_gpu_hours:
-        return (
-            f"used {gpu_hours:.2f} GPU-hours ({workers} workers × {gpus_per_worker} GPUs × "
-            f"{elapsed / 3600:.2f} h), over spec.budget.maxGpuHours ({budget.max_gpu_hours:g})"
-        )
-    return None
 
 
 def changed(status: dict[str, Any], phase: str, reason: str, message: str) -> bool:

@@ -141,6 +141,27 @@ class RayJobs:
         except RuntimeError:
             return False
 
+    def stop_and_wait(self, submission_id: str, timeout: float = 60.0) -> str:
+        """Stop a Ray job and wait (bounded: a stop takes a few seconds to land) until it has
+        ended; its final state (STOPPED for a job Ray no longer knows), or the last one seen."""
+        state = self.status(submission_id) or "STOPPED"
+        if state in TERMINAL_RAY_STATES:
+            return state
+        self.stop(submission_id)
+        deadline = time.monotonic() + timeout
+        while state not in TERMINAL_RAY_STATES and time.monotonic() < deadline:
+            time.sleep(0.5)
+            state = self.status(submission_id) or "STOPPED"
+        return state
+
+    def last_error(self, submission_id: str) -> str:
+        """The last line of Ray's message for a failed job (bounded), for status and Events."""
+        try:
+            message = (self.info(submission_id).message or "").strip()
+        except Exception:  # noqa: BLE001 - a best-effort detail of an already failed job
+            return "no error message"
+        return message.splitlines()[-1][:500] if message else "no error message"
+
 
 def local_python() -> str:
     """The interpreter the embedded Ray runs the trainer with (this virtualenv's)."""

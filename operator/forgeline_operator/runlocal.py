@@ -18,17 +18,20 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from ray.exceptions import AuthenticationError
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from .api import FieldError, FineTuneJob, InvalidJobError, TrainingJob, parse_job
+from .api import FieldError, InvalidJobError, Job, parse_job
 from .api.jobconfig import build_job_config
 from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, local_python
+
+if TYPE_CHECKING:
+    from .localray import LocalRay
 
 
 @dataclass
@@ -48,7 +51,7 @@ class RunResult:
         return next((r for r in reversed(self.records) if r.get("type") == kind), {})
 
 
-def load_jobs(path: str) -> list[TrainingJob | FineTuneJob]:
+def load_jobs(path: str) -> list[Job]:
     """Every job in a manifest file, or InvalidJobError naming the document and field."""
     docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
     jobs, errors = [], []
@@ -91,7 +94,7 @@ def _resolve_from_job(ref: Any, done: dict[str, RunResult]) -> str:
 
 
 def run_job(
-    job: TrainingJob | FineTuneJob,
+    job: Job,
     ray_jobs: RayJobs,
     console: Console,
     *,
@@ -104,17 +107,14 @@ def run_job(
     max_worker_failures: int = 2,
     quiet: bool = False,
 ) -> RunResult:
-    base = reward = None
-    src = job.spec.model.init_from if isinstance(job, TrainingJob) else job.spec.base_model
-    if src is not None and src.from_job is not None:
-        base = _resolve_from_job(src.from_job, done)
-    if isinstance(job, FineTuneJob) and job.spec.rl and job.spec.rl.reward_model.from_job:
-        reward = _resolve_from_job(job.spec.rl.reward_model.from_job, done)
+    """Submit one job to Ray, follow its progress records live, print its outcome; `done` gets
+    its result (later jobs in the file resolve `fromJob` against it)."""
+    base, reward = job.model_source(), job.reward_model_source()
     config = build_job_config(
         job,
         output=output,
-        base_model=base,
-        reward_model=reward,
+        base_model=_resolve_from_job(base.from_job, done) if base and base.from_job else None,
+        reward_model=_resolve_from_job(reward.from_job, done) if reward and reward.from_job else None,
         work_dir=work_dir,
         run_name=f"local-{job.metadata.name}",
         attempt=attempt,
@@ -128,43 +128,7 @@ def run_job(
     console.print(
         f"[bold]{job.KIND}/{job.metadata.name}[/bold]: submitted Ray job {sid} to {ray_jobs.address}"
     )
-    cursor = LogCursor()
-    records: list[dict[str, Any]] = []
-    status = "PENDING"
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-        transient=False,
-    ) as bar:
-        task = bar.add_task(escape(job.metadata.name), total=None, stats="starting")
-        while True:
-            status = ray_jobs.status(sid) or "PENDING"
-            new = cursor.feed(ray_jobs.logs(sid))
-            records += new
-            for r in new:
-                kind = r.get("type")
-                if kind == "progress":
-                    stats = (
-                        f"loss {r.get('loss', float('nan')):.4f}  {r.get('tokens_per_second', 0):,.0f} tok/s"
-                    )
-                    if r.get("mfu") is not None:
-                        stats += f"  MFU {100 * r['mfu']:.1f}%"
-                    bar.update(task, total=r.get("total_steps"), completed=r.get("step"), stats=stats)
-                elif kind == "eval":
-                    metrics = ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in ("type", "step"))
-                    bar.console.print(f"  eval @ step {r.get('step')}: {metrics}")
-                elif kind == "event":
-                    bar.console.print(f"  {escape(str(r.get('message')))}")
-                elif kind == "error":
-                    bar.console.print(f"  [red]error:[/red] {escape(str(r.get('message')))}")
-            if status in TERMINAL_RAY_STATES:
-                break
-            time.sleep(1.0)
+    status, records = _follow(ray_jobs, sid, job.metadata.name, console, quiet)
     result = RunResult(job.metadata.name, job.KIND, status, config.paths.output, sid, records)
     if not result.ok:
         tail = "\n".join(ray_jobs.logs(sid).splitlines()[-25:])
@@ -175,16 +139,71 @@ def run_job(
     return result
 
 
+def _follow(
+    ray_jobs: RayJobs, sid: str, name: str, console: Console, quiet: bool
+) -> tuple[str, list[dict[str, Any]]]:
+    """Show a Ray job's progress records (bar, evals, events, errors) until it ends: its final
+    status and every record."""
+    cursor = LogCursor()
+    records: list[dict[str, Any]] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
+        task = bar.add_task(escape(name), total=None, stats="starting")
+        while True:
+            status = ray_jobs.status(sid) or "PENDING"
+            new = cursor.feed(ray_jobs.logs(sid))
+            records += new
+            for record in new:
+                _show(record, bar, task)
+            if status in TERMINAL_RAY_STATES:
+                return status, records
+            time.sleep(1.0)
+
+
+def _show(r: dict[str, Any], bar: Progress, task: TaskID) -> None:
+    kind = r.get("type")
+    if kind == "progress":
+        stats = f"loss {r.get('loss', float('nan')):.4f}  {r.get('tokens_per_second', 0):,.0f} tok/s"
+        if r.get("mfu") is not None:
+            stats += f"  MFU {100 * r['mfu']:.1f}%"
+        bar.update(task, total=r.get("total_steps"), completed=r.get("step"), stats=stats)
+    elif kind == "eval":
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in ("type", "step"))
+        bar.console.print(f"  eval @ step {r.get('step')}: {metrics}")
+    elif kind == "event":
+        bar.console.print(f"  {escape(str(r.get('message')))}")
+    elif kind == "error":
+        bar.console.print(f"  [red]error:[/red] {escape(str(r.get('message')))}")
+
+
+def _print_unreachable(console: Console, where: str, exc: Exception) -> None:
+    console.print(
+        f"[red]cannot use the Ray cluster at {escape(where)}: {escape(str(exc).strip())}[/red]\n"
+        "  fix: pass the Ray Jobs API address (dashboard port, usually 8265) to --address, "
+        "and for clusters with token auth export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
+    )
+
+
+def _print_invalid(console: Console, manifest: str, exc: InvalidJobError) -> None:
+    console.print(f"[red]✗ {escape(manifest)} is invalid:[/red]")
+    for e in exc.errors:
+        console.print(f"    [bold]{escape(e.path)}[/bold]: {escape(e.message)}")
+        if e.fix:
+            console.print(f"      [cyan]fix:[/cyan] {escape(e.fix)}")
+
+
 def main(args: Any) -> int:
     console = Console(highlight=False)
     try:
         jobs = load_jobs(args.manifest)
     except InvalidJobError as exc:
-        console.print(f"[red]✗ {escape(args.manifest)} is invalid:[/red]")
-        for e in exc.errors:
-            console.print(f"    [bold]{escape(e.path)}[/bold]: {escape(e.message)}")
-            if e.fix:
-                console.print(f"      [cyan]fix:[/cyan] {escape(e.fix)}")
+        _print_invalid(console, args.manifest, exc)
         return 1
     if args.output and len(jobs) > 1:
         console.print("[red]--output applies to one job; this file has several[/red]")
@@ -201,25 +220,11 @@ def main(args: Any) -> int:
     submitted: list[str] = []
     ray_jobs: RayJobs | None = None
     try:
-        if local is not None:
-            console.print("starting an embedded Ray head (token auth) ...")
-            local.start()
-            console.print(f"Ray dashboard: {local.address}")
-        ray_jobs = RayJobs(
-            args.address or local.address,
-            python=local_python() if local else None,
-            token=local.token if local else None,
-            request_timeout=10,
-        )
+        ray_jobs = _connect(args.address, local, console)
         for job in jobs:
+            work_dir = os.getcwd()
             result = run_job(
-                job,
-                ray_jobs,
-                console,
-                output=args.output,
-                done=done,
-                work_dir=os.getcwd(),
-                submitted=submitted,
+                job, ray_jobs, console, output=args.output, done=done, work_dir=work_dir, submitted=submitted
             )
             if not result.ok:
                 return 1
@@ -233,16 +238,22 @@ def main(args: Any) -> int:
         console.print(f"[red]{escape(str(exc))}[/red]")
         return 1
     except (ConnectionError, OSError, AuthenticationError) as exc:
-        where = args.address or "the embedded Ray head"
-        console.print(
-            f"[red]cannot use the Ray cluster at {escape(where)}: {escape(str(exc).strip())}[/red]\n"
-            "  fix: pass the Ray Jobs API address (dashboard port, usually 8265) to --address, "
-            "and for clusters with token auth export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
-        )
+        _print_unreachable(console, args.address or "the embedded Ray head", exc)
         return 1
     finally:
         if local is not None:
             local.stop()
+
+
+def _connect(address: str | None, local: LocalRay | None, console: Console) -> RayJobs:
+    """The Jobs API client: for `address`, or for the embedded head `local` (started here)."""
+    if local is None:
+        assert address is not None
+        return RayJobs(address, request_timeout=10)
+    console.print("starting an embedded Ray head (token auth) ...")
+    local.start()
+    console.print(f"Ray dashboard: {local.address}")
+    return RayJobs(local.address, python=local_python(), token=local.token, request_timeout=10)
 
 
 def _stop(ray_jobs: RayJobs, submission_ids: list[str], console: Console) -> None:
@@ -251,15 +262,9 @@ def _stop(ray_jobs: RayJobs, submission_ids: list[str], console: Console) -> Non
     deadline = time.monotonic() + 60
     for sid in submission_ids:
         try:
-            state = ray_jobs.status(sid) or "STOPPED"
-            if state in TERMINAL_RAY_STATES:
+            if (ray_jobs.status(sid) or "STOPPED") in TERMINAL_RAY_STATES:
                 continue
-            ray_jobs.stop(sid)
-            while time.monotonic() < deadline:
-                state = ray_jobs.status(sid) or "STOPPED"
-                if state in TERMINAL_RAY_STATES:
-                    break
-                time.sleep(0.5)
+            state = ray_jobs.stop_and_wait(sid, timeout=max(0.0, deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - a wedged dashboard must not block the exit
             state = f"unknown: {exc}"
         console.print(f"stopped Ray job {sid} ({state})")

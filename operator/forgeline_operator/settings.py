@@ -57,6 +57,9 @@ class OperatorSettings(BaseSettings):
     node_pools: dict[str, NodePool] = Field(default_factory=dict)
     """Node pool presets as JSON, e.g. {"h100": {"nodeSelector": {...}, "tolerations": [...]}};
     jobs pick one with spec.resources.nodePool."""
+    allow_fault_injection: bool = False
+    """Honour the test-only annotation forgeline.dev/fail-at-step (makes the trainer fail at that
+    step). Off in production: only the test suite turns it on."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Operator log level."""
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ._base import ApiModel, FieldIssue, HubId, K8sName, Quantity, StorageURI, sub
+from .quantities import CPU_FIX, cpu_problem
 
 JobKind = Literal["TrainingJob", "FineTuneJob"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -34,6 +35,12 @@ class ModelSource(ApiModel):
     """Hub revision (branch, tag or commit) when hubId is set."""
     from_job: JobRef | None = None
     """Use the output of another Forgeline job (pipelines: pretrain → SFT → DPO)."""
+
+    def location(self) -> str | None:
+        """The path/URI, or `hf://<hub id>`; None for fromJob (the caller resolves that job's output)."""
+        if self.from_job is not None:
+            return None
+        return self.path or f"hf://{self.hub_id}"
 
     def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
         chosen = [
@@ -241,6 +248,10 @@ class Resources(ApiModel):
 
     def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
         out: list[FieldIssue] = []
+        for path, quantity in ((("cpu",), self.cpu), (("head", "cpu"), self.head.cpu)):
+            problem = cpu_problem(quantity)
+            if problem:
+                out.append(FieldIssue(prefix + path, problem, CPU_FIX))
         for i, tol in enumerate(self.tolerations):
             op = tol.get("operator", "Equal")
             if op not in ("Equal", "Exists"):

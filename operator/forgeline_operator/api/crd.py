@@ -38,23 +38,22 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
+_CONSTRAINTS = (
+    "enum",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "default",
+)
+
+
 def _structural(node: dict[str, Any]) -> dict[str, Any]:
     """Turn one resolved JSON-Schema node into a structural OpenAPI v3 node."""
-    node = dict(node)
-    for key in ("anyOf", "oneOf"):
-        if key in node:
-            options = [o for o in node.pop(key) if o.get("type") != "null"]
-            if len(options) != 1:
-                raise ValueError(f"cannot express a union of {options} in a structural schema")
-            merged = {**options[0], **node}
-            return _structural(merged)
-    if "allOf" in node:
-        parts = node.pop("allOf")
-        merged: dict[str, Any] = {}
-        for part in parts:
-            merged.update(part)
-        return _structural({**merged, **node})
-
+    node = _merge_combinators(dict(node))
     out: dict[str, Any] = {}
     if "description" in node:
         out["description"] = " ".join(str(node["description"]).split())
@@ -75,27 +74,44 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"schema node without a type: {node}")
     if typ is not None:
         out["type"] = typ
-    for key in (
-        "enum",
-        "pattern",
-        "minLength",
-        "maxLength",
-        "minItems",
-        "maxItems",
-        "minimum",
-        "maximum",
-        "default",
-    ):
-        if key in node and not (key == "default" and node[key] is None):
-            out[key] = node[key]
+    out.update(_constraints(node))
+    if preserve:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    out.update(_children(node, typ, preserve))
+    return {k: v for k, v in out.items() if k not in _DROP_KEYS}
+
+
+def _merge_combinators(node: dict[str, Any]) -> dict[str, Any]:
+    """Optional fields (`anyOf` with null) become the one non-null option; `allOf` parts merge."""
+    for key in ("anyOf", "oneOf"):
+        if key in node:
+            options = [o for o in node.pop(key) if o.get("type") != "null"]
+            if len(options) != 1:
+                raise ValueError(f"cannot express a union of {options} in a structural schema")
+            return _merge_combinators({**options[0], **node})
+    if "allOf" in node:
+        merged: dict[str, Any] = {}
+        for part in node.pop("allOf"):
+            merged.update(part)
+        return _merge_combinators({**merged, **node})
+    return node
+
+
+def _constraints(node: dict[str, Any]) -> dict[str, Any]:
+    """Value constraints in OpenAPI v3 form (exclusive bounds as a flag, known formats only)."""
+    out = {k: node[k] for k in _CONSTRAINTS if k in node and not (k == "default" and node[k] is None)}
     if "exclusiveMinimum" in node:
         out["minimum"], out["exclusiveMinimum"] = node["exclusiveMinimum"], True
     if "exclusiveMaximum" in node:
         out["maximum"], out["exclusiveMaximum"] = node["exclusiveMaximum"], True
     if node.get("format") in _OPENAPI_FORMATS:
         out["format"] = node["format"]
-    if preserve:
-        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+def _children(node: dict[str, Any], typ: str | None, preserve: bool) -> dict[str, Any]:
+    """An object's properties (or its map values) and an array's items, made structural."""
+    out: dict[str, Any] = {}
     if typ == "object":
         if "properties" in node:
             out["properties"] = {k: _structural(v) for k, v in node["properties"].items()}
@@ -107,7 +123,7 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             out["x-kubernetes-preserve-unknown-fields"] = True
     if typ == "array":
         out["items"] = _structural(node.get("items", {"x-kubernetes-preserve-unknown-fields": True}))
-    return {k: v for k, v in out.items() if k not in _DROP_KEYS}
+    return out
 
 
 @cache
@@ -178,13 +194,9 @@ _COMMON_COLUMNS_TAIL = [
 ]
 
 
-def build_crd(job: type[TrainingJob] | type[FineTuneJob]) -> dict[str, Any]:
-    """The CustomResourceDefinition manifest for one job kind."""
-    spec_model = job.model_fields["spec"].annotation
-    spec_schema = openapi_schema(spec_model)
-    status_schema = _without_defaults(openapi_schema(JobStatus))  # the operator writes status whole
+def _kind_columns(job: type[TrainingJob] | type[FineTuneJob]) -> list[dict[str, Any]]:
     if job is TrainingJob:
-        kind_columns = [
+        return [
             {
                 "name": "Model",
                 "type": "string",
@@ -193,44 +205,51 @@ def build_crd(job: type[TrainingJob] | type[FineTuneJob]) -> dict[str, Any]:
             },
             {"name": "Objective", "type": "string", "jsonPath": ".spec.objective", "priority": 1},
         ]
-    else:
-        kind_columns = [
-            {
-                "name": "Method",
-                "type": "string",
-                "jsonPath": ".spec.method",
-                "description": "Fine-tuning method",
+    return [
+        {
+            "name": "Method",
+            "type": "string",
+            "jsonPath": ".spec.method",
+            "description": "Fine-tuning method",
+        },
+    ]
+
+
+def _object_schema(job: type[TrainingJob] | type[FineTuneJob]) -> dict[str, Any]:
+    """The whole object's openAPIV3Schema: metadata.name bounds, the spec, the status."""
+    spec_model = job.model_fields["spec"].annotation
+    return {
+        "type": "object",
+        "description": (job.__doc__ or "").strip(),
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "maxLength": MAX_JOB_NAME_LENGTH,
+                        "pattern": JOB_NAME_PATTERN,
+                    },
+                },
             },
-        ]
+            "spec": openapi_schema(spec_model),
+            "status": _without_defaults(openapi_schema(JobStatus)),  # the operator writes status whole
+        },
+    }
+
+
+def build_crd(job: type[TrainingJob] | type[FineTuneJob]) -> dict[str, Any]:
+    """The CustomResourceDefinition manifest for one job kind."""
     version = {
         "name": API_VERSION,
         "served": True,
         "storage": True,
         "subresources": {"status": {}},
-        "additionalPrinterColumns": _COMMON_COLUMNS_HEAD + kind_columns + _COMMON_COLUMNS_TAIL,
-        "schema": {
-            "openAPIV3Schema": {
-                "type": "object",
-                "description": (job.__doc__ or "").strip(),
-                "required": ["spec"],
-                "properties": {
-                    "apiVersion": {"type": "string"},
-                    "kind": {"type": "string"},
-                    "metadata": {
-                        "type": "object",
-                        "properties": {
-                            "name": {
-                                "type": "string",
-                                "maxLength": MAX_JOB_NAME_LENGTH,
-                                "pattern": JOB_NAME_PATTERN,
-                            },
-                        },
-                    },
-                    "spec": spec_schema,
-                    "status": status_schema,
-                },
-            }
-        },
+        "additionalPrinterColumns": _COMMON_COLUMNS_HEAD + _kind_columns(job) + _COMMON_COLUMNS_TAIL,
+        "schema": {"openAPIV3Schema": _object_schema(job)},
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from ._base import GROUP_VERSION, RULES_ERROR_TYPE
 from .crd import openapi_schema
-from .resources import JOB_KINDS, MAX_JOB_NAME_LENGTH, FineTuneJob, TrainingJob
+from .resources import JOB_KINDS, MAX_JOB_NAME_LENGTH, FineTuneJob, Job, TrainingJob
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class InvalidJobError(ValueError):
         super().__init__("; ".join(str(e) for e in self.errors))
 
 
-def parse_job(manifest: Any) -> TrainingJob | FineTuneJob:
+def parse_job(manifest: Any) -> Job:
     """Parse a whole TrainingJob/FineTuneJob manifest, or raise InvalidJobError with every problem."""
     if not isinstance(manifest, dict):
         raise InvalidJobError(
@@ -145,68 +145,72 @@ def _schema_at(cls: type[TrainingJob] | type[FineTuneJob], loc: Sequence[Any]) -
     return node
 
 
+# Pydantic error type → the fix, where it does not depend on the field.
+_FIXES = {
+    "int_parsing": "write a whole number without quotes",
+    "int_type": "write a whole number without quotes",
+    "int_from_float": "write a whole number without quotes",
+    "float_parsing": "write a number without quotes (e.g. 3e-4)",
+    "float_type": "write a number without quotes (e.g. 3e-4)",
+    "bool_parsing": "write true or false",
+    "bool_type": "write true or false",
+    "string_type": "write a string (quote it in YAML)",
+    "dict_type": "write a mapping of fields (key: value) here",
+    "model_type": "write a mapping of fields (key: value) here",
+    "model_attributes_type": "write a mapping of fields (key: value) here",
+    "list_type": "write a list (- item) here",
+    "quantity": "write a quantity such as 16Gi or 512Mi (memory), 4 or 500m (CPU)",
+    "storage_uri": "use s3://bucket/prefix, gs://bucket/prefix, pvc://claim/path, file:///abs/path or a path",
+}
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
 def _fix(err: dict[str, Any], loc: tuple[Any, ...], cls: type[TrainingJob] | type[FineTuneJob]) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     field = str(loc[-1]) if loc else ""
     if kind == "extra_forbidden":
-        parent = _schema_at(cls, loc[:-1]) or {}
-        known = sorted((parent.get("properties") or {}).keys())
-        if loc[:1] == ("metadata",):
-            return "remove it"
-        close = difflib.get_close_matches(field, known, n=1, cutoff=0.6) or [
-            k for k in known if k.lower() == field.lower()
-        ]
-        if close:
-            return f"did you mean '{close[0]}'?"
-        return f"remove it; known fields here: {', '.join(known)}" if known else "remove it"
+        return _fix_unknown_field(field, loc, cls)
     if kind == "missing":
-        node = _schema_at(cls, loc) or {}
-        desc = node.get("description", "")
+        desc = (_schema_at(cls, loc) or {}).get("description", "")
         return f"add {field}" + (f" ({desc})" if desc else "")
     if kind == "literal_error":
         return f"use one of {ctx.get('expected')}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        node = _schema_at(cls, loc) or {}
-        lo, hi = node.get("minimum"), node.get("maximum")
-        lo_op = ">" if node.get("exclusiveMinimum") else ">="
-        hi_op = "<" if node.get("exclusiveMaximum") else "<="
-        bounds = " and ".join(
-            b
-            for b in (f"{lo_op} {lo}" if lo is not None else "", f"{hi_op} {hi}" if hi is not None else "")
-            if b
+    if kind in _BOUNDS:
+        return _fix_out_of_bounds(_schema_at(cls, loc) or {})
+    if kind == "string_too_long" and loc == ("metadata", "name"):
+        return (
+            f"use at most {MAX_JOB_NAME_LENGTH} characters: the Ray cluster "
+            f"'<name>-{cls.SHORT_NAME}' must fit KubeRay's 47-character limit"
         )
-        return f"use a value {bounds}" if bounds else "use a value in range"
-    if kind in ("int_parsing", "int_type", "int_from_float"):
-        return "write a whole number without quotes"
-    if kind in ("float_parsing", "float_type"):
-        return "write a number without quotes (e.g. 3e-4)"
-    if kind in ("bool_parsing", "bool_type"):
-        return "write true or false"
-    if kind in ("string_type",):
-        return "write a string (quote it in YAML)"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return "write a mapping of fields (key: value) here"
-    if kind in ("list_type",):
-        return "write a list (- item) here"
-    if kind == "string_too_long":
-        if loc == ("metadata", "name"):
-            return (
-                f"use at most {MAX_JOB_NAME_LENGTH} characters: the Ray cluster "
-                f"'<name>-{cls.SHORT_NAME}' must fit KubeRay's 47-character limit"
-            )
-        return f"shorten it to at most {ctx.get('max_length')} characters"
-    if kind == "string_too_short":
-        return f"use at least {ctx.get('min_length')} characters"
-    if kind == "too_short":
-        return f"give at least {ctx.get('min_length')} item(s)"
-    if kind == "too_long":
-        return f"give at most {ctx.get('max_length')} item(s)"
-    if kind == "string_pattern_mismatch":
-        if loc == ("metadata", "name"):
-            return "use lowercase letters, digits and '-', starting with a letter and ending alphanumeric"
-        return f"match the pattern {ctx.get('pattern')}"
-    if kind == "quantity":
-        return "write a quantity such as 16Gi or 512Mi (memory), 4 or 500m (CPU)"
-    if kind == "storage_uri":
-        return "use s3://bucket/prefix, gs://bucket/prefix, pvc://claim/path, file:///abs/path or a path"
-    return ""
+    if kind == "string_pattern_mismatch" and loc == ("metadata", "name"):
+        return "use lowercase letters, digits and '-', starting with a letter and ending alphanumeric"
+    sized = {
+        "string_too_long": f"shorten it to at most {ctx.get('max_length')} characters",
+        "string_too_short": f"use at least {ctx.get('min_length')} characters",
+        "too_short": f"give at least {ctx.get('min_length')} item(s)",
+        "too_long": f"give at most {ctx.get('max_length')} item(s)",
+        "string_pattern_mismatch": f"match the pattern {ctx.get('pattern')}",
+    }
+    return sized.get(kind) or _FIXES.get(kind, "")
+
+
+def _fix_unknown_field(field: str, loc: tuple[Any, ...], cls: type[TrainingJob] | type[FineTuneJob]) -> str:
+    """The closest known field's name, or the fields known there."""
+    if loc[:1] == ("metadata",):
+        return "remove it"
+    known = sorted(((_schema_at(cls, loc[:-1]) or {}).get("properties") or {}).keys())
+    close = difflib.get_close_matches(field, known, n=1, cutoff=0.6) or [
+        k for k in known if k.lower() == field.lower()
+    ]
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return f"remove it; known fields here: {', '.join(known)}" if known else "remove it"
+
+
+def _fix_out_of_bounds(node: dict[str, Any]) -> str:
+    lo, hi = node.get("minimum"), node.get("maximum")
+    lo_op = ">" if node.get("exclusiveMinimum") else ">="
+    hi_op = "<" if node.get("exclusiveMaximum") else "<="
+    bounds = [f"{lo_op} {lo}" if lo is not None else "", f"{hi_op} {hi}" if hi is not None else ""]
+    text = " and ".join(b for b in bounds if b)
+    return f"use a value {text}" if text else "use a value in range"

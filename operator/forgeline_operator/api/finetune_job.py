@@ -180,7 +180,17 @@ class FineTuneJobSpec(Lifecycle):
 
     def issues(self) -> list[FieldIssue]:
         out = self.base_model.issues(("baseModel",))
-        m, t = self.method, self.training
+        out += self._adapter_issues() + self._post_training_issues() + self._data_and_output_issues()
+        out += self._training_issues()
+        out += self.resources.issues(("resources",))
+        out += precision_issues(self.training.precision, self.resources)
+        out += self.checkpointing.issues(("checkpointing",))
+        return out
+
+    def _adapter_issues(self) -> list[FieldIssue]:
+        """LoRA, QLoRA's quantisation and prompt-tuning settings only where the method uses them."""
+        out: list[FieldIssue] = []
+        m = self.method
         if self.lora is not None and m in ("full", "prompt-tuning"):
             out.append(
                 FieldIssue(
@@ -223,6 +233,12 @@ class FineTuneJobSpec(Lifecycle):
                     "remove spec.promptTuning, or use method: prompt-tuning",
                 )
             )
+        return out
+
+    def _post_training_issues(self) -> list[FieldIssue]:
+        """Preference and RL settings only for their methods; RL needs a reward model; no ppo yet."""
+        out: list[FieldIssue] = []
+        m = self.method
         if self.preference is not None and m not in PREFERENCE_METHODS:
             out.append(
                 FieldIssue(
@@ -258,6 +274,12 @@ class FineTuneJobSpec(Lifecycle):
                     )
                 )
             out += self.rl.reward_model.issues(("rl", "rewardModel"))
+        return out
+
+    def _data_and_output_issues(self) -> list[FieldIssue]:
+        """A dataset format the method learns from; an output it can save."""
+        out: list[FieldIssue] = []
+        m = self.method
         allowed = METHOD_FORMATS[m]
         if self.dataset.format not in allowed:
             out.append(
@@ -284,6 +306,12 @@ class FineTuneJobSpec(Lifecycle):
                     "use output.save: adapter",
                 )
             )
+        return out
+
+    def _training_issues(self) -> list[FieldIssue]:
+        """Steps or epochs, a divisible batch, and DeepSpeed settings that fit the method."""
+        out: list[FieldIssue] = []
+        m, t = self.method, self.training
         if (t.max_steps is None) == (t.epochs is None):
             out.append(
                 FieldIssue(
@@ -303,7 +331,4 @@ class FineTuneJobSpec(Lifecycle):
                         "use deepspeed.zeroStage: 2 (or 0) with qlora",
                     )
                 )
-        out += self.resources.issues(("resources",))
-        out += precision_issues(t.precision, self.resources)
-        out += self.checkpointing.issues(("checkpointing",))
         return out

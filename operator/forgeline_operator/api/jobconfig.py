@@ -15,8 +15,9 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter
 
 from ._base import ApiModel, StorageURI
+from .common import ModelSource
 from .finetune_job import FineTuneJobSpec
-from .resources import FineTuneJob, TrainingJob
+from .resources import Job, TrainingJob
 from .training_job import TrainingJobSpec
 
 PROGRESS_PREFIX = "FORGELINE_PROGRESS "
@@ -100,8 +101,22 @@ def spec_fingerprint(spec: TrainingJobSpec | FineTuneJobSpec) -> str:
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def _run_name(job: Job, prefix: str | None) -> str:
+    """`<namespace>-<job>-<uid>-<spec hash>`, or `<prefix>-<uid>-<spec hash>` when a prefix is given."""
+    uid = (job.metadata.uid or "")[:8]
+    head = (prefix,) if prefix else (job.metadata.namespace or "default", job.metadata.name)
+    return "-".join(p for p in (*head, uid, spec_fingerprint(job.spec)) if p)
+
+
+def _location(source: ModelSource | None) -> str | None:
+    if source is not None and source.from_job is not None:
+        ref = source.from_job
+        raise ValueError(f"{ref.kind}/{ref.name}'s output must be resolved first")
+    return source.location() if source is not None else None
+
+
 def build_job_config(
-    job: TrainingJob | FineTuneJob,
+    job: Job,
     *,
     output: str | None = None,
     checkpoints: str | None = None,
@@ -118,36 +133,19 @@ def build_job_config(
     spec = job.spec
     out = output or spec.output.uri
     ckpt = checkpoints or spec.checkpointing.storage or f"{out.rstrip('/')}/checkpoints"
-    if isinstance(job, TrainingJob):
-        src = spec.model.init_from
-    else:
-        src = spec.base_model
-    if base_model is None and src is not None:
-        if src.from_job is not None:
-            raise ValueError(f"{src.from_job.kind}/{src.from_job.name}'s output must be resolved first")
-        base_model = src.path or f"hf://{src.hub_id}"
-    if isinstance(job, FineTuneJob) and spec.rl is not None and reward_model is None:
-        rm = spec.rl.reward_model
-        if rm.from_job is not None:
-            raise ValueError(f"{rm.from_job.kind}/{rm.from_job.name}'s output must be resolved first")
-        reward_model = rm.path or f"hf://{rm.hub_id}"
+    if base_model is None:
+        base_model = _location(job.model_source())
+    if reward_model is None:
+        reward_model = _location(job.reward_model_source())
     namespace = job.metadata.namespace or "default"
-    uid = (job.metadata.uid or "")[:8]
-    name = "-".join(
-        p
-        for p in (
-            run_name or namespace,
-            job.metadata.name if not run_name else "",
-            uid,
-            spec_fingerprint(spec),
-        )
-        if p
-    )
     paths = ResolvedPaths(
         output=out, checkpoints=ckpt, base_model=base_model, reward_model=reward_model, work_dir=work_dir
     )
     run = RunSettings(
-        run_name=name, attempt=attempt, fail_at_step=fail_at_step, max_worker_failures=max_worker_failures
+        run_name=_run_name(job, run_name),
+        attempt=attempt,
+        fail_at_step=fail_at_step,
+        max_worker_failures=max_worker_failures,
     )
     cls = TrainingJobConfig if isinstance(job, TrainingJob) else FineTuneJobConfig
     return cls(name=job.metadata.name, namespace=namespace, paths=paths, run=run, spec=spec)

@@ -220,6 +220,27 @@ def _parent_path(path: str) -> str:
     return trimmed.rsplit(".", 1)[0] if "." in trimmed else ""
 
 
+def _printer_columns(kind: str, short_name: str, version: dict[str, Any]) -> list[str]:
+    lines = [
+        f'<a id="{_anchor(kind, "printer-columns")}"></a>',
+        "",
+        f"### {kind} printer columns",
+        "",
+        f"What `kubectl get {short_name}` shows; columns with priority 1 appear only with `-o wide`.",
+        "",
+        "| Column | Type | JSONPath | Shown by | Description |",
+        "|---|---|---|---|---|",
+    ]
+    for col in version.get("additionalPrinterColumns", []):
+        shown = "`-o wide`" if col.get("priority", 0) else "`kubectl get`"
+        lines.append(
+            f"| {col['name']} | `{col['type']}` | `{col['jsonPath']}` | {shown} | "
+            f"{_escape(col.get('description', ''))} |"
+        )
+    lines.append("")
+    return lines
+
+
 def _kind_reference(crd: dict[str, Any]) -> list[str]:
     spec = crd["spec"]
     names = spec["names"]
@@ -245,25 +266,7 @@ def _kind_reference(crd: dict[str, Any]) -> list[str]:
         "",
     ]
 
-    lines += [
-        f'<a id="{_anchor(kind, "printer-columns")}"></a>',
-        "",
-        f"### {kind} printer columns",
-        "",
-        f"What `kubectl get {names['shortNames'][0]}` shows; columns with priority 1 appear "
-        f"only with `-o wide`.",
-        "",
-        "| Column | Type | JSONPath | Shown by | Description |",
-        "|---|---|---|---|---|",
-    ]
-    for col in version.get("additionalPrinterColumns", []):
-        shown = "`-o wide`" if col.get("priority", 0) else "`kubectl get`"
-        lines.append(
-            f"| {col['name']} | `{col['type']}` | `{col['jsonPath']}` | {shown} | "
-            f"{_escape(col.get('description', ''))} |"
-        )
-    lines.append("")
-
+    lines += _printer_columns(kind, names["shortNames"][0], version)
     short = names["shortNames"][0]
     notes = {"apiVersion": f"Always `{group_version}`.", "kind": f"Always `{kind}`."}
     lines += [

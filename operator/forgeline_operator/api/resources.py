@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from ._base import GROUP_VERSION, ApiModel
+from .common import JobRef, ModelSource
 from .finetune_job import FineTuneJobSpec
 from .status import JobStatus
 from .training_job import TrainingJobSpec
@@ -44,6 +45,19 @@ class _Job(ApiModel):
     def ray_cluster_name(self) -> str:
         return f"{self.metadata.name}-{self.SHORT_NAME}"
 
+    def model_source(self) -> ModelSource | None:
+        """Where the weights to start from come from (None: a fresh model)."""
+        raise NotImplementedError
+
+    def reward_model_source(self) -> ModelSource | None:
+        """The reward model (RL methods only)."""
+        return None
+
+    def upstream_refs(self) -> list[JobRef]:
+        """The jobs whose outputs this one uses (`fromJob`): it waits until they have succeeded."""
+        sources = (self.model_source(), self.reward_model_source())
+        return [s.from_job for s in sources if s is not None and s.from_job is not None]
+
 
 class TrainingJob(_Job):
     """Pretraining or continued pretraining of a language model on a Ray cluster."""
@@ -54,6 +68,10 @@ class TrainingJob(_Job):
     kind: Literal["TrainingJob"] = "TrainingJob"
     spec: TrainingJobSpec
 
+    def model_source(self) -> ModelSource | None:
+        """`spec.model.initFrom` (continued pretraining), or None for a model built from scratch."""
+        return self.spec.model.init_from
+
 
 class FineTuneJob(_Job):
     """Fine-tuning (full, LoRA, QLoRA, prompt tuning) or RLHF (reward model, DPO, PPO, GRPO)."""
@@ -63,6 +81,14 @@ class FineTuneJob(_Job):
     SHORT_NAME: ClassVar[str] = "ftj"
     kind: Literal["FineTuneJob"] = "FineTuneJob"
     spec: FineTuneJobSpec
+
+    def model_source(self) -> ModelSource | None:
+        """`spec.baseModel`."""
+        return self.spec.base_model
+
+    def reward_model_source(self) -> ModelSource | None:
+        """`spec.rl.rewardModel` for ppo/grpo."""
+        return self.spec.rl.reward_model if self.spec.rl is not None else None
 
 
 Job = TrainingJob | FineTuneJob

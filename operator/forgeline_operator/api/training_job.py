@@ -138,8 +138,20 @@ class TrainingJobSpec(Lifecycle):
         return self
 
     def issues(self) -> list[FieldIssue]:
+        out = self._model_issues() + self._architecture_issues() + self._objective_issues()
+        out += self._data_issues()
+        out += self._training_issues()
+        if self.deepspeed is not None:
+            out += self.deepspeed.issues(("deepspeed",))
+        out += self.resources.issues(("resources",))
+        out += precision_issues(self.training.precision, self.resources)
+        out += self.checkpointing.issues(("checkpointing",))
+        return out
+
+    def _model_issues(self) -> list[FieldIssue]:
+        """Exactly one of a fresh architecture or initFrom; no size overrides on initFrom."""
         out: list[FieldIssue] = []
-        m, t = self.model, self.training
+        m = self.model
         if (m.architecture is None) == (m.init_from is None):
             out.append(
                 FieldIssue(
@@ -160,78 +172,93 @@ class TrainingJobSpec(Lifecycle):
                         f"remove model.{camel(f)} (the pretrained config is used)",
                     )
                 )
-        arch = m.architecture
-        if arch is not None:
-            if m.hidden_size and m.num_heads and m.hidden_size % m.num_heads:
+        return out
+
+    def _architecture_issues(self) -> list[FieldIssue]:
+        """A fresh model's shape: heads, grouped-query attention, experts, objective, positions."""
+        out: list[FieldIssue] = []
+        m, arch = self.model, self.model.architecture
+        if arch is None:
+            return out
+        if m.hidden_size and m.num_heads and m.hidden_size % m.num_heads:
+            out.append(
+                FieldIssue(
+                    ("model", "numHeads"),
+                    f"numHeads ({m.num_heads}) must divide hiddenSize ({m.hidden_size})",
+                    "pick numHeads so that hiddenSize / numHeads is a whole number, e.g. 64 or 128",
+                )
+            )
+        if m.num_kv_heads is not None:
+            if arch in ("gpt2", "bert"):
                 out.append(
                     FieldIssue(
-                        ("model", "numHeads"),
-                        f"numHeads ({m.num_heads}) must divide hiddenSize ({m.hidden_size})",
-                        "pick numHeads so that hiddenSize / numHeads is a whole number, e.g. 64 or 128",
+                        ("model", "numKvHeads"),
+                        f"{arch} has no grouped-query attention",
+                        "remove model.numKvHeads or use llama/mistral/mixtral",
                     )
                 )
-            if m.num_kv_heads is not None:
-                if arch in ("gpt2", "bert"):
+            elif m.num_heads and m.num_heads % m.num_kv_heads:
+                out.append(
+                    FieldIssue(
+                        ("model", "numKvHeads"),
+                        f"numKvHeads ({m.num_kv_heads}) must divide numHeads ({m.num_heads})",
+                        "use a divisor of numHeads, e.g. numHeads / 4",
+                    )
+                )
+        if arch not in MOE_ARCHITECTURES:
+            for f in ("num_experts", "experts_per_token"):
+                if getattr(m, f) is not None:
                     out.append(
                         FieldIssue(
-                            ("model", "numKvHeads"),
-                            f"{arch} has no grouped-query attention",
-                            "remove model.numKvHeads or use llama/mistral/mixtral",
+                            ("model", camel(f)),
+                            f"{arch} is not a mixture-of-experts architecture",
+                            f"remove model.{camel(f)} or use architecture: mixtral",
                         )
                     )
-                elif m.num_heads and m.num_heads % m.num_kv_heads:
-                    out.append(
-                        FieldIssue(
-                            ("model", "numKvHeads"),
-                            f"numKvHeads ({m.num_kv_heads}) must divide numHeads ({m.num_heads})",
-                            "use a divisor of numHeads, e.g. numHeads / 4",
-                        )
-                    )
-            if arch not in MOE_ARCHITECTURES:
-                for f in ("num_experts", "experts_per_token"):
-                    if getattr(m, f) is not None:
-                        out.append(
-                            FieldIssue(
-                                ("model", camel(f)),
-                                f"{arch} is not a mixture-of-experts architecture",
-                                f"remove model.{camel(f)} or use architecture: mixtral",
-                            )
-                        )
-            elif m.num_experts and m.experts_per_token and m.experts_per_token > m.num_experts:
-                out.append(
-                    FieldIssue(
-                        ("model", "expertsPerToken"),
-                        f"expertsPerToken ({m.experts_per_token}) exceeds numExperts ({m.num_experts})",
-                        "route to at most numExperts experts (2 is usual)",
-                    )
+        elif m.num_experts and m.experts_per_token and m.experts_per_token > m.num_experts:
+            out.append(
+                FieldIssue(
+                    ("model", "expertsPerToken"),
+                    f"expertsPerToken ({m.experts_per_token}) exceeds numExperts ({m.num_experts})",
+                    "route to at most numExperts experts (2 is usual)",
                 )
-            if self.objective == "masked" and arch not in ENCODER_ARCHITECTURES:
-                out.append(
-                    FieldIssue(
-                        ("objective",),
-                        f"the masked objective needs an encoder; {arch} is a decoder",
-                        "use model.architecture: bert, or objective: causal",
-                    )
+            )
+        return out
+
+    def _objective_issues(self) -> list[FieldIssue]:
+        """The objective fits the architecture; positions cover the sequence length."""
+        out: list[FieldIssue] = []
+        m, arch = self.model, self.model.architecture
+        if arch is None:
+            return out
+        if self.objective == "masked" and arch not in ENCODER_ARCHITECTURES:
+            out.append(
+                FieldIssue(
+                    ("objective",),
+                    f"the masked objective needs an encoder; {arch} is a decoder",
+                    "use model.architecture: bert, or objective: causal",
                 )
-            if self.objective == "causal" and arch in ENCODER_ARCHITECTURES:
-                out.append(
-                    FieldIssue(
-                        ("objective",),
-                        f"{arch} is an encoder and cannot be trained causally",
-                        "use objective: masked, or a decoder architecture such as llama",
-                    )
+            )
+        if self.objective == "causal" and arch in ENCODER_ARCHITECTURES:
+            out.append(
+                FieldIssue(
+                    ("objective",),
+                    f"{arch} is an encoder and cannot be trained causally",
+                    "use objective: masked, or a decoder architecture such as llama",
                 )
-            if (
-                m.max_position_embeddings is not None
-                and m.max_position_embeddings < self.data.sequence_length
-            ):
-                out.append(
-                    FieldIssue(
-                        ("model", "maxPositionEmbeddings"),
-                        f"shorter than data.sequenceLength ({self.data.sequence_length})",
-                        "raise maxPositionEmbeddings or lower data.sequenceLength",
-                    )
+            )
+        if m.max_position_embeddings is not None and m.max_position_embeddings < self.data.sequence_length:
+            out.append(
+                FieldIssue(
+                    ("model", "maxPositionEmbeddings"),
+                    f"shorter than data.sequenceLength ({self.data.sequence_length})",
+                    "raise maxPositionEmbeddings or lower data.sequenceLength",
                 )
+            )
+        return out
+
+    def _data_issues(self) -> list[FieldIssue]:
+        out: list[FieldIssue] = []
         tok = self.data.tokenizer
         if tok.path is not None and tok.hub_id is not None:
             out.append(
@@ -239,6 +266,12 @@ class TrainingJobSpec(Lifecycle):
                     ("data", "tokenizer"), "set at most one of path and hubId", "keep one tokenizer source"
                 )
             )
+        return out
+
+    def _training_issues(self) -> list[FieldIssue]:
+        """Steps or token budget, and a global batch the workers and micro batches divide."""
+        out: list[FieldIssue] = []
+        t = self.training
         if (t.max_steps is None) == (t.token_budget is None):
             out.append(
                 FieldIssue(
@@ -274,9 +307,4 @@ class TrainingJobSpec(Lifecycle):
                 )
         else:
             out += batch_issues(t.global_batch_size, t.micro_batch_size, self.resources)
-        if self.deepspeed is not None:
-            out += self.deepspeed.issues(("deepspeed",))
-        out += self.resources.issues(("resources",))
-        out += precision_issues(t.precision, self.resources)
-        out += self.checkpointing.issues(("checkpointing",))
         return out

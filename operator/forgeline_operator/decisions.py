@@ -1,0 +1,223 @@
+"""Every choice the operator makes, as pure functions of plain values — no Kubernetes, Ray or kopf.
+
+The reconciler asks these and carries out the answer; `tests/test_decisions.py` pins each rule
+without a cluster, and the end-to-end tests only prove the wiring (the way dask-kubernetes keeps
+`retire_workers_lifo` apart from its handlers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence, Set
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from .api import TERMINAL_PHASES
+
+ACTIVE_PHASES = frozenset({"Provisioning", "Running"})
+"""Phases that hold a slot of the running-jobs cap."""
+TIMED_PHASES = frozenset({"Pending", "Waiting", "Provisioning", "Running"})
+"""Phases that need a periodic reconcile. Terminal and Suspended jobs have no timer, so a thousand
+finished or parked jobs cost nothing but their watch events."""
+FAULT_INJECTION_ANNOTATION = "forgeline.dev/fail-at-step"
+
+# -- which step of the state machine ---------------------------------------------------------------
+
+Action = Literal["suspend", "resume", "admit", "provision", "track"]
+_ACTIONS: dict[str, Action] = {
+    "Pending": "admit",
+    "Waiting": "admit",
+    "Provisioning": "provision",
+    "Running": "track",
+}
+
+
+def next_action(phase: str | None, suspend: bool) -> Action | None:
+    """What one reconcile of a job in `phase` does (None: nothing, e.g. a terminal job)."""
+    phase = phase or "Pending"
+    if phase in TERMINAL_PHASES:
+        return None
+    if phase == "Suspended":
+        return None if suspend else "resume"
+    if suspend:
+        return "suspend"
+    return _ACTIONS.get(phase)
+
+
+def needs_reconcile(phase: str | None, suspend: bool) -> bool:
+    """Whether the reconcile timer runs for a job (the timer's `when` filter)."""
+    return phase in TIMED_PHASES or (phase == "Suspended" and not suspend)
+
+
+# -- dependencies (fromJob) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DependenciesMet:
+    pass
+
+
+@dataclass(frozen=True)
+class WaitForJob:
+    kind: str
+    name: str
+    phase: str | None  # None: the job does not exist (yet)
+
+    @property
+    def message(self) -> str:
+        state = "does not exist yet" if self.phase is None else f"is {self.phase}"
+        return f"waiting for {self.kind}/{self.name} to succeed ({state})"
+
+
+@dataclass(frozen=True)
+class UpstreamFailed:
+    kind: str
+    name: str
+    reason: str | None
+
+    @property
+    def message(self) -> str:
+        return f"{self.kind}/{self.name} failed ({self.reason}); this job uses its output"
+
+
+def dependencies(
+    upstream: Sequence[tuple[str, str, str | None, str | None]],
+) -> DependenciesMet | WaitForJob | UpstreamFailed:
+    """`upstream`: (kind, name, phase or None if absent, reason) of each job this one uses, in
+    order. The first that has not succeeded decides: failed → this job fails too; else it waits."""
+    for kind, name, phase, reason in upstream:
+        if phase == "Succeeded":
+            continue
+        if phase == "Failed":
+            return UpstreamFailed(kind, name, reason)
+        return WaitForJob(kind, name, phase)
+    return DependenciesMet()
+
+
+# -- the running-jobs cap -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admitted:
+    pass
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: int
+    """1-based place in the queue of Pending jobs, after the free slots."""
+    active: int
+    cap: int
+
+    @property
+    def message(self) -> str:
+        return (
+            f"waiting for a slot: {self.active} of {self.cap} jobs running; "
+            f"position {self.position} in the queue"
+        )
+
+
+def admission(
+    jobs: Mapping[Hashable, tuple[str, str]], admitted: Set[Hashable], me: Hashable, cap: int
+) -> Admitted | Queued:
+    """May job `me` start? `jobs`: every job's (phase, creationTimestamp); `admitted`: jobs let in
+    that do not show an active phase yet. First come, first served among Pending jobs; `cap` 0
+    means no cap. Waiting jobs (dependencies unmet) are not in the queue, so a pipeline applied at
+    once cannot block its own first stage."""
+    if not cap:
+        return Admitted()
+    active = {k for k, (phase, _) in jobs.items() if phase in ACTIVE_PHASES} | set(admitted)
+    if me in active:
+        return Admitted()
+    queue = sorted((created, str(k), k) for k, (phase, created) in jobs.items() if phase == "Pending")
+    queue_keys = [k for _, _, k in queue if k not in active]
+    position = queue_keys.index(me) if me in queue_keys else len(queue_keys)
+    free = cap - len(active)
+    if position < free:
+        return Admitted()
+    return Queued(position=position + 1 - max(free, 0), active=len(active), cap=cap)
+
+
+# -- failures and retries -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resubmit:
+    attempt: int
+    """The attempt number of the resubmission (1 for the first retry)."""
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+    """The job's Failed reason."""
+
+
+def after_failure(restarts: int, backoff_limit: int) -> Resubmit | GiveUp:
+    """A Ray job of this job ended FAILED or STOPPED after `restarts` resubmissions: try again
+    while `spec.backoffLimit` allows, else fail the job. (The failure classification of the
+    reliability work plugs in here: what retrying cannot fix will fail at once.)"""
+    if restarts < backoff_limit:
+        return Resubmit(attempt=restarts + 1)
+    return GiveUp(reason="BackoffLimitExceeded")
+
+
+def cluster_overdue(waited_seconds: float, timeout_seconds: float, recreatable: bool) -> bool:
+    """A Ray cluster still not ready after the timeout is deleted and created again — only where
+    the operator created it (KubeRay), never an existing cluster named by address."""
+    return recreatable and waited_seconds > timeout_seconds
+
+
+# -- time ---------------------------------------------------------------------------------------
+
+
+def parse_time(timestamp: str) -> datetime:
+    """A Kubernetes timestamp (`2026-01-02T03:04:05Z`) as an aware datetime."""
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
+def seconds_since_cluster_ready_changed(status: Mapping[str, Any], at: datetime) -> float:
+    """Seconds since the ClusterReady condition last flipped (0 when there is none): how long a
+    Provisioning job has been without a ready cluster."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "ClusterReady" and cond.get("lastTransitionTime"):
+            return (at - parse_time(cond["lastTransitionTime"])).total_seconds()
+    return 0.0
+
+
+def ttl_expired(completion_time: str | None, ttl_seconds: int, at: datetime) -> bool:
+    """spec.ttlSecondsAfterFinished has passed since the job finished."""
+    return bool(completion_time) and (at - parse_time(completion_time)).total_seconds() >= ttl_seconds
+
+
+def budget_exceeded(
+    budget: Any, workers: int, gpus_per_worker: int, start_time: str | None, at: datetime | None = None
+) -> str | None:
+    """Why a job is over its spec.budget (a message naming the field), or None. Wall-clock time
+    since status.startTime, so retries count; GPU-hours are what the job holds allocated."""
+    if budget is None or not start_time:
+        return None
+    at = at or datetime.now(UTC)
+    elapsed = (at - parse_time(start_time)).total_seconds()
+    deadline = budget.active_deadline_seconds
+    if deadline is not None and elapsed > deadline:
+        return f"ran {elapsed:.0f}s since it started, over spec.budget.activeDeadlineSeconds ({deadline}s)"
+    gpu_hours = workers * gpus_per_worker * elapsed / 3600
+    if budget.max_gpu_hours is not None and gpu_hours > budget.max_gpu_hours:
+        return (
+            f"used {gpu_hours:.2f} GPU-hours ({workers} workers × {gpus_per_worker} GPUs × "
+            f"{elapsed / 3600:.2f} h), over spec.budget.maxGpuHours ({budget.max_gpu_hours:g})"
+        )
+    return None
+
+
+# -- test hooks ---------------------------------------------------------------------------------
+
+
+def injected_failure_step(annotations: Mapping[str, str], allowed: bool) -> int | None:
+    """The step at which tests make the trainer fail (annotation `forgeline.dev/fail-at-step`),
+    honoured only by an operator started with FORGELINE_ALLOW_FAULT_INJECTION=true."""
+    value = annotations.get(FAULT_INJECTION_ANNOTATION)
+    if not allowed or not value or not value.isdigit():
+        return None
+    return int(value)

@@ -1,0 +1,329 @@
+"""One reconcile of one job: ask `decisions` what to do, carry it out, write status.
+
+    Pending → (Waiting) → Provisioning → Running → Succeeded | Failed;  any non-terminal → Suspended
+
+`StatusWriter.transition` is the only writer of a phase change (status, the transitions metric, the
+Event, the job index); `Reconciler` holds the typed job and runs the step `decisions.next_action`
+names: admit (dependencies, cap) → provision (backend) → submit (Ray Jobs API) → track (progress,
+retries) — plus suspend and resume.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from . import builders, decisions, lifecycle, metrics
+from .api import Job
+from .api.common import JobRef
+from .api.jobconfig import FineTuneJobConfig, TrainingJobConfig, build_job_config
+from .backends import Backend, ClusterState, KubeRayBackend
+from .jobindex import JobKey
+from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs
+from .runtime import Runtime
+
+
+class StatusWriter:
+    """A job's status within one handler call: read once from the body, written through kopf's
+    patch, and kept up to date here so later decisions in the same call see what was written."""
+
+    def __init__(self, rt: Runtime, body: kopf.Body, patch: kopf.Patch, kind: str) -> None:
+        self.rt, self.body, self.patch, self.kind = rt, body, patch, kind
+        self.status: dict[str, Any] = dict(body.get("status") or {})
+        meta = body["metadata"]
+        self.key = JobKey(meta["namespace"], kind, meta["name"])
+        self.generation: int | None = meta.get("generation")
+        self.created: str = meta.get("creationTimestamp", "")
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """Patch status fields that are not a phase change (progress, restarts)."""
+        for key, value in fields.items():
+            self.patch.status[key] = value
+        self.status.update(fields)
+
+    def transition(self, phase: str, reason: str, message: str, **fields: Any) -> None:
+        """Move to `phase` (or update reason/message within it): status with conditions and
+        timestamps, the transitions metric and an Event on a phase change, and the job index.
+
+        No Event for a new job's acceptance (New → Pending): the status shows it, and an Event
+        per job would double the apiserver writes of a burst of a thousand jobs."""
+        if not lifecycle.changed(self.status, phase, reason, message) and not fields:
+            return
+        before = self.phase
+        self.write(lifecycle.status_patch(self.status, phase, reason, message, self.generation, **fields))
+        if before != phase:
+            metrics.TRANSITIONS.labels(self.kind, phase).inc()
+            if before is not None or phase != "Pending":
+                kopf.event(
+                    self.body,
+                    type="Warning" if phase == "Failed" else "Normal",
+                    reason=reason,
+                    message=f"{before or 'New'} → {phase}: {message}"[:1000],
+                )
+        self.rt.index.record(self.key, self.status, self.created)
+
+
+class Reconciler:
+    """One reconcile step for one typed job."""
+
+    def __init__(self, rt: Runtime, job: Job, writer: StatusWriter, logger: kopf.Logger) -> None:
+        self.rt, self.job, self.out, self.logger = rt, job, writer, logger
+        self.backend: Backend = rt.backend_for(job)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.out.status
+
+    def step(self) -> None:
+        action = decisions.next_action(self.out.phase, self.job.spec.suspend)
+        if action == "suspend":
+            self.suspend()
+        elif action == "resume":
+            self.out.transition("Pending", "Resumed", "resumed: will continue from the newest checkpoint")
+        elif action == "admit":
+            self.admit()
+        elif action == "provision":
+            self.provision()
+        elif action == "track":
+            self.track()
+
+    # -- Pending / Waiting ---------------------------------------------------------------------
+
+    def admit(self) -> None:
+        upstream = []
+        for ref in self.job.upstream_refs():
+            entry = self.rt.index.get(JobKey(self.out.key.namespace, ref.kind, ref.name))
+            upstream.append((ref.kind, ref.name, entry and entry.phase, entry and entry.reason))
+        deps = decisions.dependencies(upstream)
+        if isinstance(deps, decisions.UpstreamFailed):
+            return self.out.transition("Failed", "DependencyFailed", deps.message)
+        if isinstance(deps, decisions.WaitForJob):
+            return self.out.transition("Waiting", "WaitingForJob", deps.message)
+        verdict = self.rt.index.admit(self.out.key, self.rt.settings.max_running_jobs)
+        if isinstance(verdict, decisions.Queued):
+            return self.out.transition("Pending", "Queued", verdict.message)
+        paths = self._config(0).paths
+        self.out.transition(
+            "Provisioning",
+            "Provisioning",
+            f"creating the Ray cluster ({self.backend.name})",
+            checkpointUri=paths.checkpoints,
+            outputUri=paths.output,
+        )
+        return None
+
+    def _output_of(self, ref: JobRef) -> str | None:
+        entry = self.rt.index.get(JobKey(self.out.key.namespace, ref.kind, ref.name))
+        return entry.output_uri if entry else None
+
+    def _config(self, attempt: int) -> TrainingJobConfig | FineTuneJobConfig:
+        """The trainer's config for an attempt, with `fromJob` resolved to those jobs' outputs."""
+        job, settings = self.job, self.rt.settings
+        base, reward = job.model_source(), job.reward_model_source()
+        work_dir = settings.local_work_dir or (os.getcwd() if self.backend.name == "local" else None)
+        fail_at = decisions.injected_failure_step(job.metadata.annotations, settings.allow_fault_injection)
+        return build_job_config(
+            job,
+            base_model=self._output_of(base.from_job) if base and base.from_job else None,
+            reward_model=self._output_of(reward.from_job) if reward and reward.from_job else None,
+            work_dir=work_dir,
+            attempt=attempt,
+            fail_at_step=fail_at,
+            # an injected failure must fail the Ray job, not be absorbed by Ray Train
+            max_worker_failures=0 if fail_at else 2,
+        )
+
+    # -- budget (spec.budget), checked while the job holds or waits for a cluster ---------------
+
+    def over_budget(self) -> bool:
+        res = self.job.spec.resources
+        why = decisions.budget_exceeded(
+            self.job.spec.budget, res.workers, res.gpus_per_worker, self.status.get("startTime")
+        )
+        if why is None:
+            return False
+        self._stop_and_release()
+        kept = self.status.get("checkpointUri") or "storage"
+        message = f"{why}: Ray job stopped and cluster deleted; checkpoints kept in {kept}"
+        self.out.transition("Failed", "BudgetExceeded", message)
+        return True
+
+    # -- Provisioning ---------------------------------------------------------------------------
+
+    def provision(self) -> None:
+        if self.over_budget():
+            return
+        state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace)
+        if state.ready:
+            self.submit(state, attempt=int(self.status.get("restarts") or 0))
+            return
+        waited = decisions.seconds_since_cluster_ready_changed(self.status, datetime.now(UTC))
+        recreatable = isinstance(self.backend, KubeRayBackend)
+        if decisions.cluster_overdue(waited, self.rt.settings.cluster_ready_timeout, recreatable):
+            self.backend.teardown(self.job, self.out.key.namespace)
+            message = f"RayCluster not ready after {waited:.0f}s: deleted, recreating"
+            self.out.transition("Provisioning", "ClusterRecreated", message)
+            return
+        self.out.transition("Provisioning", "ClusterStarting", state.message, ray=_ray_info(state))
+
+    def submit(self, state: ClusterState, attempt: int) -> None:
+        sid = builders.submission_id(self.job, attempt)
+        config = self._config(attempt)
+        try:
+            RayJobs(state.address, python=state.python, token=state.token).submit(config, sid)
+        except Exception as exc:  # any failure to reach Ray is retried (kopf, after the delay)
+            metrics.SUBMIT_ERRORS.labels(self.out.kind).inc()
+            self.out.transition(
+                "Provisioning", "SubmissionFailed", f"submitting to Ray at {state.address} failed: {exc}"
+            )
+            raise kopf.TemporaryError(f"Ray submission failed: {exc}", delay=10) from exc
+        fields: dict[str, Any] = {
+            "ray": _ray_info(state, jobId=sid, jobStatus="PENDING"),
+            "outputUri": config.paths.output,
+            "checkpointUri": config.paths.checkpoints,
+        }
+        if not self.status.get("startTime"):
+            fields["startTime"] = lifecycle.now()
+        self.out.transition(
+            "Running",
+            "Submitted" if attempt == 0 else "Resubmitted",
+            f"Ray job {sid} submitted" + (f" (attempt {attempt + 1})" if attempt else ""),
+            **fields,
+        )
+
+    # -- Running --------------------------------------------------------------------------------
+
+    def track(self) -> None:
+        if self.over_budget():
+            return
+        ray = dict(self.status.get("ray") or {})
+        sid = ray.get("jobId")
+        state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace)
+        if not state.ready:
+            self.out.transition(
+                "Provisioning",
+                "ClusterLost",
+                f"the Ray cluster is gone or unready ({state.message}); "
+                "recreating it and resubmitting from the newest checkpoint",
+            )
+            return
+        jobs = RayJobs(state.address, python=state.python, token=state.token)
+        ray_status = jobs.status(sid) if sid else None
+        if ray_status is None:
+            self.out.transition("Provisioning", "RayJobLost", f"Ray has no job {sid}; resubmitting")
+            return
+        cursor = self.rt.cursors.setdefault(sid, LogCursor())
+        cursor.feed(jobs.logs(sid))
+        fields = self._progress_fields(cursor, {**ray, "jobStatus": ray_status})
+        if ray_status == "SUCCEEDED":
+            self._succeeded(sid, fields)
+        elif ray_status in TERMINAL_RAY_STATES:  # FAILED or STOPPED
+            self._failed(state, jobs, sid, ray_status, cursor, fields)
+        elif fields.get("progress") != self.status.get("progress") or ray_status != ray.get("jobStatus"):
+            self.out.write(fields)
+
+    def _progress_fields(self, cursor: LogCursor, ray: dict[str, Any]) -> dict[str, Any]:
+        """status.ray and, once the trainer has reported, status.progress (also relayed to metrics)."""
+        fields: dict[str, Any] = {"ray": ray}
+        record = cursor.latest.get("progress") or cursor.latest.get("done")
+        if record:
+            fields["progress"] = lifecycle.progress_from(record, cursor.latest.get("eval"))
+            key = self.out.key
+            metrics.relay_progress(key.namespace, key.name, key.kind, fields["progress"])
+        return fields
+
+    def _succeeded(self, sid: str, fields: dict[str, Any]) -> None:
+        self.rt.cursors.pop(sid, None)
+        self.out.transition(
+            "Succeeded", "Completed", f"training finished; model at {self.status.get('outputUri')}", **fields
+        )
+        self.rt.index.release(self.out.key)
+        if self.job.spec.ttl_seconds_after_finished is None:
+            self.backend.teardown(self.job, self.out.key.namespace)
+
+    def _failed(
+        self,
+        state: ClusterState,
+        jobs: RayJobs,
+        sid: str,
+        ray_status: str,
+        cursor: LogCursor,
+        fields: dict[str, Any],
+    ) -> None:
+        error = cursor.latest.get("error", {}).get("message") or jobs.last_error(sid)
+        restarts = int(self.status.get("restarts") or 0)
+        self.rt.cursors.pop(sid, None)
+        verdict = decisions.after_failure(restarts, self.job.spec.backoff_limit)
+        if isinstance(verdict, decisions.Resubmit):
+            metrics.RESTARTS.labels(self.out.kind).inc()
+            self.out.write({"restarts": verdict.attempt})
+            kopf.event(
+                self.out.body,
+                type="Warning",
+                reason="RayJobFailed",
+                message=f"Ray job {sid} {ray_status}: {error}; resubmitting "
+                f"({verdict.attempt}/{self.job.spec.backoff_limit})",
+            )
+            self.submit(state, attempt=verdict.attempt)
+            return
+        self.out.transition(
+            "Failed",
+            verdict.reason,
+            f"Ray job {sid} {ray_status} after {restarts} resubmissions: {error}",
+            **fields,
+        )
+        self.rt.index.release(self.out.key)
+        self.backend.teardown(self.job, self.out.key.namespace)
+
+    # -- Suspended, deleted -----------------------------------------------------------------------
+
+    def suspend(self) -> None:
+        self._stop_and_release()
+        kept = self.status.get("checkpointUri") or "storage"
+        self.out.transition(
+            "Suspended",
+            "Suspended",
+            f"Ray job stopped and cluster deleted; checkpoints kept in {kept}; "
+            "set spec.suspend=false to resume",
+        )
+
+    def finalize(self) -> None:
+        """The job is being deleted: stop its Ray job, free its slot, delete its cluster."""
+        self._stop_and_release()
+
+    def _stop_and_release(self) -> None:
+        self.stop_ray_job()
+        self.backend.teardown(self.job, self.out.key.namespace)
+        self.rt.index.release(self.out.key)
+
+    def stop_ray_job(self) -> None:
+        """Stop the job's current Ray job, if it has one that may still run."""
+        sid = (self.status.get("ray") or {}).get("jobId")
+        if not sid or self.out.phase not in decisions.ACTIVE_PHASES:
+            return
+        namespace = self.out.key.namespace
+        if isinstance(self.backend, KubeRayBackend) and not self.backend.exists(self.job, namespace):
+            return
+        state = self.backend.ensure(self.job, self.out.body, namespace)
+        if not state.ready:
+            return
+        final = RayJobs(state.address, python=state.python, token=state.token).stop_and_wait(sid)
+        self.logger.info(f"stopped Ray job {sid} ({final})")
+
+
+def _ray_info(state: ClusterState, **extra: str) -> dict[str, str]:
+    """status.ray: the cluster and Jobs API address (the dashboard serves both), without empties."""
+    info = {
+        "clusterName": state.cluster_name,
+        "address": state.address,
+        "dashboardUrl": state.address,
+        **extra,
+    }
+    return {k: v for k, v in info.items() if v}

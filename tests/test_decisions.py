@@ -1,0 +1,172 @@
+"""Every operator decision as a pure function, pinned without a cluster (forgeline_operator.decisions).
+The end-to-end tests in test_operator.py only prove the wiring."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from forgeline_operator import decisions
+from forgeline_operator.api.common import Budget
+
+# -- which step --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("phase", "suspend", "action"),
+    [
+        (None, False, "admit"),
+        ("Pending", False, "admit"),
+        ("Waiting", False, "admit"),
+        ("Provisioning", False, "provision"),
+        ("Running", False, "track"),
+        ("Running", True, "suspend"),
+        ("Pending", True, "suspend"),
+        ("Suspended", True, None),
+        ("Suspended", False, "resume"),
+        ("Succeeded", False, None),
+        ("Failed", True, None),
+    ],
+)
+def test_next_action(phase: str | None, suspend: bool, action: str | None) -> None:
+    assert decisions.next_action(phase, suspend) == action
+
+
+def test_only_live_or_resuming_jobs_get_a_reconcile_timer() -> None:
+    assert decisions.needs_reconcile("Running", False)
+    assert decisions.needs_reconcile("Suspended", False)  # resume
+    assert not decisions.needs_reconcile("Suspended", True)
+    assert not decisions.needs_reconcile("Succeeded", False)
+    assert not decisions.needs_reconcile("Failed", False)
+
+
+# -- dependencies --------------------------------------------------------------------------------
+
+
+def test_dependencies_wait_fail_or_go() -> None:
+    assert decisions.dependencies([]) == decisions.DependenciesMet()
+    done = ("TrainingJob", "pre", "Succeeded", "Completed")
+    assert decisions.dependencies([done]) == decisions.DependenciesMet()
+    missing = decisions.dependencies([done, ("FineTuneJob", "rm", None, None)])
+    assert isinstance(missing, decisions.WaitForJob)
+    assert missing.message == "waiting for FineTuneJob/rm to succeed (does not exist yet)"
+    running = decisions.dependencies([("TrainingJob", "pre", "Running", "Submitted")])
+    assert isinstance(running, decisions.WaitForJob) and "(is Running)" in running.message
+    failed = decisions.dependencies([("TrainingJob", "pre", "Failed", "BackoffLimitExceeded")])
+    assert failed == decisions.UpstreamFailed("TrainingJob", "pre", "BackoffLimitExceeded")
+    assert failed.message == "TrainingJob/pre failed (BackoffLimitExceeded); this job uses its output"
+    # the first unmet dependency decides, in the order given
+    first = decisions.dependencies(
+        [("TrainingJob", "a", "Running", None), ("TrainingJob", "b", "Failed", "X")]
+    )
+    assert isinstance(first, decisions.WaitForJob) and first.name == "a"
+
+
+# -- the running-jobs cap ------------------------------------------------------------------------
+
+
+def _jobs(*rows: tuple[str, str, str]) -> dict[str, tuple[str, str]]:
+    return {name: (phase, created) for name, phase, created in rows}
+
+
+def test_no_cap_admits_everyone() -> None:
+    jobs = _jobs(("a", "Running", "1"), ("b", "Pending", "2"))
+    assert decisions.admission(jobs, set(), "b", 0) == decisions.Admitted()
+
+
+def test_cap_admits_first_come_first_served() -> None:
+    jobs = _jobs(("a", "Running", "1"), ("b", "Pending", "2"), ("c", "Pending", "3"), ("d", "Pending", "4"))
+    assert decisions.admission(jobs, set(), "b", 2) == decisions.Admitted()
+    # c is behind b: with one free slot, it waits as second in the queue
+    queued = decisions.admission(jobs, set(), "c", 2)
+    assert queued == decisions.Queued(position=1, active=1, cap=2)
+    assert queued.message == "waiting for a slot: 1 of 2 jobs running; position 1 in the queue"
+    assert decisions.admission(jobs, set(), "d", 2) == decisions.Queued(position=2, active=1, cap=2)
+
+
+def test_admitted_jobs_hold_their_slot_before_they_show_an_active_phase() -> None:
+    jobs = _jobs(("a", "Pending", "1"), ("b", "Pending", "2"))
+    assert decisions.admission(jobs, {"a"}, "a", 1) == decisions.Admitted()  # already in
+    assert decisions.admission(jobs, {"a"}, "b", 1) == decisions.Queued(position=1, active=1, cap=1)
+
+
+def test_a_full_cluster_queues_even_the_oldest() -> None:
+    jobs = _jobs(("a", "Running", "1"), ("b", "Provisioning", "2"), ("c", "Pending", "0"))
+    assert decisions.admission(jobs, set(), "c", 2) == decisions.Queued(position=1, active=2, cap=2)
+
+
+def test_waiting_jobs_are_not_in_the_queue() -> None:
+    """A pipeline applied at once: its later stages (Waiting) never block its first."""
+    jobs = _jobs(("sft", "Waiting", "0"), ("dpo", "Waiting", "0"), ("pre", "Pending", "1"))
+    assert decisions.admission(jobs, set(), "pre", 1) == decisions.Admitted()
+    # a Waiting job whose dependencies are met queues behind every Pending job
+    jobs = _jobs(("x", "Running", "0"), ("sft", "Waiting", "0"), ("other", "Pending", "5"))
+    assert decisions.admission(jobs, set(), "sft", 2) == decisions.Queued(position=1, active=1, cap=2)
+
+
+# -- failures, clusters, time ---------------------------------------------------------------------
+
+
+def test_after_failure_resubmits_until_the_backoff_limit() -> None:
+    assert decisions.after_failure(0, 2) == decisions.Resubmit(attempt=1)
+    assert decisions.after_failure(1, 2) == decisions.Resubmit(attempt=2)
+    assert decisions.after_failure(2, 2) == decisions.GiveUp(reason="BackoffLimitExceeded")
+    assert decisions.after_failure(0, 0) == decisions.GiveUp(reason="BackoffLimitExceeded")
+
+
+def test_only_clusters_the_operator_created_are_recreated() -> None:
+    assert decisions.cluster_overdue(901, 900, recreatable=True)
+    assert not decisions.cluster_overdue(899, 900, recreatable=True)
+    assert not decisions.cluster_overdue(10_000, 900, recreatable=False)  # an existing Ray cluster
+
+
+def test_seconds_since_cluster_ready_changed() -> None:
+    at = datetime(2026, 1, 1, 0, 10, tzinfo=UTC)
+    status = {
+        "conditions": [
+            {"type": "ClusterReady", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+        ]
+    }
+    assert decisions.seconds_since_cluster_ready_changed(status, at) == 600
+    assert decisions.seconds_since_cluster_ready_changed({}, at) == 0
+
+
+def test_ttl_expired() -> None:
+    done = datetime(2026, 1, 1, tzinfo=UTC)
+    assert not decisions.ttl_expired(None, 0, done)
+    assert not decisions.ttl_expired("2026-01-01T00:00:00Z", 60, done + timedelta(seconds=59))
+    assert decisions.ttl_expired("2026-01-01T00:00:00Z", 60, done + timedelta(seconds=60))
+
+
+def test_fault_injection_only_where_the_operator_allows_it() -> None:
+    note = {decisions.FAULT_INJECTION_ANNOTATION: "20"}
+    assert decisions.injected_failure_step(note, allowed=True) == 20
+    assert decisions.injected_failure_step(note, allowed=False) is None  # production default
+    assert decisions.injected_failure_step({decisions.FAULT_INJECTION_ANNOTATION: "x"}, allowed=True) is None
+    assert decisions.injected_failure_step({}, allowed=True) is None
+
+
+def test_fault_injection_is_off_by_default() -> None:
+    from forgeline_operator.settings import OperatorSettings
+
+    assert OperatorSettings().allow_fault_injection is False
+
+
+def test_budget_is_wall_clock_since_start_and_gpu_hours() -> None:
+    at = datetime(2026, 1, 1, 2, 0, 0, tzinfo=UTC)
+    start = "2026-01-01T00:00:00Z"  # two hours before `at`
+    assert decisions.budget_exceeded(None, 2, 8, start, at) is None
+    assert decisions.budget_exceeded(Budget(activeDeadlineSeconds=7200), 2, 8, start, at) is None
+    assert (
+        decisions.budget_exceeded(Budget(activeDeadlineSeconds=3600), 2, 8, None, at) is None
+    )  # not started
+    msg = decisions.budget_exceeded(Budget(activeDeadlineSeconds=3600), 2, 8, start, at)
+    assert msg == "ran 7200s since it started, over spec.budget.activeDeadlineSeconds (3600s)"
+    assert decisions.budget_exceeded(Budget(maxGpuHours=32), 2, 8, start, at) is None  # exactly 32 GPU-hours
+    msg = decisions.budget_exceeded(Budget(maxGpuHours=31.5), 2, 8, start, at)
+    assert msg is not None and "used 32.00 GPU-hours (2 workers × 8 GPUs × 2.00 h)" in msg
+    assert "spec.budget.maxGpuHours (31.5)" in msg
+    assert (
+        decisions.budget_exceeded(Budget(maxGpuHours=0.1), 4, 0, start, at) is None
+    )  # CPU jobs use no GPU-hours

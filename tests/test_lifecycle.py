@@ -1,0 +1,36 @@
+"""The status table (phases → conditions, timestamps) and progress records → status.progress."""
+
+from __future__ import annotations
+
+import copy
+
+from forgeline_operator import lifecycle
+
+
+def test_status_table_and_condition_times() -> None:
+    s1 = lifecycle.status_patch({}, "Pending", "Accepted", "ok", 1)
+    conds = {c["type"]: c for c in s1["conditions"]}
+    assert all(c["status"] == "False" for c in conds.values())
+    s2 = lifecycle.status_patch(s1, "Running", "Submitted", "go", 1)
+    conds2 = {c["type"]: c for c in s2["conditions"]}
+    assert conds2["Running"]["status"] == "True" and conds2["ClusterReady"]["status"] == "True"
+    assert conds2["Failed"]["lastTransitionTime"] == conds["Failed"]["lastTransitionTime"]
+    s3 = lifecycle.status_patch({**s1, **s2}, "Succeeded", "Completed", "done", 1)
+    assert s3["completionTime"] and {c["type"]: c["status"] for c in s3["conditions"]}["Complete"] == "True"
+    assert "completionTime" not in lifecycle.status_patch(copy.deepcopy(s2), "Running", "x", "y", 1)
+
+
+def test_progress_mapping() -> None:
+    p = lifecycle.progress_from(
+        {
+            "step": 30,
+            "total_steps": 60,
+            "loss": 2.5,
+            "tokens_per_second": 100.0,
+            "mfu": 0.2,
+            "eta_seconds": 12.0,
+        },
+        {"type": "eval", "step": 20, "eval_loss": 3.0},
+    )
+    assert p["summary"] == "30/60" and p["percent"] == 50 and p["tokensPerSecond"] == 100.0
+    assert p["evalMetrics"] == {"eval_loss": 3.0}
