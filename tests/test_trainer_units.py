@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ from forgeline_operator.api.jobconfig import (
     spec_fingerprint,
 )
 from forgeline_operator.rayjobs import LogCursor, parse_records
+from forgeline_trainer import adapters, models, optim, outputs, progress, sft_data
 from forgeline_trainer import data as D
-from forgeline_trainer import optim, sft_data
+from forgeline_trainer.runtime import RuntimeInfo, Worker
 
 from .conftest import EXAMPLES
 
@@ -243,3 +245,230 @@ def test_progress_records_parse_from_ray_logs() -> None:
     more = cursor.feed(log + ',"loss":2.0}\n')
     assert more == [{"type": "progress", "step": 4, "loss": 2.0}]
     assert cursor.latest["progress"]["step"] == 4
+
+
+# -- shared recipe plumbing --------------------------------------------------------------------
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_flops_per_token_full_and_peft() -> None:
+    """A fine-tune that trains every weight costs what pretraining costs; a frozen base saves 2·N."""
+    n, layers, d, s = 1_000_000, 4, 256, 128
+    assert progress.peft_flops_per_token(n, n, layers, d, s) == progress.model_flops_per_token(
+        n, layers, d, s
+    )
+    assert progress.peft_flops_per_token(n, 0, layers, d, s) == 4.0 * n + 12.0 * layers * d * s
+
+
+def test_model_stats_pretrain_and_lora() -> None:
+    from peft import get_peft_model
+
+    from forgeline_operator.api.finetune_job import LoraSettings
+
+    model = _tiny_llama()
+    full = models.pretrain_stats(model, 16)
+    layers, hidden = models.shape(model)
+    assert full.parameters == full.trainable == sum(p.numel() for p in model.parameters())
+    assert full.flops_per_token == progress.model_flops_per_token(
+        models.active_params(model), layers, hidden, 16
+    )
+    lora = get_peft_model(model, adapters.lora_config(LoraSettings(r=4, alpha=8), "CAUSAL_LM"))
+    stats = models.finetune_stats(lora, 16)
+    assert 0 < stats.trainable < stats.parameters and stats.trainable_fraction < 0.5
+    assert stats.flops_per_token == progress.peft_flops_per_token(
+        models.active_params(lora), stats.trainable, layers, hidden, 16
+    )
+
+
+def test_lora_config_from_the_spec() -> None:
+    from forgeline_operator.api.finetune_job import LoraSettings
+
+    assert adapters.lora_config(None, "CAUSAL_LM") is None
+    cfg = adapters.lora_config(LoraSettings(r=8, alpha=16, target_modules=["all-linear"]), "SEQ_CLS")
+    assert (cfg.r, cfg.lora_alpha, cfg.target_modules, cfg.task_type) == (8, 16, "all-linear", "SEQ_CLS")
+    named = adapters.lora_config(LoraSettings(target_modules=["q_proj", "v_proj"]), "CAUSAL_LM")
+    assert set(named.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_engine_step_clips_or_only_measures() -> None:
+    """Without DeepSpeed: clip to gradClip (0: leave the gradients, report their norm), step, schedule."""
+    torch = pytest.importorskip("torch")
+
+    def engine(clip_model: Any) -> optim.TrainEngine:
+        opt = torch.optim.SGD(clip_model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+        return optim.TrainEngine(
+            engine=None,
+            model=clip_model,
+            net=clip_model,
+            optimizer=opt,
+            scheduler=sched,
+            device=torch.device("cpu"),
+            plan=optim.BatchPlan(world=1, micro=1, accumulation=2),
+            total_steps=3,
+            bf16=False,
+            trainable=list(clip_model.parameters()),
+        )
+
+    for clip in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        eng = engine(model)
+        for _ in range(eng.plan.accumulation):
+            eng.backward(model(torch.ones(1, 4)).sum() * 10)
+        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+        before = [p.detach().clone() for p in model.parameters()]
+        grad_norm = eng.optimizer_step(clip)
+        assert float(grad_norm) == pytest.approx(norm)
+        moved = float(
+            torch.linalg.vector_norm(
+                torch.cat(
+                    [(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)]
+                )
+            )
+        )
+        assert moved == pytest.approx(0.1 * (min(norm, clip) if clip else norm), rel=1e-4)
+        assert all(p.grad is None for p in model.parameters()) and eng.lr == pytest.approx(0.05)
+
+
+def _reporter(kind: str = "TrainingJob") -> progress.Reporter:
+    r = progress.Reporter(
+        job="tiny",
+        namespace="default",
+        kind=kind,
+        total_steps=2,
+        tokens_per_step=64,
+        flops_per_token=1.0,
+        peak_flops_total=1e9,
+        interval=0,
+        peak_source="measured",
+    )
+    r.step(1, 3.0, 1e-3)
+    r.step(2, 2.0, 1e-3)
+    return r
+
+
+def _worker(cfg: Any) -> Worker:
+    return Worker(cfg, RuntimeInfo(rank=0, world=2, local_rank=0, on_gpu=False), False, "fp32")
+
+
+def test_summary_has_the_common_fields_then_the_recipes() -> None:
+    job = parse_job(yaml.safe_load((EXAMPLES / "finetune-lora-tiny.yaml").read_text()))
+    cfg = build_job_config(job, output="/out", work_dir="/w")
+    stats = models.ModelStats(parameters=1000, trainable=10, flops_per_token=1.0)
+    reporter = _reporter("FineTuneJob")
+    summary = outputs.summary(
+        _worker(cfg),
+        reporter,
+        stats,
+        {"eval_loss": 1.5},
+        **outputs.finetune_fields(cfg, stats, {"train": 8, "eval": 2}, "adapter"),
+        initial_eval={},
+    )
+    assert summary == {
+        "job": cfg.name,
+        "kind": "FineTuneJob",
+        "parameters": 1000,
+        "steps": 2,
+        "first_loss": 3.0,
+        "final_loss": 2.0,
+        "final_eval": {"eval_loss": 1.5},
+        "tokens_per_second": reporter.last["tokens_per_second"],
+        "mfu": reporter.last["mfu"],
+        "mfu_peak_source": "measured",
+        "wall_seconds": reporter.last["elapsed_seconds"],
+        "world_size": 2,
+        "precision": "fp32",
+        "method": "lora",
+        "base_model": "runs/tiny-llama",
+        "trainable_parameters": 10,
+        "trainable_fraction": 0.01,
+        "examples": {"train": 8, "eval": 2},
+        "saved": "adapter",
+        "initial_eval": {},
+    }
+
+
+def test_publish_writes_every_output_file_then_says_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = parse_job(yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text()))
+    cfg = build_job_config(job, output="out/model", work_dir=str(tmp_path))
+    reporter = _reporter()
+    capsys.readouterr()
+    summary = outputs.summary(_worker(cfg), reporter, models.ModelStats(100, 100, 1.0), {})
+
+    def save_model(out: Path) -> None:
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    outputs.publish(cfg, save_model, {"tokenizer.json": b"{}"}, summary, reporter, "tiny (llama)")
+    out = tmp_path / "out" / "model"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "job_config.json",
+        "loss.png",
+        "metrics.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    assert json.loads((out / "metrics.json").read_text())["final_loss"] == 2.0
+    assert load_job_config((out / "job_config.json").read_text()) == cfg
+    (done,) = parse_records(capsys.readouterr().out)
+    assert done == {"type": "done", "output": "out/model", "final_loss": 2.0, "step": 2, "total_steps": 2}
+
+
+def test_recipes_follow_the_apis_method_groups() -> None:
+    from typing import get_args
+
+    from forgeline_operator.api.finetune_job import (
+        PREFERENCE_METHODS,
+        RL_METHODS,
+        SFT_METHODS,
+        Method,
+    )
+    from forgeline_trainer import launcher
+
+    groups = {"finetune": SFT_METHODS, "preference": PREFERENCE_METHODS, "rl": RL_METHODS}
+    for method in get_args(Method):
+        cfg = SimpleNamespace(spec=SimpleNamespace(method=method))
+        recipe = launcher.recipe_for(cfg).__name__.rsplit(".", 1)[1]
+        assert method in groups[recipe]
+    pretrain = parse_job(yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text()))
+    assert launcher.recipe_for(build_job_config(pretrain)).__name__.endswith(".pretrain")
+
+
+def test_prepared_data_reports_its_counts_and_pickles() -> None:
+    import pickle
+
+    from forgeline_trainer.recipes import finetune, pretrain
+
+    prep = pretrain.PretrainData(
+        train=None,
+        eval=None,
+        tokenizer_files={"tokenizer.json": b"{}"},
+        vocab_size=300,
+        special={"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
+        filters={"input": 3, "kept": 3},
+        documents={"train": 2, "eval": 1},
+        blocks={"train": 5, "eval": 1},
+        tokenizer_source="trained",
+    )
+    assert prep.report() == {"filters": prep.filters, "documents": prep.documents, "blocks": prep.blocks}
+    assert pickle.loads(pickle.dumps(prep)) == prep
+    sft = finetune.SFTData(None, None, "/base", {}, 0, [1, 2], {"train": 3, "eval": 1, "dropped": 0})
+    assert sft.report() == {"examples": {"train": 3, "eval": 1, "dropped": 0}}

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .runtime import RuntimeInfo
+
+if TYPE_CHECKING:
+    from .optim import TrainEngine
 
 _TAG = "zero"
 _STATE = "state.pt"
@@ -36,42 +39,14 @@ class Checkpointer:
             return {n: p.detach().cpu() for n, p in bare.named_parameters() if p.requires_grad}
         return bare.state_dict()
 
-    def maybe_save(
-        self,
-        step: int,
-        total: int,
-        *,
-        engine: Any,
-        model: Any,
-        optimizer: Any,
-        scheduler: Any,
-        reporter: Any,
-        metrics: dict[str, float],
-    ) -> bool:
-        if step % self.interval and step != total:
+    def maybe_save(self, step: int, eng: TrainEngine, reporter: Any, metrics: dict[str, float]) -> bool:
+        """Save at every `interval` steps and at the last one."""
+        if step % self.interval and step != eng.total_steps:
             return False
-        self.save(
-            step,
-            engine=engine,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            reporter=reporter,
-            metrics=metrics,
-        )
+        self.save(step, eng, reporter, metrics)
         return True
 
-    def save(
-        self,
-        step: int,
-        *,
-        engine: Any,
-        model: Any,
-        optimizer: Any,
-        scheduler: Any,
-        reporter: Any,
-        metrics: dict[str, float],
-    ) -> None:
+    def save(self, step: int, eng: TrainEngine, reporter: Any, metrics: dict[str, float]) -> None:
         import ray.train
         import torch
 
@@ -83,17 +58,17 @@ class Checkpointer:
         }
         with tempfile.TemporaryDirectory(prefix="forgeline-ckpt-") as tmp:
             d = Path(tmp)
-            if engine is not None:
-                engine.save_checkpoint(str(d), tag=_TAG, client_state={"step": step})
+            if eng.engine is not None:
+                eng.engine.save_checkpoint(str(d), tag=_TAG, client_state={"step": step})
                 if self.rt.rank == 0:
                     (d / _META).write_text(json.dumps(meta))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             elif self.rt.rank == 0:
                 torch.save(
                     {
-                        "model": self._model_state(model),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
+                        "model": self._model_state(eng.model),
+                        "optimizer": eng.optimizer.state_dict(),
+                        "scheduler": eng.scheduler.state_dict(),
                         "step": step,
                     },
                     d / _STATE,
@@ -110,15 +85,7 @@ class Checkpointer:
             emit({"type": "checkpoint", "step": step})
 
     def restore(
-        self,
-        *,
-        engine: Any,
-        model: Any,
-        optimizer: Any,
-        scheduler: Any,
-        reporter: Any,
-        resume_from: str | None = None,
-        work_dir: str | None = None,
+        self, eng: TrainEngine, reporter: Any, resume_from: str | None = None, work_dir: str | None = None
     ) -> int:
         """The step to start from: the newest Ray Train checkpoint of this run, else `resumeFrom`,
         else 0."""
@@ -127,31 +94,31 @@ class Checkpointer:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                return self._load(Path(d), engine, model, optimizer, scheduler, reporter)
+                return self._load(Path(d), eng, reporter)
         if resume_from:
             location = storage.local_copy(storage.resolve(resume_from, work_dir), "/tmp/forgeline-resume")
-            return self._load(Path(location), engine, model, optimizer, scheduler, reporter)
+            return self._load(Path(location), eng, reporter)
         return 0
 
-    def _load(self, d: Path, engine: Any, model: Any, optimizer: Any, scheduler: Any, reporter: Any) -> int:
+    def _load(self, d: Path, eng: TrainEngine, reporter: Any) -> int:
         import torch
 
-        if engine is not None:
+        if eng.engine is not None:
             if not (d / _TAG).exists():
                 raise FileNotFoundError(f"{d} holds no DeepSpeed checkpoint (tag '{_TAG}')")
-            _, client = engine.load_checkpoint(
+            _, client = eng.engine.load_checkpoint(
                 str(d), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
             )
             step = int(client["step"])
         else:
             state = torch.load(d / _STATE, map_location="cpu", weights_only=False)
-            missing = getattr(model, "module", model).load_state_dict(
+            missing = getattr(eng.model, "module", eng.model).load_state_dict(
                 state["model"], strict=not self.trainable_only
             )
             if self.trainable_only and missing.unexpected_keys:
                 raise RuntimeError(f"checkpoint does not fit the model: {missing.unexpected_keys[:5]}")
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            eng.optimizer.load_state_dict(state["optimizer"])
+            eng.scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
         meta_path = d / _META
         if meta_path.exists():

@@ -48,21 +48,3 @@ def as_float(x: Any) -> float | None:
         return float(x)
     except (TypeError, ValueError):
         return None
-
-
-def lora_config(spec: Any, task: str):  # noqa: ANN201 - peft.LoraConfig or None
-    """PEFT LoRA config from spec.lora (None when the spec has no LoRA settings)."""
-    if spec.lora is None:
-        return None
-    from peft import LoraConfig
-
-    lora = spec.lora
-    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        bias=lora.bias,
-        task_type=task,
-    )

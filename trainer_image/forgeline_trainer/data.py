@@ -200,6 +200,11 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path):
     return fast
 
 
+def tokenizer_files(saved_dir: Path) -> dict[str, bytes]:
+    """A saved tokenizer's files, to ship to the workers (they rebuild it with tokenizer_from_files)."""
+    return {p.name: p.read_bytes() for p in saved_dir.iterdir() if p.is_file()}
+
+
 def tokenizer_from_files(files: dict[str, bytes]):  # noqa: ANN201
     """A tokenizer from its saved files (the driver ships them to the workers as bytes)."""
     import tempfile

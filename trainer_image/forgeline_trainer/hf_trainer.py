@@ -9,20 +9,24 @@ logs into Forgeline progress records.
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from . import progress
+from .optim import BatchPlan
 
 
-def common_args(spec: Any, out_dir: str, on_gpu: bool, bf16: bool, total_steps: int) -> dict[str, Any]:
-    """TrainingArguments fields every TRL recipe shares, from the spec."""
+def common_args(spec: Any, on_gpu: bool, bf16: bool, plan: BatchPlan, total_steps: int) -> dict[str, Any]:
+    """TrainingArguments fields every TRL recipe shares, from the spec (the Trainer's own
+    output_dir is a scratch directory: checkpoints go to Ray Train, the model to `outputs`)."""
     t = spec.training
     return dict(
-        output_dir=out_dir,
+        output_dir=tempfile.mkdtemp(prefix="forgeline-hf-"),
         max_steps=total_steps,
+        gradient_accumulation_steps=plan.accumulation,
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
         learning_rate=t.learning_rate,
@@ -58,6 +62,16 @@ def common_args(spec: Any, out_dir: str, on_gpu: bool, bf16: bool, total_steps: 
 def total_steps(spec: Any, n_examples: int, global_batch: int) -> int:
     t = spec.training
     return t.max_steps or max(1, math.ceil(t.epochs * n_examples / global_batch))
+
+
+def attach(trainer: Any, reporter: progress.Reporter, global_batch: int) -> Any:
+    """The trainer, reporting progress records and checkpoints to Ray Train (which also resumes
+    it: see resume_dir)."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    trainer.add_callback(ProgressCallback(reporter, global_batch))
+    trainer.add_callback(RayTrainReportCallback())
+    return prepare_trainer(trainer)
 
 
 def resume_dir() -> str | None:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from forgeline_operator.api.finetune_job import PREFERENCE_METHODS, RL_METHODS, SFT_METHODS
 from forgeline_operator.api.jobconfig import (
     FineTuneJobConfig,
     TrainingJobConfig,
@@ -29,6 +30,7 @@ from forgeline_operator.api.jobconfig import (
 )
 
 from . import progress, storage
+from .recipes import Prepared
 
 
 def _cpu_count(quantity: str) -> float:
@@ -41,22 +43,25 @@ def _cpu_count(quantity: str) -> float:
 
 
 def recipe_for(cfg: TrainingJobConfig | FineTuneJobConfig):  # noqa: ANN201 - a recipe module
+    """The recipe module for a job: by kind, then by the API's method groups."""
     if isinstance(cfg, TrainingJobConfig):
         from .recipes import pretrain
 
         return pretrain
     method = cfg.spec.method
-    if method in ("full", "lora", "qlora", "prompt-tuning"):
+    if method in SFT_METHODS:
         from .recipes import finetune
 
         return finetune
-    if method in ("reward-model", "dpo"):
+    if method in PREFERENCE_METHODS:
         from .recipes import preference
 
         return preference
-    from .recipes import rl
+    if method in RL_METHODS:
+        from .recipes import rl
 
-    return rl
+        return rl
+    raise ValueError(f"spec.method: no recipe runs {method!r}")
 
 
 def scaling(cfg: TrainingJobConfig | FineTuneJobConfig) -> tuple[int, bool, dict[str, float]]:
@@ -83,13 +88,13 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     progress.emit({"type": "event", "message": "preparing data", "job": cfg.name})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="forgeline-prep-") as staging:
-        prepared = recipe.prepare(cfg, Path(staging))
+        prepared: Prepared = recipe.prepare(cfg, Path(staging))
     progress.emit(
         {
             "type": "event",
             "message": "data ready",
             "seconds": round(time.perf_counter() - t0, 2),
-            **{k: v for k, v in prepared.items() if k in ("filters", "documents", "blocks", "examples")},
+            **prepared.report(),
         }
     )
 

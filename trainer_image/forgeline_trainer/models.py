@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import storage
+from . import progress, storage
 
 # Spec field -> config attribute name per architecture family.
 _LLAMA_LIKE = {
@@ -112,3 +113,40 @@ def shape(model: Any) -> tuple[int, int]:
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
     return int(layers), int(hidden)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """What the progress records and metrics.json say about a model, counted before an engine
+    shards its weights (ZeRO-3 leaves every rank's parameters empty)."""
+
+    parameters: int
+    trainable: int
+    flops_per_token: float
+    """Training FLOPs per token, for MFU (progress.py)."""
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.parameters
+
+
+def pretrain_stats(model: Any, seq_len: int) -> ModelStats:
+    """Every weight trains: 6·N + attention (progress.model_flops_per_token)."""
+    total, trainable = _counts(model)
+    layers, hidden = shape(model)
+    flops = progress.model_flops_per_token(active_params(model), layers, hidden, seq_len)
+    return ModelStats(total, trainable, flops)
+
+
+def finetune_stats(model: Any, seq_len: int) -> ModelStats:
+    """A fine-tune (PEFT or full): weight gradients only for what trains
+    (progress.peft_flops_per_token)."""
+    total, trainable = _counts(model)
+    layers, hidden = shape(getattr(model, "base_model", model))
+    flops = progress.peft_flops_per_token(active_params(model), trainable, layers, hidden, seq_len)
+    return ModelStats(total, trainable, flops)
+
+
+def _counts(model: Any) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)

@@ -1,11 +1,15 @@
-"""Optimizer, learning-rate schedule, batch arithmetic and the DeepSpeed config."""
+"""Optimizer, learning-rate schedule, batch arithmetic, the DeepSpeed config, and the one engine
+set-up the step-loop recipes share (`setup_engine`: DeepSpeed, or Ray Train's DDP)."""
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
+
+from .runtime import train_device
 
 
 @dataclass(frozen=True)
@@ -120,3 +124,105 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             base[key] = value
     return base
+
+
+@dataclass
+class TrainEngine:
+    """What a hand-written step loop trains with, set up once by `setup_engine`.
+
+    DeepSpeed: `engine` is the DeepSpeed engine, `net` is the engine (forward, backward and step go
+    through it), `model` the bare module. Otherwise: `engine` is None and `model` = `net` = the
+    model as Ray Train's `prepare_model` left it (moved to the device; DDP-wrapped with >1 worker).
+    """
+
+    engine: Any | None
+    model: Any
+    net: Any
+    optimizer: Any
+    scheduler: Any
+    device: Any
+    plan: BatchPlan
+    total_steps: int
+    bf16: bool
+    trainable: list[Any] = field(default_factory=list)
+    """The parameters that train (what the gradient norm covers and clipping scales)."""
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """bf16 autocast for plain torch (DeepSpeed casts itself)."""
+        import torch
+
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.engine is None
+        )
+
+    def backward(self, loss: Any) -> None:
+        """Backward for one micro batch (DeepSpeed accumulates and steps at the boundary)."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            (loss / self.plan.accumulation).backward()
+
+    def optimizer_step(self, grad_clip: float) -> Any:
+        """End an optimizer step: clip (0 = no clipping), step, schedule; the global grad norm."""
+        import torch
+
+        if self.engine is not None:
+            return self.engine.get_global_grad_norm()
+        if grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, grad_clip)
+        else:
+            grad_norm = _grad_norm(self.trainable)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+def setup_engine(
+    model: Any,
+    opt_spec: Any,
+    ds_spec: Any | None,
+    plan: BatchPlan,
+    total_steps: int,
+    bf16: bool,
+    on_gpu: bool,
+) -> TrainEngine:
+    """DeepSpeed (when the spec has a `deepspeed` section) or DDP through Ray Train's
+    `prepare_model`, with AdamW and the spec's LR schedule either way."""
+    import torch
+
+    if ds_spec is not None:
+        import deepspeed
+
+        ds_cfg = deepspeed_config(ds_spec, opt_spec, plan, bf16, on_gpu)
+        client_opt = None if "optimizer" in ds_cfg else adamw(model, opt_spec)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=client_opt,
+            config=ds_cfg,
+            model_parameters=param_groups(model, opt_spec.weight_decay) if client_opt is None else None,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_spec, total_steps)),
+        )
+        return TrainEngine(
+            engine, model, engine, optimizer, scheduler, engine.device, plan, total_steps, bf16
+        )
+    import ray.train.torch
+
+    device = train_device()
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(model, opt_spec)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt_spec, total_steps))
+    return TrainEngine(None, model, model, optimizer, scheduler, device, plan, total_steps, bf16, trainable)
+
+
+def _grad_norm(params: list[Any]) -> Any:
+    import torch
+
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())

@@ -1,10 +1,95 @@
-"""What a finished job leaves at its output URI besides the model: metrics.json and loss.png."""
+"""What a finished job leaves at its output URI: the model and tokenizer files, metrics.json (the
+run's summary), loss.png and job_config.json — written to a temporary directory and published in
+one copy by `publish`, the same for every recipe."""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from forgeline_operator.api.jobconfig import FineTuneJobConfig, TrainingJobConfig, dump_job_config
+
+from . import progress, storage
+from .models import ModelStats
+from .runtime import Worker
+
+
+def summary(
+    job: Worker[Any],
+    reporter: progress.Reporter,
+    stats: ModelStats,
+    final_eval: dict[str, float],
+    **recipe_fields: Any,
+) -> dict[str, Any]:
+    """metrics.json: the fields every recipe's summary has (job, size, losses, throughput and MFU
+    from the reporter, world size, precision), then the recipe's own `recipe_fields`."""
+    last = reporter.last
+    losses = [h["loss"] for h in reporter.history]
+    return {
+        "job": job.cfg.name,
+        "kind": job.cfg.kind,
+        "parameters": stats.parameters,
+        "steps": reporter.total_steps,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "final_eval": final_eval,
+        "tokens_per_second": last.get("tokens_per_second"),
+        "mfu": last.get("mfu"),
+        "mfu_peak_source": reporter.peak_source,
+        "wall_seconds": last.get("elapsed_seconds"),
+        "world_size": job.rt.world,
+        "precision": job.precision,
+        **recipe_fields,
+    }
+
+
+def finetune_fields(
+    cfg: FineTuneJobConfig, stats: ModelStats, examples: dict[str, int], saved: str
+) -> dict[str, Any]:
+    """The summary fields every FineTuneJob recipe adds: method, base model, what trained, data, form."""
+    return {
+        "method": cfg.spec.method,
+        "base_model": cfg.paths.base_model,
+        "trainable_parameters": stats.trainable,
+        "trainable_fraction": stats.trainable / stats.parameters,
+        "examples": examples,
+        "saved": saved,
+    }
+
+
+def publish(
+    cfg: TrainingJobConfig | FineTuneJobConfig,
+    save_model: Callable[[Path], None],
+    tokenizer_files: dict[str, bytes],
+    summary: dict[str, Any],
+    reporter: progress.Reporter,
+    title: str,
+) -> None:
+    """Rank 0, at the end: `save_model(dir)` writes the weights, then the tokenizer files,
+    metrics.json, loss.png and job_config.json join them; the directory is copied to the job's
+    output URI in one go and the `done` progress record is emitted."""
+    target = storage.resolve(cfg.paths.output, cfg.paths.work_dir)
+    with tempfile.TemporaryDirectory(prefix="forgeline-out-") as tmp:
+        out = Path(tmp)
+        save_model(out)
+        for name, blob in tokenizer_files.items():
+            (out / name).write_bytes(blob)
+        write_metrics(out, summary)
+        plot_loss(out, reporter.history, reporter.eval_history, title)
+        (out / "job_config.json").write_text(json.dumps(json.loads(dump_job_config(cfg)), indent=2))
+        storage.publish_dir(out, target)
+    progress.emit(
+        {
+            "type": "done",
+            "output": cfg.paths.output,
+            "final_loss": summary["final_loss"],
+            "step": summary["steps"],
+            "total_steps": summary["steps"],
+        }
+    )
 
 
 def write_metrics(out_dir: Path, summary: dict[str, Any]) -> Path:

@@ -7,9 +7,10 @@ progress from the Jobs API without shared storage. The same figures go to Ray's 
 
 MFU = achieved model FLOPs / peak FLOPs. Model FLOPs per token = 6·N (N = parameters a token
 passes through; for MoE the active ones) + 12·L·d·S (attention scores and values, PaLM's
-appendix B). The peak is the device's datasheet dense bf16 figure on known GPUs; on CPU it is
-measured once per run with a matmul probe — so a CPU MFU says how close training gets to what
-this CPU's matmul reaches, not to a datasheet.
+appendix B); with a frozen base (PEFT) 4·N + 2·T instead of 6·N, T the trainable weights. The
+peak is the device's datasheet dense bf16 figure on known GPUs; on CPU it is measured once per
+run with a matmul probe — so a CPU MFU says how close training gets to what this CPU's matmul
+reaches, not to a datasheet.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ GPU_PEAK_BF16 = {
 def model_flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6·N + 12·L·d·S (PaLM, appendix B)."""
     return 6.0 * n_params + 12.0 * n_layers * d_model * seq_len
+
+
+def peft_flops_per_token(n_params: int, n_trainable: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token when only some weights train (PEFT, frozen base): forward 2·N +
+    backward through the activations 2·N + weight gradients 2·T for the T trainable weights only,
+    + 12·L·d·S for attention."""
+    return 4.0 * n_params + 2.0 * n_trainable + 12.0 * n_layers * d_model * seq_len
 
 
 def measure_cpu_peak(threads: int | None = None, size: int = 1024, seconds: float = 0.5) -> float:
@@ -129,6 +137,38 @@ class Reporter:
     interval: float = 5.0
     is_chief: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    peak_per_worker: float = 0.0
+    """Peak FLOP/s of one worker's device (peak_flops_total = this × workers)."""
+    peak_source: str = ""
+    """How the peak was obtained (datasheet or CPU probe); metrics.json repeats it."""
+
+    @classmethod
+    def for_run(
+        cls,
+        cfg: Any,
+        rt: Any,
+        *,
+        total_steps: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        extra: dict[str, Any] | None = None,
+    ) -> Reporter:
+        """The reporter of one worker of a job: measures the device's peak (for MFU) first."""
+        peak, peak_source = device_peak_flops()
+        return cls(
+            job=cfg.name,
+            namespace=cfg.namespace,
+            kind=cfg.kind,
+            total_steps=total_steps,
+            tokens_per_step=tokens_per_step,
+            flops_per_token=flops_per_token,
+            peak_flops_total=peak * rt.world,
+            interval=cfg.run.progress_interval_seconds,
+            is_chief=rt.rank == 0,
+            extra=extra or {},
+            peak_per_worker=peak,
+            peak_source=peak_source,
+        )
 
     def __post_init__(self) -> None:
         self._last_emit = 0.0

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from forgeline_operator.api.jobconfig import FineTuneJobConfig, TrainingJobConfig, load_job_config
+
+C = TypeVar("C", TrainingJobConfig, FineTuneJobConfig)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,38 @@ class RuntimeInfo:
             local_rank=ctx.get_local_rank(),
             on_gpu=torch.cuda.is_available(),
         )
+
+
+def train_device() -> Any:
+    """The torch device of this worker (Ray Train's choice: its GPU, or the CPU)."""
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+@dataclass(frozen=True)
+class Worker(Generic[C]):
+    """One Ray Train worker's run of a recipe: its job config, where it runs, its precision."""
+
+    cfg: C
+    rt: RuntimeInfo
+    bf16: bool
+    """Train in bf16 (autocast, or DeepSpeed's bf16)."""
+    precision: str
+    """The precision's name for records and metrics.json (bf16, fp32, ...)."""
+
+    @classmethod
+    def start(cls, loop_config: dict[str, Any], kind: type[C]) -> Worker[C]:
+        """First thing in a `train_loop`: parse the job config, read rank and world, seed torch."""
+        import torch
+
+        cfg = load_job_config(loop_config["config"])
+        if not isinstance(cfg, kind):
+            raise TypeError(f"{kind.__name__} expected, got {type(cfg).__name__}")
+        rt = RuntimeInfo.current()
+        torch.manual_seed(cfg.spec.training.seed)
+        bf16, precision = resolve_precision(cfg.spec.training.precision, rt.on_gpu)
+        return cls(cfg, rt, bf16, precision)
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> tuple[bool, str]:

@@ -6,34 +6,54 @@ Launch (what the operator and `forgeline run` do):
 Reads top to bottom:
     prepare()     driver: check the base model, read prompt/chosen/rejected pairs, cut prompts to
                   preference.maxPromptLength tokens, split off the eval pairs
-    train_loop()  each Ray Train worker:
-        setup     TRL RewardTrainer (scalar head, Bradley-Terry loss) or DPOTrainer (reference =
-                  the starting model; with LoRA the adapter-disabled base), optional LoRA,
-                  Ray Train reporting and resume (prepare_trainer, RayTrainReportCallback)
-        train     trainer.train(); progress records from the Trainer's logs
-        cleanup   preference accuracy and reward margin on the eval pairs before and after
-                  training; rank 0 saves the model (or adapter/merged), tokenizer, metrics.json,
-                  loss.png
+    train_loop()  each Ray Train worker, in named phases:
+        _setup_data     the pairs as datasets, the tokenizer
+        _setup_trainer  model and optimizer: TRL RewardTrainer (scalar head, Bradley-Terry loss) or
+                        DPOTrainer (reference = the starting model; with LoRA the adapter-disabled
+                        base), optional LoRA (adapters.py)
+        _restore        Ray Train reporting and resume (hf_trainer.attach); preference metrics
+                        before training
+        train           trainer.train(); progress records from the Trainer's logs
+        _finish         preference accuracy and reward margin on the eval pairs after training;
+                        rank 0 publishes the model (or adapter/merged), tokenizer, metrics.json,
+                        loss.png
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from forgeline_operator.api.finetune_job import PreferenceSettings
-from forgeline_operator.api.jobconfig import FineTuneJobConfig, dump_job_config, load_job_config
+from forgeline_operator.api.jobconfig import FineTuneJobConfig
 
-from .. import collective, hf_trainer, models, optim, outputs, progress, sft_data, storage
+from .. import adapters, hf_trainer, models, optim, outputs, progress, sft_data
 from .. import data as D
-from ..runtime import RuntimeInfo, resolve_precision
+from ..runtime import Worker
+
+Job = Worker[FineTuneJobConfig]
 
 # -- driver ------------------------------------------------------------------------------------
 
 
-def prepare(cfg: FineTuneJobConfig, staging: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PreferenceData:
+    """What `prepare` hands every worker."""
+
+    train: list[dict[str, str]]
+    """prompt / chosen / rejected records, prompts cut to preference.maxPromptLength tokens."""
+    eval: list[dict[str, str]]
+    base_dir: str
+    """The base model, as a local directory (or hub id)."""
+    tokenizer_files: dict[str, bytes]
+    examples: dict[str, int]
+
+    def report(self) -> dict[str, Any]:
+        return {"examples": self.examples}
+
+
+def prepare(cfg: FineTuneJobConfig, staging: Path) -> PreferenceData:
     from transformers import AutoConfig
 
     spec, work = cfg.spec, cfg.paths.work_dir
@@ -57,154 +77,152 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> dict[str, Any]:
         train, held = sft_data.holdout(records, max(spec.evaluation.holdout_fraction, 0.05))
     tok_dir = staging / "tokenizer"
     tokenizer.save_pretrained(str(tok_dir))
-    return {
-        "train": train,
-        "eval": held,
-        "base_dir": base_dir,
-        "tokenizer_files": {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()},
-        "examples": {"train": len(train), "eval": len(held)},
-    }
+    return PreferenceData(
+        train=train,
+        eval=held,
+        base_dir=base_dir,
+        tokenizer_files=D.tokenizer_files(tok_dir),
+        examples={"train": len(train), "eval": len(held)},
+    )
 
 
 # -- worker ------------------------------------------------------------------------------------
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
+    job = Worker.start(loop_config, FineTuneJobConfig)
+    prep: PreferenceData = loop_config["prepared"]
+    data = _setup_data(prep)
+    trainer, plan, steps = _setup_trainer(job, prep, data)
+    stats = models.finetune_stats(trainer.model, job.cfg.spec.dataset.max_sequence_length)
+    factor = 2 if job.cfg.spec.method == "reward-model" else 4  # chosen+rejected; DPO also runs the reference
+    reporter = progress.Reporter.for_run(
+        job.cfg,
+        job.rt,
+        total_steps=steps,
+        tokens_per_step=plan.global_batch * job.cfg.spec.dataset.max_sequence_length * 2,
+        flops_per_token=stats.flops_per_token * factor / 2,
+        extra={"trainable_fraction": round(stats.trainable_fraction, 6), "method": job.cfg.spec.method},
+    )
+    trainer, resume, before = _restore(job, trainer, data, reporter, plan, stats)
+    trainer.train(resume_from_checkpoint=resume)
+    _finish(job, prep, data, trainer, reporter, stats, before)
+
+
+@dataclass(frozen=True)
+class _Data:
+    tokenizer: Any
+    train: Any
+    """datasets.Dataset of the training pairs."""
+    eval: Any | None
+    """datasets.Dataset of the eval pairs (None: none)."""
+
+
+def _setup_data(prep: PreferenceData) -> _Data:
     import datasets
-    import torch
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    cfg = load_job_config(loop_config["config"])
-    assert isinstance(cfg, FineTuneJobConfig)
-    prep = loop_config["prepared"]
-    spec, method = cfg.spec, cfg.spec.method
-    rt = RuntimeInfo.current()
-    torch.manual_seed(spec.training.seed)
-    bf16, dtype_name = resolve_precision(spec.training.precision, rt.on_gpu)
-    tokenizer = D.tokenizer_from_files(prep["tokenizer_files"])
-    train_ds = datasets.Dataset.from_list(prep["train"])
-    eval_ds = datasets.Dataset.from_list(prep["eval"]) if prep["eval"] else None
+    return _Data(
+        tokenizer=D.tokenizer_from_files(prep.tokenizer_files),
+        train=datasets.Dataset.from_list(prep.train),
+        eval=datasets.Dataset.from_list(prep.eval) if prep.eval else None,
+    )
 
-    # ---- setup ----
-    plan = optim.batch_plan(spec.training.global_batch_size, spec.training.micro_batch_size, rt.world)
-    steps = hf_trainer.total_steps(spec, len(train_ds), plan.global_batch)
-    peft_config = collective.lora_config(spec, task="SEQ_CLS" if method == "reward-model" else "CAUSAL_LM")
-    work = tempfile.mkdtemp(prefix="forgeline-hf-")
-    args = hf_trainer.common_args(spec, work, rt.on_gpu, bf16, steps)
-    args.update(gradient_accumulation_steps=plan.accumulation, max_length=spec.dataset.max_sequence_length)
+
+def _setup_trainer(job: Job, prep: PreferenceData, data: _Data) -> tuple[Any, optim.BatchPlan, int]:
+    """(TRL trainer with model and optimizer, batch plan, total steps)."""
+    spec, method = job.cfg.spec, job.cfg.spec.method
+    plan = optim.batch_plan(spec.training.global_batch_size, spec.training.micro_batch_size, job.rt.world)
+    steps = hf_trainer.total_steps(spec, len(data.train), plan.global_batch)
+    peft_config = adapters.lora_config(spec.lora, task="SEQ_CLS" if method == "reward-model" else "CAUSAL_LM")
+    args = hf_trainer.common_args(spec, job.rt.on_gpu, job.bf16, plan, steps)
+    args.update(max_length=spec.dataset.max_sequence_length)
+    common = dict(
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=data.tokenizer,
+        peft_config=peft_config,
+    )
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         pref = spec.preference or PreferenceSettings()
-        trainer = DPOTrainer(
-            model=prep["base_dir"],
-            args=DPOConfig(beta=pref.beta, loss_type=[pref.loss_type], **args),
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
-    else:
-        from transformers import AutoModelForSequenceClassification
-        from trl import RewardConfig, RewardTrainer
+        dpo_args = DPOConfig(beta=pref.beta, loss_type=[pref.loss_type], **args)
+        return DPOTrainer(model=prep.base_dir, args=dpo_args, **common), plan, steps
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
 
-        model = AutoModelForSequenceClassification.from_pretrained(prep["base_dir"], num_labels=1)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        trainer = RewardTrainer(
-            model=model,
-            args=RewardConfig(**args),
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
-    model = trainer.model
-    n_total = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    layers, hidden = models.shape(getattr(model, "base_model", model))
-    flops = (
-        4.0 * models.active_params(model)
-        + 2.0 * n_trainable
-        + 12.0 * layers * hidden * spec.dataset.max_sequence_length
-    )
-    factor = 2 if method == "reward-model" else 4  # chosen+rejected; DPO also runs the reference
-    peak, peak_how = progress.device_peak_flops()
-    reporter = progress.Reporter(
-        job=cfg.name,
-        namespace=cfg.namespace,
-        kind="FineTuneJob",
-        total_steps=steps,
-        tokens_per_step=plan.global_batch * spec.dataset.max_sequence_length * 2,
-        flops_per_token=flops * factor / 2,
-        peak_flops_total=peak * rt.world,
-        interval=cfg.run.progress_interval_seconds,
-        is_chief=rt.rank == 0,
-        extra={"trainable_fraction": round(n_trainable / n_total, 6), "method": method},
-    )
-    trainer.add_callback(hf_trainer.ProgressCallback(reporter, plan.global_batch))
-    trainer.add_callback(RayTrainReportCallback())
-    trainer = prepare_trainer(trainer)
+    model = AutoModelForSequenceClassification.from_pretrained(prep.base_dir, num_labels=1)
+    model.config.pad_token_id = data.tokenizer.pad_token_id
+    return RewardTrainer(model=model, args=RewardConfig(**args), **common), plan, steps
+
+
+def _restore(
+    job: Job,
+    trainer: Any,
+    data: _Data,
+    reporter: progress.Reporter,
+    plan: optim.BatchPlan,
+    stats: models.ModelStats,
+) -> tuple[Any, str | None, dict[str, float]]:
+    """Hook the trainer to Ray Train; (trainer, checkpoint to resume from, metrics before training
+    — only on a fresh start); announces the start."""
+    trainer = hf_trainer.attach(trainer, reporter, plan.global_batch)
     resume = hf_trainer.resume_dir()
+    method = job.cfg.spec.method
     before = (
-        _preference_metrics(trainer, method, eval_ds, tokenizer)
-        if eval_ds is not None and resume is None
-        else {}
+        _preference_metrics(trainer, method, data.eval) if data.eval is not None and resume is None else {}
     )
     reporter.event(
         "training started",
-        total_steps=steps,
+        total_steps=reporter.total_steps,
         method=method,
-        parameters=n_total,
-        trainable_parameters=n_trainable,
-        world_size=rt.world,
-        precision=dtype_name,
+        parameters=stats.parameters,
+        trainable_parameters=stats.trainable,
+        world_size=job.rt.world,
+        precision=job.precision,
         resumed_from=resume,
-        peak_source=peak_how,
+        peak_source=reporter.peak_source,
         **{f"initial_{k}": v for k, v in before.items()},
     )
+    return trainer, resume, before
 
-    # ---- train ----
-    trainer.train(resume_from_checkpoint=resume)
 
-    # ---- cleanup ----
-    after = _preference_metrics(trainer, method, eval_ds, tokenizer) if eval_ds is not None else {}
+def _finish(
+    job: Job,
+    prep: PreferenceData,
+    data: _Data,
+    trainer: Any,
+    reporter: progress.Reporter,
+    stats: models.ModelStats,
+    before: dict[str, float],
+) -> None:
+    """Preference metrics after training; rank 0 publishes the model."""
+    import torch
+
+    cfg, steps = job.cfg, reporter.total_steps
+    after = _preference_metrics(trainer, cfg.spec.method, data.eval) if data.eval is not None else {}
     if after:
         reporter.evaluation(steps, after)
-    if rt.rank == 0:
-        last = reporter.last
-        losses = [h["loss"] for h in reporter.history]
-        summary = {
-            "job": cfg.name,
-            "kind": "FineTuneJob",
-            "method": method,
-            "base_model": cfg.paths.base_model,
-            "parameters": n_total,
-            "trainable_parameters": n_trainable,
-            "trainable_fraction": n_trainable / n_total,
-            "steps": steps,
-            "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "initial_eval": before,
-            "final_eval": after,
-            "tokens_per_second": last.get("tokens_per_second"),
-            "mfu": last.get("mfu"),
-            "mfu_peak_source": peak_how,
-            "wall_seconds": last.get("elapsed_seconds"),
-            "examples": prep["examples"],
-            "world_size": rt.world,
-            "precision": dtype_name,
-            "saved": spec.output.save or ("adapter" if peft_config is not None else "full"),
-        }
-        _write_output(cfg, trainer.model, prep, summary, reporter)
-        progress.emit(
-            {
-                "type": "done",
-                "output": cfg.paths.output,
-                "final_loss": summary["final_loss"],
-                "step": steps,
-                "total_steps": steps,
-            }
+    if job.rt.rank == 0:
+        saved = cfg.spec.output.save or ("adapter" if cfg.spec.lora is not None else "full")
+        summary = outputs.summary(
+            job,
+            reporter,
+            stats,
+            after,
+            **outputs.finetune_fields(cfg, stats, prep.examples, saved),
+            initial_eval=before,
         )
+        model = getattr(trainer.model, "module", trainer.model)
+
+        def save_model(out: Path) -> None:
+            if saved == "merged" and hasattr(model, "merge_and_unload"):
+                model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+            else:
+                model.save_pretrained(out, safe_serialization=True)
+
+        title = f"{cfg.name} ({cfg.spec.method})"
+        outputs.publish(cfg, save_model, prep.tokenizer_files, summary, reporter, title)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -212,7 +230,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _preference_metrics(trainer: Any, method: str, eval_ds: Any, tokenizer: Any) -> dict[str, float]:
+def _preference_metrics(trainer: Any, method: str, eval_ds: Any) -> dict[str, float]:
     """Preference accuracy and mean reward margin on the eval pairs, through the trainer's own
     evaluation (same tokenisation as training; every rank takes part, all get the same numbers).
     DPO's margin is beta·(policy − reference) log-ratio difference; a reward model's is
@@ -230,26 +248,3 @@ def _preference_metrics(trainer: Any, method: str, eval_ds: Any, tokenizer: Any)
         "reward_margin": float(metrics.get("eval_margin", float("nan"))),
         "eval_loss": float(metrics.get("eval_loss", float("nan"))),
     }
-
-
-def _write_output(
-    cfg: FineTuneJobConfig,
-    model: Any,
-    prep: dict[str, Any],
-    summary: dict[str, Any],
-    reporter: progress.Reporter,
-) -> None:
-    target = storage.resolve(cfg.paths.output, cfg.paths.work_dir)
-    model = getattr(model, "module", model)
-    with tempfile.TemporaryDirectory(prefix="forgeline-out-") as tmp:
-        out = Path(tmp)
-        if summary["saved"] == "merged" and hasattr(model, "merge_and_unload"):
-            model.merge_and_unload().save_pretrained(out, safe_serialization=True)
-        else:
-            model.save_pretrained(out, safe_serialization=True)
-        for name, blob in prep["tokenizer_files"].items():
-            (out / name).write_bytes(blob)
-        outputs.write_metrics(out, summary)
-        outputs.plot_loss(out, reporter.history, reporter.eval_history, f"{cfg.name} ({cfg.spec.method})")
-        (out / "job_config.json").write_text(json.dumps(json.loads(dump_job_config(cfg)), indent=2))
-        storage.publish_dir(out, target)

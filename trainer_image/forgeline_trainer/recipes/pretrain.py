@@ -5,33 +5,59 @@ Launch (what the operator and `forgeline run` do):
 
 Reads top to bottom:
     prepare()     driver: read → filter → split → tokenizer → pack; fails before any worker starts
-    train_loop()  each Ray Train worker:
-        setup     model (fresh from a transformers config, or initFrom), optimizer, schedule,
-                  DDP or DeepSpeed, resume from the newest checkpoint
-        train     global batch = workers × micro × accumulation; deterministic data order by step;
-                  progress records, evals and checkpoints at their intervals
-        cleanup   rank 0 writes model + tokenizer + metrics.json + loss.png to the output URI
+    train_loop()  each Ray Train worker, in named phases:
+        _setup_data     the packed token blocks from the object store (+ the tokenizer for MLM)
+        _setup_model    fresh from a transformers config, or initFrom
+        _setup_engine   global batch = workers × micro × accumulation; optimizer, schedule,
+                        DDP or DeepSpeed (optim.setup_engine)
+        _restore        resume from the newest checkpoint (or resumeFrom)
+        _train          deterministic data order by step; progress records, evals and
+                        checkpoints at their intervals
+        _finish         final eval; rank 0 publishes model + tokenizer + metrics.json + loss.png
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forgeline_operator.api.jobconfig import TrainingJobConfig, dump_job_config, load_job_config
+from forgeline_operator.api.jobconfig import TrainingJobConfig
 
-from .. import collective, models, optim, outputs, progress, storage
+from .. import collective, models, optim, outputs, progress
 from .. import data as D
 from ..checkpoints import Checkpointer
-from ..runtime import RuntimeInfo, fault_injection, resolve_precision
+from ..runtime import Worker, fault_injection
+
+Job = Worker[TrainingJobConfig]
 
 # -- driver ------------------------------------------------------------------------------------
 
 
-def prepare(cfg: TrainingJobConfig, staging: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PretrainData:
+    """What `prepare` hands every worker."""
+
+    train: Any
+    """Ray object ref of the training D.TokenBlocks."""
+    eval: Any | None
+    """Ray object ref of the eval D.TokenBlocks (None: no eval data)."""
+    tokenizer_files: dict[str, bytes]
+    vocab_size: int
+    special: dict[str, int | None]
+    """pad/eos/bos token ids, for a fresh model's config."""
+    filters: dict[str, int]
+    """The quality filters' counts (FilterReport)."""
+    documents: dict[str, int]
+    blocks: dict[str, int]
+    tokenizer_source: str
+
+    def report(self) -> dict[str, Any]:
+        return {"filters": self.filters, "documents": self.documents, "blocks": self.blocks}
+
+
+def prepare(cfg: TrainingJobConfig, staging: Path) -> PretrainData:
     """Everything the workers need that is cheaper to compute once: token blocks and tokenizer."""
     import ray
 
@@ -47,20 +73,8 @@ def prepare(cfg: TrainingJobConfig, staging: Path) -> dict[str, Any]:
         eval_docs = D.read_texts(spec.evaluation.sources, spec.data.text_field, work)
     else:
         train_docs, eval_docs = D.holdout_split(docs, spec.evaluation.holdout_fraction)
-
     tok_dir = staging / "tokenizer"
-    tok_spec = spec.data.tokenizer
-    if tok_spec.path or tok_spec.hub_id:
-        tokenizer = D.load_tokenizer(models.model_location(tok_spec.path or f"hf://{tok_spec.hub_id}", work))
-        tokenizer.save_pretrained(str(tok_dir))
-        tokenizer_source = tok_spec.path or tok_spec.hub_id
-    elif cfg.paths.base_model:
-        tokenizer = D.load_tokenizer(models.model_location(cfg.paths.base_model, work))
-        tokenizer.save_pretrained(str(tok_dir))
-        tokenizer_source = cfg.paths.base_model
-    else:
-        tokenizer = D.train_tokenizer(train_docs, tok_spec.vocab_size, tok_dir)
-        tokenizer_source = f"trained byte-level BPE, vocab {len(tokenizer)}"
+    tokenizer, tokenizer_source = _tokenizer(cfg, train_docs, tok_dir)
     seq = spec.data.sequence_length
     train_blocks = D.tokenize_and_pack(train_docs, tokenizer, seq, spec.data.packing)
     eval_blocks = D.tokenize_and_pack(eval_docs, tokenizer, seq, spec.data.packing) if eval_docs else None
@@ -69,242 +83,230 @@ def prepare(cfg: TrainingJobConfig, staging: Path) -> dict[str, Any]:
             f"spec.data: {len(train_docs)} documents make no full block of "
             f"{seq} tokens; add data or lower spec.data.sequenceLength"
         )
-    return {
-        "train": ray.put(train_blocks),
-        "eval": ray.put(eval_blocks) if eval_blocks is not None and eval_blocks.n else None,
-        "tokenizer_files": {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()},
-        "vocab_size": len(tokenizer),
-        "special": {
+    return PretrainData(
+        train=ray.put(train_blocks),
+        eval=ray.put(eval_blocks) if eval_blocks is not None and eval_blocks.n else None,
+        tokenizer_files=D.tokenizer_files(tok_dir),
+        vocab_size=len(tokenizer),
+        special={
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
         },
-        "mask_token_id": tokenizer.mask_token_id,
-        "filters": report.as_dict(),
-        "documents": {"train": len(train_docs), "eval": len(eval_docs)},
-        "blocks": {"train": train_blocks.n, "eval": 0 if eval_blocks is None else eval_blocks.n},
-        "tokenizer_source": tokenizer_source,
-    }
+        filters=report.as_dict(),
+        documents={"train": len(train_docs), "eval": len(eval_docs)},
+        blocks={"train": train_blocks.n, "eval": 0 if eval_blocks is None else eval_blocks.n},
+        tokenizer_source=tokenizer_source,
+    )
+
+
+def _tokenizer(cfg: TrainingJobConfig, train_docs: list[str], tok_dir: Path) -> tuple[Any, str]:
+    """(tokenizer saved in tok_dir, where it came from): the spec's, the initFrom model's, or one
+    trained on the documents."""
+    tok_spec, work = cfg.spec.data.tokenizer, cfg.paths.work_dir
+    if tok_spec.path or tok_spec.hub_id:
+        tokenizer = D.load_tokenizer(models.model_location(tok_spec.path or f"hf://{tok_spec.hub_id}", work))
+        tokenizer.save_pretrained(str(tok_dir))
+        return tokenizer, tok_spec.path or tok_spec.hub_id
+    if cfg.paths.base_model:
+        tokenizer = D.load_tokenizer(models.model_location(cfg.paths.base_model, work))
+        tokenizer.save_pretrained(str(tok_dir))
+        return tokenizer, cfg.paths.base_model
+    tokenizer = D.train_tokenizer(train_docs, tok_spec.vocab_size, tok_dir)
+    return tokenizer, f"trained byte-level BPE, vocab {len(tokenizer)}"
 
 
 # -- worker ------------------------------------------------------------------------------------
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
+    job = Worker.start(loop_config, TrainingJobConfig)
+    prep: PretrainData = loop_config["prepared"]
+    data = _setup_data(job, prep)
+    model, stats = _setup_model(job, prep)
+    eng = _setup_engine(job, model)
+    reporter = progress.Reporter.for_run(
+        job.cfg,
+        job.rt,
+        total_steps=eng.total_steps,
+        tokens_per_step=eng.plan.global_batch * job.cfg.spec.data.sequence_length,
+        flops_per_token=stats.flops_per_token,
+    )
+    ckpt = Checkpointer(job.rt, job.cfg.spec.checkpointing.interval_steps)
+    start_step = _restore(job, ckpt, eng, reporter, stats)
+    _train(job, data, eng, ckpt, reporter, start_step)
+    _finish(job, prep, data, eng, reporter, stats, start_step)
+    ckpt.barrier()
+
+
+@dataclass(frozen=True)
+class _Data:
+    """This worker's view of the token blocks: global batches by step, its slice of each."""
+
+    train: D.TokenBlocks
+    eval: D.TokenBlocks | None
+    masked: bool
+    tokenizer: Any
+    """For masked LM (the collator masks with its mask token); None for causal LM."""
+    mask_probability: float
+
+    def micro_batch(self, job: Job, eng: optim.TrainEngine, step: int, micro: int) -> dict[str, Any]:
+        seed, rt, plan = job.cfg.spec.training.seed, job.rt, eng.plan
+        idx = D.worker_slice(D.batch_indices(self.train.n, plan.global_batch, step, seed), rt.rank, rt.world)
+        mine = idx[micro * plan.micro : (micro + 1) * plan.micro]
+        mask_seed = seed * 1_000_003 + step * 997 + rt.rank * 31 + micro
+        return self.batch(self.train, mine, mask_seed, eng.device)
+
+    def batch(self, blocks: D.TokenBlocks, idx: Any, seed: int, device: Any) -> dict[str, Any]:
+        return _make_batch(blocks, idx, self.masked, self.tokenizer, self.mask_probability, seed, device)
+
+
+def _setup_data(job: Job, prep: PretrainData) -> _Data:
     import ray
-    import ray.train
-    import torch
 
-    cfg = load_job_config(loop_config["config"])
-    assert isinstance(cfg, TrainingJobConfig)
-    prep = loop_config["prepared"]
-    spec = cfg.spec
-    rt = RuntimeInfo.current()
-    torch.manual_seed(spec.training.seed)
+    masked = job.cfg.spec.objective == "masked"
+    return _Data(
+        train=ray.get(prep.train),
+        eval=ray.get(prep.eval) if prep.eval is not None else None,
+        masked=masked,
+        tokenizer=D.tokenizer_from_files(prep.tokenizer_files) if masked else None,
+        mask_probability=job.cfg.spec.mask_probability,
+    )
 
-    # ---- setup: data ----
-    train_blocks: D.TokenBlocks = ray.get(prep["train"])
-    eval_blocks: D.TokenBlocks | None = ray.get(prep["eval"]) if prep["eval"] is not None else None
-    masked = spec.objective == "masked"
-    tokenizer = D.tokenizer_from_files(prep["tokenizer_files"]) if masked else None
-    seq = spec.data.sequence_length
 
-    # ---- setup: model ----
-    bf16, dtype_name = resolve_precision(spec.training.precision, rt.on_gpu)
+def _setup_model(job: Job, prep: PretrainData) -> tuple[Any, models.ModelStats]:
+    """The model (fresh or initFrom) and its sizes."""
+    cfg, spec = job.cfg, job.cfg.spec
+    masked, seq = spec.objective == "masked", spec.data.sequence_length
     if cfg.paths.base_model:
         model = models.load_pretrained(cfg.paths.base_model, cfg.paths.work_dir, masked=masked)
     else:
-        conf = models.fresh_config(spec.model, prep["vocab_size"], seq, prep["special"])
-        model = models.build_fresh(conf, masked)
+        model = models.build_fresh(
+            models.fresh_config(spec.model, prep.vocab_size, seq, prep.special), masked
+        )
     if spec.deepspeed and spec.deepspeed.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_params = sum(p.numel() for p in model.parameters())
-    layers, hidden = models.shape(model)
-    flops_per_token = progress.model_flops_per_token(models.active_params(model), layers, hidden, seq)
+    return model, models.pretrain_stats(model, seq)
 
-    # ---- setup: optimizer, schedule, parallelism ----
-    plan = optim.batch_plan(_global_batch(spec), spec.training.micro_batch_size, rt.world)
+
+def _setup_engine(job: Job, model: Any) -> optim.TrainEngine:
+    spec = job.cfg.spec
+    plan = optim.batch_plan(_global_batch(spec), spec.training.micro_batch_size, job.rt.world)
     total_steps = _total_steps(spec, plan)
-    ckpt = Checkpointer(rt, spec.checkpointing.interval_steps)
-    if spec.deepspeed is not None:
-        import deepspeed
-
-        ds_cfg = optim.deepspeed_config(spec.deepspeed, spec.training, plan, bf16, rt.on_gpu)
-        client_opt = None if "optimizer" in ds_cfg else optim.adamw(model, spec.training)
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=client_opt,
-            config=ds_cfg,
-            model_parameters=optim.param_groups(model, spec.training.weight_decay)
-            if client_opt is None
-            else None,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, optim.lr_lambda(spec.training, total_steps)
-            ),
-        )
-        net, device = engine, engine.device
-    else:
-        import ray.train.torch
-
-        model = ray.train.torch.prepare_model(model)
-        optimizer = optim.adamw(model, spec.training)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_lambda(spec.training, total_steps))
-        engine, net, device = None, model, ray.train.torch.get_device()
-
-    peak, peak_how = progress.device_peak_flops()
-    reporter = progress.Reporter(
-        job=cfg.name,
-        namespace=cfg.namespace,
-        kind="TrainingJob",
-        total_steps=total_steps,
-        tokens_per_step=plan.global_batch * seq,
-        flops_per_token=flops_per_token,
-        peak_flops_total=peak * rt.world,
-        interval=cfg.run.progress_interval_seconds,
-        is_chief=rt.rank == 0,
+    return optim.setup_engine(
+        model, spec.training, spec.deepspeed, plan, total_steps, job.bf16, job.rt.on_gpu
     )
-    start_step = ckpt.restore(
-        engine=engine,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        reporter=reporter,
-        resume_from=spec.checkpointing.resume_from,
-        work_dir=cfg.paths.work_dir,
-    )
+
+
+def _restore(
+    job: Job,
+    ckpt: Checkpointer,
+    eng: optim.TrainEngine,
+    reporter: progress.Reporter,
+    stats: models.ModelStats,
+) -> int:
+    """The step to start from (newest checkpoint, resumeFrom, or 0); announces the start."""
+    spec = job.cfg.spec
+    start_step = ckpt.restore(eng, reporter, spec.checkpointing.resume_from, job.cfg.paths.work_dir)
     reporter.event(
         "training started",
         start_step=start_step,
-        total_steps=total_steps,
-        parameters=n_params,
-        world_size=rt.world,
-        accumulation=plan.accumulation,
-        precision=dtype_name,
-        peak_flops_per_worker=peak,
-        peak_source=peak_how,
+        total_steps=eng.total_steps,
+        parameters=stats.parameters,
+        world_size=job.rt.world,
+        accumulation=eng.plan.accumulation,
+        precision=job.precision,
+        peak_flops_per_worker=reporter.peak_per_worker,
+        peak_source=reporter.peak_source,
         deepspeed_stage=None if spec.deepspeed is None else spec.deepspeed.zero_stage,
     )
+    return start_step
 
-    def batch_for(step: int, micro_index: int) -> dict[str, torch.Tensor]:
-        idx = D.worker_slice(
-            D.batch_indices(train_blocks.n, plan.global_batch, step, spec.training.seed), rt.rank, rt.world
-        )
-        mine = idx[micro_index * plan.micro : (micro_index + 1) * plan.micro]
-        return _make_batch(
-            train_blocks,
-            mine,
-            masked,
-            tokenizer,
-            spec.mask_probability,
-            seed=spec.training.seed * 1_000_003 + step * 997 + rt.rank * 31 + micro_index,
-            device=device,
-        )
 
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and engine is None)
-
-    # ---- train ----
-    first_loss = None
-    for step in range(start_step, total_steps):
+def _train(
+    job: Job,
+    data: _Data,
+    eng: optim.TrainEngine,
+    ckpt: Checkpointer,
+    reporter: progress.Reporter,
+    start_step: int,
+) -> None:
+    """Train step, record, evaluate if due, checkpoint if due — from start_step to the end."""
+    spec, total = job.cfg.spec, eng.total_steps
+    for step in range(start_step, total):
         t0 = time.perf_counter()
-        total_loss = torch.zeros((), device=device)
-        for micro in range(plan.accumulation):
-            batch = batch_for(step, micro)
-            with autocast:
-                loss = net(**batch).loss
-            if engine is not None:
-                engine.backward(loss)
-                engine.step()  # DeepSpeed accumulates and steps at the boundary
-            else:
-                (loss / plan.accumulation).backward()
-            total_loss += loss.detach() / plan.accumulation
-        if engine is None:
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.training.grad_clip)
-                if spec.training.grad_clip > 0
-                else _grad_norm(model)
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            grad_norm = engine.get_global_grad_norm()
-        loss_value = collective.mean(total_loss)
-        first_loss = first_loss if first_loss is not None else loss_value
+        loss, grad_norm = _train_step(job, data, eng, step)
         done = step + 1
         reporter.step(
             done,
-            loss_value,
-            scheduler.get_last_lr()[0],
+            loss,
+            eng.lr,
             grad_norm=collective.as_float(grad_norm),
-            samples=plan.global_batch,
+            samples=eng.plan.global_batch,
             step_seconds=round(time.perf_counter() - t0, 4),
         )
-        evaluating = (
-            eval_blocks is not None
-            and spec.evaluation.interval_steps
-            and done % spec.evaluation.interval_steps == 0
-            and done != total_steps
-        )
-        if evaluating:
-            reporter.evaluation(done, _evaluate(net, eval_blocks, spec, plan, rt, masked, tokenizer, device))
-        ckpt.maybe_save(
-            done,
-            total_steps,
-            engine=engine,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            reporter=reporter,
-            metrics={"loss": loss_value},
-        )
-        fault_injection(cfg, done)
+        every = spec.evaluation.interval_steps
+        if data.eval is not None and every and done % every == 0 and done != total:
+            reporter.evaluation(done, _evaluate(job, data, eng))
+        ckpt.maybe_save(done, eng, reporter, metrics={"loss": loss})
+        fault_injection(job.cfg, done)
 
-    # ---- cleanup ----
-    final_eval = (
-        _evaluate(net, eval_blocks, spec, plan, rt, masked, tokenizer, device)
-        if eval_blocks is not None
-        else {}
-    )
+
+def _train_step(job: Job, data: _Data, eng: optim.TrainEngine, step: int) -> tuple[float, Any]:
+    """One optimizer step over this worker's micro batches: (mean loss over workers, grad norm)."""
+    import torch
+
+    total_loss = torch.zeros((), device=eng.device)
+    for micro in range(eng.plan.accumulation):
+        batch = data.micro_batch(job, eng, step, micro)
+        with eng.autocast():
+            loss = eng.net(**batch).loss
+        eng.backward(loss)
+        total_loss += loss.detach() / eng.plan.accumulation
+    grad_norm = eng.optimizer_step(job.cfg.spec.training.grad_clip)
+    return collective.mean(total_loss), grad_norm
+
+
+def _finish(
+    job: Job,
+    prep: PretrainData,
+    data: _Data,
+    eng: optim.TrainEngine,
+    reporter: progress.Reporter,
+    stats: models.ModelStats,
+    start_step: int,
+) -> None:
+    """Final eval; rank 0 publishes the model with its tokenizer, metrics.json and loss.png."""
+    spec, total = job.cfg.spec, eng.total_steps
+    final_eval = _evaluate(job, data, eng) if data.eval is not None else {}
     if final_eval:
-        reporter.evaluation(total_steps, final_eval)
-    state_dict = _full_state_dict(engine, model)
-    if rt.rank == 0:
-        last = reporter.last
-        summary = {
-            "job": cfg.name,
-            "kind": "TrainingJob",
-            "objective": spec.objective,
-            "architecture": getattr(model, "module", model).config.model_type,
-            "parameters": n_params,
-            "steps": total_steps,
-            "resumed_from_step": start_step,
-            "first_loss": reporter.history[0]["loss"] if reporter.history else first_loss,
-            "final_loss": reporter.history[-1]["loss"] if reporter.history else None,
-            "final_eval": final_eval,
-            "tokens_seen": reporter.tokens_seen,
-            "tokens_per_second": last.get("tokens_per_second"),
-            "mfu": last.get("mfu"),
-            "mfu_peak_source": peak_how,
-            "wall_seconds": last.get("elapsed_seconds"),
-            "filters": prep["filters"],
-            "documents": prep["documents"],
-            "blocks": prep["blocks"],
-            "tokenizer": prep["tokenizer_source"],
-            "world_size": rt.world,
-            "deepspeed_zero_stage": None if spec.deepspeed is None else spec.deepspeed.zero_stage,
-            "precision": dtype_name,
-        }
-        _write_output(cfg, model, state_dict, prep["tokenizer_files"], summary, reporter)
-        progress.emit(
-            {
-                "type": "done",
-                "output": cfg.paths.output,
-                "final_loss": summary["final_loss"],
-                "step": total_steps,
-                "total_steps": total_steps,
-            }
-        )
-    ckpt.barrier()
+        reporter.evaluation(total, final_eval)
+    state_dict = _full_state_dict(eng.engine)
+    if job.rt.rank != 0:
+        return
+    bare = getattr(eng.model, "module", eng.model)
+    architecture = bare.config.model_type
+    summary = outputs.summary(
+        job,
+        reporter,
+        stats,
+        final_eval,
+        objective=spec.objective,
+        architecture=architecture,
+        resumed_from_step=start_step,
+        tokens_seen=reporter.tokens_seen,
+        filters=prep.filters,
+        documents=prep.documents,
+        blocks=prep.blocks,
+        tokenizer=prep.tokenizer_source,
+        deepspeed_zero_stage=None if spec.deepspeed is None else spec.deepspeed.zero_stage,
+    )
+
+    def save_model(out: Path) -> None:
+        bare.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+
+    title = f"{job.cfg.name} ({architecture})"
+    outputs.publish(job.cfg, save_model, prep.tokenizer_files, summary, reporter, title)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -350,29 +352,19 @@ def _make_batch(
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
-def _evaluate(
-    net: Any,
-    blocks: D.TokenBlocks | None,
-    spec: Any,
-    plan: optim.BatchPlan,
-    rt: RuntimeInfo,
-    masked: bool,
-    tokenizer: Any,
-    device: Any,
-) -> dict[str, float]:
+def _evaluate(job: Job, data: _Data, eng: optim.TrainEngine) -> dict[str, float]:
     """Token-weighted loss over this worker's slice of the eval blocks, summed across workers."""
     import math
 
     import numpy as np
     import torch
 
+    blocks, rt, micro, device = data.eval, job.rt, eng.plan.micro, eng.device
     if blocks is None:
         return {}
-    net.eval()
+    eng.net.eval()
     mine = np.arange(blocks.n)[rt.rank :: rt.world]
-    batches = [mine[i : i + plan.micro] for i in range(0, len(mine), plan.micro)][
-        : spec.evaluation.max_batches
-    ]
+    batches = [mine[i : i + micro] for i in range(0, len(mine), micro)][: job.cfg.spec.evaluation.max_batches]
     # Every worker must run the same number of forwards (ZeRO-3 gathers parameters collectively).
     n_batches = int(collective.maximum(len(batches)))
     loss_sum = torch.zeros((), device=device)
@@ -380,22 +372,16 @@ def _evaluate(
     with torch.no_grad():
         for i in range(n_batches):
             idx = (
-                batches[i]
-                if i < len(batches)
-                else batches[0]
-                if batches
-                else np.arange(min(plan.micro, blocks.n))
+                batches[i] if i < len(batches) else batches[0] if batches else np.arange(min(micro, blocks.n))
             )
             real = i < len(batches) and len(batches) > 0
-            batch = _make_batch(
-                blocks, idx, masked, tokenizer, spec.mask_probability, seed=12345 + i, device=device
-            )
-            out = net(**batch)
+            batch = data.batch(blocks, idx, seed=12345 + i, device=device)
+            out = eng.net(**batch)
             n = (batch["labels"] != -100).sum()
             if real:
                 loss_sum += out.loss.detach().float() * n
                 count += n
-    net.train()
+    eng.net.train()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(loss_sum)
         torch.distributed.all_reduce(count)
@@ -403,38 +389,8 @@ def _evaluate(
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": float(count.item())}
 
 
-def _grad_norm(model: Any) -> Any:
-    import torch
-
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
-def _full_state_dict(engine: Any, model: Any) -> dict[str, Any] | None:
+def _full_state_dict(engine: Any) -> dict[str, Any] | None:
     """The whole model's weights on rank 0 (ZeRO-3 gathers its shards: every rank must call)."""
     if engine is not None and engine.zero_optimization_partition_weights():
         return engine._zero3_consolidated_16bit_state_dict()
     return None
-
-
-def _write_output(
-    cfg: TrainingJobConfig,
-    model: Any,
-    state_dict: dict[str, Any] | None,
-    tokenizer_files: dict[str, bytes],
-    summary: dict[str, Any],
-    reporter: progress.Reporter,
-) -> None:
-    target = storage.resolve(cfg.paths.output, cfg.paths.work_dir)
-    with tempfile.TemporaryDirectory(prefix="forgeline-out-") as tmp:
-        out = Path(tmp)
-        bare = getattr(model, "module", model)
-        bare.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        for name, blob in tokenizer_files.items():
-            (out / name).write_bytes(blob)
-        outputs.write_metrics(out, summary)
-        outputs.plot_loss(
-            out, reporter.history, reporter.eval_history, f"{cfg.name} ({summary['architecture']})"
-        )
-        (out / "job_config.json").write_text(json.dumps(json.loads(dump_job_config(cfg)), indent=2))
-        storage.publish_dir(out, target)

@@ -1,42 +1,65 @@
-"""Online RL from a reward model: GRPO and PPO with TRL's trainers inside Ray Train.
+"""Online RL from a reward model: GRPO with TRL's GRPOTrainer inside Ray Train.
 
 Launch (what the operator and `forgeline run` do):
-    python -m forgeline_trainer --config job.json        # a FineTuneJob with method grpo|ppo
+    python -m forgeline_trainer --config job.json        # a FineTuneJob with method grpo
 
 Reads top to bottom:
     prepare()     driver: check the policy and reward model load, read the prompts (prompt,
                   alpaca or chat records → prompt text), split off eval prompts
-    train_loop()  each Ray Train worker:
-        setup     GRPO: TRL GRPOTrainer — numGenerations completions per prompt, scored by the
-                  reward model, group-relative advantages, KL to the reference (klCoef);
-                  PPO: TRL's experimental PPOTrainer with a value head from the reward model;
-                  optional LoRA; Ray Train reporting and resume
-        train     trainer.train(); progress records carry the mean reward
-        cleanup   mean reward of greedy answers to the eval prompts before and after; rank 0
-                  saves the policy (or adapter), tokenizer, metrics.json, loss.png
+    train_loop()  each Ray Train worker, in named phases:
+        _setup_data     the prompts as a dataset, the tokenizer (left padding, for generation)
+        _setup_reward   the reward model and its tokenizer
+        _setup_trainer  TRL GRPOTrainer — numGenerations completions per prompt, scored by the
+                        reward model, group-relative advantages, KL to the reference (klCoef);
+                        optional LoRA (adapters.py)
+        _restore        Ray Train reporting and resume (hf_trainer.attach); mean reward before
+        train           trainer.train(); progress records carry the mean reward
+        _finish         mean reward of greedy answers to the eval prompts after training; rank 0
+                        publishes the policy (or adapter), tokenizer, metrics.json, loss.png
+(method ppo is refused by the API's validation: TRL's PPO is experimental and not wired in.)
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forgeline_operator.api.jobconfig import FineTuneJobConfig, dump_job_config, load_job_config
+from forgeline_operator.api.jobconfig import FineTuneJobConfig
 
-from .. import collective, hf_trainer, models, optim, outputs, progress, sft_data, storage
+from .. import adapters, hf_trainer, models, optim, outputs, progress, sft_data
 from .. import data as D
-from ..runtime import RuntimeInfo, resolve_precision
+from ..runtime import Worker
+
+Job = Worker[FineTuneJobConfig]
 
 # -- driver ------------------------------------------------------------------------------------
 
 
-def prepare(cfg: FineTuneJobConfig, staging: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RLData:
+    """What `prepare` hands every worker."""
+
+    train: list[dict[str, str]]
+    """{"prompt": text} records."""
+    eval: list[dict[str, str]]
+    """Up to 32 held-out prompts: the mean reward before and after is measured on them."""
+    base_dir: str
+    """The policy to start from, as a local directory (or hub id)."""
+    reward_dir: str
+    """The reward model (a *ForSequenceClassification), as a local directory (or hub id)."""
+    tokenizer_files: dict[str, bytes]
+    examples: dict[str, int]
+
+    def report(self) -> dict[str, Any]:
+        return {"examples": self.examples}
+
+
+def prepare(cfg: FineTuneJobConfig, staging: Path) -> RLData:
     from transformers import AutoConfig
 
     spec, work = cfg.spec, cfg.paths.work_dir
-    if spec.method == "ppo":
+    if spec.method == "ppo":  # the API refuses it at validation; a hand-written job config stops here
         raise ValueError(
             "spec.method: ppo runs through TRL's experimental PPOTrainer, which this "
             "trainer version does not drive yet; use method: grpo"
@@ -57,144 +80,164 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> dict[str, Any]:
     train, held = sft_data.holdout(prompts, max(spec.evaluation.holdout_fraction, 0.05))
     tok_dir = staging / "tokenizer"
     tokenizer.save_pretrained(str(tok_dir))
-    return {
-        "train": train,
-        "eval": held[:32],
-        "base_dir": base_dir,
-        "reward_dir": reward_dir,
-        "tokenizer_files": {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()},
-        "examples": {"train": len(train), "eval": len(held)},
-    }
+    return RLData(
+        train=train,
+        eval=held[:32],
+        base_dir=base_dir,
+        reward_dir=reward_dir,
+        tokenizer_files=D.tokenizer_files(tok_dir),
+        examples={"train": len(train), "eval": len(held)},
+    )
 
 
 # -- worker ------------------------------------------------------------------------------------
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
+    job = Worker.start(loop_config, FineTuneJobConfig)
+    prep: RLData = loop_config["prepared"]
+    data = _setup_data(prep)
+    reward = _setup_reward(prep)
+    trainer, plan, steps = _setup_trainer(job, prep, data, reward)
+    stats = models.finetune_stats(trainer.model, job.cfg.spec.dataset.max_sequence_length)
+    reporter = progress.Reporter.for_run(
+        job.cfg,
+        job.rt,
+        total_steps=steps,
+        tokens_per_step=plan.global_batch * (job.cfg.spec.rl.max_new_tokens + 16),
+        flops_per_token=stats.flops_per_token,
+        extra={"trainable_fraction": round(stats.trainable_fraction, 6), "method": job.cfg.spec.method},
+    )
+    trainer, resume, before = _restore(job, trainer, data, reward, reporter, plan, stats)
+    trainer.train(resume_from_checkpoint=resume)
+    _finish(job, prep, data, reward, trainer, reporter, stats, before)
+
+
+@dataclass(frozen=True)
+class _Data:
+    tokenizer: Any
+    """The policy's tokenizer, padding on the left (generation)."""
+    train: Any
+    """datasets.Dataset of the training prompts."""
+    eval: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class _Reward:
+    model: Any
+    tokenizer: Any
+
+    def mean(self, policy: Any, data: _Data, max_new_tokens: int) -> float:
+        return _mean_reward(policy, self.model, data.tokenizer, self.tokenizer, data.eval, max_new_tokens)
+
+
+def _setup_data(prep: RLData) -> _Data:
     import datasets
-    import torch
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    tokenizer = D.tokenizer_from_files(prep.tokenizer_files)
+    tokenizer.padding_side = "left"  # generation
+    return _Data(tokenizer, datasets.Dataset.from_list(prep.train), prep.eval)
+
+
+def _setup_reward(prep: RLData) -> _Reward:
     from transformers import AutoModelForSequenceClassification
 
-    cfg = load_job_config(loop_config["config"])
-    assert isinstance(cfg, FineTuneJobConfig)
-    prep = loop_config["prepared"]
-    spec, rl = cfg.spec, cfg.spec.rl
-    rt = RuntimeInfo.current()
-    torch.manual_seed(spec.training.seed)
-    bf16, dtype_name = resolve_precision(spec.training.precision, rt.on_gpu)
-    tokenizer = D.tokenizer_from_files(prep["tokenizer_files"])
-    tokenizer.padding_side = "left"  # generation
-    train_ds = datasets.Dataset.from_list(prep["train"])
-    reward_model = AutoModelForSequenceClassification.from_pretrained(prep["reward_dir"], num_labels=1)
-    reward_tok = D.load_tokenizer(prep["reward_dir"])
-    reward_model.config.pad_token_id = reward_tok.pad_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(prep.reward_dir, num_labels=1)
+    tokenizer = D.load_tokenizer(prep.reward_dir)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return _Reward(model, tokenizer)
 
-    # ---- setup ----
-    plan = optim.batch_plan(spec.training.global_batch_size, spec.training.micro_batch_size, rt.world)
-    steps = hf_trainer.total_steps(spec, len(train_ds), plan.global_batch)
-    work = tempfile.mkdtemp(prefix="forgeline-hf-")
-    args = hf_trainer.common_args(spec, work, rt.on_gpu, bf16, steps)
+
+def _setup_trainer(job: Job, prep: RLData, data: _Data, reward: _Reward) -> tuple[Any, optim.BatchPlan, int]:
+    """(TRL GRPOTrainer with policy and optimizer, batch plan, total steps)."""
     from trl import GRPOConfig, GRPOTrainer
 
+    spec, rl = job.cfg.spec, job.cfg.spec.rl
+    plan = optim.batch_plan(spec.training.global_batch_size, spec.training.micro_batch_size, job.rt.world)
+    steps = hf_trainer.total_steps(spec, len(data.train), plan.global_batch)
     grpo_args = GRPOConfig(
-        gradient_accumulation_steps=plan.accumulation,
         num_generations=rl.num_generations,
         max_completion_length=rl.max_new_tokens,
         temperature=rl.temperature,
         beta=rl.kl_coef,
-        **args,
+        **hf_trainer.common_args(spec, job.rt.on_gpu, job.bf16, plan, steps),
     )
     trainer = GRPOTrainer(
-        model=prep["base_dir"],
-        reward_funcs=reward_model,
+        model=prep.base_dir,
+        reward_funcs=reward.model,
         args=grpo_args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        reward_processing_classes=reward_tok,
-        peft_config=collective.lora_config(spec, task="CAUSAL_LM"),
+        train_dataset=data.train,
+        processing_class=data.tokenizer,
+        reward_processing_classes=reward.tokenizer,
+        peft_config=adapters.lora_config(spec.lora, task="CAUSAL_LM"),
     )
-    model = trainer.model
-    n_total = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    layers, hidden = models.shape(getattr(model, "base_model", model))
-    flops = (
-        4.0 * models.active_params(model)
-        + 2.0 * n_trainable
-        + 12.0 * layers * hidden * spec.dataset.max_sequence_length
-    )
-    peak, peak_how = progress.device_peak_flops()
-    reporter = progress.Reporter(
-        job=cfg.name,
-        namespace=cfg.namespace,
-        kind="FineTuneJob",
-        total_steps=steps,
-        tokens_per_step=plan.global_batch * (rl.max_new_tokens + 16),
-        flops_per_token=flops,
-        peak_flops_total=peak * rt.world,
-        interval=cfg.run.progress_interval_seconds,
-        is_chief=rt.rank == 0,
-        extra={"trainable_fraction": round(n_trainable / n_total, 6), "method": spec.method},
-    )
-    trainer.add_callback(hf_trainer.ProgressCallback(reporter, plan.global_batch))
-    trainer.add_callback(RayTrainReportCallback())
-    trainer = prepare_trainer(trainer)
+    return trainer, plan, steps
+
+
+def _restore(
+    job: Job,
+    trainer: Any,
+    data: _Data,
+    reward: _Reward,
+    reporter: progress.Reporter,
+    plan: optim.BatchPlan,
+    stats: models.ModelStats,
+) -> tuple[Any, str | None, float]:
+    """Hook the trainer to Ray Train; (trainer, checkpoint to resume from, mean reward before);
+    announces the start."""
+    trainer = hf_trainer.attach(trainer, reporter, plan.global_batch)
     resume = hf_trainer.resume_dir()
-    before = _mean_reward(trainer.model, reward_model, tokenizer, reward_tok, prep["eval"], rl.max_new_tokens)
+    before = reward.mean(trainer.model, data, job.cfg.spec.rl.max_new_tokens)
     reporter.event(
         "training started",
-        total_steps=steps,
-        method=spec.method,
-        parameters=n_total,
-        trainable_parameters=n_trainable,
-        world_size=rt.world,
-        precision=dtype_name,
+        total_steps=reporter.total_steps,
+        method=job.cfg.spec.method,
+        parameters=stats.parameters,
+        trainable_parameters=stats.trainable,
+        world_size=job.rt.world,
+        precision=job.precision,
         resumed_from=resume,
         initial_mean_reward=before,
     )
+    return trainer, resume, before
 
-    # ---- train ----
-    trainer.train(resume_from_checkpoint=resume)
 
-    # ---- cleanup ----
-    after = _mean_reward(trainer.model, reward_model, tokenizer, reward_tok, prep["eval"], rl.max_new_tokens)
+def _finish(
+    job: Job,
+    prep: RLData,
+    data: _Data,
+    reward: _Reward,
+    trainer: Any,
+    reporter: progress.Reporter,
+    stats: models.ModelStats,
+    before: float,
+) -> None:
+    """Mean reward after training; rank 0 publishes the policy."""
+    import torch
+
+    cfg, steps = job.cfg, reporter.total_steps
+    after = reward.mean(trainer.model, data, cfg.spec.rl.max_new_tokens)
     reporter.evaluation(steps, {"mean_reward": after, "initial_mean_reward": before})
-    if rt.rank == 0:
-        last = reporter.last
-        losses = [h["loss"] for h in reporter.history]
-        summary = {
-            "job": cfg.name,
-            "kind": "FineTuneJob",
-            "method": spec.method,
-            "base_model": cfg.paths.base_model,
-            "reward_model": cfg.paths.reward_model,
-            "parameters": n_total,
-            "trainable_parameters": n_trainable,
-            "trainable_fraction": n_trainable / n_total,
-            "steps": steps,
-            "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "initial_eval": {"mean_reward": before},
-            "final_eval": {"mean_reward": after},
-            "tokens_per_second": last.get("tokens_per_second"),
-            "mfu": last.get("mfu"),
-            "mfu_peak_source": peak_how,
-            "wall_seconds": last.get("elapsed_seconds"),
-            "examples": prep["examples"],
-            "world_size": rt.world,
-            "precision": dtype_name,
-            "saved": "adapter" if spec.lora is not None and spec.output.save != "merged" else "full",
-        }
-        _write_output(cfg, trainer.model, prep, summary, reporter)
-        progress.emit(
-            {
-                "type": "done",
-                "output": cfg.paths.output,
-                "final_loss": summary["final_loss"],
-                "step": steps,
-                "total_steps": steps,
-            }
+    if job.rt.rank == 0:
+        merged = cfg.spec.output.save == "merged"
+        saved = "adapter" if cfg.spec.lora is not None and not merged else "full"
+        summary = outputs.summary(
+            job,
+            reporter,
+            stats,
+            {"mean_reward": after},
+            **outputs.finetune_fields(cfg, stats, prep.examples, saved),
+            reward_model=cfg.paths.reward_model,
+            initial_eval={"mean_reward": before},
         )
+        model = getattr(trainer.model, "module", trainer.model)
+
+        def save_model(out: Path) -> None:
+            to_save = model.merge_and_unload() if merged and hasattr(model, "merge_and_unload") else model
+            to_save.save_pretrained(out, safe_serialization=True)
+
+        title = f"{cfg.name} ({cfg.spec.method})"
+        outputs.publish(cfg, save_model, prep.tokenizer_files, summary, reporter, title)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -230,25 +273,3 @@ def _mean_reward(
     if was_training:
         policy.train()
     return sum(scores) / max(len(scores), 1)
-
-
-def _write_output(
-    cfg: FineTuneJobConfig,
-    model: Any,
-    prep: dict[str, Any],
-    summary: dict[str, Any],
-    reporter: progress.Reporter,
-) -> None:
-    target = storage.resolve(cfg.paths.output, cfg.paths.work_dir)
-    model = getattr(model, "module", model)
-    with tempfile.TemporaryDirectory(prefix="forgeline-out-") as tmp:
-        out = Path(tmp)
-        if cfg.spec.output.save == "merged" and hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        model.save_pretrained(out, safe_serialization=True)
-        for name, blob in prep["tokenizer_files"].items():
-            (out / name).write_bytes(blob)
-        outputs.write_metrics(out, summary)
-        outputs.plot_loss(out, reporter.history, reporter.eval_history, f"{cfg.name} ({cfg.spec.method})")
-        (out / "job_config.json").write_text(json.dumps(json.loads(dump_job_config(cfg)), indent=2))
-        storage.publish_dir(out, target)
