@@ -472,3 +472,18 @@ def test_prepared_data_reports_its_counts_and_pickles() -> None:
     assert pickle.loads(pickle.dumps(prep)) == prep
     sft = finetune.SFTData(None, None, "/base", {}, 0, [1, 2], {"train": 3, "eval": 1, "dropped": 0})
     assert sft.report() == {"examples": {"train": 3, "eval": 1, "dropped": 0}}
+
+
+def test_scaling_reads_cpu_quantities_strictly() -> None:
+    from forgeline_trainer import launcher
+
+    def cfg(cpu: str, workers: int = 2, gpus: int = 0) -> Any:
+        return SimpleNamespace(
+            spec=SimpleNamespace(resources=SimpleNamespace(cpu=cpu, workers=workers, gpus_per_worker=gpus))
+        )
+
+    assert launcher.scaling(cfg("4")) == (2, False, {"CPU": 4.0})
+    assert launcher.scaling(cfg("500m")) == (2, False, {"CPU": 1})
+    assert launcher.scaling(cfg("8", workers=1, gpus=2)) == (2, True, {"CPU": 4.0, "GPU": 1})
+    with pytest.raises(ValueError, match=r"spec\.resources\.cpu"):
+        launcher.scaling(cfg("2Gi"))

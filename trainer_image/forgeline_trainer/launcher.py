@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -28,18 +27,10 @@ from forgeline_operator.api.jobconfig import (
     dump_job_config,
     load_job_config,
 )
+from forgeline_operator.api.quantities import cpu_cores
 
 from . import progress, storage
 from .recipes import Prepared
-
-
-def _cpu_count(quantity: str) -> float:
-    """CPUs in a Kubernetes quantity ('4', '500m', '1.5')."""
-    m = re.fullmatch(r"([0-9.]+)(m?)", quantity.strip())
-    if not m:
-        raise ValueError(f"spec.resources.cpu: cannot read {quantity!r} as CPUs")
-    value = float(m.group(1))
-    return value / 1000 if m.group(2) else value
 
 
 def recipe_for(cfg: TrainingJobConfig | FineTuneJobConfig):  # noqa: ANN201 - a recipe module
@@ -67,24 +58,14 @@ def recipe_for(cfg: TrainingJobConfig | FineTuneJobConfig):  # noqa: ANN201 - a 
 def scaling(cfg: TrainingJobConfig | FineTuneJobConfig) -> tuple[int, bool, dict[str, float]]:
     """(training processes, use GPUs, resources per process)."""
     res = cfg.spec.resources
-    cpus = _cpu_count(res.cpu)
+    cpus = cpu_cores(res.cpu)  # ValueError naming spec.resources.cpu (the API checks it first)
     if res.gpus_per_worker:
         return res.workers * res.gpus_per_worker, True, {"CPU": max(cpus / res.gpus_per_worker, 1), "GPU": 1}
     return res.workers, False, {"CPU": max(cpus, 1)}
 
 
-def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    recipe = recipe_for(cfg)
-    workers, use_gpu, per_worker = scaling(cfg)
-    threads = str(max(1, math.floor(per_worker["CPU"])))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
-    os.environ.update(env)
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+def _prepare(cfg: TrainingJobConfig | FineTuneJobConfig, recipe: Any) -> Prepared:
+    """The recipe's driver-side preparation, between a "preparing data" and a "data ready" event."""
     progress.emit({"type": "event", "message": "preparing data", "job": cfg.name})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="forgeline-prep-") as staging:
@@ -97,7 +78,24 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
             **prepared.report(),
         }
     )
+    return prepared
 
+
+def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
+    """Prepare on the driver, then run the recipe's train_loop on Ray Train; the result's
+    checkpoint and last metrics."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    recipe = recipe_for(cfg)
+    workers, use_gpu, per_worker = scaling(cfg)
+    threads = str(max(1, math.floor(per_worker["CPU"])))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    os.environ.update(env)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    prepared = _prepare(cfg, recipe)
     ck = cfg.spec.checkpointing
     run_name = cfg.run.run_name if ck.resume == "auto" else f"{cfg.run.run_name}-{int(time.time())}"
     storage_path = storage.resolve(cfg.paths.checkpoints, cfg.paths.work_dir)

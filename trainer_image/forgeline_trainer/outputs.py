@@ -54,7 +54,7 @@ def finetune_fields(
         "method": cfg.spec.method,
         "base_model": cfg.paths.base_model,
         "trainable_parameters": stats.trainable,
-        "trainable_fraction": stats.trainable / stats.parameters,
+        "trainable_fraction": stats.trainable_fraction,
         "examples": examples,
         "saved": saved,
     }
