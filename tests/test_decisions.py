@@ -9,6 +9,7 @@ import pytest
 
 from forgeline_operator import decisions
 from forgeline_operator.api.common import Budget
+from forgeline_operator.failures import Failure, classify
 
 # -- which step --------------------------------------------------------------------------------
 
@@ -108,11 +109,30 @@ def test_waiting_jobs_are_not_in_the_queue() -> None:
 # -- failures, clusters, time ---------------------------------------------------------------------
 
 
+def _failure(reason: str) -> Failure:
+    return classify({"type": "error", "reason": reason, "message": "boom"}, "", "")
+
+
 def test_after_failure_resubmits_until_the_backoff_limit() -> None:
-    assert decisions.after_failure(0, 2) == decisions.Resubmit(attempt=1)
-    assert decisions.after_failure(1, 2) == decisions.Resubmit(attempt=2)
-    assert decisions.after_failure(2, 2) == decisions.GiveUp(reason="BackoffLimitExceeded")
-    assert decisions.after_failure(0, 0) == decisions.GiveUp(reason="BackoffLimitExceeded")
+    crash = _failure("UserCodeError")
+    assert decisions.after_failure(0, 2, crash) == decisions.Resubmit(counted=True)
+    assert decisions.after_failure(1, 2, crash) == decisions.Resubmit(counted=True)
+    assert decisions.after_failure(2, 2, crash) == decisions.GiveUp(
+        "UserCodeError", "spec.backoffLimit (2) resubmissions used"
+    )
+    assert isinstance(decisions.after_failure(0, 0, crash), decisions.GiveUp)
+
+
+@pytest.mark.parametrize("reason", ["OOMKilled", "DataError", "ModelUnavailable", "ConfigError"])
+def test_what_retrying_cannot_fix_fails_at_once(reason: str) -> None:
+    verdict = decisions.after_failure(0, 5, _failure(reason))
+    assert verdict == decisions.GiveUp(reason, "retrying cannot fix it")
+
+
+def test_preemption_never_uses_up_the_backoff_limit() -> None:
+    assert decisions.after_failure(3, 3, _failure("Preempted")) == decisions.Resubmit(counted=False)
+    for reason in ("NCCLTimeout", "WorkerLost", "NodeLost"):
+        assert decisions.after_failure(0, 1, _failure(reason)) == decisions.Resubmit(counted=True)
 
 
 def test_only_clusters_the_operator_created_are_recreated() -> None:

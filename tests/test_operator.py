@@ -298,7 +298,17 @@ def test_injected_trainer_failure_is_retried_and_recovers(
     metrics = json.loads((op_workdir / "runs/flaky/metrics.json").read_text())
     assert metrics["resumed_from_step"] == 20
     events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
-    assert any(e["reason"] == "RayJobFailed" and "injected failure" in e["message"] for e in events)
+    assert any(
+        e["reason"] == "RayJobFailed"
+        and "(UserCodeError): " in e["message"]
+        and "injected failure" in e["message"]
+        for e in events
+    )
+    last = final["status"]["lastFailure"]  # the failed attempt, classified and kept after the recovery
+    assert last["reason"] == "UserCodeError" and last["attempt"] == 0 and last["retried"] is True
+    assert "injected failure" in last["message"] and "20" in last["message"] and last["step"] >= 1
+    assert any("injected failure" in line for line in last["logLines"]) and last["fix"]
+    assert 'forgeline_job_failures_total{kind="TrainingJob",reason="UserCodeError"} 1.0' in operator.metrics()
 
 
 def test_suspend_stops_and_resume_continues_from_checkpoint(

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from .api import TERMINAL_PHASES
+from .failures import Failure
 
 ACTIVE_PHASES = frozenset({"Provisioning", "Running"})
 """Phases that hold a slot of the running-jobs cap."""
@@ -143,23 +144,29 @@ def admission(
 
 @dataclass(frozen=True)
 class Resubmit:
-    attempt: int
-    """The attempt number of the resubmission (1 for the first retry)."""
+    counted: bool
+    """Whether this resubmission counts against spec.backoffLimit (preemptions do not)."""
 
 
 @dataclass(frozen=True)
 class GiveUp:
     reason: str
-    """The job's Failed reason."""
+    """The job's Failed reason: the failure's own."""
+    why: str
+    """Why no retry: retrying cannot fix it, or the backoff limit is used up."""
 
 
-def after_failure(restarts: int, backoff_limit: int) -> Resubmit | GiveUp:
-    """A Ray job of this job ended FAILED or STOPPED after `restarts` resubmissions: try again
-    while `spec.backoffLimit` allows, else fail the job. (The failure classification of the
-    reliability work plugs in here: what retrying cannot fix will fail at once.)"""
+def after_failure(restarts: int, backoff_limit: int, failure: Failure) -> Resubmit | GiveUp:
+    """An attempt failed with `failure` after `restarts` counted resubmissions. Retry only what
+    retrying can fix: OOM, data, model and config errors fail at once (the message says what to
+    change); a preemption is resubmitted without counting against spec.backoffLimit."""
+    if not failure.retryable:
+        return GiveUp(failure.reason, "retrying cannot fix it")
+    if not failure.counts_against_backoff:
+        return Resubmit(counted=False)
     if restarts < backoff_limit:
-        return Resubmit(attempt=restarts + 1)
-    return GiveUp(reason="BackoffLimitExceeded")
+        return Resubmit(counted=True)
+    return GiveUp(failure.reason, f"spec.backoffLimit ({backoff_limit}) resubmissions used")
 
 
 def cluster_overdue(waited_seconds: float, timeout_seconds: float, recreatable: bool) -> bool:

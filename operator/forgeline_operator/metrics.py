@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from .api.status import PHASES
+from .api.status import FAILURE_REASONS, PHASES
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -36,6 +36,12 @@ SUBMIT_ERRORS = Counter(
 RESTARTS = Counter(
     "forgeline_job_restarts_total", "Ray job resubmissions after failures", ["kind"], registry=REGISTRY
 )
+FAILURES = Counter(
+    "forgeline_job_failures_total",
+    "Failed attempts (Ray jobs) by typed reason",
+    ["kind", "reason"],
+    registry=REGISTRY,
+)
 _JOB_LABELS = ["namespace", "job", "kind"]
 LOSS = Gauge("forgeline_job_loss", "Latest training loss", _JOB_LABELS, registry=REGISTRY)
 TOKENS = Gauge(
@@ -54,6 +60,8 @@ for _kind in ("TrainingJob", "FineTuneJob"):
         _counter.labels(_kind)
     for _phase in PHASES:  # the "job failed" alert needs the 0 before the first failure
         TRANSITIONS.labels(_kind, _phase)
+    for _reason in FAILURE_REASONS:
+        FAILURES.labels(_kind, _reason)
 
 
 class _PhaseCollector:

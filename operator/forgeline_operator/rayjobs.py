@@ -154,13 +154,13 @@ class RayJobs:
             state = self.status(submission_id) or "STOPPED"
         return state
 
-    def last_error(self, submission_id: str) -> str:
-        """The last line of Ray's message for a failed job (bounded), for status and Events."""
+    def message(self, submission_id: str) -> str:
+        """Ray's own message about a job (for a failed one: the entrypoint's exit and the end of
+        its output), or "" when there is none or Ray cannot be asked."""
         try:
-            message = (self.info(submission_id).message or "").strip()
+            return (self.info(submission_id).message or "").strip()
         except Exception:  # noqa: BLE001 - a best-effort detail of an already failed job
-            return "no error message"
-        return message.splitlines()[-1][:500] if message else "no error message"
+            return ""
 
 
 def local_python() -> str:

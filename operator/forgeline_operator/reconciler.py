@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from . import builders, decisions, lifecycle, metrics
+from . import builders, decisions, failures, lifecycle, metrics
 from .api import Job
 from .api.common import JobRef
 from .api.jobconfig import FineTuneJobConfig, TrainingJobConfig, build_job_config
@@ -24,6 +24,8 @@ from .backends import Backend, ClusterState, KubeRayBackend
 from .jobindex import JobKey
 from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs
 from .runtime import Runtime
+
+_LOG_TAIL_CHARS = 64 * 1024  # the end of a failed attempt's log, for classifying it
 
 
 class StatusWriter:
@@ -162,7 +164,7 @@ class Reconciler:
             return
         state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace)
         if state.ready:
-            self.submit(state, attempt=int(self.status.get("restarts") or 0))
+            self.submit(state, attempt=self._attempt())
             return
         waited = decisions.seconds_since_cluster_ready_changed(self.status, datetime.now(UTC))
         recreatable = isinstance(self.backend, KubeRayBackend)
@@ -220,12 +222,13 @@ class Reconciler:
             self.out.transition("Provisioning", "RayJobLost", f"Ray has no job {sid}; resubmitting")
             return
         cursor = self.rt.cursors.setdefault(sid, LogCursor())
-        cursor.feed(jobs.logs(sid))
+        log = jobs.logs(sid)
+        cursor.feed(log)
         fields = self._progress_fields(cursor, {**ray, "jobStatus": ray_status})
         if ray_status == "SUCCEEDED":
             self._succeeded(sid, fields)
         elif ray_status in TERMINAL_RAY_STATES:  # FAILED or STOPPED
-            self._failed(state, jobs, sid, ray_status, cursor, fields)
+            self._failed(state, jobs, sid, ray_status, cursor, log, fields)
         elif fields.get("progress") != self.status.get("progress") or ray_status != ray.get("jobStatus"):
             self.out.write(fields)
 
@@ -255,32 +258,73 @@ class Reconciler:
         sid: str,
         ray_status: str,
         cursor: LogCursor,
+        log: str,
         fields: dict[str, Any],
     ) -> None:
-        error = cursor.latest.get("error", {}).get("message") or jobs.last_error(sid)
-        restarts = int(self.status.get("restarts") or 0)
+        """Classify the failed attempt, then resubmit it or fail the job, as `decisions` says."""
+        failure = failures.classify(cursor.latest.get("error"), jobs.message(sid), log[-_LOG_TAIL_CHARS:])
         self.rt.cursors.pop(sid, None)
-        verdict = decisions.after_failure(restarts, self.job.spec.backoff_limit)
+        metrics.FAILURES.labels(self.out.kind, failure.reason).inc()
+        verdict = decisions.after_failure(
+            int(self.status.get("restarts") or 0), self.job.spec.backoff_limit, failure
+        )
+        last = self._last_failure(failure, cursor, retried=isinstance(verdict, decisions.Resubmit))
         if isinstance(verdict, decisions.Resubmit):
-            metrics.RESTARTS.labels(self.out.kind).inc()
-            self.out.write({"restarts": verdict.attempt})
-            kopf.event(
-                self.out.body,
-                type="Warning",
-                reason="RayJobFailed",
-                message=f"Ray job {sid} {ray_status}: {error}; resubmitting "
-                f"({verdict.attempt}/{self.job.spec.backoff_limit})",
-            )
-            self.submit(state, attempt=verdict.attempt)
+            self._resubmit(state, sid, ray_status, failure, verdict, last)
             return
         self.out.transition(
             "Failed",
             verdict.reason,
-            f"Ray job {sid} {ray_status} after {restarts} resubmissions: {error}",
+            f"Ray job {sid} {ray_status}: {failure.message} ({verdict.why}); fix: {failure.fix}",
+            lastFailure=last,
             **fields,
         )
         self.rt.index.release(self.out.key)
         self.backend.teardown(self.job, self.out.key.namespace)
+
+    def _resubmit(
+        self,
+        state: ClusterState,
+        sid: str,
+        ray_status: str,
+        failure: failures.Failure,
+        verdict: decisions.Resubmit,
+        last: dict[str, Any],
+    ) -> None:
+        counter = "restarts" if verdict.counted else "preemptions"
+        count = int(self.status.get(counter) or 0) + 1
+        if verdict.counted:
+            metrics.RESTARTS.labels(self.out.kind).inc()
+        self.out.write({counter: count, "lastFailure": last})
+        limit = self.job.spec.backoff_limit
+        budget = f"{count}/{limit}" if verdict.counted else "a preemption: not counted in spec.backoffLimit"
+        kopf.event(
+            self.out.body,
+            type="Warning",
+            reason="RayJobFailed",
+            message=f"Ray job {sid} {ray_status} ({failure.reason}): {failure.message}; "
+            f"resubmitting ({budget})"[:1000],
+        )
+        self.submit(state, attempt=self._attempt())
+
+    def _last_failure(self, failure: failures.Failure, cursor: LogCursor, retried: bool) -> dict[str, Any]:
+        """status.lastFailure for this attempt."""
+        step = (cursor.latest.get("progress") or {}).get("step")
+        last = {
+            "reason": failure.reason,
+            "attempt": self._attempt(),
+            "step": int(step) if isinstance(step, (int, float)) else None,
+            "time": lifecycle.now(),
+            "message": failure.message,
+            "fix": failure.fix or None,
+            "logLines": list(failure.decisive_lines),
+            "retried": retried,
+        }
+        return {k: v for k, v in last.items() if v is not None}
+
+    def _attempt(self) -> int:
+        """The current attempt: every resubmission so far, counted or not."""
+        return int(self.status.get("restarts") or 0) + int(self.status.get("preemptions") or 0)
 
     # -- Suspended, deleted -----------------------------------------------------------------------
 

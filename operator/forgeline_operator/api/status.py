@@ -12,6 +12,20 @@ from ._base import ApiModel
 Phase = Literal["Pending", "Waiting", "Provisioning", "Running", "Succeeded", "Failed", "Suspended"]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+FailureReason = Literal[
+    "OOMKilled",
+    "NCCLTimeout",
+    "WorkerLost",
+    "NodeLost",
+    "Preempted",
+    "ClusterLost",
+    "DataError",
+    "ModelUnavailable",
+    "ConfigError",
+    "UserCodeError",
+    "Unknown",
+]
+FAILURE_REASONS: tuple[str, ...] = FailureReason.__args__  # type: ignore[attr-defined]
 
 
 def is_terminal(phase: str | None) -> bool:
@@ -86,6 +100,27 @@ class RayInfo(ApiModel):
     """Ray's own job status: PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED."""
 
 
+class LastFailure(ApiModel):
+    """The most recent failed attempt, classified from the trainer's error record and the Ray job's log."""
+
+    reason: FailureReason
+    """OOMKilled, NCCLTimeout, WorkerLost, NodeLost, Preempted, ClusterLost, DataError, ModelUnavailable, ConfigError, UserCodeError or Unknown."""
+    attempt: int = Field(ge=0)
+    """The attempt that failed (0: the first submission)."""
+    step: int | None = Field(default=None, ge=0)
+    """The last optimizer step that attempt reported."""
+    time: datetime | None = None
+    """When the failure was seen."""
+    message: str = Field(default="", max_length=1024)
+    """The decisive error, one line (secrets redacted)."""
+    fix: str | None = Field(default=None, max_length=1024)
+    """What to change, where a change can help."""
+    log_lines: list[str] = Field(default_factory=list, max_length=5)
+    """The few log lines that decided the reason (secrets redacted)."""
+    retried: bool = False
+    """Whether the operator resubmitted the job after it."""
+
+
 class JobStatus(ApiModel):
     """Observed state of a TrainingJob or FineTuneJob."""
 
@@ -104,7 +139,11 @@ class JobStatus(ApiModel):
     completion_time: datetime | None = None
     """When the job reached Succeeded or Failed."""
     restarts: int = Field(default=0, ge=0)
-    """Ray job resubmissions after failures."""
+    """Ray job resubmissions after failures (counted against spec.backoffLimit)."""
+    preemptions: int = Field(default=0, ge=0)
+    """Resubmissions after preemptions (node drains, spot reclaims): not counted against spec.backoffLimit."""
+    last_failure: LastFailure | None = None
+    """The most recent failed attempt: its typed reason, step, message, fix and decisive log lines."""
     progress: Progress | None = None
     """Live progress."""
     ray: RayInfo | None = None

@@ -1,0 +1,206 @@
+"""Why an attempt failed, read from what the trainer and Ray left behind — a pure function.
+
+`classify(error_record, ray_message, log_tail)` names the failure with one typed reason, picks the
+few log lines that decide it (redacted), and says whether retrying can help. The reconciler puts
+the result in `status.reason`, `status.lastFailure`, an Event and `forgeline_job_failures_total`;
+`decisions.after_failure` uses `retryable` and `counts_against_backoff`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .api.status import FAILURE_REASONS, FailureReason
+
+# reason → (retryable, what to change). Retry only what retrying can fix.
+_NATURE: dict[str, tuple[bool, str]] = {
+    "OOMKilled": (
+        False,
+        "lower training.microBatchSize or data.sequenceLength, turn on activation checkpointing, "
+        "use a higher deepspeed.zeroStage or QLoRA, or give the workers more memory",
+    ),
+    "Preempted": (
+        True,
+        "nothing to change: the job resumes from its newest checkpoint (preemptions do not count "
+        "against spec.backoffLimit)",
+    ),
+    "NCCLTimeout": (
+        True,
+        "check the network between the GPU nodes (NCCL_DEBUG=INFO in the worker logs); "
+        "a worker that stalls in data loading also times out its peers",
+    ),
+    "NodeLost": (
+        True,
+        "nothing to change if the node was replaced; if it repeats, look at the node's events "
+        "(kubectl describe node) for hardware or kubelet problems",
+    ),
+    "WorkerLost": (
+        True,
+        "nothing to change if it was a one-off; if it repeats, read the worker's log for the crash before it",
+    ),
+    "ClusterLost": (True, "nothing to change if the Ray head came back; if it repeats, look at the head pod"),
+    "ModelUnavailable": (
+        False,
+        "point baseModel (or rl.rewardModel) at a reachable save_pretrained directory (path, pvc://, "
+        "s3://), or give the cluster a hub mirror or cache for hubId",
+    ),
+    "DataError": (False, "fix the data the message names (path, format, filters) and apply the job again"),
+    "ConfigError": (
+        False,
+        "fix the spec field the message names (forgeline validate shows every error) and apply again",
+    ),
+    "UserCodeError": (True, "the trainer raised: read the traceback in the Ray job's log and fix the cause"),
+    "Unknown": (True, "read the Ray job's log"),
+}
+
+# Patterns in the log, first match wins: the specific causes come before the generic symptoms
+# they also print (an OOM kill also kills the worker; a preempted node also loses its actors).
+_PATTERNS: tuple[tuple[FailureReason, re.Pattern[str]], ...] = tuple(
+    (reason, re.compile(pattern, re.IGNORECASE))
+    for reason, pattern in (
+        (
+            "OOMKilled",
+            r"CUDA out of memory|torch\.(cuda\.)?OutOfMemoryError|OutOfMemoryError|oom[-_ ]kill|"
+            r"exit code 137|exited with code 137|memory monitor.*kill|Killed process \d+",
+        ),
+        (
+            "Preempted",
+            # not a bare SIGTERM: Ray logs "SIGTERM handler is not set ..." in healthy runs, and stops
+            # workers with SIGTERM after any failure; the trainer declares a real preemption itself
+            r"\bpreempted\b|spot (instance )?(interruption|reclaim)|node is draining|"
+            r"instance is being terminated",
+        ),
+        (
+            "NCCLTimeout",
+            r"NCCL.*(timeout|timed out)|Watchdog caught collective operation timeout|"
+            r"collective operation timeout|ProcessGroupNCCL.*timed out|gloo.*timed out",
+        ),
+        ("NodeLost", r"NodeDiedError|node .* (has )?died|node .* (is )?dead|raylet .* died"),
+        (
+            "WorkerLost",
+            r"ActorDiedError|RayActorError|WorkerCrashedError|The actor died|actor .* died unexpectedly|"
+            r"worker (process )?(died|crashed)",
+        ),
+        (
+            "ModelUnavailable",
+            r"couldn't connect to 'https?://huggingface\.co'|is not a local folder and is not a valid "
+            r"model identifier|Repository Not Found|does not appear to have a file named|"
+            r"(base|reward) ?model.*(not found|does not exist|missing)|"
+            r"No such file or directory.*(model|config\.json)",
+        ),
+        (
+            "DataError",
+            r"spec\.(data|dataset|evaluation)[.:]|every (document|example|record) was filtered out|"
+            r"make no full block|DataError|cannot read .*(jsonl|parquet)",
+        ),
+        ("ConfigError", r"invalid job config|forgeline-trainer: .*spec\.|ConfigError"),
+    )
+)
+_SYMPTOMS = ("WorkerLost",)
+"""Reasons whose log lines also appear as a consequence of other failures."""
+_WRAPPER = re.compile(r"WorkerGroupError|ControllerError|TrainingFailedError|RayTaskError")
+"""Ray Train's exceptions around the workers' own: never the root cause."""
+_RAY_PREFIX = re.compile(r"^\((?:[^()]*\s)?pid=\d+[^)]*\)\s*|^\[Rank \d+[^\]]*\]:\s*")
+"""`(RayTrainWorker pid=81, ip=10.0.0.3)` and `[Rank 0 worker]:` in front of forwarded lines."""
+_RAY_DEDUP = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# An exception line: `ValueError: ...`, `forgeline_trainer.runtime.InjectedFailure: ...`.
+_EXCEPTION_LINE = re.compile(r"^(?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Failure|Interrupt)?: \S")
+_TRACEBACK = re.compile(r"^Traceback \(most recent call last\)", re.M)
+_REDACT = (
+    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]+"), r"\1[redacted]"),
+    (
+        re.compile(r"(?i)((?:token|secret|password|passwd|api[_-]?key|access[_-]?key)[\w-]*\s*[=:]\s*)\S+"),
+        r"\1[redacted]",
+    ),
+    (re.compile(r"(?i)(://[^/\s:@]+:)[^@\s]+@"), r"\1[redacted]@"),
+    (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"), "[redacted]"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{20,}\b"), "[redacted]"),
+)
+MAX_DECISIVE_LINES = 5
+MAX_LINE = 300
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: FailureReason
+    message: str
+    """One line: the decisive error, redacted."""
+    fix: str
+    retryable: bool
+    """Whether another attempt can succeed without a change to the spec or the data."""
+    counts_against_backoff: bool
+    """False for preemption: a reclaimed node is not the job's fault."""
+    decisive_lines: tuple[str, ...]
+    """The few log lines that decided the reason (redacted, shortened)."""
+
+
+def redact(text: str) -> str:
+    """Tokens, keys, passwords and credentials in URLs replaced by [redacted]."""
+    for pattern, replacement in _REDACT:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def classify(error_record: dict[str, Any] | None, ray_message: str, log_tail: str) -> Failure:
+    """The failure of one attempt. `error_record`: the trainer's own `error` progress record, if it
+    wrote one (its `reason` wins); `ray_message`: Ray's job message; `log_tail`: the end of the log."""
+    record = error_record or {}
+    text = "\n".join(p for p in (str(record.get("message") or ""), ray_message, log_tail) if p)
+    lines = [_clean(ln) for ln in _ANSI.sub("", text).splitlines()]
+    lines = [ln for ln in lines if ln]
+    declared = record.get("reason")
+    if declared in FAILURE_REASONS:
+        pattern = dict(_PATTERNS).get(declared)
+        hits = [ln for ln in lines if pattern.search(ln)] if pattern else []
+        return _failure(declared, hits or lines[:1], record)
+    # Root causes first: the exceptions raised (not Ray Train's wrappers around them), then
+    # evidence anywhere in the log. Actors die as a consequence of any failure, so "WorkerLost"
+    # only wins where nothing else explains the failure.
+    causes = [ln for ln in lines if _EXCEPTION_LINE.match(ln) and not _WRAPPER.search(ln)]
+    causes = [ln for ln in causes if not _matches(ln, _SYMPTOMS)]
+    for candidates in (causes, lines):
+        for reason, pattern in _PATTERNS:
+            hits = [ln for ln in candidates if pattern.search(ln)]
+            if hits and reason not in _SYMPTOMS:
+                return _failure(reason, hits, record)
+    if causes:
+        return _failure("UserCodeError", _exception_lines(lines, causes), record)
+    for reason, pattern in _PATTERNS:
+        hits = [ln for ln in lines if pattern.search(ln)]
+        if hits:
+            return _failure(reason, hits, record)
+    if _TRACEBACK.search(text):
+        return _failure("UserCodeError", lines[-2:], record)
+    return _failure("Unknown", lines[-3:], record)
+
+
+def _clean(line: str) -> str:
+    """A log line without Ray's worker prefix and its deduplication note."""
+    return _RAY_DEDUP.sub("", _RAY_PREFIX.sub("", line)).strip()
+
+
+def _matches(line: str, reasons: tuple[str, ...]) -> bool:
+    return any(pattern.search(line) for reason, pattern in _PATTERNS if reason in reasons)
+
+
+def _exception_lines(lines: list[str], causes: list[str]) -> list[str]:
+    """The last root-cause exception line, with the line above it (its frame's code)."""
+    at = len(lines) - 1 - lines[::-1].index(causes[-1])
+    return lines[max(0, at - 1) : at + 1]
+
+
+def _failure(reason: FailureReason, decisive: list[str], record: dict[str, Any]) -> Failure:
+    retryable, fix = _NATURE[reason]
+    shown = tuple(redact(ln)[:MAX_LINE] for ln in decisive[-MAX_DECISIVE_LINES:])
+    message = redact(str(record.get("message") or "")).strip() or (shown[-1] if shown else "")
+    return Failure(
+        reason=reason,
+        message=message.splitlines()[-1][:MAX_LINE] if message else "no error message",
+        fix=fix,
+        retryable=retryable,
+        counts_against_backoff=reason != "Preempted",
+        decisive_lines=shown,
+    )

@@ -1,0 +1,158 @@
+"""Failure classification (forgeline_operator.failures): real messages from torch, NCCL, Ray,
+transformers and the trainer, each named with its typed reason, its fix and whether to retry."""
+
+from __future__ import annotations
+
+import pytest
+
+from forgeline_operator.failures import FAILURE_REASONS, classify, redact
+
+HF_OFFLINE = (
+    "OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+    "them in the cached files. Check your internet connection or see how to run the library in "
+    "offline mode at 'https://huggingface.co/docs/transformers/installation#offline-mode'."
+)
+TRACEBACK = """Traceback (most recent call last):
+  File "/app/forgeline_trainer/recipes/pretrain.py", line 210, in train_loop
+    loss = net(**batch).loss
+  File "/app/torch/nn/modules/module.py", line 1751, in _wrapped_call_impl
+ZeroDivisionError: division by zero"""
+
+
+@pytest.mark.parametrize(
+    ("log", "reason", "retryable"),
+    [
+        (
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+            "capacity of 79.11 GiB of which 1.2 GiB is free.",
+            "OOMKilled",
+            False,
+        ),
+        ("Worker exited with code 137 (oom-kill)", "OOMKilled", False),
+        (
+            "[rank3]:[E ProcessGroupNCCL.cpp:607] [Rank 3] Watchdog caught collective operation timeout: "
+            "WorkNCCL(SeqNum=812, OpType=ALLREDUCE, Timeout(ms)=600000) ran for 600052 milliseconds",
+            "NCCLTimeout",
+            True,
+        ),
+        (
+            "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+            "WorkerLost",
+            True,
+        ),
+        ("ray.exceptions.NodeDiedError: node 10.0.3.4 has died", "NodeLost", True),
+        ("received signal 15 (SIGTERM): the node is draining", "Preempted", True),
+        ("Spot instance interruption notice: instance is being terminated", "Preempted", True),
+        (HF_OFFLINE, "ModelUnavailable", False),
+        (
+            "forgeline-trainer: spec.data: every document was filtered out ({'short': 40}); "
+            "loosen spec.data.filters",
+            "DataError",
+            False,
+        ),
+        (
+            "forgeline-trainer: invalid job config: 1 validation error for TrainingJobConfig",
+            "ConfigError",
+            False,
+        ),
+        (TRACEBACK, "UserCodeError", True),
+        ("", "Unknown", True),
+    ],
+)
+def test_real_messages_get_their_reason(log: str, reason: str, retryable: bool) -> None:
+    failure = classify(None, "Job entrypoint command failed with exit code 1", log)
+    assert failure.reason == reason, failure
+    assert failure.retryable is retryable
+    assert failure.fix
+    assert failure.counts_against_backoff is (reason != "Preempted")
+
+
+def test_the_trainers_own_reason_wins() -> None:
+    failure = classify(
+        {"type": "error", "reason": "DataError", "message": "no rows in x.jsonl"}, "", TRACEBACK
+    )
+    assert failure.reason == "DataError" and failure.message == "no rows in x.jsonl" and not failure.retryable
+
+
+def test_decisive_lines_are_few_short_and_redacted() -> None:
+    log = "\n".join(
+        [f"step {i}" for i in range(100)]
+        + [
+            "connecting to s3://AKIAABCDEFGHIJKLMNOP@bucket with token=hf_abcdefghijklmnopqrstuvwxyz0123",
+            "Authorization: Bearer sk-live-1234567890",
+            "torch.OutOfMemoryError: CUDA out of memory. " + "x" * 1000,
+        ]
+    )
+    failure = classify(None, "", log)
+    assert failure.reason == "OOMKilled"
+    assert 1 <= len(failure.decisive_lines) <= 5
+    assert all(len(line) <= 300 for line in failure.decisive_lines)
+    assert failure.message.startswith("torch.OutOfMemoryError")
+    text = redact(log)
+    for secret in ("AKIAABCDEFGHIJKLMNOP", "hf_abcdefghijklmnopqrstuvwxyz0123", "sk-live-1234567890"):
+        assert secret not in text
+
+
+def test_a_traceback_names_its_exception() -> None:
+    failure = classify(None, "", TRACEBACK)
+    assert failure.message == "ZeroDivisionError: division by zero"
+    assert failure.decisive_lines[-1] == "ZeroDivisionError: division by zero"
+
+
+@pytest.mark.parametrize("reason", FAILURE_REASONS)
+def test_every_reason_has_a_fix_and_a_retry_rule(reason: str) -> None:
+    failure = classify({"type": "error", "reason": reason, "message": "x"}, "", "")
+    assert failure.reason == reason and failure.fix and failure.message == "x"
+    assert failure.retryable is (reason not in ("OOMKilled", "DataError", "ModelUnavailable", "ConfigError"))
+
+
+def test_a_ray_train_worker_error_names_the_workers_exception() -> None:
+    log = """Traceback (most recent call last):
+  File "/venv/ray/train/v2/_internal/execution/controller/controller.py", line 501, in run
+ray.train.v2.api.exceptions.WorkerGroupError: Training failed due to worker errors:
+[Rank 0 worker]: Traceback (most recent call last):
+  File "/app/forgeline_trainer/runtime.py", line 44, in fault_injection
+    raise InjectedFailure(f"injected failure at step {step}")
+forgeline_trainer.runtime.InjectedFailure: injected failure at step 20"""
+    failure = classify(None, "Job entrypoint command failed with exit code 1", log)
+    assert failure.reason == "UserCodeError" and failure.retryable
+    assert failure.message == "forgeline_trainer.runtime.InjectedFailure: injected failure at step 20"
+
+
+def test_ray_noise_about_sigterm_is_no_preemption() -> None:
+    log = (
+        "SIGTERM handler is not set because current thread is not the main thread.\n"
+        "(RayTrainWorker pid=81) SIGTERM received, shutting down worker\n" + TRACEBACK
+    )
+    assert classify(None, "", log).reason == "UserCodeError"
+
+
+def test_a_traceback_outranks_actors_dying_because_of_it() -> None:
+    died = "(TrainController pid=9) ray.exceptions.ActorDiedError: The actor died because of an error"
+    assert classify(None, "", TRACEBACK + "\n" + died).reason == "UserCodeError"
+    lost = "ray.train.v2.api.exceptions.WorkerGroupError: Training failed due to worker errors:\n" + died
+    assert classify(None, "", "Traceback (most recent call last):\n" + lost).reason == "WorkerLost"
+    noise = "(TrainController pid=9) worker group shutting down: the actor died as requested\n" + TRACEBACK
+    assert classify(None, "", noise).reason == "UserCodeError"
+
+
+def test_a_real_ray_train_failure_log() -> None:
+    """Recorded from Ray 2.5x: colours, worker prefixes, deduplication notes, Ray Train's
+    PreemptionWatcher actor (no preemption) and the worker's exception."""
+    blue, plain, green = "\x1b[36m", "\x1b[0m", "\x1b[32m"
+    controller = f"{blue}(TrainController pid=12386){plain} "
+    worker = f"{blue}(RayTrainWorker pid=12496){plain} "
+    error = "forgeline_trainer.runtime.InjectedFailure: injected failure after step 20"
+    log = "\n".join(
+        [
+            controller + "[2026-11-24 14:33:40,526 E 12386 12418] core_worker.cc:2465: Actor with class "
+            "name: 'PreemptionWatcher' and ID: '786c' has constructor arguments in the object store",
+            worker + "Traceback (most recent call last):",
+            worker + error,
+            "ray.train.WorkerGroupError: Training failed due to worker errors:",
+            controller + error + f"{green} [repeated 2x across cluster] (Ray deduplicates logs){plain}",
+        ]
+    )
+    failure = classify(None, "Job entrypoint command failed with exit code 1", log)
+    assert failure.reason == "UserCodeError"
+    assert failure.message == "forgeline_trainer.runtime.InjectedFailure: injected failure after step 20"
