@@ -15,6 +15,7 @@ SHIPPED = CHART / "files/dashboards/forgeline.json"
 EXPECTED_TITLES = [
     "Jobs by phase",
     "Phase transitions",
+    "Failures by reason (1h)",
     "Job restarts (1h)",
     "Training loss",
     "Tokens per second",
@@ -31,6 +32,7 @@ EXPECTED_TITLES = [
 EXPECTED_METRICS = {
     "forgeline_jobs",
     "forgeline_job_transitions_total",
+    "forgeline_job_failures_total",
     "forgeline_job_restarts_total",
     "forgeline_job_loss",
     "forgeline_job_tokens_per_second",

@@ -190,3 +190,51 @@ def test_budget_is_wall_clock_since_start_and_gpu_hours() -> None:
     assert (
         decisions.budget_exceeded(Budget(maxGpuHours=0.1), 4, 0, start, at) is None
     )  # CPU jobs use no GPU-hours
+
+
+# -- the watchdog ---------------------------------------------------------------------------------
+
+
+def _watchdog(**fields: object):
+    from forgeline_operator.api.common import Watchdog
+
+    return Watchdog(**fields)
+
+
+def test_watchdog_startup_deadline_counts_from_this_submission() -> None:
+    dog = _watchdog(startupDeadlineSeconds=600)
+    submitted = "2026-01-01T00:00:00Z"
+    at = datetime(2026, 1, 1, 0, 10, 1, tzinfo=UTC)
+    why = decisions.stall(dog, submitted, None, at)
+    assert why is not None and "spec.watchdog.startupDeadlineSeconds (600s)" in why
+    assert decisions.stall(dog, submitted, None, at - timedelta(seconds=2)) is None
+    # a step from an earlier attempt does not count as this attempt's first step
+    earlier = {"step": 40, "stepAdvancedAt": "2025-12-31T23:00:00Z", "secondsPerStep": 0.1}
+    assert decisions.stall(dog, submitted, earlier, at) is not None
+
+
+def test_watchdog_stall_never_shorter_than_ten_steps() -> None:
+    dog = _watchdog(stallSeconds=60)
+    submitted, advanced = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+    fast = {"stepAdvancedAt": advanced, "secondsPerStep": 0.5}
+    assert decisions.stall(dog, submitted, fast, datetime(2026, 1, 1, 0, 5, 59, tzinfo=UTC)) is None
+    why = decisions.stall(dog, submitted, fast, datetime(2026, 1, 1, 0, 6, 1, tzinfo=UTC))
+    assert why is not None and "spec.watchdog.stallSeconds" in why
+    slow = {"stepAdvancedAt": advanced, "secondsPerStep": 30.0}  # a slow model: 10 × 30 s = 300 s
+    assert decisions.stall(dog, submitted, slow, datetime(2026, 1, 1, 0, 9, 59, tzinfo=UTC)) is None
+    assert decisions.stall(dog, submitted, slow, datetime(2026, 1, 1, 0, 10, 1, tzinfo=UTC)) is not None
+
+
+def test_watchdog_off_or_not_submitted() -> None:
+    at = datetime(2027, 1, 1, tzinfo=UTC)
+    assert decisions.stall(_watchdog(enabled=False), "2026-01-01T00:00:00Z", None, at) is None
+    assert decisions.stall(_watchdog(), None, None, at) is None
+
+
+def test_stalled_is_retried_and_counted() -> None:
+    from forgeline_operator.failures import stalled
+
+    failure = stalled("no optimizer step for 700s")
+    assert failure.reason == "Stalled" and failure.fix
+    assert decisions.after_failure(0, 1, failure) == decisions.Resubmit(counted=True)
+    assert isinstance(decisions.after_failure(1, 1, failure), decisions.GiveUp)

@@ -34,3 +34,13 @@ def test_progress_mapping() -> None:
     )
     assert p["summary"] == "30/60" and p["percent"] == 50 and p["tokensPerSecond"] == 100.0
     assert p["evalMetrics"] == {"eval_loss": 3.0}
+
+
+def test_step_advanced_at_moves_only_when_the_step_does() -> None:
+    rec = {"step": 30, "total_steps": 60, "eta_seconds": 15.0}
+    first = lifecycle.progress_from(rec, None, None)
+    assert first["stepAdvancedAt"] == first["updatedAt"] and first["secondsPerStep"] == 0.5
+    old = {**first, "stepAdvancedAt": "2026-01-01T00:00:00Z"}
+    assert lifecycle.progress_from(rec, None, old)["stepAdvancedAt"] == "2026-01-01T00:00:00Z"
+    moved = lifecycle.progress_from({**rec, "step": 31}, None, old)
+    assert moved["stepAdvancedAt"] != "2026-01-01T00:00:00Z"

@@ -311,6 +311,43 @@ def test_injected_trainer_failure_is_retried_and_recovers(
     assert 'forgeline_job_failures_total{kind="TrainingJob",reason="UserCodeError"} 1.0' in operator.metrics()
 
 
+def test_a_failure_retrying_cannot_fix_fails_at_once_with_its_reason(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    doc = _long_job("no-data", steps=20)
+    doc["spec"]["data"]["sources"] = [{"uri": "examples/data/missing-corpus.jsonl"}]
+    doc["spec"]["backoffLimit"] = 3
+    _apply(cluster, namespace, doc)
+    final, _ = _watch_until_done(cluster, "tj", "no-data", namespace, operator, timeout=240)
+    status = final["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "DataError", status
+    assert status["restarts"] == 0  # not retried: a missing file stays missing
+    assert "missing-corpus.jsonl" in status["message"] and "fix:" in status["message"]
+    last = status["lastFailure"]
+    assert last["reason"] == "DataError" and last["retried"] is False and last["attempt"] == 0
+    assert "missing-corpus.jsonl" in last["message"] and last["fix"]
+
+
+def test_watchdog_restarts_a_hung_job_from_its_checkpoint(
+    cluster: Cluster, operator: Operator, namespace: str, op_workdir: Path
+) -> None:
+    """Attempt 0 hangs after step 25 (alive, no more steps); the watchdog stops it after
+    stallSeconds and resubmits it, and attempt 1 resumes from the step-20 checkpoint."""
+    doc = _long_job("hung", steps=60)
+    doc["metadata"]["annotations"] = {"forgeline.dev/hang-at-step": "25"}
+    doc["spec"]["watchdog"] = {"stallSeconds": 15}
+    _apply(cluster, namespace, doc)
+    final, _ = _watch_until_done(cluster, "tj", "hung", namespace, operator, timeout=400)
+    status = final["status"]
+    assert status["phase"] == "Succeeded" and status["restarts"] == 1, status
+    last = status["lastFailure"]
+    assert last["reason"] == "Stalled" and last["retried"] is True and last["attempt"] == 0
+    assert "spec.watchdog.stallSeconds" in last["message"] and 1 <= last["step"] <= 25
+    metrics = json.loads((op_workdir / "runs/hung/metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 20
+    assert 'forgeline_job_failures_total{kind="TrainingJob",reason="Stalled"} 1.0' in operator.metrics()
+
+
 def test_suspend_stops_and_resume_continues_from_checkpoint(
     cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay, op_workdir: Path
 ) -> None:

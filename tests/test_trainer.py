@@ -302,6 +302,7 @@ def test_missing_data_fails_before_workers_start(run: Runner) -> None:
     assert result.status == "FAILED"
     errors = [r for r in result.records if r["type"] == "error"]
     assert errors and "nope.jsonl" in errors[0]["message"]
+    assert errors[0]["reason"] == "DataError"  # typed: the operator fails the job at once, no retry
     assert not any(r["type"] == "event" and r["message"] == "training started" for r in result.records)
 
 

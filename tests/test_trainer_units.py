@@ -487,3 +487,32 @@ def test_scaling_reads_cpu_quantities_strictly() -> None:
     assert launcher.scaling(cfg("8", workers=1, gpus=2)) == (2, True, {"CPU": 4.0, "GPU": 1})
     with pytest.raises(ValueError, match=r"spec\.resources\.cpu"):
         launcher.scaling(cfg("2Gi"))
+
+
+# -- typed failures --------------------------------------------------------------------------------
+
+
+def test_trainer_errors_carry_their_reason() -> None:
+    from forgeline_trainer import errors, storage
+
+    with pytest.raises(FileNotFoundError) as missing:
+        storage.expand("/nonexistent/forgeline/*.jsonl")
+    assert errors.reason_for(missing.value) == "DataError"
+    with pytest.raises(FileNotFoundError) as no_model:
+        models.model_location("/nonexistent/model", None)
+    assert errors.reason_for(no_model.value) == "ModelUnavailable"
+    hub = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    assert errors.reason_for(hub) == "ModelUnavailable"
+    assert errors.reason_for(MemoryError()) == "OOMKilled"
+    assert errors.reason_for(RuntimeError("a bug")) is None  # the operator reads the log
+
+
+def test_a_workers_own_failure_is_named_through_ray_trains_wrapper() -> None:
+    import torch
+    from ray.train import WorkerGroupError
+
+    from forgeline_trainer import errors
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert errors.reason_for(WorkerGroupError("m", {0: RuntimeError("x"), 1: oom})) == "OOMKilled"
+    assert errors.reason_for(WorkerGroupError("m", {0: RuntimeError("x")})) is None

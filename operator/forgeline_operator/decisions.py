@@ -21,6 +21,7 @@ TIMED_PHASES = frozenset({"Pending", "Waiting", "Provisioning", "Running"})
 """Phases that need a periodic reconcile. Terminal and Suspended jobs have no timer, so a thousand
 finished or parked jobs cost nothing but their watch events."""
 FAULT_INJECTION_ANNOTATION = "forgeline.dev/fail-at-step"
+HANG_ANNOTATION = "forgeline.dev/hang-at-step"
 
 # -- which step of the state machine ---------------------------------------------------------------
 
@@ -169,6 +170,38 @@ def after_failure(restarts: int, backoff_limit: int, failure: Failure) -> Resubm
     return GiveUp(failure.reason, f"spec.backoffLimit ({backoff_limit}) resubmissions used")
 
 
+def stall(
+    watchdog: Any, submitted_at: str | None, progress: Mapping[str, Any] | None, at: datetime
+) -> str | None:
+    """Why the current attempt counts as stalled (a message naming the field), or None.
+
+    Before its first step the attempt has spec.watchdog.startupDeadlineSeconds from its
+    submission; after it, no step may take longer than stallSeconds — and never less than 10×
+    the observed seconds per step. `progress` is status.progress (stepAdvancedAt,
+    secondsPerStep); a step seen before this submission belongs to an earlier attempt."""
+    if not watchdog.enabled or not submitted_at:
+        return None
+    submitted = parse_time(submitted_at)
+    advanced = (progress or {}).get("stepAdvancedAt")
+    if advanced is None or parse_time(advanced) < submitted:
+        waited = (at - submitted).total_seconds()
+        if waited <= watchdog.startup_deadline_seconds:
+            return None
+        return (
+            f"no optimizer step {waited:.0f}s after submission, over "
+            f"spec.watchdog.startupDeadlineSeconds ({watchdog.startup_deadline_seconds}s)"
+        )
+    idle = (at - parse_time(advanced)).total_seconds()
+    per_step = float((progress or {}).get("secondsPerStep") or 0.0)
+    limit = max(float(watchdog.stall_seconds), 10 * per_step)
+    if idle <= limit:
+        return None
+    return (
+        f"no optimizer step for {idle:.0f}s, over {limit:.0f}s (spec.watchdog.stallSeconds "
+        f"{watchdog.stall_seconds}s, at least 10× the {per_step:.2f}s per step seen)"
+    )
+
+
 def cluster_overdue(waited_seconds: float, timeout_seconds: float, recreatable: bool) -> bool:
     """A Ray cluster still not ready after the timeout is deleted and created again — only where
     the operator created it (KubeRay), never an existing cluster named by address."""
@@ -221,10 +254,13 @@ def budget_exceeded(
 # -- test hooks ---------------------------------------------------------------------------------
 
 
-def injected_failure_step(annotations: Mapping[str, str], allowed: bool) -> int | None:
-    """The step at which tests make the trainer fail (annotation `forgeline.dev/fail-at-step`),
-    honoured only by an operator started with FORGELINE_ALLOW_FAULT_INJECTION=true."""
-    value = annotations.get(FAULT_INJECTION_ANNOTATION)
+def injected_failure_step(
+    annotations: Mapping[str, str], allowed: bool, annotation: str = FAULT_INJECTION_ANNOTATION
+) -> int | None:
+    """The step at which tests make the trainer fail (annotation `forgeline.dev/fail-at-step`) or
+    hang (`forgeline.dev/hang-at-step`), honoured only by an operator started with
+    FORGELINE_ALLOW_FAULT_INJECTION=true."""
+    value = annotations.get(annotation)
     if not allowed or not value or not value.isdigit():
         return None
     return int(value)

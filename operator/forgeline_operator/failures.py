@@ -52,6 +52,11 @@ _NATURE: dict[str, tuple[bool, str]] = {
         "fix the spec field the message names (forgeline validate shows every error) and apply again",
     ),
     "UserCodeError": (True, "the trainer raised: read the traceback in the Ray job's log and fix the cause"),
+    "Stalled": (
+        True,
+        "nothing to change if it was a one-off hang; if it repeats, look for a stuck collective or data "
+        "loader in the worker logs, or raise spec.watchdog.stallSeconds for a model with very slow steps",
+    ),
     "Unknown": (True, "read the Ray job's log"),
 }
 
@@ -135,6 +140,12 @@ class Failure:
     """False for preemption: a reclaimed node is not the job's fault."""
     decisive_lines: tuple[str, ...]
     """The few log lines that decided the reason (redacted, shortened)."""
+
+
+def stalled(message: str) -> Failure:
+    """The failure the watchdog declares when a job stops making steps."""
+    retryable, fix = _NATURE["Stalled"]
+    return Failure("Stalled", message, fix, retryable, True, (message,))
 
 
 def redact(text: str) -> str:

@@ -82,14 +82,20 @@ def changed(status: dict[str, Any], phase: str, reason: str, message: str) -> bo
     return (status.get("phase"), status.get("reason"), status.get("message")) != (phase, reason, message)
 
 
-def progress_from(record: dict[str, Any], evals: dict[str, Any] | None) -> dict[str, Any]:
-    """A trainer progress record → status.progress (camelCase, with a `kubectl get` summary)."""
+def progress_from(
+    record: dict[str, Any], evals: dict[str, Any] | None, previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A trainer progress record → status.progress (camelCase, with a `kubectl get` summary).
+    `previous` (the status.progress before it) carries stepAdvancedAt over while the step stands."""
     step, total = int(record.get("step", 0)), record.get("total_steps")
     out: dict[str, Any] = {"step": step, "updatedAt": now()}
     if total:
         out.update(
             totalSteps=int(total), percent=min(100, int(100 * step / total)), summary=f"{step}/{total}"
         )
+        eta = record.get("eta_seconds")
+        if isinstance(eta, (int, float)) and total > step:
+            out["secondsPerStep"] = round(float(eta) / (total - step), 4)
     for src, dst in (
         ("loss", "loss"),
         ("learning_rate", "learningRate"),
@@ -103,6 +109,11 @@ def progress_from(record: dict[str, Any], evals: dict[str, Any] | None) -> dict[
     ):
         if isinstance(record.get(src), (int, float)):
             out[dst] = float(record[src])
+    before = previous or {}
+    if before.get("step") == step and before.get("stepAdvancedAt"):
+        out["stepAdvancedAt"] = before["stepAdvancedAt"]
+    else:
+        out["stepAdvancedAt"] = out["updatedAt"]
     if evals:
         out["evalMetrics"] = {
             k: float(v) for k, v in evals.items() if k not in ("type", "step") and isinstance(v, (int, float))

@@ -130,7 +130,9 @@ class Reconciler:
         job, settings = self.job, self.rt.settings
         base, reward = job.model_source(), job.reward_model_source()
         work_dir = settings.local_work_dir or (os.getcwd() if self.backend.name == "local" else None)
-        fail_at = decisions.injected_failure_step(job.metadata.annotations, settings.allow_fault_injection)
+        notes, allowed = job.metadata.annotations, settings.allow_fault_injection
+        fail_at = decisions.injected_failure_step(notes, allowed)
+        hang_at = decisions.injected_failure_step(notes, allowed, decisions.HANG_ANNOTATION)
         return build_job_config(
             job,
             base_model=self._output_of(base.from_job) if base and base.from_job else None,
@@ -138,6 +140,7 @@ class Reconciler:
             work_dir=work_dir,
             attempt=attempt,
             fail_at_step=fail_at,
+            hang_at_step=hang_at,
             # an injected failure must fail the Ray job, not be absorbed by Ray Train
             max_worker_failures=0 if fail_at else 2,
         )
@@ -187,7 +190,7 @@ class Reconciler:
             )
             raise kopf.TemporaryError(f"Ray submission failed: {exc}", delay=10) from exc
         fields: dict[str, Any] = {
-            "ray": _ray_info(state, jobId=sid, jobStatus="PENDING"),
+            "ray": _ray_info(state, jobId=sid, jobStatus="PENDING", submittedAt=lifecycle.now()),
             "outputUri": config.paths.output,
             "checkpointUri": config.paths.checkpoints,
         }
@@ -229,6 +232,8 @@ class Reconciler:
             self._succeeded(sid, fields)
         elif ray_status in TERMINAL_RAY_STATES:  # FAILED or STOPPED
             self._failed(state, jobs, sid, ray_status, cursor, log, fields)
+        elif self._stalled(state, jobs, sid, cursor, fields):
+            return
         elif fields.get("progress") != self.status.get("progress") or ray_status != ray.get("jobStatus"):
             self.out.write(fields)
 
@@ -237,7 +242,8 @@ class Reconciler:
         fields: dict[str, Any] = {"ray": ray}
         record = cursor.latest.get("progress") or cursor.latest.get("done")
         if record:
-            fields["progress"] = lifecycle.progress_from(record, cursor.latest.get("eval"))
+            previous = self.status.get("progress")
+            fields["progress"] = lifecycle.progress_from(record, cursor.latest.get("eval"), previous)
             key = self.out.key
             metrics.relay_progress(key.namespace, key.name, key.kind, fields["progress"])
         return fields
@@ -261,8 +267,35 @@ class Reconciler:
         log: str,
         fields: dict[str, Any],
     ) -> None:
-        """Classify the failed attempt, then resubmit it or fail the job, as `decisions` says."""
+        """The Ray job ended FAILED or STOPPED: classify why, then act on it."""
         failure = failures.classify(cursor.latest.get("error"), jobs.message(sid), log[-_LOG_TAIL_CHARS:])
+        self._after_failure(state, sid, ray_status, failure, cursor, fields)
+
+    def _stalled(
+        self, state: ClusterState, jobs: RayJobs, sid: str, cursor: LogCursor, fields: dict[str, Any]
+    ) -> bool:
+        """The watchdog: a running attempt without steps for too long is stopped and handled as a
+        Stalled failure."""
+        progress = fields.get("progress") or self.status.get("progress")
+        submitted = (self.status.get("ray") or {}).get("submittedAt")
+        why = decisions.stall(self.job.spec.watchdog, submitted, progress, datetime.now(UTC))
+        if why is None:
+            return False
+        final = jobs.stop_and_wait(sid)
+        self.logger.warning(f"watchdog: {why}; stopped Ray job {sid} ({final})")
+        self._after_failure(state, sid, final, failures.stalled(why), cursor, fields)
+        return True
+
+    def _after_failure(
+        self,
+        state: ClusterState,
+        sid: str,
+        ray_status: str,
+        failure: failures.Failure,
+        cursor: LogCursor,
+        fields: dict[str, Any],
+    ) -> None:
+        """Record the failed attempt, then resubmit it or fail the job, as `decisions` says."""
         self.rt.cursors.pop(sid, None)
         metrics.FAILURES.labels(self.out.kind, failure.reason).inc()
         verdict = decisions.after_failure(

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import storage
+from .errors import DataError
 
 _WS = re.compile(r"\s+")
 
@@ -47,7 +48,7 @@ def read_records(uri: str, fmt: str, work_dir: str | None = None) -> list[dict[s
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+                        raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -55,7 +56,7 @@ def read_records(uri: str, fmt: str, work_dir: str | None = None) -> list[dict[s
         elif fmt == "text":
             records.extend({"text": line} for line in raw.decode("utf-8").splitlines() if line.strip())
         else:
-            raise ValueError(f"unknown data format {fmt!r}")
+            raise DataError(f"unknown data format {fmt!r}")
     return records
 
 
@@ -67,7 +68,7 @@ def read_texts(sources: Sequence[Any], text_field: str, work_dir: str | None = N
         field_name = "text" if src.format == "text" else text_field
         missing = sum(1 for r in records if not isinstance(r.get(field_name), str))
         if missing == len(records):
-            raise ValueError(
+            raise DataError(
                 f"{src.uri}: no record has a string field '{field_name}' "
                 f"(spec.data.textField); fields seen: {sorted(records[0]) if records else []}"
             )
@@ -209,10 +210,10 @@ def tokenizer_from_files(files: dict[str, bytes]):  # noqa: ANN201
     """A tokenizer from its saved files (the driver ships them to the workers as bytes)."""
     import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix="forgeline-tok-"))
-    for name, blob in files.items():
-        (tmp / name).write_bytes(blob)
-    return load_tokenizer(str(tmp))
+    with tempfile.TemporaryDirectory(prefix="forgeline-tok-") as tmp:  # loaded into memory, then gone
+        for name, blob in files.items():
+            (Path(tmp) / name).write_bytes(blob)
+        return load_tokenizer(tmp)
 
 
 def load_tokenizer(location: str):  # noqa: ANN201

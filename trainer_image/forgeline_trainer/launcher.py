@@ -30,6 +30,7 @@ from forgeline_operator.api.jobconfig import (
 from forgeline_operator.api.quantities import cpu_cores
 
 from . import progress, storage
+from .errors import ConfigError, reason_for
 from .recipes import Prepared
 
 
@@ -52,7 +53,7 @@ def recipe_for(cfg: TrainingJobConfig | FineTuneJobConfig):  # noqa: ANN201 - a 
         from .recipes import rl
 
         return rl
-    raise ValueError(f"spec.method: no recipe runs {method!r}")
+    raise ConfigError(f"spec.method: no recipe runs {method!r}")
 
 
 def scaling(cfg: TrainingJobConfig | FineTuneJobConfig) -> tuple[int, bool, dict[str, float]]:
@@ -123,6 +124,17 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     }
 
 
+def _report_error(exc: BaseException) -> None:
+    """The `error` progress record: the message and, where the trainer can tell, the typed
+    reason (the operator classifies the log for the rest)."""
+    inner = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: the workers' own
+    first = next(iter(inner.values()), exc) if isinstance(inner, dict) and inner else exc
+    plain = isinstance(first, (ValueError, FileNotFoundError))  # our own messages name the field
+    message = str(first) if plain else f"{type(first).__name__}: {first}"
+    record = {"type": "error", "message": message[:1000], "reason": reason_for(exc)}
+    progress.emit({k: v for k, v in record.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forgeline_trainer", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -144,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        progress.emit({"type": "error", "message": str(exc)})
+    except (ValueError, FileNotFoundError) as exc:  # a clear message is all a user needs
+        _report_error(exc)
         print(f"forgeline-trainer: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        _report_error(exc)
+        raise  # the traceback goes to the Ray job's log
     progress.emit({"type": "finished", "output": cfg.paths.output, "checkpoint": result["checkpoint"]})
     return 0

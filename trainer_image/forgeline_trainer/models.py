@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import progress, storage
+from .errors import ModelUnavailable
 
 # Spec field -> config attribute name per architecture family.
 _LLAMA_LIKE = {
@@ -87,7 +88,7 @@ def model_location(location: str, work_dir: str | None) -> str:
         return location[len("hf://") :]
     resolved = storage.resolve(location, work_dir)
     if not storage.is_remote(resolved) and not Path(resolved).is_dir():
-        raise FileNotFoundError(f"model directory {resolved} does not exist")
+        raise ModelUnavailable(f"model directory {resolved} does not exist")
     return storage.local_copy(resolved, cache_root="/tmp/forgeline-models")
 
 

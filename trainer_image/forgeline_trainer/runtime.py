@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -75,8 +76,11 @@ class InjectedFailure(RuntimeError):
 
 
 def fault_injection(cfg: Any, step: int) -> None:
-    """Fail right after `failAtStep` on the first attempt. Put it on a checkpoint step: a retried
-    worker (or a resubmitted job) resumes past it and succeeds."""
+    """Fail right after `failAtStep` (or hang after `hangAtStep`) on the first attempt. Put it on a
+    checkpoint step: a retried worker (or a resubmitted job) resumes past it and succeeds."""
+    if cfg.run.hang_at_step is not None and step == cfg.run.hang_at_step and cfg.run.attempt == 0:
+        while True:  # a hung collective, as the watchdog sees it: alive, no further steps
+            time.sleep(60)
     at = cfg.run.fail_at_step
     if at is not None and step == at and cfg.run.attempt == 0:
         import ray.train

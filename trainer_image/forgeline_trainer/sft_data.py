@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import data as D
+from .errors import DataError
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides "
@@ -43,13 +44,13 @@ def read_examples(sources: Sequence[Any], fmt: str, work_dir: str | None) -> lis
         for i, rec in enumerate(records):
             missing = [f for f in _REQUIRED[fmt] if f not in rec]
             if missing:
-                raise ValueError(
+                raise DataError(
                     f"{src.uri} record {i + 1}: missing {missing} for "
                     f"spec.dataset.format {fmt} (fields: {sorted(rec)})"
                 )
         out.extend(records)
     if not out:
-        raise ValueError("spec.dataset: no records")
+        raise DataError("spec.dataset: no records")
     return out
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import fsspec
 
+from .errors import DataNotFound
+
 REMOTE_SCHEMES = ("s3://", "gs://")
 
 
@@ -49,7 +51,7 @@ def expand(location: str) -> list[str]:
     else:
         matches = []
     if not matches:
-        raise FileNotFoundError(f"no data at {location}")
+        raise DataNotFound(f"no data at {location}")
     protocol = location.split("://", 1)[0] + "://" if is_remote(location) else ""
     return [m if m.startswith(protocol) else protocol + m for m in matches]
 

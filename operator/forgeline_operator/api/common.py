@@ -324,6 +324,17 @@ class RayTarget(ApiModel):
     """Ray version of the created cluster; must match the trainer image's Ray."""
 
 
+class Watchdog(ApiModel):
+    """Catches a job that stopped training while its processes live on (a hung collective, a deadlocked data loader): the Ray job is stopped and resubmitted from the newest checkpoint, reason Stalled, counted against backoffLimit."""
+
+    enabled: bool = True
+    """false turns the watchdog off for this job."""
+    stall_seconds: int = Field(default=1800, ge=10, le=7 * 24 * 3600)
+    """Longest time without a new optimizer step once training has started. Never applied shorter than 10× the job's observed seconds per step, so a slow model is not stopped."""
+    startup_deadline_seconds: int = Field(default=3600, ge=10, le=7 * 24 * 3600)
+    """Longest time from a submission to its first optimizer step (data preparation, model download, worker start-up)."""
+
+
 class Lifecycle(ApiModel):
     """Fields both kinds carry at the top of their spec (flattened into it)."""
 
@@ -337,6 +348,8 @@ class Lifecycle(ApiModel):
     """Resubmissions of a failed Ray job (resuming from the newest checkpoint) before the job fails."""
     budget: Budget | None = None
     """Optional GPU-hour or wall-clock limits."""
+    watchdog: Watchdog = sub(Watchdog)
+    """Stall and start-up deadlines: a job that stops making steps is restarted from its newest checkpoint."""
     ray: RayTarget = sub(RayTarget)
     """Ray cluster settings."""
 

@@ -52,6 +52,8 @@ class RunSettings(ApiModel):
     """Ray Train FailureConfig.max_failures: lost workers restarted within one Ray job."""
     fail_at_step: int | None = Field(default=None, ge=1)
     """Fault injection for tests: rank 0 raises after this step on attempt 0."""
+    hang_at_step: int | None = Field(default=None, ge=1)
+    """Fault injection for tests: every worker stops making progress after this step on attempt 0."""
 
 
 class _Config(ApiModel):
@@ -88,7 +90,14 @@ def dump_job_config(config: TrainingJobConfig | FineTuneJobConfig) -> str:
     return config.model_dump_json(by_alias=True, exclude_none=True)
 
 
-_LIFECYCLE_FIELDS = ("suspend", "ttlSecondsAfterFinished", "deleteJobAfterTtl", "backoffLimit", "budget")
+_LIFECYCLE_FIELDS = (
+    "suspend",
+    "ttlSecondsAfterFinished",
+    "deleteJobAfterTtl",
+    "backoffLimit",
+    "budget",
+    "watchdog",
+)
 
 
 def spec_fingerprint(spec: TrainingJobSpec | FineTuneJobSpec) -> str:
@@ -126,6 +135,7 @@ def build_job_config(
     run_name: str | None = None,
     attempt: int = 0,
     fail_at_step: int | None = None,
+    hang_at_step: int | None = None,
     max_worker_failures: int = 2,
 ) -> TrainingJobConfig | FineTuneJobConfig:
     """The trainer's config for a job. `base_model`/`reward_model` must be given when the spec
@@ -145,6 +155,7 @@ def build_job_config(
         run_name=_run_name(job, run_name),
         attempt=attempt,
         fail_at_step=fail_at_step,
+        hang_at_step=hang_at_step,
         max_worker_failures=max_worker_failures,
     )
     cls = TrainingJobConfig if isinstance(job, TrainingJob) else FineTuneJobConfig

@@ -23,6 +23,7 @@ FailureReason = Literal[
     "ModelUnavailable",
     "ConfigError",
     "UserCodeError",
+    "Stalled",
     "Unknown",
 ]
 FAILURE_REASONS: tuple[str, ...] = FailureReason.__args__  # type: ignore[attr-defined]
@@ -83,6 +84,10 @@ class Progress(ApiModel):
     """Latest evaluation metrics, e.g. eval_loss, perplexity, accuracy, reward_margin."""
     updated_at: datetime | None = None
     """When this progress record was produced."""
+    seconds_per_step: float | None = None
+    """Recent seconds per optimizer step (the watchdog never allows less than 10× this)."""
+    step_advanced_at: datetime | None = None
+    """When the operator last saw the step count grow (the watchdog measures stalls from it)."""
 
 
 class RayInfo(ApiModel):
@@ -98,13 +103,15 @@ class RayInfo(ApiModel):
     """Submission id of the current Ray job."""
     job_status: str | None = None
     """Ray's own job status: PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED."""
+    submitted_at: datetime | None = None
+    """When the current Ray job was submitted (the watchdog's start-up deadline counts from it)."""
 
 
 class LastFailure(ApiModel):
     """The most recent failed attempt, classified from the trainer's error record and the Ray job's log."""
 
     reason: FailureReason
-    """OOMKilled, NCCLTimeout, WorkerLost, NodeLost, Preempted, ClusterLost, DataError, ModelUnavailable, ConfigError, UserCodeError or Unknown."""
+    """OOMKilled, NCCLTimeout, WorkerLost, NodeLost, Preempted, ClusterLost, DataError, ModelUnavailable, ConfigError, UserCodeError, Stalled or Unknown."""
     attempt: int = Field(ge=0)
     """The attempt that failed (0: the first submission)."""
     step: int | None = Field(default=None, ge=0)
@@ -127,7 +134,7 @@ class JobStatus(ApiModel):
     phase: Phase | None = None
     """Pending, Waiting, Provisioning, Running, Succeeded, Failed or Suspended."""
     reason: str | None = None
-    """One CamelCase word for the current phase, e.g. ValidationFailed, BackoffLimitExceeded."""
+    """One CamelCase word for the current phase, e.g. ValidationFailed, Queued, or a failure's reason such as OOMKilled."""
     message: str | None = None
     """Human-readable details of the current phase."""
     conditions: list[Condition] = Field(default_factory=list)

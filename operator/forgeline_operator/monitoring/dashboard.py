@@ -137,7 +137,7 @@ def _jobs_row() -> list[Any]:
             "Jobs by phase",
             "TrainingJobs and FineTuneJobs the operator knows, by phase (stacked).",
             _query("sum by (phase) (forgeline_jobs)", "{{phase}}"),
-            width=10,
+            width=7,
             unit="short",
             min_val=0,
             stacked=True,
@@ -146,8 +146,17 @@ def _jobs_row() -> list[Any]:
             "Phase transitions",
             "Jobs entering each phase, per second.",
             _query(f"sum by (phase) (rate(forgeline_job_transitions_total[{RATE}]))", "{{phase}}"),
-            width=10,
+            width=7,
             unit="ops",
+            min_val=0,
+        ),
+        _timeseries(
+            "Failures by reason (1h)",
+            "Failed attempts in the last hour by typed reason (OOMKilled, DataError, Stalled, ...): "
+            "status.lastFailure of each job says more.",
+            _query("sum by (reason) (increase(forgeline_job_failures_total[1h]))", "{{reason}}"),
+            width=6,
+            unit="short",
             min_val=0,
         ),
         _stat(

@@ -32,6 +32,7 @@ from forgeline_operator.api.jobconfig import FineTuneJobConfig
 from .. import adapters, collective, models, optim, outputs, progress, sft_data
 from .. import data as D
 from ..checkpoints import Checkpointer
+from ..errors import DataError, ModelUnavailable
 from ..runtime import Worker, fault_injection, train_device
 
 Job = Worker[FineTuneJobConfig]
@@ -66,7 +67,7 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> SFTData:
 
     spec, work = cfg.spec, cfg.paths.work_dir
     if not cfg.paths.base_model:
-        raise ValueError("spec.baseModel: no base model resolved")
+        raise ModelUnavailable("spec.baseModel: no base model resolved")
     base_dir = models.model_location(cfg.paths.base_model, work)
     AutoConfig.from_pretrained(base_dir)  # fails here, not in every worker, if it is no model
     tokenizer = D.load_tokenizer(base_dir)
@@ -90,7 +91,7 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> SFTData:
 
     train_tok, eval_tok = tok(train), tok(held)
     if not train_tok:
-        raise ValueError(
+        raise DataError(
             "spec.dataset: no example has response tokens left after truncation; "
             "raise spec.dataset.maxSequenceLength"
         )

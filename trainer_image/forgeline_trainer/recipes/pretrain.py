@@ -28,6 +28,7 @@ from forgeline_operator.api.jobconfig import TrainingJobConfig
 from .. import collective, models, optim, outputs, progress
 from .. import data as D
 from ..checkpoints import Checkpointer
+from ..errors import DataError
 from ..runtime import Worker, fault_injection
 
 Job = Worker[TrainingJobConfig]
@@ -65,7 +66,7 @@ def prepare(cfg: TrainingJobConfig, staging: Path) -> PretrainData:
     docs = D.read_texts(spec.data.sources, spec.data.text_field, work)
     docs, report = D.apply_filters(docs, spec.data.filters)
     if not docs:
-        raise ValueError(
+        raise DataError(
             f"spec.data: every document was filtered out ({report.as_dict()}); loosen spec.data.filters"
         )
     if spec.evaluation.sources:
@@ -79,7 +80,7 @@ def prepare(cfg: TrainingJobConfig, staging: Path) -> PretrainData:
     train_blocks = D.tokenize_and_pack(train_docs, tokenizer, seq, spec.data.packing)
     eval_blocks = D.tokenize_and_pack(eval_docs, tokenizer, seq, spec.data.packing) if eval_docs else None
     if train_blocks.n == 0:
-        raise ValueError(
+        raise DataError(
             f"spec.data: {len(train_docs)} documents make no full block of "
             f"{seq} tokens; add data or lower spec.data.sequenceLength"
         )

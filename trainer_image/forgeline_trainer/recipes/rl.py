@@ -29,6 +29,7 @@ from forgeline_operator.api.jobconfig import FineTuneJobConfig
 
 from .. import adapters, hf_trainer, models, optim, outputs, progress, sft_data
 from .. import data as D
+from ..errors import ConfigError
 from ..runtime import Worker
 
 Job = Worker[FineTuneJobConfig]
@@ -60,7 +61,7 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> RLData:
 
     spec, work = cfg.spec, cfg.paths.work_dir
     if spec.method == "ppo":  # the API refuses it at validation; a hand-written job config stops here
-        raise ValueError(
+        raise ConfigError(
             "spec.method: ppo runs through TRL's experimental PPOTrainer, which this "
             "trainer version does not drive yet; use method: grpo"
         )
@@ -69,7 +70,7 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> RLData:
     AutoConfig.from_pretrained(base_dir)
     rm_config = AutoConfig.from_pretrained(reward_dir)
     if not any(a.endswith("ForSequenceClassification") for a in (rm_config.architectures or [])):
-        raise ValueError(
+        raise ConfigError(
             f"spec.rl.rewardModel: {cfg.paths.reward_model} is not a reward model "
             f"(architectures {rm_config.architectures}); train one with method: reward-model"
         )

@@ -1,0 +1,60 @@
+"""The trainer's failures, typed: what the operator shows as `status.lastFailure.reason`.
+
+Trainer code raises `DataError`, `ModelUnavailable` or `ConfigError` (each a ValueError or
+FileNotFoundError too, so callers that expect those still work). `reason_for` names any exception
+— also torch's out-of-memory, the hub's "couldn't connect" and a Ray Train worker's own exception
+inside `WorkerGroupError` — and the launcher writes it into its `error` progress record, which the
+operator's classification takes as given.
+"""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    reason = "UserCodeError"
+
+
+class DataError(TrainerError, ValueError):
+    """Unreadable, missing or empty data (after filters)."""
+
+    reason = "DataError"
+
+
+class DataNotFound(DataError, FileNotFoundError):
+    """A data path or glob that matches nothing."""
+
+
+class ModelUnavailable(TrainerError, FileNotFoundError):
+    """The base or reward model cannot be found or reached."""
+
+    reason = "ModelUnavailable"
+
+
+class ConfigError(TrainerError, ValueError):
+    """A job config the trainer cannot run (the API's validation catches most of these first)."""
+
+    reason = "ConfigError"
+
+
+_HUB_UNREACHABLE = (
+    "couldn't connect to 'https://huggingface.co'",
+    "is not a local folder and is not a valid model identifier",
+    "Repository Not Found",
+)
+
+
+def reason_for(exc: BaseException) -> str | None:
+    """The typed reason of an exception, or None where only the log can tell (the operator then
+    classifies the log)."""
+    inner = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: the workers' own
+    if isinstance(inner, dict) and inner:
+        reasons = [reason_for(e) for e in inner.values()]
+        return next((r for r in reasons if r is not None), None)
+    if isinstance(exc, TrainerError):
+        return exc.reason
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "OOMKilled"
+    text = str(exc)
+    if isinstance(exc, OSError) and any(marker in text for marker in _HUB_UNREACHABLE):
+        return "ModelUnavailable"
+    return None
