@@ -160,3 +160,19 @@ def test_gpu_examples_land_on_the_kind_gpu_pool() -> None:
             assert all(_tolerates(spec["tolerations"], t) for t in taints), path.name
             checked += 1
     assert checked >= 2
+
+
+def test_ray_pods_meet_pod_security_restricted() -> None:
+    rc = builders.build_ray_cluster(_job(gpusPerWorker=8, cpu="96"), "img")
+    pods = [rc["spec"]["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"]]
+    for pod in pods:
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000 and sc["fsGroup"] == 100
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            csc = container["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"] == {"drop": ["ALL"]}
+            assert not csc.get("privileged")
+    custom = builders.build_ray_cluster(_job(runAsUser=4242, fsGroup=4242), "img")
+    assert custom["spec"]["headGroupSpec"]["template"]["spec"]["securityContext"]["runAsUser"] == 4242

@@ -148,6 +148,22 @@ def _placement(res: Resources, node_pool: NodePool | None) -> tuple[dict[str, st
     return node_selector, tolerations
 
 
+# Pod Security "restricted": non-root, no privilege escalation, no capabilities, the runtime's
+# seccomp profile. GPUs need none of these (the device plugin hands the devices in).
+def _container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+
+
+def _pod_security(res: Resources) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": res.run_as_user,
+        "runAsGroup": res.fs_group,
+        "fsGroup": res.fs_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def _worker_pod(job: Job, image: str, node_pool: NodePool | None) -> dict[str, Any]:
     res = job.spec.resources
     volumes, mounts = _volumes(job, res)
@@ -167,10 +183,12 @@ def _worker_pod(job: Job, image: str, node_pool: NodePool | None) -> dict[str, A
                 "resources": {"requests": dict(limits), "limits": dict(limits)},
                 "volumeMounts": mounts,
                 "ports": [{"name": "metrics", "containerPort": RAY_METRICS_PORT}],
+                "securityContext": _container_security(),
             }
         ],
         "volumes": volumes,
         "tolerations": tolerations,
+        "securityContext": _pod_security(res),
     }
     if node_selector:
         pod["nodeSelector"] = node_selector
@@ -198,7 +216,9 @@ def _head_pod(job: Job, image: str) -> dict[str, Any]:
                     {"name": "metrics", "containerPort": RAY_METRICS_PORT},
                 ],
                 "volumeMounts": mounts,
+                "securityContext": _container_security(),
             }
         ],
         "volumes": volumes,
+        "securityContext": _pod_security(res),
     }

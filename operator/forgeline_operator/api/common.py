@@ -243,6 +243,10 @@ class Resources(ApiModel):
     """Pod affinity (Kubernetes format), e.g. to keep workers in one zone."""
     image: str | None = Field(default=None, max_length=512)
     """Trainer image; unset: the operator's default trainer image."""
+    run_as_user: int = Field(default=1000, ge=1, le=2**31 - 1)
+    """Non-root UID the Ray containers run as (the trainer image's `ray` user is 1000): pods meet Pod Security "restricted"."""
+    fs_group: int = Field(default=100, ge=1, le=2**31 - 1)
+    """Group that owns mounted volumes (PVCs) so the containers can write checkpoints to them."""
     head: HeadResources = sub(HeadResources)
     """Ray head pod resources."""
 
