@@ -176,3 +176,16 @@ def test_ray_pods_meet_pod_security_restricted() -> None:
             assert not csc.get("privileged")
     custom = builders.build_ray_cluster(_job(runAsUser=4242, fsGroup=4242), "img")
     assert custom["spec"]["headGroupSpec"]["template"]["spec"]["securityContext"]["runAsUser"] == 4242
+
+
+def test_a_kueue_job_gets_a_suspended_raycluster_with_its_queue_label() -> None:
+    from forgeline_operator.api import parse_job
+
+    doc = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    job = parse_job(doc)
+    assert job.kueue_queue() == "team-a"
+    rc = builders.build_ray_cluster(job, "img")
+    assert rc["spec"]["suspend"] is True
+    assert rc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert "suspend" not in builders.build_ray_cluster(_job(), "img")["spec"]

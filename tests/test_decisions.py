@@ -238,3 +238,11 @@ def test_stalled_is_retried_and_counted() -> None:
     assert failure.reason == "Stalled" and failure.fix
     assert decisions.after_failure(0, 1, failure) == decisions.Resubmit(counted=True)
     assert isinstance(decisions.after_failure(1, 1, failure), decisions.GiveUp)
+
+
+def test_provisioning_time_counts_from_the_cluster_request_not_the_job() -> None:
+    at = datetime(2026, 1, 1, 1, 0, tzinfo=UTC)
+    created = {"type": "ClusterReady", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    queued_an_hour = {"conditions": [created], "ray": {"clusterRequestedAt": "2026-01-01T00:59:00Z"}}
+    assert decisions.seconds_provisioning(queued_an_hour, at) == 60  # not 3,600: queue time never counts
+    assert decisions.seconds_provisioning({"conditions": [created]}, at) == 3600  # older status

@@ -151,6 +151,15 @@ def test_every_pod_template_is_a_valid_pod(server: _Server, name: str, rc: dict)
         assert _lost(template["spec"]["containers"], stored["spec"]["containers"]) == []
 
 
+def test_a_kueue_raycluster_stays_suspended(server: _Server) -> None:
+    doc = load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0]
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    rc = builders.build_ray_cluster(parse_job(doc), "img")
+    rc["metadata"]["namespace"] = "default"
+    stored = server.dry_run(rc)
+    assert stored["spec"]["suspend"] is True and _lost(rc["spec"], stored["spec"]) == []
+
+
 def test_a_field_kuberay_does_not_know_is_caught(server: _Server) -> None:
     """The checks above can fail: an unknown field is refused by kubectl (KubeRay's published
     schema) and pruned by the apiserver; a wrong type is rejected."""

@@ -735,6 +735,37 @@ def test_kuberay_job_runs_once_the_cluster_is_ready(
     )
 
 
+def test_kueue_admits_the_suspended_raycluster(
+    cluster: Cluster, kr_namespace: str, kuberay_operator: Operator
+) -> None:
+    """Acting as Kueue: a job labelled with a LocalQueue gets a suspended RayCluster with the label
+    and shows "queued by Kueue"; once Kueue unsuspends the cluster, provisioning goes on, with the
+    cluster-ready timeout counted from the admission."""
+    doc = _example("pretrain-tiny-llama")
+    doc["metadata"]["name"] = "queued"
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    _apply(cluster, kr_namespace, doc)
+    (rc,) = _wait(lambda: _ray_clusters(cluster, kr_namespace), 60, "RayCluster", kuberay_operator)
+    assert rc["spec"]["suspend"] is True and rc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+
+    def _status_once(reason: str) -> dict[str, Any]:
+        def _probe() -> dict[str, Any] | None:
+            status = _get(cluster, "tj", "queued", kr_namespace).get("status") or {}
+            return status if status.get("reason") == reason else None
+
+        return _wait(_probe, 60, reason, kuberay_operator)
+
+    status = _status_once("QueuedByKueue")
+    assert status["phase"] == "Provisioning" and "queued by Kueue (LocalQueue team-a)" in status["message"]
+    queued_since = status["ray"]["clusterRequestedAt"]
+    time.sleep(1.5)  # the admission's clock starts later than the request's
+    admit = '{"spec":{"suspend":false}}'
+    cluster.kubectl("patch", "raycluster", "queued-tj", "-n", kr_namespace, "--type=merge", "-p", admit)
+    status = _status_once("ClusterStarting")
+    assert status["ray"]["clusterRequestedAt"] > queued_since
+    cluster.kubectl("delete", "tj", "queued", "-n", kr_namespace, "--wait=true", "--timeout=60s")
+
+
 def test_job_naming_an_existing_ray_cluster_creates_none(
     cluster: Cluster, kr_namespace: str, kuberay_operator: Operator, ray_head: LocalRay
 ) -> None:

@@ -31,6 +31,7 @@ class ClusterState:
     cluster_name: str | None = None
     message: str = ""
     python: str | None = None  # interpreter for the trainer entrypoint (local: this venv's)
+    queued: bool = False  # waiting for Kueue to admit (unsuspend) the RayCluster
 
 
 class Backend(Protocol):
@@ -140,6 +141,10 @@ class KubeRayBackend:
                 if exc2.status != 409:
                     raise
             return ClusterState(False, None, token, name, f"RayCluster {name} created; waiting for KubeRay")
+        if (rc.get("spec") or {}).get("suspend"):
+            queue = job.kueue_queue() or "its queue"
+            message = f"queued by Kueue (LocalQueue {queue}): RayCluster {name} waits to be admitted"
+            return ClusterState(False, None, token, name, message, queued=True)
         status = rc.get("status") or {}
         if not _is_ready(status):
             state = status.get("state") or "starting"

@@ -110,6 +110,8 @@ def build_ray_cluster(job: Job, default_image: str, node_pool: NodePool | None =
         "spec": {
             "rayVersion": job.spec.ray.version,
             "enableInTreeAutoscaling": False,
+            # Kueue's RayCluster integration admits a suspended cluster that carries its queue label
+            **({"suspend": True} if job.kueue_queue() else {}),
             "headGroupSpec": {
                 "rayStartParams": {
                     "dashboard-host": "0.0.0.0",

@@ -216,6 +216,16 @@ def parse_time(timestamp: str) -> datetime:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
 
 
+def seconds_provisioning(status: Mapping[str, Any], at: datetime) -> float:
+    """How long the current Ray cluster has been requested and not ready: since
+    status.ray.clusterRequestedAt (set when the cluster is requested, recreated, lost, or admitted
+    by Kueue) — not since the job was created, so time queued for a slot never counts."""
+    requested = (status.get("ray") or {}).get("clusterRequestedAt")
+    if requested:
+        return (at - parse_time(requested)).total_seconds()
+    return seconds_since_cluster_ready_changed(status, at)  # status written before the field existed
+
+
 def seconds_since_cluster_ready_changed(status: Mapping[str, Any], at: datetime) -> float:
     """Seconds since the ClusterReady condition last flipped (0 when there is none): how long a
     Provisioning job has been without a ready cluster."""

@@ -118,6 +118,7 @@ class Reconciler:
             f"creating the Ray cluster ({self.backend.name})",
             checkpointUri=paths.checkpoints,
             outputUri=paths.output,
+            ray=_requested(),
         )
         return None
 
@@ -166,17 +167,22 @@ class Reconciler:
         if self.over_budget():
             return
         state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace)
+        if state.queued:  # Kueue's queue time is no provisioning time
+            self.out.transition("Provisioning", "QueuedByKueue", state.message, ray=_ray_info(state))
+            return
+        admitted = self.status.get("reason") == "QueuedByKueue"
         if state.ready:
             self.submit(state, attempt=self._attempt())
             return
-        waited = decisions.seconds_since_cluster_ready_changed(self.status, datetime.now(UTC))
+        waited = 0.0 if admitted else decisions.seconds_provisioning(self.status, datetime.now(UTC))
         recreatable = isinstance(self.backend, KubeRayBackend)
         if decisions.cluster_overdue(waited, self.rt.settings.cluster_ready_timeout, recreatable):
             self.backend.teardown(self.job, self.out.key.namespace)
             message = f"RayCluster not ready after {waited:.0f}s: deleted, recreating"
-            self.out.transition("Provisioning", "ClusterRecreated", message)
+            self.out.transition("Provisioning", "ClusterRecreated", message, ray=_requested())
             return
-        self.out.transition("Provisioning", "ClusterStarting", state.message, ray=_ray_info(state))
+        ray = {**_ray_info(state), **(_requested() if admitted else {})}
+        self.out.transition("Provisioning", "ClusterStarting", state.message, ray=ray)
 
     def submit(self, state: ClusterState, attempt: int) -> None:
         sid = builders.submission_id(self.job, attempt)
@@ -217,12 +223,15 @@ class Reconciler:
                 "ClusterLost",
                 f"the Ray cluster is gone or unready ({state.message}); "
                 "recreating it and resubmitting from the newest checkpoint",
+                ray=_requested(),
             )
             return
         jobs = RayJobs(state.address, python=state.python, token=state.token)
         ray_status = jobs.status(sid) if sid else None
         if ray_status is None:
-            self.out.transition("Provisioning", "RayJobLost", f"Ray has no job {sid}; resubmitting")
+            self.out.transition(
+                "Provisioning", "RayJobLost", f"Ray has no job {sid}; resubmitting", ray=_requested()
+            )
             return
         cursor = self.rt.cursors.setdefault(sid, LogCursor())
         log = jobs.logs(sid)
@@ -393,6 +402,11 @@ class Reconciler:
             return
         final = RayJobs(state.address, python=state.python, token=state.token).stop_and_wait(sid)
         self.logger.info(f"stopped Ray job {sid} ({final})")
+
+
+def _requested() -> dict[str, str]:
+    """status.ray's clock for the cluster-ready timeout, started now."""
+    return {"clusterRequestedAt": lifecycle.now()}
 
 
 def _ray_info(state: ClusterState, **extra: str) -> dict[str, str]:

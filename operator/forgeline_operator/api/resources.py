@@ -16,6 +16,7 @@ from .training_job import TrainingJobSpec
 # them). The operator names the cluster `<job>-<short name>`, so a job name may use what is left.
 KUBERAY_MAX_CLUSTER_NAME = 47
 MAX_JOB_NAME_LENGTH = KUBERAY_MAX_CLUSTER_NAME - len("-ftj")
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # DNS-1035 label: Services are named after it
 
 
@@ -52,6 +53,11 @@ class _Job(ApiModel):
     def reward_model_source(self) -> ModelSource | None:
         """The reward model (RL methods only)."""
         return None
+
+    def kueue_queue(self) -> str | None:
+        """The Kueue LocalQueue the job's label names: its RayCluster is created suspended, for
+        Kueue to admit."""
+        return self.metadata.labels.get(KUEUE_QUEUE_LABEL) or None
 
     def upstream_refs(self) -> list[JobRef]:
         """The jobs whose outputs this one uses (`fromJob`): it waits until they have succeeded."""

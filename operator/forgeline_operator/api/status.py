@@ -105,6 +105,8 @@ class RayInfo(ApiModel):
     """Ray's own job status: PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED."""
     submitted_at: datetime | None = None
     """When the current Ray job was submitted (the watchdog's start-up deadline counts from it)."""
+    cluster_requested_at: datetime | None = None
+    """When the current Ray cluster was requested, or admitted by Kueue (the cluster-ready timeout counts from it)."""
 
 
 class LastFailure(ApiModel):
