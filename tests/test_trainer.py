@@ -23,7 +23,7 @@ from rich.console import Console
 
 from forgeline_operator.api import parse_job
 from forgeline_operator.localray import LocalRay
-from forgeline_operator.rayjobs import RayJobs, local_python
+from forgeline_operator.rayjobs import RayJobs, local_python, parse_records
 from forgeline_operator.runlocal import RunResult, run_job
 
 from .conftest import EXAMPLES
@@ -259,6 +259,58 @@ def _variant(example: str, name: str, **spec_updates: Any) -> Any:
     doc["spec"]["output"]["uri"] = f"runs/{name}"
     doc["spec"].update(spec_updates)
     return parse_job(doc)
+
+
+def test_a_killed_worker_restores_from_the_last_checkpoint(run: Runner, ray_head: LocalRay) -> None:
+    """A real fault: SIGKILL one Ray Train worker process mid-training. Ray Train restarts the
+    worker group within the same Ray job and training resumes from the newest checkpoint its
+    controller had registered, then finishes. The controller collects reported checkpoints every
+    2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a checkpoint written just before the kill can be
+    lost: at most one interval more is redone (on this tiny model 20 steps take about 2 s)."""
+    import threading
+
+    import psutil
+
+    training = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())["spec"]["training"]
+    job = _variant(
+        "pretrain-tiny-llama",
+        "tiny-llama-killed",
+        checkpointing={"intervalSteps": 20, "keep": 2},
+        training={**training, "maxSteps": 200},
+    )
+    jobs = RayJobs(ray_head.address, token=ray_head.token)
+    submitted: list[str] = []
+    seen: dict[str, Any] = {}
+
+    def _workers() -> list[psutil.Process]:
+        procs = psutil.process_iter(["cmdline"])
+        return [p for p in procs if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+    def _kill_after_the_second_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            log = jobs.logs(submitted[0]) if submitted else ""
+            steps = [r["step"] for r in parse_records(log) if r.get("type") == "checkpoint"]
+            if steps and steps[-1] >= 40:
+                victim = _workers()[0]
+                seen.update(checkpoint=steps[-1], pid=victim.pid)
+                victim.send_signal(signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=_kill_after_the_second_checkpoint, daemon=True)
+    killer.start()
+    result, metrics = run(job=job, cache=False, submitted=submitted)
+    killer.join(timeout=10)
+    assert "pid" in seen, "the worker was never killed"
+    events = [r for r in result.records if r.get("type") == "event"]
+    starts = [i for i, r in enumerate(result.records) if r in events and r["message"] == "training started"]
+    assert len(starts) == 2, "the worker group did not restart"
+    resumed = result.records[starts[1]]["start_step"]
+    written = [r["step"] for r in result.records[: starts[1]] if r.get("type") == "checkpoint"]
+    assert resumed in written and resumed >= seen["checkpoint"] - 20, (resumed, written)
+    assert metrics["steps"] == 200 and metrics["final_loss"] < metrics["first_loss"]
+    print(f"\nworker SIGKILLed after checkpoint {seen['checkpoint']} was written; resumed at step {resumed}")
 
 
 def test_stopped_run_resumes_at_its_step_with_optimizer_state(run: Runner) -> None:
