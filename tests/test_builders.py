@@ -189,3 +189,26 @@ def test_a_kueue_job_gets_a_suspended_raycluster_with_its_queue_label() -> None:
     assert rc["spec"]["suspend"] is True
     assert rc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert "suspend" not in builders.build_ray_cluster(_job(), "img")["spec"]
+
+
+def test_credentials_reach_the_pods_by_reference_only() -> None:
+    from forgeline_operator.api import parse_job
+
+    doc = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())
+    doc["spec"]["credentials"] = [
+        {"secretName": "s3-creds"},
+        {"secretName": "hf", "keys": ["HF_TOKEN"], "optional": True},
+    ]
+    doc["spec"]["resources"]["serviceAccountName"] = "trainer-irsa"
+    rc = builders.build_ray_cluster(parse_job(doc), "img")
+    for pod in (
+        rc["spec"]["headGroupSpec"]["template"]["spec"],
+        rc["spec"]["workerGroupSpecs"][0]["template"]["spec"],
+    ):
+        (container,) = pod["containers"]
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-creds", "optional": False}}]
+        hf = next(e for e in container["env"] if e["name"] == "HF_TOKEN")
+        assert hf["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN", "optional": True}}
+        assert pod["serviceAccountName"] == "trainer-irsa"
+    plain = builders.build_ray_cluster(_job(), "img")["spec"]["headGroupSpec"]["template"]["spec"]
+    assert "envFrom" not in plain["containers"][0] and "serviceAccountName" not in plain

@@ -152,8 +152,11 @@ def test_every_pod_template_is_a_valid_pod(server: _Server, name: str, rc: dict)
 
 
 def test_a_kueue_raycluster_stays_suspended(server: _Server) -> None:
+    """Also with credentials by Secret reference and a ServiceAccount for workload identity."""
     doc = load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0]
     doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    doc["spec"]["credentials"] = [{"secretName": "s3"}, {"secretName": "hf", "keys": ["HF_TOKEN"]}]
+    doc["spec"]["resources"]["serviceAccountName"] = "trainer"
     rc = builders.build_ray_cluster(parse_job(doc), "img")
     rc["metadata"]["namespace"] = "default"
     stored = server.dry_run(rc)

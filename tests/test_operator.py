@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -764,6 +765,49 @@ def test_kueue_admits_the_suspended_raycluster(
     status = _status_once("ClusterStarting")
     assert status["ray"]["clusterRequestedAt"] > queued_since
     cluster.kubectl("delete", "tj", "queued", "-n", kr_namespace, "--wait=true", "--timeout=60s")
+
+
+def test_credentials_reach_the_raycluster_by_reference_and_never_leak(
+    cluster: Cluster, kr_namespace: str, kuberay_operator: Operator
+) -> None:
+    """A canary Secret value must appear nowhere the operator writes or logs: not in the
+    RayCluster, the job's status, Events, the operator log or its metrics."""
+    canary = "canary-" + uuid.uuid4().hex
+    literal = f"--from-literal=AWS_SECRET_ACCESS_KEY={canary}"
+    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", kr_namespace, literal)
+    doc = _example("pretrain-tiny-llama")
+    doc["metadata"]["name"] = "creds"
+    doc["spec"]["credentials"] = [{"secretName": "s3-creds"}]
+    _apply(cluster, kr_namespace, doc)
+    (rc,) = _wait(lambda: _ray_clusters(cluster, kr_namespace), 60, "RayCluster", kuberay_operator)
+    worker = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["envFrom"] == [{"secretRef": {"name": "s3-creds", "optional": False}}]
+    time.sleep(3)  # a few reconciles
+    everything = [
+        json.dumps(rc),
+        cluster.kubectl("get", "tj", "creds", "-n", kr_namespace, "-o", "json").stdout,
+        cluster.kubectl("get", "events", "-n", kr_namespace, "-o", "json").stdout,
+        kuberay_operator.log_path.read_text(errors="replace"),
+        kuberay_operator.metrics(),
+    ]
+    assert not any(canary in text for text in everything)
+    cluster.kubectl("delete", "tj", "creds", "-n", kr_namespace, "--wait=true", "--timeout=60s")
+
+
+def test_credentials_on_an_existing_ray_cluster_are_refused(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    doc = _example("pretrain-tiny-llama")
+    doc["metadata"]["name"] = "creds-elsewhere"
+    doc["spec"]["credentials"] = [{"secretName": "s3-creds"}]
+    _apply(cluster, namespace, doc)
+
+    def _failed() -> dict[str, Any] | None:
+        status = _get(cluster, "tj", "creds-elsewhere", namespace).get("status") or {}
+        return status if status.get("phase") == "Failed" else None
+
+    status = _wait(_failed, 60, "ValidationFailed", operator)
+    assert status["reason"] == "ValidationFailed" and "spec.credentials" in status["message"]
 
 
 def test_job_naming_an_existing_ray_cluster_creates_none(

@@ -81,6 +81,24 @@ def _volumes(job: Job, res: Resources) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+def _credentials(job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """spec.credentials as (env, envFrom): Secret references only, never a value."""
+    env, env_from = [], []
+    for ref in job.spec.credentials:
+        if ref.keys:
+            refs = [{"name": ref.secret_name, "key": key, "optional": ref.optional} for key in ref.keys]
+            env += [{"name": r["key"], "valueFrom": {"secretKeyRef": r}} for r in refs]
+        else:
+            env_from.append({"secretRef": {"name": ref.secret_name, "optional": ref.optional}})
+    return env, env_from
+
+
+def _container_env(job: Job, threads: int) -> dict[str, Any]:
+    """A Ray container's `env` (Ray token auth, threads, spec.credentials) and `envFrom`."""
+    env, env_from = _credentials(job)
+    return {"env": _env(job, threads) + env, **({"envFrom": env_from} if env_from else {})}
+
+
 def _env(job: Job, threads: int) -> list[dict[str, Any]]:
     return [
         {"name": "RAY_AUTH_MODE", "value": "token"},
@@ -181,7 +199,7 @@ def _worker_pod(job: Job, image: str, node_pool: NodePool | None) -> dict[str, A
                 "name": "ray-worker",
                 "image": image,
                 "imagePullPolicy": "IfNotPresent",
-                "env": _env(job, threads),
+                **_container_env(job, threads),
                 "resources": {"requests": dict(limits), "limits": dict(limits)},
                 "volumeMounts": mounts,
                 "ports": [{"name": "metrics", "containerPort": RAY_METRICS_PORT}],
@@ -191,6 +209,7 @@ def _worker_pod(job: Job, image: str, node_pool: NodePool | None) -> dict[str, A
         "volumes": volumes,
         "tolerations": tolerations,
         "securityContext": _pod_security(res),
+        **({"serviceAccountName": res.service_account_name} if res.service_account_name else {}),
     }
     if node_selector:
         pod["nodeSelector"] = node_selector
@@ -209,7 +228,7 @@ def _head_pod(job: Job, image: str) -> dict[str, Any]:
                 "name": "ray-head",
                 "image": image,
                 "imagePullPolicy": "IfNotPresent",
-                "env": _env(job, 1),
+                **_container_env(job, 1),
                 "resources": {"requests": dict(quantities), "limits": dict(quantities)},
                 "ports": [
                     {"name": "gcs", "containerPort": 6379},
@@ -223,4 +242,5 @@ def _head_pod(job: Job, image: str) -> dict[str, Any]:
         ],
         "volumes": volumes,
         "securityContext": _pod_security(res),
+        **({"serviceAccountName": res.service_account_name} if res.service_account_name else {}),
     }

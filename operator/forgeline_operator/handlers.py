@@ -96,6 +96,19 @@ def _parse(body: kopf.Body, kind: str, settings: OperatorSettings) -> Job:
     job: Job = parse_job(manifest)  # type: ignore[assignment]
     pool = job.spec.resources.node_pool
     uses_pools = settings.backend == "kuberay" and not job.spec.ray.address
+    if job.spec.credentials and not uses_pools:
+        raise InvalidJobError(
+            [
+                FieldError(
+                    "spec.credentials",
+                    "this job runs on an existing Ray cluster, whose pods Forgeline does not create, "
+                    "so it cannot hand them Secrets",
+                    "give that Ray cluster's pods the variables (or an IAM role) and remove "
+                    "spec.credentials, or run the job on a RayCluster of its own (no spec.ray.address)",
+                )
+            ],
+            job.metadata.name,
+        )
     if pool and uses_pools and pool not in settings.node_pools:
         known = ", ".join(sorted(settings.node_pools)) or "none are configured"
         raise InvalidJobError(

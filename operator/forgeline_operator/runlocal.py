@@ -205,6 +205,8 @@ def main(args: Any) -> int:
     except InvalidJobError as exc:
         _print_invalid(console, args.manifest, exc)
         return 1
+    for note in _credential_notes(jobs, args.address):
+        console.print(f"[yellow]{escape(note)}[/yellow]")
     if args.output and len(jobs) > 1:
         console.print("[red]--output applies to one job; this file has several[/red]")
         return 2
@@ -243,6 +245,22 @@ def main(args: Any) -> int:
     finally:
         if local is not None:
             local.stop()
+
+
+def _credential_notes(jobs: list[Job], address: str | None) -> list[str]:
+    """spec.credentials names Kubernetes Secrets; here the trainer sees this shell's environment
+    (the embedded Ray head inherits it) or, with --address, that cluster's own."""
+    notes = []
+    for job in jobs:
+        for ref in job.spec.credentials:
+            where = f"the Ray cluster at {address}" if address else "this shell's environment"
+            missing = [k for k in ref.keys if k not in os.environ] if not address else []
+            note = (
+                f"{job.metadata.name}: spec.credentials Secret {ref.secret_name} is not read here; "
+                f"the trainer uses {where}"
+            )
+            notes.append(note + (f" (not set here: {', '.join(missing)})" if missing else ""))
+    return notes
 
 
 def _connect(address: str | None, local: LocalRay | None, console: Console) -> RayJobs:

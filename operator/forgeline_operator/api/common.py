@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -243,6 +243,8 @@ class Resources(ApiModel):
     """Pod affinity (Kubernetes format), e.g. to keep workers in one zone."""
     image: str | None = Field(default=None, max_length=512)
     """Trainer image; unset: the operator's default trainer image."""
+    service_account_name: K8sName | None = None
+    """ServiceAccount of the Ray pods: the way to give them a cloud IAM role (IRSA, Workload Identity) instead of keys."""
     run_as_user: int = Field(default=1000, ge=1, le=2**31 - 1)
     """Non-root UID the Ray containers run as (the trainer image's `ray` user is 1000): pods meet Pod Security "restricted"."""
     fs_group: int = Field(default=100, ge=1, le=2**31 - 1)
@@ -339,6 +341,20 @@ class Watchdog(ApiModel):
     """Longest time from a submission to its first optimizer step (data preparation, model download, worker start-up)."""
 
 
+EnvVarName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=253)]
+
+
+class SecretEnv(ApiModel):
+    """Environment variables for the Ray head and workers from a Kubernetes Secret in the job's namespace. The operator never reads the Secret: the pods get it by reference."""
+
+    secret_name: K8sName
+    """The Secret, e.g. one holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or HF_TOKEN."""
+    keys: list[EnvVarName] = Field(default_factory=list, max_length=64)
+    """Only these keys, each as a variable of the same name; empty: every key of the Secret."""
+    optional: bool = False
+    """true: the pods start even if the Secret (or a key) is missing."""
+
+
 class Lifecycle(ApiModel):
     """Fields both kinds carry at the top of their spec (flattened into it)."""
 
@@ -352,6 +368,8 @@ class Lifecycle(ApiModel):
     """Resubmissions of a failed Ray job (resuming from the newest checkpoint) before the job fails."""
     budget: Budget | None = None
     """Optional GPU-hour or wall-clock limits."""
+    credentials: list[SecretEnv] = Field(default_factory=list, max_length=16)
+    """Credentials for object stores and model hubs, by Secret reference (see SecretEnv). With workload identity (IRSA, GKE Workload Identity) set resources.serviceAccountName instead."""
     watchdog: Watchdog = sub(Watchdog)
     """Stall and start-up deadlines: a job that stops making steps is restarted from its newest checkpoint."""
     ray: RayTarget = sub(RayTarget)
