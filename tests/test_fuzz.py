@@ -90,7 +90,7 @@ def manifests(draw: st.DrawFn) -> dict[str, Any]:
     return doc
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(manifests())
 def test_any_manifest_is_a_job_or_field_named_errors(doc: dict[str, Any]) -> None:
     try:
