@@ -103,3 +103,20 @@ def test_run_against_an_unreachable_ray_says_what_to_fix() -> None:
         and "fix: pass the Ray Jobs API address" in out
     )
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_forgeline_run_says_which_credential_keys_its_shell_lacks(monkeypatch) -> None:
+    import yaml as _yaml
+
+    from forgeline_operator.api import parse_job
+    from forgeline_operator.runlocal import _credential_notes
+
+    doc = _yaml.safe_load((REPO / "examples/pretrain-tiny-llama.yaml").read_text())
+    doc["spec"]["credentials"] = [{"secretName": "hf", "keys": ["HF_TOKEN", "OTHER_KEY"]}]
+    monkeypatch.setenv("HF_TOKEN", "x")
+    monkeypatch.delenv("OTHER_KEY", raising=False)
+    (note,) = _credential_notes([parse_job(doc)], None)
+    assert "Secret hf is not read here" in note
+    assert "not set here: OTHER_KEY" in note and "HF_TOKEN" not in note.split("not set here")[1]
+    (remote,) = _credential_notes([parse_job(doc)], "http://ray:8265")
+    assert "the Ray cluster at http://ray:8265" in remote and "not set here" not in remote
