@@ -103,7 +103,17 @@ def test_a_traceback_names_its_exception() -> None:
 def test_every_reason_has_a_fix_and_a_retry_rule(reason: str) -> None:
     failure = classify({"type": "error", "reason": reason, "message": "x"}, "", "")
     assert failure.reason == reason and failure.fix and failure.message == "x"
-    assert failure.retryable is (reason not in ("OOMKilled", "DataError", "ModelUnavailable", "ConfigError"))
+    assert failure.retryable is (
+        reason
+        not in (
+            "OOMKilled",
+            "DataError",
+            "ModelUnavailable",
+            "ConfigError",
+            "PreflightFailed",
+            "StorageError",
+        )
+    )
 
 
 def test_a_ray_train_worker_error_names_the_workers_exception() -> None:

@@ -57,6 +57,17 @@ _NATURE: dict[str, tuple[bool, str]] = {
         "nothing to change if it was a one-off hang; if it repeats, look for a stuck collective or data "
         "loader in the worker logs, or raise spec.watchdog.stallSeconds for a model with very slow steps",
     ),
+    "PreflightFailed": (
+        False,
+        "fix what the named check on the named worker found (GPU, collective, storage permissions, "
+        "data access) and apply the job again",
+    ),
+    "StorageError": (
+        False,
+        "make the checkpoint/output location the message names writable and give it free space "
+        "(or point spec.checkpointing / spec.output elsewhere), then apply again: the job resumes "
+        "from its newest complete checkpoint",
+    ),
     "Unknown": (True, "read the Ray job's log"),
 }
 

@@ -36,6 +36,29 @@ class ConfigError(TrainerError, ValueError):
     reason = "ConfigError"
 
 
+class Preempted(TrainerError):
+    """The worker was told to stop (SIGTERM: a node drain, a spot reclaim) and saved a checkpoint
+    at its current step first."""
+
+    reason = "Preempted"
+
+
+class PreflightFailed(TrainerError):
+    """A check before the first step failed (GPU, collective, storage, data), on a named worker."""
+
+    reason = "PreflightFailed"
+
+    def __init__(self, check: str, rank: int, detail: str) -> None:
+        super().__init__(f"preflight check '{check}' failed on worker {rank}: {detail}")
+        self.check, self.rank, self.detail = check, rank, detail
+
+
+class StorageError(TrainerError, OSError):
+    """Checkpoint or output storage that cannot be written (unwritable, full, unreachable)."""
+
+    reason = "StorageError"
+
+
 _HUB_UNREACHABLE = (
     "couldn't connect to 'https://huggingface.co'",
     "is not a local folder and is not a valid model identifier",

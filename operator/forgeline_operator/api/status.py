@@ -24,6 +24,8 @@ FailureReason = Literal[
     "ConfigError",
     "UserCodeError",
     "Stalled",
+    "PreflightFailed",
+    "StorageError",
     "Unknown",
 ]
 FAILURE_REASONS: tuple[str, ...] = FailureReason.__args__  # type: ignore[attr-defined]
@@ -113,7 +115,7 @@ class LastFailure(ApiModel):
     """The most recent failed attempt, classified from the trainer's error record and the Ray job's log."""
 
     reason: FailureReason
-    """OOMKilled, NCCLTimeout, WorkerLost, NodeLost, Preempted, ClusterLost, DataError, ModelUnavailable, ConfigError, UserCodeError, Stalled or Unknown."""
+    """OOMKilled, NCCLTimeout, WorkerLost, NodeLost, Preempted, ClusterLost, DataError, ModelUnavailable, ConfigError, UserCodeError, Stalled, PreflightFailed, StorageError or Unknown."""
     attempt: int = Field(ge=0)
     """The attempt that failed (0: the first submission)."""
     step: int | None = Field(default=None, ge=0)
