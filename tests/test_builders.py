@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from forgeline_operator import builders
-from forgeline_operator.api import parse_job
+from forgeline_operator.api import InvalidJobError, parse_job
 
 from .conftest import EXAMPLES
 
@@ -212,3 +213,24 @@ def test_credentials_reach_the_pods_by_reference_only() -> None:
         assert pod["serviceAccountName"] == "trainer-irsa"
     plain = builders.build_ray_cluster(_job(), "img")["spec"]["headGroupSpec"]["template"]["spec"]
     assert "envFrom" not in plain["containers"][0] and "serviceAccountName" not in plain
+
+
+def test_ray_pods_get_the_preemption_grace_period_plus_a_margin() -> None:
+    """Kubernetes waits terminationGracePeriodSeconds between SIGTERM and SIGKILL: long enough for
+    the trainer's graceful preemption (finish the step, write a checkpoint) and Ray's shutdown."""
+    for example in ("pretrain-tiny-llama", "finetune-lora-tiny"):
+        doc = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
+        doc["metadata"]["uid"] = "0123456789abcdef"
+        default = parse_job(doc)
+        assert default.spec.preemption.grace_period_seconds == 120
+        doc["spec"]["preemption"] = {"gracePeriodSeconds": 300}
+        custom = parse_job(doc)
+        for job, grace in ((default, 120), (custom, 300)):
+            rc = builders.build_ray_cluster(job, "img")
+            pods = [rc["spec"]["headGroupSpec"]["template"]["spec"]]
+            pods += [g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"]]
+            for pod in pods:
+                assert pod["terminationGracePeriodSeconds"] == grace + builders.PREEMPTION_MARGIN_SECONDS
+    doc["spec"]["preemption"] = {"gracePeriodSeconds": 5}
+    with pytest.raises(InvalidJobError, match="gracePeriodSeconds"):
+        parse_job(doc)

@@ -184,6 +184,16 @@ def _pod_security(res: Resources) -> dict[str, Any]:
     }
 
 
+PREEMPTION_MARGIN_SECONDS = 15
+"""Kubernetes' wait before SIGKILL beyond spec.preemption.gracePeriodSeconds (Ray's own shutdown)."""
+
+
+def termination_grace_seconds(job: Job) -> int:
+    """terminationGracePeriodSeconds of the Ray pods: the job's preemption grace period (the time a
+    worker gets to finish its step and write a checkpoint after SIGTERM) plus a small margin."""
+    return job.spec.preemption.grace_period_seconds + PREEMPTION_MARGIN_SECONDS
+
+
 def _worker_pod(job: Job, image: str, node_pool: NodePool | None) -> dict[str, Any]:
     res = job.spec.resources
     volumes, mounts = _volumes(job, res)
@@ -208,6 +218,7 @@ def _worker_pod(job: Job, image: str, node_pool: NodePool | None) -> dict[str, A
         ],
         "volumes": volumes,
         "tolerations": tolerations,
+        "terminationGracePeriodSeconds": termination_grace_seconds(job),
         "securityContext": _pod_security(res),
         **({"serviceAccountName": res.service_account_name} if res.service_account_name else {}),
     }
@@ -241,6 +252,7 @@ def _head_pod(job: Job, image: str) -> dict[str, Any]:
             }
         ],
         "volumes": volumes,
+        "terminationGracePeriodSeconds": termination_grace_seconds(job),
         "securityContext": _pod_security(res),
         **({"serviceAccountName": res.service_account_name} if res.service_account_name else {}),
     }

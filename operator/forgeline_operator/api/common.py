@@ -341,6 +341,13 @@ class Watchdog(ApiModel):
     """Longest time from a submission to its first optimizer step (data preparation, model download, worker start-up)."""
 
 
+class Preemption(ApiModel):
+    """Graceful preemption (a node drain, a spot reclaim): on SIGTERM every training worker finishes its current optimizer step, writes a checkpoint at that step and stops with reason Preempted (retried, never counted against backoffLimit); the next attempt resumes at exactly that step."""
+
+    grace_period_seconds: int = Field(default=120, ge=10, le=3600)
+    """Seconds from SIGTERM to the checkpoint being written (one step plus one save must fit). The Ray pods get terminationGracePeriodSeconds = this + 15, so Kubernetes waits that long before SIGKILL; when the step or the save takes longer the trainer says so in an event."""
+
+
 EnvVarName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=253)]
 
 
@@ -372,6 +379,8 @@ class Lifecycle(ApiModel):
     """Credentials for object stores and model hubs, by Secret reference (see SecretEnv). With workload identity (IRSA, GKE Workload Identity) set resources.serviceAccountName instead."""
     watchdog: Watchdog = sub(Watchdog)
     """Stall and start-up deadlines: a job that stops making steps is restarted from its newest checkpoint."""
+    preemption: Preemption = sub(Preemption)
+    """On SIGTERM (node drain, spot reclaim) write a checkpoint at the current step before stopping."""
     ray: RayTarget = sub(RayTarget)
     """Ray cluster settings."""
 

@@ -97,6 +97,7 @@ _LIFECYCLE_FIELDS = (
     "backoffLimit",
     "budget",
     "watchdog",
+    "preemption",
     "credentials",
 )
 
