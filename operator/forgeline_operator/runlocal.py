@@ -205,7 +205,8 @@ def main(args: Any) -> int:
     except InvalidJobError as exc:
         _print_invalid(console, args.manifest, exc)
         return 1
-    for note in _credential_notes(jobs, args.address):
+    notes = _credential_notes(jobs, args.address) + _object_store_notes(jobs, args.address, args.output)
+    for note in notes:
         console.print(f"[yellow]{escape(note)}[/yellow]")
     if args.output and len(jobs) > 1:
         console.print("[red]--output applies to one job; this file has several[/red]")
@@ -261,6 +262,31 @@ def _credential_notes(jobs: list[Job], address: str | None) -> list[str]:
             )
             notes.append(note + (f" (not set here: {', '.join(missing)})" if missing else ""))
     return notes
+
+
+def _object_store_notes(jobs: list[Job], address: str | None, output: str | None = None) -> list[str]:
+    """Where `s3://` URIs go: the trainer's s3fs and pyarrow read the AWS variables of this shell
+    (inherited by the embedded Ray head and its workers) or, with --address, of that cluster. Only
+    the endpoint is named, never a key."""
+
+    def _uris(value: Any) -> list[str]:
+        if isinstance(value, dict):
+            return [u for v in value.values() for u in _uris(v)]
+        if isinstance(value, list):
+            return [u for v in value for u in _uris(v)]
+        return [value] if isinstance(value, str) and value.startswith("s3://") else []
+
+    uses_s3 = [j.metadata.name for j in jobs if _uris(j.spec.model_dump())] + (
+        ["--output"] if output and output.startswith("s3://") else []
+    )
+    if not uses_s3:
+        return []
+    if address:
+        return [f"{', '.join(uses_s3)}: s3:// URIs use the AWS variables of the Ray cluster at {address}"]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    keys = "AWS_ACCESS_KEY_ID" in os.environ or "AWS_PROFILE" in os.environ
+    how = "AWS credentials" if keys else "AWS credential chain (no AWS_ACCESS_KEY_ID or AWS_PROFILE set here)"
+    return [f"{', '.join(uses_s3)}: s3:// URIs go to {endpoint} (AWS_ENDPOINT_URL) with this shell's {how}"]
 
 
 def _connect(address: str | None, local: LocalRay | None, console: Console) -> RayJobs:
