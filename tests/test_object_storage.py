@@ -238,3 +238,18 @@ def test_forgeline_run_names_the_object_store_it_will_use(monkeypatch: pytest.Mo
     plain = parse_job(yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text()))
     assert _object_store_notes([plain], None) == []
     assert "--output" in _object_store_notes([plain], None, "s3://b/out")[0]
+
+
+def test_an_unreachable_object_store_is_a_storage_error() -> None:
+    """In each layer's own words: pyarrow (Ray Train's checkpoints) and botocore (s3fs)."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from forgeline_trainer.errors import reason_for
+
+    pyarrow_says = OSError(
+        "When initiating multiple part upload for key 'ck/state.pt' in bucket 'b': AWS Error "
+        "NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7, Could not connect to server"
+    )
+    assert reason_for(pyarrow_says) == "StorageError"
+    assert reason_for(EndpointConnectionError(endpoint_url="http://minio:9000/b")) == "StorageError"
+    assert reason_for(OSError("some other failure")) is None

@@ -9,6 +9,8 @@ operator's classification takes as given.
 
 from __future__ import annotations
 
+import os
+
 
 class TrainerError(Exception):
     reason = "UserCodeError"
@@ -66,6 +68,27 @@ _HUB_UNREACHABLE = (
 )
 
 
+# An object store that does not answer (down, refusing connections, unknown host, timing out), in
+# the words of pyarrow's S3 filesystem (Ray Train's checkpoint upload and download) and of botocore
+# (s3fs: data, outputs, preflight probes); its exceptions are not OSErrors.
+_UNREACHABLE_TEXTS = (
+    "AWS Error NETWORK_CONNECTION",
+    "Could not connect to the endpoint URL",
+    "Connect timeout on endpoint URL",
+)
+
+
+def storage_unreachable(exc: BaseException) -> bool:
+    """An object store that cannot be reached. StorageError, but Ray Train's FailureConfig still
+    retries it (the store may come back; each retry resumes from the newest checkpoint)."""
+    return any(marker in str(exc) for marker in _UNREACHABLE_TEXTS)
+
+
+def object_store_endpoint() -> str:
+    """The S3 endpoint the AWS SDKs use here: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, or AWS's own."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
 def reason_for(exc: BaseException) -> str | None:
     """The typed reason of an exception, or None where only the log can tell (the operator then
     classifies the log)."""
@@ -75,6 +98,8 @@ def reason_for(exc: BaseException) -> str | None:
         return next((r for r in reasons if r is not None), None)
     if isinstance(exc, TrainerError):
         return exc.reason
+    if storage_unreachable(exc):  # an object store that does not answer (tests/test_object_storage.py)
+        return "StorageError"
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return "OOMKilled"
     text = str(exc)
