@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 export FORGELINE_CACHE ?= $(HOME)/.cache/forgeline
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup venv tools crds dashboards validate lint clean
+.PHONY: test soak demo setup venv tools crds dashboards validate lint clean
 
 setup: venv tools
 
@@ -39,6 +39,10 @@ test: setup
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory lint && $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	echo "test suite wall time: $$(( $$(date +%s) - start ))s"; exit $$rc
+
+# The long fault and load variants (20 operator kills, 1,000 jobs): run once, figures in docs/reliability.md.
+soak: setup
+	$(VENV)/bin/pytest -m soak -s tests/test_faults.py
 
 demo: setup
 	$(PY) -m forgeline_operator.demo

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from forgeline_operator import decisions
+from forgeline_operator import decisions, failures
 from forgeline_operator.api.common import Budget
 from forgeline_operator.failures import Failure, classify
 
@@ -246,3 +246,33 @@ def test_provisioning_time_counts_from_the_cluster_request_not_the_job() -> None
     queued_an_hour = {"conditions": [created], "ray": {"clusterRequestedAt": "2026-01-01T00:59:00Z"}}
     assert decisions.seconds_provisioning(queued_an_hour, at) == 60  # not 3,600: queue time never counts
     assert decisions.seconds_provisioning({"conditions": [created]}, at) == 3600  # older status
+
+
+# -- a Ray head that does not answer --------------------------------------------------------------
+
+
+def test_a_ray_head_is_lost_only_after_the_bound() -> None:
+    at = datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC)
+    assert not decisions.cluster_lost(None, at, 60)  # it answers
+    assert not decisions.cluster_lost("2026-01-01T12:00:00Z", at, 60)  # 30 s: waited out
+    assert decisions.cluster_lost("2026-01-01T12:00:00Z", at, 30)
+    assert decisions.ray_unreachable_for("2026-01-01T12:00:00Z", at) == 30
+    assert decisions.ray_unreachable_for(None, at) == 0
+
+
+def test_a_lost_cluster_is_retried_within_the_backoff_limit_then_given_up() -> None:
+    lost = failures.cluster_lost("the Ray head at http://10.0.0.1:8265 does not answer for 61s")
+    assert lost.reason == "ClusterLost" and lost.retryable and lost.counts_against_backoff
+    assert decisions.after_failure(0, 1, lost) == decisions.Resubmit(counted=True)
+    verdict = decisions.after_failure(1, 1, lost)
+    assert isinstance(verdict, decisions.GiveUp) and verdict.reason == "ClusterLost"
+
+
+def test_an_unreachable_ray_address_is_named_as_such() -> None:
+    from forgeline_operator.ports import free_port
+    from forgeline_operator.rayjobs import RayJobs, RayUnreachable
+
+    address = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RayUnreachable, match="does not answer") as err:
+        RayJobs(address, request_timeout=2)
+    assert err.value.address == address and isinstance(err.value, ConnectionError)

@@ -170,6 +170,18 @@ def after_failure(restarts: int, backoff_limit: int, failure: Failure) -> Resubm
     return GiveUp(failure.reason, f"spec.backoffLimit ({backoff_limit}) resubmissions used")
 
 
+def ray_unreachable_for(unreachable_since: str | None, at: datetime) -> float:
+    """Seconds the job's Ray Jobs API has not answered (status.ray.unreachableSince; 0 if it has)."""
+    return (at - parse_time(unreachable_since)).total_seconds() if unreachable_since else 0.0
+
+
+def cluster_lost(unreachable_since: str | None, at: datetime, bound: float) -> bool:
+    """A Ray head that has not answered for `bound` seconds (FORGELINE_CLUSTER_LOST_SECONDS) is
+    lost: its jobs and drivers with it. Shorter outages (a head restarting, a network blip) are
+    waited out."""
+    return unreachable_since is not None and ray_unreachable_for(unreachable_since, at) >= bound
+
+
 def stall(
     watchdog: Any, submitted_at: str | None, progress: Mapping[str, Any] | None, at: datetime
 ) -> str | None:

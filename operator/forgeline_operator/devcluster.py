@@ -142,6 +142,23 @@ class ControlPlane:
         self._procs.clear()
         shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
 
+    def restart_apiserver(self, down_seconds: float = 0.0, timeout: float = 90.0) -> float:
+        """Stop the kube-apiserver (etcd and its data stay), wait `down_seconds`, start it again
+        on the same port; the seconds it was unavailable."""
+        started = time.monotonic()
+        old = next(p for p in self._procs if Path(str(p.args[0])).name == "kube-apiserver")  # type: ignore[index]
+        old.terminate()
+        try:
+            old.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # open watches hold a graceful shutdown up: crash it
+            old.kill()
+            old.wait(timeout=10)
+        self._procs.remove(old)
+        time.sleep(down_seconds)
+        self._spawn("kube-apiserver", self._apiserver_command())
+        self._wait_ready(timeout)
+        return time.monotonic() - started
+
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.workdir / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""

@@ -159,6 +159,13 @@ def stalled(message: str) -> Failure:
     return Failure("Stalled", message, fix, retryable, True, (message,))
 
 
+def cluster_lost(message: str) -> Failure:
+    """The failure the operator declares when the job's Ray head is gone (unreachable past the
+    bound, or its RayCluster deleted or unready)."""
+    retryable, fix = _NATURE["ClusterLost"]
+    return Failure("ClusterLost", message, fix, retryable, True, (redact(message),))
+
+
 def redact(text: str) -> str:
     """Tokens, keys, passwords and credentials in URLs replaced by [redacted]."""
     for pattern, replacement in _REDACT:

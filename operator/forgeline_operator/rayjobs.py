@@ -22,6 +22,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TERMINAL_RAY_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
+class RayUnreachable(ConnectionError):
+    """The Ray Jobs API at an address did not answer (connection refused, reset or timed out)."""
+
+    def __init__(self, address: str, cause: BaseException) -> None:
+        super().__init__(f"the Ray head at {address} does not answer ({type(cause).__name__}: {cause})")
+        self.address = address
+
+
 def parse_records(text: str) -> list[dict[str, Any]]:
     """Every progress record in a chunk of Ray job log (worker prefixes and colours allowed)."""
     records = []
@@ -76,11 +84,21 @@ class RayJobs:
 
         self.address = address
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        self.client = JobSubmissionClient(address, headers=headers)
+        try:
+            self.client = JobSubmissionClient(address, headers=headers)
+        except OSError as exc:  # the SDK's version check: ConnectionError when nothing answers
+            raise RayUnreachable(address, exc) from exc
         self.python = python or "python"
         # The SDK sends requests without a timeout; a wedged dashboard must not hang the operator.
         plain = self.client._do_request
-        self.client._do_request = lambda *a, **kw: plain(*a, **{"timeout": request_timeout, **kw})
+
+        def _request(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return plain(*args, **{"timeout": request_timeout, **kwargs})
+            except OSError as exc:  # requests' ConnectionError and Timeout are OSErrors
+                raise RayUnreachable(address, exc) from exc
+
+        self.client._do_request = _request
 
     def submit(
         self,

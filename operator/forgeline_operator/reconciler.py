@@ -22,7 +22,7 @@ from .api.common import JobRef
 from .api.jobconfig import FineTuneJobConfig, TrainingJobConfig, build_job_config
 from .backends import Backend, ClusterState, KubeRayBackend
 from .jobindex import JobKey
-from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs
+from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, RayUnreachable
 from .runtime import Runtime
 
 _LOG_TAIL_CHARS = 64 * 1024  # the end of a failed attempt's log, for classifying it
@@ -189,6 +189,9 @@ class Reconciler:
         config = self._config(attempt)
         try:
             RayJobs(state.address, python=state.python, token=state.token).submit(config, sid)
+        except RayUnreachable as exc:
+            self._unreachable(exc)
+            return
         except Exception as exc:  # any failure to reach Ray is retried (kopf, after the delay)
             metrics.SUBMIT_ERRORS.labels(self.out.kind).inc()
             self.out.transition(
@@ -218,23 +221,23 @@ class Reconciler:
         sid = ray.get("jobId")
         state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace)
         if not state.ready:
-            self.out.transition(
-                "Provisioning",
-                "ClusterLost",
-                f"the Ray cluster is gone or unready ({state.message}); "
-                "recreating it and resubmitting from the newest checkpoint",
-                ray=_requested(),
-            )
+            self._cluster_lost(f"the Ray cluster is gone or unready ({state.message})")
             return
-        jobs = RayJobs(state.address, python=state.python, token=state.token)
-        ray_status = jobs.status(sid) if sid else None
+        try:
+            jobs = RayJobs(state.address, python=state.python, token=state.token)
+            ray_status = jobs.status(sid) if sid else None
+            log = jobs.logs(sid) if ray_status is not None else ""
+        except RayUnreachable as exc:
+            self._unreachable(exc)
+            return
         if ray_status is None:
-            self.out.transition(
-                "Provisioning", "RayJobLost", f"Ray has no job {sid}; resubmitting", ray=_requested()
-            )
+            self._cluster_lost(f"Ray has no job {sid}: its head restarted and forgot it, or it was deleted")
             return
+        if ray.get("unreachableSince"):
+            ray["unreachableSince"] = None  # a null in kopf's merge patch deletes the field
+            message = f"the Ray head at {state.address} answers again"
+            self.out.transition("Running", "Reconnected", message, ray=ray)
         cursor = self.rt.cursors.setdefault(sid, LogCursor())
-        log = jobs.logs(sid)
         cursor.feed(log)
         fields = self._progress_fields(cursor, {**ray, "jobStatus": ray_status})
         if ray_status == "SUCCEEDED":
@@ -245,6 +248,27 @@ class Reconciler:
             return
         elif fields.get("progress") != self.status.get("progress") or ray_status != ray.get("jobStatus"):
             self.out.write(fields)
+
+    def _unreachable(self, exc: RayUnreachable) -> None:
+        """The Ray head does not answer: wait it out for FORGELINE_CLUSTER_LOST_SECONDS (the clock
+        in status.ray.unreachableSince), then count the attempt as lost."""
+        ray = dict(self.status.get("ray") or {})
+        bound, now = self.rt.settings.cluster_lost_seconds, datetime.now(UTC)
+        since = ray.get("unreachableSince")
+        if decisions.cluster_lost(since, now, bound):
+            waited = decisions.ray_unreachable_for(since, now)
+            self._cluster_lost(f"{exc} for {waited:.0f}s (FORGELINE_CLUSTER_LOST_SECONDS={bound:g})")
+            return
+        ray["unreachableSince"] = since or lifecycle.now()
+        message = f"{exc}; waiting up to {bound:g}s for it to answer before counting the attempt as lost"
+        self.out.transition(self.out.phase or "Running", "RayUnreachable", message, ray=ray)
+
+    def _cluster_lost(self, message: str) -> None:
+        """The attempt's Ray cluster is gone: a ClusterLost failure, resubmitted through
+        Provisioning (which waits for a cluster that answers) or, past the backoff limit, Failed."""
+        sid = (self.status.get("ray") or {}).get("jobId") or "(none)"
+        cursor = self.rt.cursors.get(sid) or LogCursor()
+        self._after_failure(None, sid, "lost", failures.cluster_lost(message), cursor, {})
 
     def _progress_fields(self, cursor: LogCursor, ray: dict[str, Any]) -> dict[str, Any]:
         """status.ray and, once the trainer has reported, status.progress (also relayed to metrics)."""
@@ -297,14 +321,15 @@ class Reconciler:
 
     def _after_failure(
         self,
-        state: ClusterState,
+        state: ClusterState | None,
         sid: str,
         ray_status: str,
         failure: failures.Failure,
         cursor: LogCursor,
         fields: dict[str, Any],
     ) -> None:
-        """Record the failed attempt, then resubmit it or fail the job, as `decisions` says."""
+        """Record the failed attempt, then resubmit it or fail the job, as `decisions` says.
+        `state` None: the cluster is gone, so the resubmission goes through Provisioning."""
         self.rt.cursors.pop(sid, None)
         metrics.FAILURES.labels(self.out.kind, failure.reason).inc()
         verdict = decisions.after_failure(
@@ -312,7 +337,12 @@ class Reconciler:
         )
         last = self._last_failure(failure, cursor, retried=isinstance(verdict, decisions.Resubmit))
         if isinstance(verdict, decisions.Resubmit):
-            self._resubmit(state, sid, ray_status, failure, verdict, last)
+            self._count_resubmission(sid, ray_status, failure, verdict, last)
+            if state is not None:
+                self.submit(state, attempt=self._attempt())
+                return
+            message = f"{failure.message}; resubmitting from the newest checkpoint once a Ray cluster answers"
+            self.out.transition("Provisioning", "ClusterLost", message, ray=_requested(unreachableSince=None))
             return
         self.out.transition(
             "Failed",
@@ -324,15 +354,15 @@ class Reconciler:
         self.rt.index.release(self.out.key)
         self.backend.teardown(self.job, self.out.key.namespace)
 
-    def _resubmit(
+    def _count_resubmission(
         self,
-        state: ClusterState,
         sid: str,
         ray_status: str,
         failure: failures.Failure,
         verdict: decisions.Resubmit,
         last: dict[str, Any],
     ) -> None:
+        """restarts (or preemptions) + 1, status.lastFailure, and a RayJobFailed Event."""
         counter = "restarts" if verdict.counted else "preemptions"
         count = int(self.status.get(counter) or 0) + 1
         if verdict.counted:
@@ -347,7 +377,6 @@ class Reconciler:
             message=f"Ray job {sid} {ray_status} ({failure.reason}): {failure.message}; "
             f"resubmitting ({budget})"[:1000],
         )
-        self.submit(state, attempt=self._attempt())
 
     def _last_failure(self, failure: failures.Failure, cursor: LogCursor, retried: bool) -> dict[str, Any]:
         """status.lastFailure for this attempt."""
@@ -400,13 +429,17 @@ class Reconciler:
         state = self.backend.ensure(self.job, self.out.body, namespace)
         if not state.ready:
             return
-        final = RayJobs(state.address, python=state.python, token=state.token).stop_and_wait(sid)
+        try:
+            final = RayJobs(state.address, python=state.python, token=state.token).stop_and_wait(sid)
+        except RayUnreachable as exc:  # a head that is gone runs nothing any more
+            self.logger.warning(f"Ray job {sid} not stopped: {exc}")
+            return
         self.logger.info(f"stopped Ray job {sid} ({final})")
 
 
-def _requested() -> dict[str, str]:
+def _requested(**extra: str | None) -> dict[str, str | None]:
     """status.ray's clock for the cluster-ready timeout, started now."""
-    return {"clusterRequestedAt": lifecycle.now()}
+    return {"clusterRequestedAt": lifecycle.now(), **extra}
 
 
 def _ray_info(state: ClusterState, **extra: str) -> dict[str, str]:

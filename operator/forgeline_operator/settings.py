@@ -54,6 +54,9 @@ class OperatorSettings(BaseSettings):
     """backend=local: logical CPUs of the embedded Ray head (default: the machine's)."""
     cluster_ready_timeout: float = 900.0
     """Seconds a RayCluster may take to become ready before it is recreated."""
+    cluster_lost_seconds: float = Field(default=60.0, gt=0)
+    """Seconds a job's Ray head may not answer before the attempt counts as lost (reason
+    ClusterLost: resubmitted from the newest checkpoint, counted against spec.backoffLimit)."""
     node_pools: dict[str, NodePool] = Field(default_factory=dict)
     """Node pool presets as JSON, e.g. {"h100": {"nodeSelector": {...}, "tolerations": [...]}};
     jobs pick one with spec.resources.nodePool."""

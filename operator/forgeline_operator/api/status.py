@@ -109,6 +109,8 @@ class RayInfo(ApiModel):
     """When the current Ray job was submitted (the watchdog's start-up deadline counts from it)."""
     cluster_requested_at: datetime | None = None
     """When the current Ray cluster was requested, or admitted by Kueue (the cluster-ready timeout counts from it)."""
+    unreachable_since: datetime | None = None
+    """Since when the Ray head has not answered (unset while it does); past FORGELINE_CLUSTER_LOST_SECONDS the attempt is lost (reason ClusterLost)."""
 
 
 class LastFailure(ApiModel):

@@ -1,0 +1,285 @@
+"""Faults and load against the real operator process and the real kube-apiserver, with a Ray
+Jobs API that does no training (tests/rayjobs_standin.py): the operator SIGKILLed at random points
+of many jobs' lives, the apiserver restarted mid-run, the Ray head lost, and a burst of jobs
+against the running-jobs cap. Training itself is the business of test_trainer/test_operator; here
+every second goes to the operator's own behaviour.
+
+The long variants (20 operator kills, 1,000 jobs) are marked `soak`: `make soak` runs them; their
+figures are in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import EXAMPLES, Cluster, Release
+from .rayjobs_standin import RayJobsStandIn
+from .test_operator import Operator
+
+pytestmark = [pytest.mark.cluster, pytest.mark.operator]
+
+CAP = 4
+LOST_AFTER = 3.0  # FORGELINE_CLUSTER_LOST_SECONDS of this module's operator
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[RayJobsStandIn]:
+    head = RayJobsStandIn(seconds_per_step=0.05).start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="module")
+def chaos_operator(
+    cluster: Cluster, standin: RayJobsStandIn, release: Release, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    logs = tmp_path_factory.mktemp("chaos")
+    op = Operator(
+        cluster,
+        logs,
+        logs / "operator.log",
+        release.token_kubeconfig(logs / "sa.kubeconfig"),
+        FORGELINE_BACKEND="address",
+        FORGELINE_RAY_ADDRESS=standin.address,
+        FORGELINE_MAX_RUNNING_JOBS=str(CAP),
+        FORGELINE_CLUSTER_LOST_SECONDS=str(LOST_AFTER),
+        FORGELINE_WATCH_NAMESPACES="ft-*",
+    )
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    with cluster.scratch_namespace("ft") as name:
+        yield name
+
+
+def _job(name: str, steps: int, **spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())
+    doc["metadata"] = {"name": name}
+    doc["spec"]["output"]["uri"] = f"runs/{name}"
+    doc["spec"]["training"]["maxSteps"] = steps
+    doc["spec"]["checkpointing"] = {"intervalSteps": 20, "keep": 2}
+    doc["spec"].update(spec)
+    return doc
+
+
+def _create(cluster: Cluster, ns: str, docs: list[dict[str, Any]]) -> None:
+    items = [{**d, "metadata": {**d["metadata"], "namespace": ns}} for d in docs]
+    cluster.kubectl(
+        "create",
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+        timeout=300,
+    )
+
+
+def _jobs(cluster: Cluster, ns: str) -> dict[str, dict[str, Any]]:
+    out = json.loads(cluster.kubectl("get", "tj", "-n", ns, "-o", "json", timeout=120).stdout)
+    return {o["metadata"]["name"]: o for o in out["items"]}
+
+
+def _until(predicate: Callable[[], Any], timeout: float, what: str, op: Operator) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    lines = op.log_path.read_text(errors="replace").splitlines()
+    raise AssertionError(
+        f"timed out waiting for {what}; operator log (last 40 lines):\n" + "\n".join(lines[-40:])
+    )
+
+
+def _all_succeeded(cluster: Cluster, ns: str, count: int) -> Callable[[], dict[str, dict[str, Any]] | None]:
+    def check() -> dict[str, dict[str, Any]] | None:
+        jobs = _jobs(cluster, ns)
+        phases = [(j.get("status") or {}).get("phase") for j in jobs.values()]
+        return jobs if len(jobs) == count and all(p == "Succeeded" for p in phases) else None
+
+    return check
+
+
+def _assert_ran_once_and_completely(
+    jobs: dict[str, dict[str, Any]], standin: RayJobsStandIn, ns: str
+) -> None:
+    """Every job Succeeded on its first Ray submission, submitted exactly once, its status whole."""
+    for name, obj in jobs.items():
+        status = obj["status"]
+        progress = status.get("progress") or {}
+        assert status["restarts"] == 0 and not status.get("lastFailure"), (name, status)
+        assert progress.get("step") == progress.get("totalSteps") == obj["spec"]["training"]["maxSteps"]
+        assert status.get("startTime") and status.get("completionTime"), (name, status)
+        sids = standin.submissions_of(ns, name)
+        assert len(sids) == 1 and sids[0].endswith("-0"), (name, sids)
+    assert standin.duplicate_submits == []
+
+
+# -- the operator killed ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kills", [pytest.param(8, id="8-kills"), pytest.param(20, id="20-kills", marks=pytest.mark.soak)]
+)
+def test_operator_sigkilled_at_random_points_loses_and_duplicates_nothing(
+    cluster: Cluster, chaos_operator: Operator, standin: RayJobsStandIn, namespace: str, kills: int
+) -> None:
+    """One new job per round, then SIGKILL the operator at a random moment and start it again:
+    the kills land on jobs being accepted, queued by the cap, submitted, running and finishing,
+    while the stand-in Ray head (as a KubeRay cluster would) keeps running their Ray jobs."""
+    rng = random.Random(kills)
+    names = [f"chaos-{i:02d}" for i in range(kills)]
+    restarts: list[float] = []
+    for name in names:
+        _create(cluster, namespace, [_job(name, steps=rng.randrange(40, 160, 20))])
+        time.sleep(rng.uniform(0.1, 2.5))
+        chaos_operator.stop(kill=True)
+        started = time.monotonic()
+        chaos_operator.start()
+        restarts.append(time.monotonic() - started)
+    jobs = _until(_all_succeeded(cluster, namespace, kills), 240, f"{kills} jobs Succeeded", chaos_operator)
+    _assert_ran_once_and_completely(jobs, standin, namespace)
+    assert standin.max_running <= CAP
+    print(
+        f"\n{kills} operator SIGKILLs: {kills} jobs Succeeded, one Ray submission each, 0 duplicates; "
+        f"operator back up in {sorted(restarts)[len(restarts) // 2]:.1f}s (median)"
+    )
+
+
+# -- the apiserver restarted ---------------------------------------------------------------------
+
+
+def test_apiserver_restart_mid_run_fails_no_job(
+    cluster: Cluster, chaos_operator: Operator, standin: RayJobsStandIn, namespace: str
+) -> None:
+    if cluster.control_plane is None:
+        pytest.skip("FORGELINE_TEST_KUBECONFIG: an external cluster's apiserver is not ours to restart")
+    _create(cluster, namespace, [_job(f"steady-{i}", steps=200) for i in range(3)])
+
+    def running() -> bool:
+        phases = [(j.get("status") or {}).get("phase") for j in _jobs(cluster, namespace).values()]
+        return phases.count("Running") == 3
+
+    _until(running, 60, "3 jobs Running", chaos_operator)
+    down = cluster.control_plane.restart_apiserver(down_seconds=3)
+    jobs = _until(_all_succeeded(cluster, namespace, 3), 120, "3 jobs Succeeded", chaos_operator)
+    _assert_ran_once_and_completely(jobs, standin, namespace)
+    assert chaos_operator.proc is not None and chaos_operator.proc.poll() is None
+    print(f"\nkube-apiserver unavailable for {down:.1f}s mid-run: 3 jobs Succeeded, none restarted")
+
+
+# -- the Ray head lost ---------------------------------------------------------------------------
+
+
+def test_lost_ray_head_is_clusterlost_within_the_bound_and_the_job_resumes(
+    cluster: Cluster, chaos_operator: Operator, namespace: str
+) -> None:
+    """A job on its own (stand-in) Ray head: the head dies mid-run, taking its jobs with it; the
+    attempt is declared lost within FORGELINE_CLUSTER_LOST_SECONDS plus a reconcile, and once a
+    head answers at the address again the job is resubmitted (attempt 1) and finishes."""
+    head = RayJobsStandIn(seconds_per_step=0.05).start()
+    _create(cluster, namespace, [_job("orphan", steps=200, ray={"address": head.address}, backoffLimit=2)])
+
+    def status() -> dict[str, Any]:
+        return _jobs(cluster, namespace)["orphan"].get("status") or {}
+
+    _until(lambda: (status().get("progress") or {}).get("step", 0) >= 20, 60, "step 20", chaos_operator)
+    head.stop()
+    died = time.monotonic()
+    _until(lambda: status().get("reason") == "RayUnreachable", 30, "RayUnreachable", chaos_operator)
+    lost = _until(lambda: status().get("restarts") == 1 and status(), 30, "ClusterLost", chaos_operator)
+    detected = time.monotonic() - died
+    assert lost["lastFailure"]["reason"] == "ClusterLost" and lost["lastFailure"]["retried"] is True
+    assert "does not answer" in lost["lastFailure"]["message"]
+    assert detected < LOST_AFTER + 5
+    back = RayJobsStandIn(seconds_per_step=0.05, port=head.port).start()  # the head restarted: no jobs
+    try:
+        final = _until(
+            lambda: status().get("phase") == "Succeeded" and status(), 60, "Succeeded", chaos_operator
+        )
+        assert final["restarts"] == 1 and final["ray"]["jobId"].endswith("-1")
+        assert not final["ray"].get("unreachableSince")
+        assert len(back.jobs) == 1
+    finally:
+        back.stop()
+    print(f"\nRay head lost: ClusterLost declared {detected:.1f}s after it died (bound {LOST_AFTER:g}s)")
+
+
+def test_a_ray_head_that_never_answers_fails_after_the_backoff_limit(
+    cluster: Cluster, chaos_operator: Operator, namespace: str
+) -> None:
+    dead = RayJobsStandIn()  # a port reserved and never served
+    dead.server.server_close()
+    started = time.monotonic()
+    _create(cluster, namespace, [_job("nowhere", steps=20, ray={"address": dead.address}, backoffLimit=1)])
+
+    def failed() -> dict[str, Any] | None:
+        status = _jobs(cluster, namespace)["nowhere"].get("status") or {}
+        return status if status.get("phase") == "Failed" else None
+
+    status = _until(failed, 60, "Failed", chaos_operator)
+    took = time.monotonic() - started
+    assert status["reason"] == "ClusterLost" and status["restarts"] == 1
+    assert status["lastFailure"]["reason"] == "ClusterLost" and status["lastFailure"]["retried"] is False
+    assert dead.address in status["message"] and "spec.backoffLimit (1)" in status["message"]
+    assert took >= 2 * LOST_AFTER
+    print(
+        f"\nunreachable Ray head: Failed/ClusterLost after {took:.1f}s "
+        f"(backoffLimit 1, bound {LOST_AFTER:g}s)"
+    )
+
+
+# -- a burst against the cap ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "count", [pytest.param(40, id="40-jobs"), pytest.param(1000, id="1000-jobs", marks=pytest.mark.soak)]
+)
+def test_a_burst_of_jobs_never_exceeds_the_running_jobs_cap(
+    cluster: Cluster, chaos_operator: Operator, standin: RayJobsStandIn, namespace: str, count: int
+) -> None:
+    """`count` jobs created at once: at no moment do more than CAP run (sampled every 20 ms by
+    the Ray stand-in, and in every status poll), the cap is used, the rest wait in Pending saying
+    so and start first come, first served, each job is submitted once, and all succeed."""
+    before = standin.max_running
+    standin.max_running = 0
+    started = time.monotonic()
+    docs = [_job(f"burst-{i:04d}", steps=20) for i in range(count)]
+    for chunk in range(0, count, 250):
+        _create(cluster, namespace, docs[chunk : chunk + 250])
+    active_max, queued = 0, set()
+
+    def done() -> dict[str, dict[str, Any]] | None:
+        nonlocal active_max
+        jobs = _jobs(cluster, namespace)
+        statuses = [j.get("status") or {} for j in jobs.values()]
+        phases = [s.get("phase") for s in statuses]
+        active_max = max(active_max, sum(p in ("Provisioning", "Running") for p in phases))
+        queued.update(s.get("message", "") for s in statuses if s.get("reason") == "Queued")
+        return jobs if len(jobs) == count and all(p == "Succeeded" for p in phases) else None
+
+    jobs = _until(done, 120 + count * 3, f"{count} jobs Succeeded", chaos_operator)
+    elapsed = time.monotonic() - started
+    _assert_ran_once_and_completely(jobs, standin, namespace)
+    assert standin.max_running == CAP, (standin.max_running, before)
+    assert active_max <= CAP
+    assert any("waiting for a slot" in m for m in queued), queued
+    starts = [jobs[d["metadata"]["name"]]["status"]["startTime"] for d in docs]
+    # first come, first served: jobs admitted in one wave (up to CAP slots freed at once) may
+    # start in any order within it, never after a job CAP places behind them
+    late = [(i, j) for i in range(count) for j in range(i + CAP, count) if starts[j] < starts[i]]
+    assert not late, f"not first come, first served: {late[:5]}"
+    print(
+        f"\n{count} jobs against a cap of {CAP}: all Succeeded in {elapsed:.0f}s; at most {CAP} ran at once"
+    )
