@@ -261,16 +261,51 @@ def _variant(example: str, name: str, **spec_updates: Any) -> Any:
     return parse_job(doc)
 
 
-def test_a_killed_worker_restores_from_the_last_checkpoint(run: Runner, ray_head: LocalRay) -> None:
-    """A real fault: SIGKILL one Ray Train worker process mid-training. Ray Train restarts the
-    worker group within the same Ray job and training resumes from the newest checkpoint its
-    controller had registered, then finishes. The controller collects reported checkpoints every
-    2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a checkpoint written just before the kill can be
-    lost: at most one interval more is redone (on this tiny model 20 steps take about 2 s)."""
-    import threading
-
+def _workers() -> list[Any]:
+    """The Ray Train worker processes on this machine (psutil.Process)."""
     import psutil
 
+    procs = psutil.process_iter(["cmdline"])
+    return [p for p in procs if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def _when(jobs: RayJobs, submitted: list[str], ready: Callable[[list[dict[str, Any]]], bool], act) -> Any:
+    """A thread that acts once the submitted Ray job's progress records satisfy `ready`."""
+    import threading
+
+    def _watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            records = parse_records(jobs.logs(submitted[0])) if submitted else []
+            if records and ready(records):
+                act(records)
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=_watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _training(records: list[dict[str, Any]]) -> bool:
+    """Training has begun (and a moment has passed: a signal then lands between steps)."""
+    if any(r["type"] == "event" and r["message"] == "training started" for r in records):
+        time.sleep(0.5)
+        return True
+    return False
+
+
+def _starts(records: list[dict[str, Any]]) -> list[int]:
+    return [
+        i for i, r in enumerate(records) if r.get("type") == "event" and r["message"] == "training started"
+    ]
+
+
+def test_a_killed_worker_restores_from_the_last_checkpoint(run: Runner, ray_head: LocalRay) -> None:
+    """A real fault: SIGKILL one Ray Train worker process mid-training. Ray Train restarts the
+    worker group within the same Ray job and training resumes from the newest checkpoint written
+    to storage (not merely the newest Ray Train's controller had registered: it collects reported
+    checkpoints only every 2 s), then finishes. Steps redone ≤ one checkpoint interval."""
     training = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())["spec"]["training"]
     job = _variant(
         "pretrain-tiny-llama",
@@ -282,35 +317,95 @@ def test_a_killed_worker_restores_from_the_last_checkpoint(run: Runner, ray_head
     submitted: list[str] = []
     seen: dict[str, Any] = {}
 
-    def _workers() -> list[psutil.Process]:
-        procs = psutil.process_iter(["cmdline"])
-        return [p for p in procs if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    def _kill(records: list[dict[str, Any]]) -> None:
+        victim = _workers()[0]
+        seen.update(checkpoint=[r["step"] for r in records if r["type"] == "checkpoint"][-1], pid=victim.pid)
+        victim.send_signal(signal.SIGKILL)
 
-    def _kill_after_the_second_checkpoint() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            log = jobs.logs(submitted[0]) if submitted else ""
-            steps = [r["step"] for r in parse_records(log) if r.get("type") == "checkpoint"]
-            if steps and steps[-1] >= 40:
-                victim = _workers()[0]
-                seen.update(checkpoint=steps[-1], pid=victim.pid)
-                victim.send_signal(signal.SIGKILL)
-                return
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=_kill_after_the_second_checkpoint, daemon=True)
-    killer.start()
+    killer = _when(
+        jobs, submitted, lambda rs: any(r["type"] == "checkpoint" and r["step"] >= 40 for r in rs), _kill
+    )
     result, metrics = run(job=job, cache=False, submitted=submitted)
     killer.join(timeout=10)
     assert "pid" in seen, "the worker was never killed"
-    events = [r for r in result.records if r.get("type") == "event"]
-    starts = [i for i, r in enumerate(result.records) if r in events and r["message"] == "training started"]
+    starts = _starts(result.records)
     assert len(starts) == 2, "the worker group did not restart"
     resumed = result.records[starts[1]]["start_step"]
     written = [r["step"] for r in result.records[: starts[1]] if r.get("type") == "checkpoint"]
-    assert resumed in written and resumed >= seen["checkpoint"] - 20, (resumed, written)
+    assert resumed == max(written) >= seen["checkpoint"], (resumed, written)
+    done = [r["step"] for r in result.records[: starts[1]] if r.get("type") == "progress"]
+    assert max(done, default=0) - resumed <= 20, (done, resumed)  # steps redone ≤ one interval
     assert metrics["steps"] == 200 and metrics["final_loss"] < metrics["first_loss"]
-    print(f"\nworker SIGKILLed after checkpoint {seen['checkpoint']} was written; resumed at step {resumed}")
+    print(
+        f"\nworker SIGKILLed after checkpoint {seen['checkpoint']} was written; newest written before "
+        f"the restart: {max(written)}; resumed at step {resumed}"
+    )
+
+
+def test_sigterm_checkpoints_at_the_current_step_and_the_restart_resumes_there(
+    run: Runner, ray_head: LocalRay
+) -> None:
+    """Graceful preemption, for real: SIGTERM to one Ray Train worker process between checkpoint
+    intervals. Every worker finishes the step, a checkpoint is written at exactly that step, the
+    workers stop with Preempted, Ray Train restarts the worker group, which resumes at that step
+    and finishes. (Ray's own SIGTERM handler would have ended the process at once.)"""
+    training = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())["spec"]["training"]
+    job = _variant(
+        "pretrain-tiny-llama",
+        "tiny-llama-sigterm",
+        checkpointing={"intervalSteps": 1000, "keep": 2},  # no interval checkpoint before the last step
+        training={**training, "maxSteps": 300},
+    )
+    jobs = RayJobs(ray_head.address, token=ray_head.token)
+    submitted: list[str] = []
+    seen: dict[str, Any] = {}
+
+    def _terminate(records: list[dict[str, Any]]) -> None:
+        victim = _workers()[-1]
+        seen.update(pid=victim.pid, at=time.monotonic())
+        victim.send_signal(signal.SIGTERM)
+
+    thread = _when(jobs, submitted, _training, _terminate)
+    result, metrics = run(job=job, cache=False, submitted=submitted, max_worker_failures=1)
+    thread.join(timeout=10)
+    assert "pid" in seen, "no worker was signalled"
+    records = result.records
+    preempted = [r for r in records if r["type"] == "event" and r["message"].startswith("preempted")]
+    assert len(preempted) == 1, jobs.logs(submitted[0])[-6000:]
+    step = preempted[0]["step"]
+    assert 0 < step < 300, step  # not an interval checkpoint: one made for the signal
+    assert any(r["type"] == "checkpoint" and r["step"] == step for r in records)
+    assert preempted[0]["seconds_to_checkpoint"] < preempted[0]["grace_period_seconds"]
+    starts = _starts(records)
+    assert len(starts) == 2 and records[starts[1]]["start_step"] == step
+    assert metrics["steps"] == 300 and metrics["resumed_from_step"] == step
+    print(
+        f"\nSIGTERM to worker pid {seen['pid']}: checkpoint at step {step} "
+        f"{preempted[0]['seconds_to_checkpoint']} s after the signal; restarted at step {step}"
+    )
+
+
+def test_a_preempted_ray_job_fails_with_reason_preempted(run: Runner, ray_head: LocalRay) -> None:
+    """With no worker restarts left the Ray job fails; its error record says Preempted (the operator
+    resubmits it without counting it against backoffLimit; the resubmission resumes like the
+    restart above), and the checkpoint at the signalled step is there."""
+    training = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())["spec"]["training"]
+    job = _variant(
+        "pretrain-tiny-llama",
+        "tiny-llama-sigterm-job",
+        checkpointing={"intervalSteps": 1000, "keep": 2},
+        training={**training, "maxSteps": 300},
+    )
+    jobs = RayJobs(ray_head.address, token=ray_head.token)
+    submitted: list[str] = []
+    thread = _when(jobs, submitted, _training, lambda _: _workers()[0].send_signal(signal.SIGTERM))
+    failed, _ = run(job=job, cache=False, submitted=submitted, max_worker_failures=0, expect_ok=False)
+    thread.join(timeout=10)
+    assert failed.status == "FAILED"
+    errors = [r for r in failed.records if r["type"] == "error"]
+    assert errors and errors[0]["reason"] == "Preempted", errors
+    events = [r for r in failed.records if r["type"] == "event" and r["message"].startswith("preempted")]
+    assert any(r["type"] == "checkpoint" and r["step"] == events[0]["step"] for r in failed.records)
 
 
 def test_stopped_run_resumes_at_its_step_with_optimizer_state(run: Runner) -> None:

@@ -516,3 +516,153 @@ def test_a_workers_own_failure_is_named_through_ray_trains_wrapper() -> None:
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert errors.reason_for(WorkerGroupError("m", {0: RuntimeError("x"), 1: oom})) == "OOMKilled"
     assert errors.reason_for(WorkerGroupError("m", {0: RuntimeError("x")})) is None
+
+
+# -- checkpoints: discovery, completeness, order; graceful preemption --------------------------------
+
+
+def test_checkpoint_directories_are_named_by_step() -> None:
+    from forgeline_trainer import checkpoints as C
+
+    assert C.dir_name(40) == "checkpoint_step_00000040"
+    taken = {"checkpoint_step_00000040", "checkpoint_step_00000040_1"}
+    assert C.dir_name(40, taken) == "checkpoint_step_00000040_2"  # written again after a fallback
+    assert C.parse_dir_name("checkpoint_step_00000040_2") == (40, 2)
+    assert C.parse_dir_name("checkpoint_step_00000040") == (40, 0)
+    for other in ("checkpoint_2026-11-24_19-50-00.123456", "checkpoint_manager_snapshot.json", "x"):
+        assert C.parse_dir_name(other) is None
+
+
+def test_a_checkpoint_is_complete_only_with_every_writers_marker_and_files() -> None:
+    from forgeline_trainer import checkpoints as C
+
+    ddp = {0: C.marker(40, 0, [0], {"state.pt": 100, "forgeline_state.json": 10})}
+    files = {"state.pt": 100, "forgeline_state.json": 10, "forgeline_complete.rank0.json": 80}
+    assert C.problem(40, files, ddp) is None
+    assert "no completeness marker" in C.problem(40, files, {})
+    assert "truncated" in C.problem(40, {**files, "state.pt": 50}, ddp)
+    assert "state.pt is missing" in C.problem(40, {"forgeline_state.json": 10}, ddp)
+    assert "not 40" in C.problem(40, files, {0: C.marker(20, 0, [0], {})})
+    # DeepSpeed: every rank writes shards; complete only when all ranks' markers and files are there.
+    zero = {
+        r: C.marker(40, r, [0, 1], {f"zero/zero_pp_rank_{r}_mp_rank_00_optim_states.pt": 7}) for r in (0, 1)
+    }
+    shards = {f"zero/zero_pp_rank_{r}_mp_rank_00_optim_states.pt": 7 for r in (0, 1)}
+    assert C.problem(40, shards, zero) is None
+    assert "worker 1's files are missing" in C.problem(40, shards, {0: zero[0]})
+    assert "written by worker 1" in C.problem(40, {"zero/zero_pp_rank_0_mp_rank_00_optim_states.pt": 7}, zero)
+    assert C.problem(40, shards, {0: zero[0], 1: None})  # an unreadable marker
+
+
+def test_candidates_come_newest_first_and_rays_registered_one_is_kept() -> None:
+    from forgeline_trainer import checkpoints as C
+
+    def ok(step: int) -> dict[int, Any]:
+        return {0: C.marker(step, 0, [0], {})}
+
+    listing = {
+        name: {}
+        for name in (
+            "checkpoint_step_00000020",
+            "checkpoint_step_00000040",
+            "checkpoint_step_00000040_1",
+            "checkpoint_step_00000060",
+        )
+    }
+    markers = {
+        "checkpoint_step_00000020": ok(20),
+        "checkpoint_step_00000040": ok(40),
+        "checkpoint_step_00000040_1": ok(40),
+    }  # 60 has none: its upload did not finish
+    cands = C.candidates(listing, markers, registered="checkpoint_step_00000020")
+    assert [c.name for c in cands] == [
+        "checkpoint_step_00000060",
+        "checkpoint_step_00000040_1",
+        "checkpoint_step_00000040",
+        "checkpoint_step_00000020",
+    ]
+    assert cands[0].problem and all(c.problem is None for c in cands[1:])
+    # A checkpoint Ray Train registered under its own kind of name (older Forgeline) comes last.
+    legacy = C.candidates(listing, markers, registered="checkpoint_2026-11-24_19-50-00.123456")
+    assert legacy[-1].name.startswith("checkpoint_2026") and legacy[-1].step is None
+    # Pruning at a restore: broken ones, and complete ones beyond `keep`; never what Ray references.
+    assert C.to_prune(cands, failed={"checkpoint_step_00000040_1"}, keep=1, referenced=set()) == [
+        "checkpoint_step_00000060",
+        "checkpoint_step_00000040_1",
+        "checkpoint_step_00000020",
+    ]
+    referenced = {"checkpoint_step_00000020", "checkpoint_step_00000060"}
+    assert C.to_prune(cands, failed=set(), keep=2, referenced=referenced) == []
+
+
+def test_run_store_finds_a_truncated_checkpoint_in_real_storage(tmp_path: Path) -> None:
+    import pyarrow.fs as pafs
+
+    from forgeline_trainer import checkpoints as C
+
+    for step in (20, 40):
+        d = tmp_path / "run" / C.dir_name(step)
+        d.mkdir(parents=True)
+        (d / "state.pt").write_bytes(b"x" * (1000 + step))
+        (d / "forgeline_state.json").write_text("{}")
+        C._write_marker(d, step, 0, [0])
+    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text("{}")
+    newest = tmp_path / "run" / C.dir_name(40) / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    store = C.RunStore(pafs.LocalFileSystem(), str(tmp_path / "run"))
+    listing = store.listing()
+    assert set(listing) == {"checkpoint_step_00000020", "checkpoint_step_00000040"}
+    markers = {name: store.markers(name, files) for name, files in listing.items()}
+    cands = C.candidates(listing, markers, None)
+    assert [c.step for c in cands] == [40, 20]
+    assert cands[0].problem == "state.pt is 100 bytes, 1040 were written (truncated or overwritten)"
+    assert cands[1].problem is None
+    with store.local_dir(cands[1].name) as d:
+        assert (d / "state.pt").stat().st_size == 1020
+    store.delete(cands[0].name)
+    assert set(store.listing()) == {"checkpoint_step_00000020"}
+    assert C.RunStore(pafs.LocalFileSystem(), str(tmp_path / "absent")).listing() == {}
+
+
+def test_sigterm_is_recorded_not_fatal_and_a_late_second_one_falls_back() -> None:
+    import os
+    import signal
+    import time
+
+    from forgeline_trainer import preemption
+
+    original = signal.getsignal(signal.SIGTERM)
+    calls: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))  # stands in for Ray's
+    try:
+        preemption._reset_for_tests()
+        assert preemption.install(0.2) is None  # pytest runs tests on the main thread
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not preemption.requested() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert preemption.requested() and calls == []  # recorded; the process lives on
+        os.kill(os.getpid(), signal.SIGTERM)  # within the grace period: still ours
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)  # after it: the previous handler (Ray's: exit)
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls == [signal.SIGTERM]
+        assert preemption.checkpoint_written() > 0.3
+    finally:
+        signal.signal(signal.SIGTERM, original)
+        preemption._reset_for_tests()
+
+
+def test_a_preempted_worker_makes_the_error_record_say_preempted(capsys: pytest.CaptureFixture[str]) -> None:
+    from ray.train import WorkerGroupError
+
+    from forgeline_trainer import launcher
+    from forgeline_trainer.errors import Preempted
+
+    failure = WorkerGroupError("m", {0: Preempted("checkpoint written at step 22"), 1: Preempted("x")})
+    launcher._report_error(failure)
+    record = parse_records(capsys.readouterr().out)[-1]
+    assert record["type"] == "error" and record["reason"] == "Preempted"
+    assert "step 22" in record["message"]

@@ -128,9 +128,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         flops_per_token=stats.flops_per_token,
         extra={"trainable_fraction": round(stats.trainable_fraction, 6), "method": job.cfg.spec.method},
     )
-    ckpt = Checkpointer(
-        job.rt, job.cfg.spec.checkpointing.interval_steps, trainable_only=job.cfg.spec.method in PEFT_METHODS
-    )
+    ckpt = Checkpointer.for_job(job, trainable_only=job.cfg.spec.method in PEFT_METHODS)
     start_step = _restore(job, ckpt, eng, reporter, stats)
     _train(job, data, eng, ckpt, reporter, start_step)
     _finish(job, prep, data, eng, reporter, stats, start_step)

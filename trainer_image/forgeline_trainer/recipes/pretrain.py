@@ -133,7 +133,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tokens_per_step=eng.plan.global_batch * job.cfg.spec.data.sequence_length,
         flops_per_token=stats.flops_per_token,
     )
-    ckpt = Checkpointer(job.rt, job.cfg.spec.checkpointing.interval_steps)
+    ckpt = Checkpointer.for_job(job)
     start_step = _restore(job, ckpt, eng, reporter, stats)
     _train(job, data, eng, ckpt, reporter, start_step)
     _finish(job, prep, data, eng, reporter, stats, start_step)

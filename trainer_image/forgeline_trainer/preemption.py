@@ -1,0 +1,116 @@
+"""Graceful preemption: on SIGTERM, finish the step, write a checkpoint at it, stop with `Preempted`.
+
+Kubernetes sends SIGTERM to a pod it drains or reclaims (spot), waits the pod's
+terminationGracePeriodSeconds (spec.preemption.gracePeriodSeconds + a margin, set by the
+operator), then SIGKILLs it.
+
+Ray Train v2 runs the train function in a thread of the worker actor, and Python installs signal
+handlers only from the main thread. The actor's main thread runs its tasks (and Ray's own SIGTERM
+handler, which exits the process). So `install`, called from the train thread, asks the worker
+actor to run `_install_handler` on its own main thread (an `execute` task on itself: Ray Train's
+worker actor has that method, and its main thread is free while training runs in the thread).
+The handler only records the signal; the train loop reads it after every step
+(`Checkpointer.maybe_save`), where the workers agree on it with one all-reduce, save and raise
+`Preempted`. A second SIGTERM after the grace period has run out falls back to Ray's handler.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from . import progress
+
+_requested = threading.Event()
+_saved = threading.Event()
+_state: dict[str, Any] = {"at": None, "grace": 120.0, "previous": None, "step": None}
+
+
+def _handler(signum: int, frame: Any) -> None:
+    at = _state["at"]
+    if at is not None:
+        previous = _state["previous"]
+        if time.monotonic() - at > _state["grace"] and callable(previous):
+            previous(signum, frame)  # Ray's: exit now
+        return
+    _state["at"] = time.monotonic()
+    _requested.set()
+    timer = threading.Timer(_state["grace"], _grace_ran_out)
+    timer.daemon = True
+    timer.start()
+
+
+def _grace_ran_out() -> None:
+    if _saved.is_set():
+        return
+    progress.emit(
+        {
+            "type": "event",
+            "message": "preemption grace period ran out before the checkpoint was written",
+            "grace_period_seconds": _state["grace"],
+            "last_step": _state["step"],
+            "pid": os.getpid(),
+            "hint": "a step plus a save take longer than spec.preemption.gracePeriodSeconds: "
+            "raise it, or checkpoint more often (the next attempt resumes from the newest "
+            "complete checkpoint)",
+        }
+    )
+
+
+def _install_handler(grace_seconds: float) -> bool:
+    """Runs on the worker process's main thread."""
+    _state["grace"] = float(grace_seconds)
+    current = signal.getsignal(signal.SIGTERM)
+    if current is not _handler:
+        _state["previous"] = current
+        signal.signal(signal.SIGTERM, _handler)
+    return True
+
+
+def install(grace_seconds: float) -> str | None:
+    """Catch SIGTERM in this worker process; None, or why it could not be done."""
+    try:
+        if threading.current_thread() is threading.main_thread():
+            _install_handler(grace_seconds)
+            return None
+        import ray
+
+        actor = ray.get_runtime_context().current_actor
+        ray.get(actor.execute.remote(_install_handler, grace_seconds), timeout=60)
+        return None
+    except Exception as exc:  # noqa: BLE001 - preemption stays ungraceful, training goes on
+        return f"{type(exc).__name__}: {exc}"
+
+
+def note_step(step: int) -> None:
+    """The last finished step (named by the grace-period event)."""
+    _state["step"] = step
+
+
+def requested() -> bool:
+    """This process got SIGTERM."""
+    return _requested.is_set()
+
+
+def seconds_since_signal() -> float | None:
+    at = _state["at"]
+    return None if at is None else time.monotonic() - at
+
+
+def grace_seconds() -> float:
+    return float(_state["grace"])
+
+
+def checkpoint_written() -> float | None:
+    """Mark the preemption checkpoint written; seconds it took since the signal."""
+    _saved.set()
+    return seconds_since_signal()
+
+
+def _reset_for_tests() -> None:
+    _requested.clear()
+    _saved.clear()
+    _state.update(at=None, step=None)
