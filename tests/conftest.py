@@ -213,3 +213,19 @@ def load_yaml_documents(path: Path) -> list[dict]:
 
 def example_files() -> list[Path]:
     return sorted([*EXAMPLES.glob("*.yaml"), *EXAMPLES.glob("production/*.yaml")])
+
+
+@contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `path` for the block (`ro,size=1m`: unwritable even for root;
+    `size=256k`: a volume that fills): storage faults for real. Skips without root."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

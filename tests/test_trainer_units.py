@@ -518,6 +518,225 @@ def test_a_workers_own_failure_is_named_through_ray_trains_wrapper() -> None:
     assert errors.reason_for(WorkerGroupError("m", {0: RuntimeError("x")})) is None
 
 
+# -- preflight and storage faults -------------------------------------------------------------------
+
+
+def _job_config(tmp_path: Path, **paths: str) -> Any:
+    """pretrain-tiny-llama's job config with its relative paths under tmp_path (examples/ linked)."""
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    job = parse_job(yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text()))
+    cfg = build_job_config(job, work_dir=str(tmp_path))
+    return cfg.model_copy(update={"paths": cfg.paths.model_copy(update=paths)}) if paths else cfg
+
+
+def _solo() -> RuntimeInfo:
+    return RuntimeInfo(rank=0, world=1, local_rank=0, on_gpu=False)
+
+
+def test_preflight_passes_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch  # noqa: F401 - imported already on a Ray Train worker: not part of the figure
+
+    from forgeline_trainer import preflight
+
+    cfg = _job_config(tmp_path)
+    seconds = preflight.run(cfg, _solo())
+    (record,) = parse_records(capsys.readouterr().out)
+    assert record["message"] == "preflight passed" and record["seconds"] == pytest.approx(seconds, abs=1e-3)
+    assert seconds < 1
+    # the probe files are gone; the locations exist (training writes there next)
+    assert (tmp_path / cfg.paths.checkpoints).is_dir() and (tmp_path / cfg.paths.output).is_dir()
+    assert [p for p in (tmp_path / "runs").rglob("*") if p.is_file()] == []
+
+
+def test_preflight_names_the_unwritable_checkpoint_location(tmp_path: Path) -> None:
+    from forgeline_trainer import errors, preflight
+
+    from .conftest import tmpfs
+
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        cfg = _job_config(tmp_path, checkpoints=str(ro / "ckpt"))
+        with pytest.raises(errors.PreflightFailed) as failed:
+            preflight.run(cfg, _solo())
+    assert failed.value.check == "checkpoint storage" and failed.value.rank == 0
+    assert str(failed.value).startswith("preflight check 'checkpoint storage' failed on worker 0: ")
+    assert "Read-only file system" in str(failed.value) and "spec.checkpointing.storage" in str(failed.value)
+    assert errors.reason_for(failed.value) == "PreflightFailed"
+
+
+def test_preflight_names_an_unreadable_data_source(tmp_path: Path) -> None:
+    from forgeline_trainer import errors, preflight
+
+    cfg = _job_config(tmp_path)
+    (tmp_path / "examples").unlink()  # the driver read it; this "worker" cannot see the path
+    with pytest.raises(errors.PreflightFailed) as failed:
+        preflight.run(cfg, _solo())
+    assert failed.value.check == "data" and "examples/data/" in failed.value.detail
+    assert "no data at" in failed.value.detail and "every Ray pod" in failed.value.detail
+
+
+def test_preflight_data_sources_of_both_kinds(tmp_path: Path) -> None:
+    from forgeline_trainer import preflight
+
+    pre = build_job_config(parse_job(yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())))
+    ft = build_job_config(parse_job(yaml.safe_load((EXAMPLES / "finetune-lora-tiny.yaml").read_text())))
+    assert [s.uri for s in preflight.data_sources(pre)] == [
+        s.uri for s in [*pre.spec.data.sources, *pre.spec.evaluation.sources]
+    ]
+    assert [s.uri for s in preflight.data_sources(ft)] == [s.uri for s in ft.spec.dataset.sources]
+    empty = tmp_path / "saved"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="is empty"):
+        preflight.check_data([SimpleNamespace(uri=str(empty), format="saved-dataset")], None)
+
+
+def test_preflight_gpu_check_on_a_machine_without_gpus() -> None:
+    import torch
+
+    from forgeline_trainer import preflight
+
+    preflight.check_gpu(0)  # a CPU job: nothing to check
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match=r"asks for 1 GPU\(s\) per worker but torch sees no usable CUDA"):
+        preflight.check_gpu(1)
+
+
+def test_preflight_collective_sums_and_carries_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    from forgeline_trainer import errors, preflight
+
+    assert preflight.check_collective(_solo(), None) == []  # no process group, one worker: fine
+    with pytest.raises(errors.PreflightFailed, match="not initialised"):
+        preflight.check_collective(RuntimeInfo(rank=0, world=2, local_rank=0, on_gpu=False), None)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert preflight.check_collective(_solo(), None) == []
+        assert preflight.check_collective(_solo(), preflight.CHECKS.index("data")) == [(0, 3)]
+        real = dist.all_reduce
+
+        def wrong(t: Any, **kw: Any) -> Any:
+            work = real(t, **kw)
+            t[1] += 1  # a broken reduction
+            return work
+
+        monkeypatch.setattr(dist, "all_reduce", wrong)
+        with pytest.raises(errors.PreflightFailed, match=r"gave \[1.0, 2.0\], expected \[1, 1.0\]"):
+            preflight.check_collective(_solo(), None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_storage_faults_map_to_storage_error_by_errno_and_text() -> None:
+    import errno
+
+    from forgeline_trainer import errors
+
+    for code, name in [
+        (errno.ENOSPC, "ENOSPC"),
+        (errno.EDQUOT, "EDQUOT"),
+        (errno.EROFS, "EROFS"),
+        (errno.EACCES, "EACCES"),
+    ]:
+        with (
+            pytest.raises(errors.StorageError) as err,
+            errors.storage_writes("/ckpt", "saving the checkpoint of step 20", "spec.checkpointing.storage"),
+        ):
+            raise OSError(code, "boom", "/ckpt/run/checkpoint_000001/state.pt")
+        text = str(err.value)
+        assert f"({name})" in text and "/ckpt/run/checkpoint_000001/state.pt" in text
+        assert text.startswith("saving the checkpoint of step 20: ") and "spec.checkpointing.storage" in text
+        assert errors.reason_for(err.value) == "StorageError"
+    # pyarrow's copy: an OSError whose errno is only in the text; no filename: the location is named
+    arrow = OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device")
+    assert errors.storage_errno(arrow) == errno.ENOSPC and errors.reason_for(arrow) == "StorageError"
+    assert "no space left at /ckpt (ENOSPC)" in str(errors.storage_error(arrow, "/ckpt", "saving", "f"))
+    # permission errors are storage faults only where we write (reading one is not)
+    assert errors.reason_for(PermissionError(errno.EACCES, "Permission denied")) is None
+    with pytest.raises(ValueError), errors.storage_writes("/ckpt", "saving", "spec.checkpointing.storage"):
+        raise ValueError("not a storage fault")
+    with (
+        pytest.raises(FileNotFoundError),
+        errors.storage_writes("/c", "saving", "spec.checkpointing.storage"),
+    ):
+        raise FileNotFoundError(errno.ENOENT, "gone", "/x")
+
+
+def test_publishing_onto_a_full_volume_is_a_storage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from forgeline_trainer import errors
+
+    from .conftest import tmpfs
+
+    with tmpfs(tmp_path / "full", "size=256k") as full:
+        cfg = build_job_config(
+            parse_job(yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())),
+            output=str(full / "model"),
+        )
+        reporter = _reporter()
+        summary = outputs.summary(_worker(cfg), reporter, models.ModelStats(100, 100, 1.0), {})
+
+        def save_model(out: Path) -> None:
+            (out / "model.safetensors").write_bytes(b"w" * 1_000_000)
+
+        capsys.readouterr()
+        with pytest.raises(errors.StorageError) as err:
+            outputs.publish(cfg, save_model, {}, summary, reporter, "tiny")
+    assert str(err.value).startswith("publishing the output: no space left at ")
+    assert str(full / "model") in str(err.value) and "spec.output.uri" in str(err.value)
+    assert not any(
+        r["type"] == "done" for r in parse_records(capsys.readouterr().out)
+    )  # never a silent success
+
+
+def test_preflight_and_storage_failures_end_the_ray_train_run_at_once() -> None:
+    import errno
+    import pickle
+
+    from ray.train import ControllerError, WorkerGroupError
+
+    from forgeline_trainer import errors
+
+    own = errors.PreflightFailed("output storage", 1, "read-only")
+    seen = errors.PreflightFailed("output storage", 1, "reported by worker 1")
+    assert pickle.loads(pickle.dumps(own)).__dict__ == own.__dict__  # crosses Ray's process boundary
+    assert str(errors.PreflightFailed("checkpoint storage", None, "x")).endswith("failed on the driver: x")
+    assert errors.not_retried({0: seen, 1: own}) is own  # the failing worker's own words
+    assert errors.not_retried({0: RuntimeError("bug")}) is None  # Ray Train retries these
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert errors.not_retried({0: RuntimeError("x"), 1: full}) is full
+    # Ray Train raises a ControllerError around what the stop_retrying callback raised
+    assert errors.reason_for(ControllerError(own)) == "PreflightFailed"
+    assert errors.reason_for(ControllerError(WorkerGroupError("m", {0: full}))) == "StorageError"
+    assert errors.root_cause(ControllerError(own)) is own
+
+
+def test_the_error_record_of_preflight_and_storage_failures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    from ray.train import ControllerError, WorkerGroupError
+
+    from forgeline_trainer import errors, launcher
+
+    cfg = _job_config(tmp_path, checkpoints=str(tmp_path / "ckpt"))
+    launcher._report_error(ControllerError(errors.PreflightFailed("data", 1, "no data at /d")), cfg)
+    launcher._report_error(WorkerGroupError("m", {0: OSError("[errno 28] No space left on device")}), cfg)
+    launcher._report_error(ControllerError(OSError(errno.EROFS, "Read-only file system")), cfg)
+    pre, full, ro = parse_records(capsys.readouterr().out)
+    assert pre == {
+        "type": "error",
+        "message": "preflight check 'data' failed on worker 1: no data at /d",
+        "reason": "PreflightFailed",
+    }
+    assert full["reason"] == "StorageError" and full["message"].startswith(
+        f"writing checkpoints: no space left at {tmp_path / 'ckpt'} (ENOSPC) — fix: free space"
+    )
+    assert ro["reason"] == "StorageError" and "(EROFS)" in ro["message"]
+
+
 # -- checkpoints: discovery, completeness, order; graceful preemption --------------------------------
 
 

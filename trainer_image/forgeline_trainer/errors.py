@@ -9,7 +9,10 @@ operator's classification takes as given.
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 
 class TrainerError(Exception):
@@ -50,9 +53,13 @@ class PreflightFailed(TrainerError):
 
     reason = "PreflightFailed"
 
-    def __init__(self, check: str, rank: int, detail: str) -> None:
-        super().__init__(f"preflight check '{check}' failed on worker {rank}: {detail}")
+    def __init__(self, check: str, rank: int | None, detail: str) -> None:
+        where = "the driver" if rank is None else f"worker {rank}"
+        super().__init__(f"preflight check '{check}' failed on {where}: {detail}")
         self.check, self.rank, self.detail = check, rank, detail
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None, str]]:  # crosses Ray's process boundary
+        return (type(self), (self.check, self.rank, self.detail))
 
 
 class StorageError(TrainerError, OSError):
@@ -66,6 +73,71 @@ _HUB_UNREACHABLE = (
     "is not a local folder and is not a valid model identifier",
     "Repository Not Found",
 )
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception inside Ray Train's wrappers: a ControllerError's own failure (where the
+    launcher's `stop_retrying` callback raised a worker's error), else `exc`."""
+    inner = getattr(exc, "controller_failure", None)  # ray.train.ControllerError
+    return root_cause(inner) if isinstance(inner, BaseException) else exc
+
+
+def reason_for(exc: BaseException) -> str | None:
+    """The typed reason of an exception, or None where only the log can tell (the operator then
+    classifies the log)."""
+    exc = root_cause(exc)
+    inner = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: the workers' own
+    if isinstance(inner, dict) and inner:
+        reasons = [reason_for(e) for e in inner.values()]
+        return next((r for r in reasons if r is not None), None)
+    if isinstance(exc, TrainerError):
+        return exc.reason
+    if storage_errno(exc) in WRITE_FAULTS:  # e.g. Ray Train's checkpoint upload into a full volume
+        return "StorageError"
+    if storage_unreachable(exc):  # an object store that does not answer (tests/test_object_storage.py)
+        return "StorageError"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "OOMKilled"
+    text = str(exc)
+    if isinstance(exc, OSError) and any(marker in text for marker in _HUB_UNREACHABLE):
+        return "ModelUnavailable"
+    return None
+
+
+NOT_RETRIED = ("PreflightFailed", "StorageError", "DataError", "ConfigError", "ModelUnavailable")
+"""Reasons that another attempt of the worker group cannot fix: Ray Train gives up at once."""
+
+
+def not_retried(worker_exceptions: Mapping[int, BaseException]) -> BaseException | None:
+    """The workers' exception that should end the Ray Train run now (no FailureConfig retry), or
+    None. A preflight failure is preferred as the failing worker reported it itself (the others
+    report the same check with less detail)."""
+    final = [
+        e
+        for _, e in sorted(worker_exceptions.items())
+        if reason_for(e) in NOT_RETRIED and not storage_unreachable(e)  # it may come back: retried
+    ]
+    own = [e for rank, e in sorted(worker_exceptions.items()) if getattr(e, "rank", None) == rank]
+    return next((e for e in own if e in final), final[0] if final else None)
+
+
+# errno → what it means for a location we write to
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: ("ENOSPC", "no space left"),
+    errno.EDQUOT: ("EDQUOT", "the storage quota is used up"),
+    errno.EROFS: ("EROFS", "the file system is read-only"),
+    errno.EACCES: ("EACCES", "permission denied"),
+    errno.EPERM: ("EPERM", "operation not permitted"),
+}
+WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+"""Storage faults that only writing meets: named StorageError wherever they are raised."""
+# pyarrow and some fsspec backends raise OSError without errno: the C library's words then
+_STORAGE_TEXTS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+}
 
 
 # An object store that does not answer (down, refusing connections, unknown host, timing out), in
@@ -89,20 +161,52 @@ def object_store_endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
 
 
-def reason_for(exc: BaseException) -> str | None:
-    """The typed reason of an exception, or None where only the log can tell (the operator then
-    classifies the log)."""
-    inner = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: the workers' own
-    if isinstance(inner, dict) and inner:
-        reasons = [reason_for(e) for e in inner.values()]
-        return next((r for r in reasons if r is not None), None)
-    if isinstance(exc, TrainerError):
-        return exc.reason
-    if storage_unreachable(exc):  # an object store that does not answer (tests/test_object_storage.py)
-        return "StorageError"
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return "OOMKilled"
+def storage_errno(exc: BaseException) -> int | None:
+    """ENOSPC, EDQUOT, EROFS, EACCES or EPERM where `exc` is one of those (by errno, or by its
+    text: pyarrow's copy raises OSError with the errno only in the message), else None."""
+    code = getattr(exc, "errno", None)
+    if code in _STORAGE_ERRNOS:
+        return code
     text = str(exc)
-    if isinstance(exc, OSError) and any(marker in text for marker in _HUB_UNREACHABLE):
-        return "ModelUnavailable"
-    return None
+    return next((c for marker, c in _STORAGE_TEXTS.items() if marker in text), None)
+
+
+def storage_error(exc: BaseException, location: str, action: str, field: str) -> StorageError | None:
+    """A StorageError naming the path, what happened and what to change (`field`: the spec field
+    that names the location), or None where `exc` is not a storage fault."""
+    if storage_unreachable(exc):
+        return StorageError(
+            f"{action}: the object store at {object_store_endpoint()} does not answer ({location}) — "
+            f"fix: check that it is up and reachable from the Ray pods (the endpoint comes from "
+            f"AWS_ENDPOINT_URL), or point {field} at another location; a resubmitted job resumes from "
+            f"its newest complete checkpoint. {type(exc).__name__}: {exc}"
+        )
+    code = storage_errno(exc)
+    if code is None:
+        return None
+    name, meaning = _STORAGE_ERRNOS[code]
+    path = getattr(exc, "filename", None) or location
+    fix = (
+        "free space or raise the quota there"
+        if code in (errno.ENOSPC, errno.EDQUOT)
+        else "make it writable by the Ray workers"
+    )
+    return StorageError(
+        f"{action}: {meaning} at {path} ({name}) — fix: {fix}, or point {field} at another location; "
+        "a resubmitted job resumes from its newest complete checkpoint"
+    )
+
+
+@contextmanager
+def storage_writes(location: str, action: str, field: str) -> Iterator[None]:
+    """Inside: a storage fault (full, over quota, read-only, no permission) becomes a StorageError
+    naming `location` and `field`; anything else passes unchanged."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        err = storage_error(exc, location, action, field)
+        if err is None:
+            raise
+        raise err from exc

@@ -29,8 +29,8 @@ from forgeline_operator.api.jobconfig import (
 )
 from forgeline_operator.api.quantities import cpu_cores
 
-from . import progress, storage
-from .errors import ConfigError, reason_for
+from . import preflight, progress, storage
+from .errors import ConfigError, PreflightFailed, StorageError, reason_for, root_cause, storage_error
 from .recipes import Prepared
 
 
@@ -96,12 +96,11 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     os.environ.update(env)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    _check_storage(cfg)
+    storage_path = storage.resolve(cfg.paths.checkpoints, cfg.paths.work_dir)
     prepared = _prepare(cfg, recipe)
     ck = cfg.spec.checkpointing
     run_name = cfg.run.run_name if ck.resume == "auto" else f"{cfg.run.run_name}-{int(time.time())}"
-    storage_path = storage.resolve(cfg.paths.checkpoints, cfg.paths.work_dir)
-    if not storage.is_remote(storage_path):
-        Path(storage_path).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         recipe.train_loop,
         train_loop_config={"config": dump_job_config(cfg), "prepared": prepared},
@@ -114,6 +113,7 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
             storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ck.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_worker_failures),
+            callbacks=[preflight.stop_retrying()],  # no retries for what retrying cannot fix
             worker_runtime_env={"env_vars": env},
         ),
     )
@@ -124,12 +124,29 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     }
 
 
-def _report_error(exc: BaseException) -> None:
+def _check_storage(cfg: TrainingJobConfig | FineTuneJobConfig) -> None:
+    """The driver's preflight of the checkpoint and output locations (creating them), before the
+    data is prepared and workers start: Ray Train writes checkpoint state from the driver, and the
+    Ray pods mount the same volumes, so an unwritable location fails here in seconds, named."""
+    for check, uri in (("checkpoint storage", cfg.paths.checkpoints), ("output storage", cfg.paths.output)):
+        try:
+            preflight.storage_probe(storage.resolve(uri, cfg.paths.work_dir), None)
+        except OSError as exc:
+            raise PreflightFailed(check, None, f"{exc} — fix: {preflight.FIXES[check]}") from exc
+
+
+def _report_error(exc: BaseException, cfg: TrainingJobConfig | FineTuneJobConfig | None = None) -> None:
     """The `error` progress record: the message and, where the trainer can tell, the typed
     reason (the operator classifies the log for the rest)."""
+    exc = root_cause(exc)  # ray.train.ControllerError: a worker's error ended the run (stop_retrying)
     inner = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: the workers' own
     first = next(iter(inner.values()), exc) if isinstance(inner, dict) and inner else exc
-    plain = isinstance(first, (ValueError, FileNotFoundError))  # our own messages name the field
+    if cfg is not None and not isinstance(first, StorageError) and reason_for(first) == "StorageError":
+        # a full or read-only volume under Ray Train's own writes (checkpoint upload, its run state)
+        where = storage.resolve(cfg.paths.checkpoints, cfg.paths.work_dir)
+        first = storage_error(first, where, "writing checkpoints", "spec.checkpointing.storage") or first
+    # our own messages name the field or the check
+    plain = isinstance(first, (ValueError, FileNotFoundError, PreflightFailed, StorageError))
     message = str(first) if plain else f"{type(first).__name__}: {first}"
     record = {"type": "error", "message": message[:1000], "reason": reason_for(exc)}
     progress.emit({k: v for k, v in record.items() if v is not None})
@@ -157,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(cfg)
     except (ValueError, FileNotFoundError) as exc:  # a clear message is all a user needs
-        _report_error(exc)
+        _report_error(exc, cfg)
         print(f"forgeline-trainer: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        _report_error(exc)
+        _report_error(exc, cfg)
         raise  # the traceback goes to the Ray job's log
     progress.emit({"type": "finished", "output": cfg.paths.output, "checkpoint": result["checkpoint"]})
     return 0

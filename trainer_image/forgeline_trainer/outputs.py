@@ -13,6 +13,7 @@ from typing import Any
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, TrainingJobConfig, dump_job_config
 
 from . import progress, storage
+from .errors import storage_writes
 from .models import ModelStats
 from .runtime import Worker
 
@@ -72,7 +73,10 @@ def publish(
     metrics.json, loss.png and job_config.json join them; the directory is copied to the job's
     output URI in one go and the `done` progress record is emitted."""
     target = storage.resolve(cfg.paths.output, cfg.paths.work_dir)
-    with tempfile.TemporaryDirectory(prefix="forgeline-out-") as tmp:
+    with (
+        storage_writes(target, "publishing the output", "spec.output.uri"),
+        tempfile.TemporaryDirectory(prefix="forgeline-out-") as tmp,
+    ):
         out = Path(tmp)
         save_model(out)
         for name, blob in tokenizer_files.items():

@@ -8,6 +8,8 @@ from typing import Any, Generic, TypeVar
 
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, TrainingJobConfig, load_job_config
 
+from . import preflight
+
 C = TypeVar("C", TrainingJobConfig, FineTuneJobConfig)
 
 
@@ -52,7 +54,8 @@ class Worker(Generic[C]):
 
     @classmethod
     def start(cls, loop_config: dict[str, Any], kind: type[C]) -> Worker[C]:
-        """First thing in a `train_loop`: parse the job config, read rank and world, seed torch."""
+        """First thing in a `train_loop`: parse the job config, read rank and world, seed torch, run
+        the preflight checks (preflight.py)."""
         import torch
 
         cfg = load_job_config(loop_config["config"])
@@ -61,6 +64,7 @@ class Worker(Generic[C]):
         rt = RuntimeInfo.current()
         torch.manual_seed(cfg.spec.training.seed)
         bf16, precision = resolve_precision(cfg.spec.training.precision, rt.on_gpu)
+        preflight.run(cfg, rt)  # GPU, storage, data, collective: fail now, not an hour in
         return cls(cfg, rt, bf16, precision)
 
 
