@@ -26,7 +26,7 @@ from forgeline_operator.localray import LocalRay
 from forgeline_operator.rayjobs import RayJobs, local_python, parse_records
 from forgeline_operator.runlocal import RunResult, run_job
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, tmpfs
 
 pytestmark = pytest.mark.trainer
 
@@ -451,6 +451,83 @@ def test_missing_data_fails_before_workers_start(run: Runner) -> None:
     assert errors and "nope.jsonl" in errors[0]["message"]
     assert errors[0]["reason"] == "DataError"  # typed: the operator fails the job at once, no retry
     assert not any(r["type"] == "event" and r["message"] == "training started" for r in result.records)
+
+
+# -- preflight and storage faults ----------------------------------------------------------------
+
+
+def _figure(what: str, seconds: float) -> None:
+    print(f"\n{what}: {seconds:.1f} s from submission")
+
+
+def _tiny(name: str, steps: int, **spec: Any) -> Any:
+    training = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())["spec"]["training"]
+    return _variant("pretrain-tiny-llama", name, training={**training, "maxSteps": steps}, **spec)
+
+
+def _worker_group_starts(ray_head: LocalRay, result: RunResult) -> int:
+    log = RayJobs(ray_head.address, token=ray_head.token).logs(result.submission_id)
+    return log.count("Attempting to start training worker group")
+
+
+def test_preflight_passes_before_the_first_step(run: Runner) -> None:
+    result, _ = run("pretrain-tiny-llama")  # the run of the first test (cached)
+    events = [r for r in result.records if r.get("type") == "event"]
+    messages = [e["message"] for e in events]
+    passed = events[messages.index("preflight passed")]
+    assert messages.index("preflight passed") < messages.index("training started")
+    assert passed["workers"] == 2 and passed["seconds"] < 1
+    print(f"\npreflight on 2 workers: {passed['seconds']:.3f} s")
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "output"])
+def test_unwritable_storage_fails_preflight_before_workers_start(
+    run: Runner, tmp_path: Path, where: str
+) -> None:
+    """Checkpoints (or the output) on a read-only volume: the driver's preflight fails the job
+    before the data is prepared and any worker starts (each worker would fail the same check)."""
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        location = ro / where
+        if where == "checkpoint":
+            job = _tiny("tiny-llama-ro-ckpt", 20, checkpointing={"storage": str(location)})
+        else:
+            job = _tiny("tiny-llama-ro-out", 20, checkpointing={"storage": str(tmp_path / "ckpt")})
+        t0 = time.monotonic()
+        output = str(location) if where == "output" else None
+        result, _ = run(job=job, cache=False, expect_ok=False, output=output)
+        seconds = time.monotonic() - t0
+    assert result.status == "FAILED"
+    (error,) = [r for r in result.records if r["type"] == "error"]
+    assert error["reason"] == "PreflightFailed", error
+    assert error["message"].startswith(f"preflight check '{where} storage' failed on the driver: "), error
+    assert f"[Errno 30] Read-only file system: '{location}'" in error["message"]
+    assert ("spec.checkpointing.storage" if where == "checkpoint" else "spec.output.uri") in error["message"]
+    assert not any(r.get("message") in ("data ready", "training started") for r in result.records)
+    _figure(f"{where} on a read-only volume → FAILED/PreflightFailed", seconds)
+
+
+def test_a_checkpoint_volume_that_fills_is_a_storage_error(
+    run: Runner, ray_head: LocalRay, tmp_path: Path
+) -> None:
+    """Checkpoints on a 256 KiB volume: preflight passes (its probe is tiny), the first
+    checkpoint (about 1 MB) does not fit — a StorageError naming the path, not retried, and never
+    a success without checkpoints."""
+    with tmpfs(tmp_path / "full", "size=256k") as full:
+        job = _tiny(
+            "tiny-llama-full-ckpt", 20, checkpointing={"storage": str(full / "ckpt"), "intervalSteps": 10}
+        )
+        t0 = time.monotonic()
+        result, _ = run(job=job, cache=False, expect_ok=False)
+        seconds = time.monotonic() - t0
+    assert result.status == "FAILED"
+    types = [r["type"] for r in result.records]
+    assert "progress" in types and "checkpoint" not in types and "done" not in types
+    (error,) = [r for r in result.records if r["type"] == "error"]
+    assert error["reason"] == "StorageError", error
+    assert f"{full / 'ckpt'}" in error["message"] and "(ENOSPC)" in error["message"], error
+    assert "spec.checkpointing.storage" in error["message"]
+    assert _worker_group_starts(ray_head, result) == 1
+    _figure(f"checkpoint volume full at step 10 → FAILED/StorageError ({error['message'][:160]})", seconds)
 
 
 def test_trainer_rejects_a_bad_config_with_exit_2(tmp_path: Path) -> None:
