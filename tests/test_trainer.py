@@ -408,6 +408,34 @@ def test_a_preempted_ray_job_fails_with_reason_preempted(run: Runner, ray_head: 
     assert any(r["type"] == "checkpoint" and r["step"] == events[0]["step"] for r in failed.records)
 
 
+def test_a_corrupt_newest_checkpoint_is_skipped_and_the_previous_one_resumes(
+    run: Runner, workdir: Path
+) -> None:
+    """Attempt 0 writes checkpoints 20, 40, 60 and fails. Then, in storage, step 60's state.pt is
+    truncated (its marker no longer matches: skipped without loading) and step 40's is overwritten
+    with garbage of the same size (loading fails on every worker: skipped). Attempt 1 says so for
+    each in an event, resumes at 20 and finishes."""
+    training = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())["spec"]["training"]
+    job = _variant(
+        "pretrain-tiny-llama",
+        "tiny-llama-corrupt",
+        checkpointing={"intervalSteps": 20, "keep": 3},
+        training={**training, "maxSteps": 80},
+    )
+    failed, _ = run(job=job, fail_at_step=60, max_worker_failures=0, cache=False, expect_ok=False)
+    assert [r["step"] for r in failed.records if r["type"] == "checkpoint"] == [20, 40, 60]
+    (root,) = (workdir / "runs/tiny-llama-corrupt/checkpoints").iterdir()
+    newest, previous = root / "checkpoint_step_00000060/state.pt", root / "checkpoint_step_00000040/state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    previous.write_bytes(b"\0" * previous.stat().st_size)
+    resumed, metrics = run(job=job, attempt=1, cache=False)
+    skipped = {r["step"]: r["why"] for r in resumed.records if r.get("message") == "skipped checkpoint"}
+    assert "truncated" in skipped[60] and skipped.keys() == {60, 40}, skipped
+    events = [r for r in resumed.records if r.get("message") == "resumed from checkpoint"]
+    assert events[0]["step"] == 20 and metrics["resumed_from_step"] == 20 and metrics["steps"] == 80
+    print(f"\nskipped: {skipped}; resumed at step 20")
+
+
 def test_stopped_run_resumes_at_its_step_with_optimizer_state(run: Runner) -> None:
     """Attempt 0 fails after step 20 (with no worker retries): the Ray job fails. Attempt 1 is
     a new Ray job: it resumes at step 20, and its losses match an uninterrupted run step for
