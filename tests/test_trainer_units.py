@@ -843,7 +843,9 @@ def test_run_store_finds_a_truncated_checkpoint_in_real_storage(tmp_path: Path) 
     assert C.RunStore(pafs.LocalFileSystem(), str(tmp_path / "absent")).listing() == {}
 
 
-def test_sigterm_is_recorded_not_fatal_and_a_late_second_one_falls_back() -> None:
+def test_sigterm_is_recorded_not_fatal_and_a_late_second_one_falls_back(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import os
     import signal
     import time
@@ -869,6 +871,9 @@ def test_sigterm_is_recorded_not_fatal_and_a_late_second_one_falls_back() -> Non
             time.sleep(0.01)
         assert calls == [signal.SIGTERM]
         assert preemption.checkpoint_written() > 0.3
+        late = [r for r in parse_records(capsys.readouterr().out) if r["type"] == "event"]
+        assert late and late[0]["message"].startswith("preemption grace period ran out")
+        assert late[0]["grace_period_seconds"] == 0.2
     finally:
         signal.signal(signal.SIGTERM, original)
         preemption._reset_for_tests()
