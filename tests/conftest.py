@@ -85,8 +85,7 @@ class Cluster:
         for name in names:
             self.kubectl("apply", "-f", str(TEST_CRDS / name))
         for name in names:
-            crd = yaml.safe_load((TEST_CRDS / name).read_text())["metadata"]["name"]
-            self.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
+            _established(self, yaml.safe_load((TEST_CRDS / name).read_text())["metadata"]["name"])
 
     @contextmanager
     def scratch_namespace(self, prefix: str) -> Iterator[str]:
@@ -104,10 +103,24 @@ class Cluster:
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
 
+def _established(cluster: Cluster, crd: str) -> None:
+    """kubectl wait for a CRD's Established condition; a CRD whose status is not written yet makes
+    kubectl 1.20 fail at once (".status.conditions accessor error"), so that is retried."""
+    deadline = time.monotonic() + 30
+    while True:
+        wait = ("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
+        proc = cluster.kubectl(*wait, check=False)
+        if proc.returncode == 0:
+            return
+        if "accessor error" not in proc.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"CRD {crd} not Established: {proc.stderr}")
+        time.sleep(0.5)
+
+
 def _install_crds(cluster: Cluster) -> None:
     cluster.kubectl("apply", "-f", str(CRDS))
     for name in ("trainingjobs.forgeline.dev", "finetunejobs.forgeline.dev"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s")
+        _established(cluster, name)
     # The apiserver publishes a new CRD's OpenAPI (used by `kubectl explain`) a moment later.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import yaml
+
+from forgeline_operator.rayjobs import parse_records
 
 from .conftest import EXAMPLES, Cluster, Release
 from .rayjobs_standin import RayJobsStandIn
@@ -87,6 +91,13 @@ def _create(cluster: Cluster, ns: str, docs: list[dict[str, Any]]) -> None:
 def _jobs(cluster: Cluster, ns: str) -> dict[str, dict[str, Any]]:
     out = json.loads(cluster.kubectl("get", "tj", "-n", ns, "-o", "json", timeout=120).stdout)
     return {o["metadata"]["name"]: o for o in out["items"]}
+
+
+def _forgeline_logs(cluster: Cluster, ns: str, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "forgeline_operator.cli", "logs", name, "-n", ns, *args]
+    return subprocess.run(
+        [*argv, "--kubeconfig", str(cluster.kubeconfig)], capture_output=True, text=True, timeout=60
+    )
 
 
 def _until(predicate: Callable[[], Any], timeout: float, what: str, op: Operator) -> Any:
@@ -213,6 +224,14 @@ def test_lost_ray_head_is_clusterlost_within_the_bound_and_the_job_resumes(
         assert len(back.jobs) == 1
     finally:
         back.stop()
+    # the first attempt's head is gone with its log: the archive still has it
+    assert [e["attempt"] for e in final["logs"]] == [0, 1]
+    first = _forgeline_logs(cluster, namespace, "orphan", "--attempt", "0")
+    assert first.returncode == 0, first.stderr
+    steps = [r["step"] for r in parse_records(first.stdout) if r.get("type") == "progress"]
+    assert steps and max(steps) >= 20 and max(steps) < 200
+    missing = _forgeline_logs(cluster, namespace, "orphan", "--attempt", "7")
+    assert missing.returncode == 1 and "it has attempts [0, 1]" in missing.stderr
     print(f"\nRay head lost: ClusterLost declared {detected:.1f}s after it died (bound {LOST_AFTER:g}s)")
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -311,6 +313,18 @@ def test_injected_trainer_failure_is_retried_and_recovers(
     assert "injected failure" in last["message"] and "20" in last["message"] and last["step"] >= 1
     assert any("injected failure" in line for line in last["logLines"]) and last["fix"]
     assert 'forgeline_job_failures_total{kind="TrainingJob",reason="UserCodeError"} 1.0' in operator.metrics()
+    # each attempt's Ray job log is archived next to the checkpoints; `forgeline logs` prints it
+    logs = {e["attempt"]: Path(e["uri"]) for e in final["status"]["logs"]}
+    assert sorted(logs) == [0, 1] and all(op_workdir in p.parents for p in logs.values())
+    first = subprocess.run(
+        [sys.executable, "-m", "forgeline_operator.cli", "logs", "flaky", "-n", namespace, "--attempt", "0"]
+        + ["--kubeconfig", str(cluster.kubeconfig)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert first.returncode == 0 and "injected failure after step 20" in first.stdout, first.stderr
+    assert "resumed from checkpoint" in logs[1].read_text()
 
 
 def test_a_failure_retrying_cannot_fix_fails_at_once_with_its_reason(

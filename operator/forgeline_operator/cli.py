@@ -5,6 +5,7 @@ forgeline validate -o json job.yaml     # the same, machine-readable
 forgeline crds [--dir crds] [--docs docs/crd-reference.md] [--check]
                                         # (re)generate crds/ (and the reference) from the models
 forgeline run examples/pretrain-tiny-llama.yaml   # train on an embedded Ray, live progress
+forgeline logs NAME -n NS [--attempt N]  # a job's Ray job log, also after its cluster is gone
 """
 
 from __future__ import annotations
@@ -188,7 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray Jobs API address of an existing cluster (default: embedded Ray)")
     p.add_argument("--output", help="override spec.output.uri (single-job manifests)")
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("logs", help="print a job's Ray job log (any attempt), even after its cluster is gone")
+    p.add_argument("name", help="the TrainingJob or FineTuneJob")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--kind", choices=["trainingjob", "finetunejob"], help="when both kinds have the name")
+    p.add_argument("--attempt", type=int, help="0 for the first submission (default: the latest)")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    p.add_argument("--token", help="Ray auth token, to read a live log that is not archived yet")
+    p.set_defaults(func=_cmd_logs)
     return parser
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .joblogs import main as logs_main
+
+    return logs_main(args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -58,6 +58,8 @@ class LogCursor:
 
     offset: int = 0
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    archived: int = -1
+    """Length of the log when it was last archived (logarchive); -1: not yet by this operator."""
 
     def feed(self, full_log: str) -> list[dict[str, Any]]:
         if len(full_log) < self.offset:  # log restarted (new submission)

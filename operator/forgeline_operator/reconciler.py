@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from . import builders, decisions, failures, lifecycle, metrics
+from . import builders, decisions, failures, lifecycle, logarchive, metrics
 from .api import Job
 from .api.common import JobRef
 from .api.jobconfig import FineTuneJobConfig, TrainingJobConfig, build_job_config
@@ -130,7 +130,7 @@ class Reconciler:
         """The trainer's config for an attempt, with `fromJob` resolved to those jobs' outputs."""
         job, settings = self.job, self.rt.settings
         base, reward = job.model_source(), job.reward_model_source()
-        work_dir = settings.local_work_dir or (os.getcwd() if self.backend.name == "local" else None)
+        work_dir = self._work_dir()
         notes, allowed = job.metadata.annotations, settings.allow_fault_injection
         fail_at = decisions.injected_failure_step(notes, allowed)
         hang_at = decisions.injected_failure_step(notes, allowed, decisions.HANG_ANNOTATION)
@@ -145,6 +145,10 @@ class Reconciler:
             # an injected failure must fail the Ray job, not be absorbed by Ray Train
             max_worker_failures=0 if fail_at else 2,
         )
+
+    def _work_dir(self) -> str | None:
+        """What relative paths in the spec resolve against (local runs; the trainer's cwd else)."""
+        return self.rt.settings.local_work_dir or (os.getcwd() if self.backend.name == "local" else None)
 
     # -- budget (spec.budget), checked while the job holds or waits for a cluster ---------------
 
@@ -239,6 +243,7 @@ class Reconciler:
             self.out.transition("Running", "Reconnected", message, ray=ray)
         cursor = self.rt.cursors.setdefault(sid, LogCursor())
         cursor.feed(log)
+        self._archive(log, cursor)
         fields = self._progress_fields(cursor, {**ray, "jobStatus": ray_status})
         if ray_status == "SUCCEEDED":
             self._succeeded(sid, fields)
@@ -248,6 +253,32 @@ class Reconciler:
             return
         elif fields.get("progress") != self.status.get("progress") or ray_status != ray.get("jobStatus"):
             self.out.write(fields)
+
+    def _archive(self, log: str, cursor: LogCursor) -> None:
+        """Keep the attempt's log where `forgeline logs` finds it after the cluster is gone
+        (logarchive), and point to it in status.logs."""
+        if len(log) == cursor.archived:
+            return
+        attempt, settings, key = self._attempt(), self.rt.settings, self.out.key
+        uri = logarchive.location(
+            attempt,
+            (key.namespace, key.kind, key.name),
+            self.status.get("checkpointUri"),
+            settings.log_archive,
+            self._work_dir(),
+            local_paths=self.backend.name in ("local", "address"),
+        )
+        cursor.archived = len(log)
+        if uri is None:
+            return
+        try:
+            logarchive.write(uri, log, settings.log_archive_bytes)
+        except OSError as exc:  # the job goes on; the live log is still in Ray
+            self.logger.warning(f"could not archive the Ray job log to {uri}: {exc}")
+            return
+        entries = list(self.status.get("logs") or [])
+        if not any(e.get("attempt") == attempt for e in entries):
+            self.out.write({"logs": [*entries, {"attempt": attempt, "uri": uri}]})
 
     def _unreachable(self, exc: RayUnreachable) -> None:
         """The Ray head does not answer: wait it out for FORGELINE_CLUSTER_LOST_SECONDS (the clock

@@ -57,6 +57,12 @@ class OperatorSettings(BaseSettings):
     cluster_lost_seconds: float = Field(default=60.0, gt=0)
     """Seconds a job's Ray head may not answer before the attempt counts as lost (reason
     ClusterLost: resubmitted from the newest checkpoint, counted against spec.backoffLimit)."""
+    log_archive: str | None = None
+    """Where each attempt's Ray job log is archived (a path or an s3:// / gs:// prefix; the job's
+    logs go under <namespace>/<kind>/<name>/). Unset: next to the job's checkpoints where the
+    operator can reach them (object stores; local paths for the local and address backends)."""
+    log_archive_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    """The most of each attempt's log the archive keeps (its end)."""
     node_pools: dict[str, NodePool] = Field(default_factory=dict)
     """Node pool presets as JSON, e.g. {"h100": {"nodeSelector": {...}, "tolerations": [...]}};
     jobs pick one with spec.resources.nodePool."""

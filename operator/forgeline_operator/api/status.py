@@ -134,6 +134,15 @@ class LastFailure(ApiModel):
     """Whether the operator resubmitted the job after it."""
 
 
+class AttemptLog(ApiModel):
+    """Where one attempt's Ray job log is archived (`forgeline logs NAME --attempt N` prints it)."""
+
+    attempt: int = Field(ge=0)
+    """The attempt (0: the first submission)."""
+    uri: str = Field(max_length=2048)
+    """The archived log: its last FORGELINE_LOG_ARCHIVE_BYTES, updated every reconcile."""
+
+
 class JobStatus(ApiModel):
     """Observed state of a TrainingJob or FineTuneJob."""
 
@@ -165,3 +174,5 @@ class JobStatus(ApiModel):
     """Where the trained model was (or will be) written."""
     checkpoint_uri: str | None = None
     """Where checkpoints are kept."""
+    logs: list[AttemptLog] = Field(default_factory=list)
+    """Each attempt's archived Ray job log, kept after the Ray cluster is gone."""
