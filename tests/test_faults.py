@@ -55,6 +55,7 @@ def chaos_operator(
         FORGELINE_MAX_RUNNING_JOBS=str(CAP),
         FORGELINE_CLUSTER_LOST_SECONDS=str(LOST_AFTER),
         FORGELINE_WATCH_NAMESPACES="ft-*",
+        FORGELINE_STORAGE_PREFIXES=f"{logs}/runs",  # every job of this module writes under runs/
     )
     op.start()
     yield op
@@ -257,6 +258,29 @@ def test_a_ray_head_that_never_answers_fails_after_the_backoff_limit(
         f"\nunreachable Ray head: Failed/ClusterLost after {took:.1f}s "
         f"(backoffLimit 1, bound {LOST_AFTER:g}s)"
     )
+
+
+# -- hostile paths ---------------------------------------------------------------------------------
+
+
+def test_storage_outside_the_operators_prefixes_is_refused_naming_the_field(
+    cluster: Cluster, chaos_operator: Operator, standin: RayJobsStandIn, namespace: str
+) -> None:
+    doc = _job("escape", steps=20, checkpointing={"storage": "s3://someone-else/ckpt"})
+    doc["spec"]["output"]["uri"] = "runs/../../../escape"
+    _create(cluster, namespace, [doc])
+
+    def failed() -> dict[str, Any] | None:
+        status = _jobs(cluster, namespace)["escape"].get("status") or {}
+        return status if status.get("phase") == "Failed" else None
+
+    status = _until(failed, 60, "Failed", chaos_operator)
+    assert status["reason"] == "ValidationFailed"
+    assert "spec.output.uri: 'runs/../../../escape' resolves to" in status["message"]
+    assert "spec.checkpointing.storage: 's3://someone-else/ckpt'" in status["message"]
+    assert "FORGELINE_STORAGE_PREFIXES" in status["message"]
+    assert standin.submissions_of(namespace, "escape") == []
+    assert not (chaos_operator.workdir.parent / "escape").exists()
 
 
 # -- a burst against the cap ---------------------------------------------------------------------

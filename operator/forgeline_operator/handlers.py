@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import kopf
 
-from . import decisions, metrics
+from . import decisions, metrics, storagepolicy
 from .api import (
     API_GROUP,
     API_VERSION,
@@ -86,7 +86,8 @@ def _shutdown(memo: Runtime, **_: Any) -> None:
 
 
 def _parse(body: kopf.Body, kind: str, settings: OperatorSettings) -> Job:
-    """The typed job, or InvalidJobError: the spec's own rules, then this operator's node pools."""
+    """The typed job, or InvalidJobError: the spec's own rules, then this operator's (credentials
+    only on clusters it creates, its node pools, its storage prefixes)."""
     manifest = {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": kind,
@@ -94,35 +95,66 @@ def _parse(body: kopf.Body, kind: str, settings: OperatorSettings) -> Job:
         "spec": dict(body["spec"]),
     }
     job: Job = parse_job(manifest)  # type: ignore[assignment]
-    pool = job.spec.resources.node_pool
-    uses_pools = settings.backend == "kuberay" and not job.spec.ray.address
-    if job.spec.credentials and not uses_pools:
-        raise InvalidJobError(
-            [
-                FieldError(
-                    "spec.credentials",
-                    "this job runs on an existing Ray cluster, whose pods Forgeline does not create, "
-                    "so it cannot hand them Secrets",
-                    "give that Ray cluster's pods the variables (or an IAM role) and remove "
-                    "spec.credentials, or run the job on a RayCluster of its own (no spec.ray.address)",
-                )
-            ],
-            job.metadata.name,
-        )
-    if pool and uses_pools and pool not in settings.node_pools:
-        known = ", ".join(sorted(settings.node_pools)) or "none are configured"
-        raise InvalidJobError(
-            [
-                FieldError(
-                    "spec.resources.nodePool",
-                    f"this cluster has no node pool '{pool}'",
-                    f"use one of the operator's node pools ({known}; Helm value nodePools), or remove "
-                    "nodePool and set resources.nodeSelector/tolerations",
-                )
-            ],
-            job.metadata.name,
-        )
+    errors = [*_credential_errors(job, settings), *_node_pool_errors(job, settings)]
+    errors += _storage_errors(job, settings)
+    if errors:
+        raise InvalidJobError(errors, job.metadata.name)
     return job
+
+
+def _creates_clusters(job: Job, settings: OperatorSettings) -> bool:
+    return settings.backend == "kuberay" and not job.spec.ray.address
+
+
+def _credential_errors(job: Job, settings: OperatorSettings) -> list[FieldError]:
+    if not job.spec.credentials or _creates_clusters(job, settings):
+        return []
+    return [
+        FieldError(
+            "spec.credentials",
+            "this job runs on an existing Ray cluster, whose pods Forgeline does not create, "
+            "so it cannot hand them Secrets",
+            "give that Ray cluster's pods the variables (or an IAM role) and remove "
+            "spec.credentials, or run the job on a RayCluster of its own (no spec.ray.address)",
+        )
+    ]
+
+
+def _node_pool_errors(job: Job, settings: OperatorSettings) -> list[FieldError]:
+    pool = job.spec.resources.node_pool
+    if not pool or not _creates_clusters(job, settings) or pool in settings.node_pools:
+        return []
+    known = ", ".join(sorted(settings.node_pools)) or "none are configured"
+    return [
+        FieldError(
+            "spec.resources.nodePool",
+            f"this cluster has no node pool '{pool}'",
+            f"use one of the operator's node pools ({known}; Helm value nodePools), or remove "
+            "nodePool and set resources.nodeSelector/tolerations",
+        )
+    ]
+
+
+def _storage_errors(job: Job, settings: OperatorSettings) -> list[FieldError]:
+    """Output and checkpoints inside FORGELINE_STORAGE_PREFIXES (after resolving `..`)."""
+    prefixes, errors = settings.allowed_storage(), []
+    work_dir = settings.work_dir(settings.backend)
+    for path, uri in (
+        ("spec.output.uri", job.spec.output.uri),
+        ("spec.checkpointing.storage", job.spec.checkpointing.storage),
+    ):
+        where = storagepolicy.outside(uri, prefixes, work_dir) if uri else None
+        if where is not None:
+            errors.append(
+                FieldError(
+                    path,
+                    f"{uri[:200]!r} resolves to {where[:200]!r}, outside the storage this operator "
+                    f"allows ({', '.join(prefixes)})",
+                    "write under one of those prefixes (FORGELINE_STORAGE_PREFIXES; ask the platform "
+                    "team to add one)",
+                )
+            )
+    return errors
 
 
 def _fail_invalid(exc: InvalidJobError, out: StatusWriter) -> NoReturn:

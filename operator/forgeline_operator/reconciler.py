@@ -10,7 +10,6 @@ retries) — plus suspend and resume.
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -148,7 +147,7 @@ class Reconciler:
 
     def _work_dir(self) -> str | None:
         """What relative paths in the spec resolve against (local runs; the trainer's cwd else)."""
-        return self.rt.settings.local_work_dir or (os.getcwd() if self.backend.name == "local" else None)
+        return self.rt.settings.work_dir(self.backend.name)
 
     # -- budget (spec.budget), checked while the job holds or waits for a cluster ---------------
 

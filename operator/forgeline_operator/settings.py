@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,6 +58,10 @@ class OperatorSettings(BaseSettings):
     cluster_lost_seconds: float = Field(default=60.0, gt=0)
     """Seconds a job's Ray head may not answer before the attempt counts as lost (reason
     ClusterLost: resubmitted from the newest checkpoint, counted against spec.backoffLimit)."""
+    storage_prefixes: str = ""
+    """Comma-separated locations jobs may write to (output, checkpoints), e.g.
+    "s3://team-a/,/mnt/pvc/team-a": a job writing elsewhere fails with ValidationFailed naming the
+    field. Empty: no restriction."""
     log_archive: str | None = None
     """Where each attempt's Ray job log is archived (a path or an s3:// / gs:// prefix; the job's
     logs go under <namespace>/<kind>/<name>/). Unset: next to the job's checkpoints where the
@@ -71,6 +76,14 @@ class OperatorSettings(BaseSettings):
     step). Off in production: only the test suite turns it on."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Operator log level."""
+
+    def work_dir(self, backend: str) -> str | None:
+        """What relative paths in specs resolve against: FORGELINE_LOCAL_WORK_DIR, or the
+        operator's cwd for the local backend; None where the trainer's own cwd decides."""
+        return self.local_work_dir or (os.getcwd() if backend == "local" else None)
+
+    def allowed_storage(self) -> list[str]:
+        return [p.strip() for p in self.storage_prefixes.split(",") if p.strip()]
 
     def namespaces(self) -> list[str]:
         return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]
