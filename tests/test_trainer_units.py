@@ -890,3 +890,18 @@ def test_a_preempted_worker_makes_the_error_record_say_preempted(capsys: pytest.
     record = parse_records(capsys.readouterr().out)[-1]
     assert record["type"] == "error" and record["reason"] == "Preempted"
     assert "step 22" in record["message"]
+
+
+def test_preflight_collective_between_two_real_processes(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from .preflight_workers import collective_worker
+
+    results = mp.get_context("fork").SimpleQueue()  # fork: no re-import in the children
+    args = (str(tmp_path / "store"), results)
+    mp.start_processes(collective_worker, args=args, nprocs=2, join=True, start_method="fork")
+    (_, zero), (_, one) = sorted([results.get(), results.get()])
+    assert zero[:2] == one[:2] == [[], [(1, 3)]]  # both workers learn that worker 1 failed check 3
+    check, rank, detail, seconds = zero[2]
+    assert (check, rank) == ("collective", 0) and detail.startswith("an all-reduce over 2 workers (gloo) did")
+    assert 1 <= seconds < 1.9  # bounded by FORGELINE_PREFLIGHT_TIMEOUT_S
