@@ -534,6 +534,41 @@ def test_unwritable_storage_fails_preflight_before_workers_start(
     _figure(f"{where} on a read-only volume → FAILED/PreflightFailed", seconds)
 
 
+def test_data_a_worker_cannot_read_fails_its_preflight(
+    run: Runner, ray_head: LocalRay, tmp_path: Path
+) -> None:
+    """The driver reads the corpus; then it disappears (as a path only the head node has would be
+    missing on a worker's node). Every worker's preflight fails the 'data' check before any step,
+    the error names the check, the worker and the path, and Ray Train does not restart the group."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes((EXAMPLES / "data/corpus.jsonl").read_bytes())
+    data = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())["spec"]["data"]
+    job = _tiny("tiny-llama-worker-data", 20, data={**data, "sources": [{"uri": str(corpus)}]})
+    jobs = RayJobs(ray_head.address, token=ray_head.token)
+    submitted: list[str] = []
+    taken: list[Path] = []
+
+    def prepared(records: list[dict[str, Any]]) -> bool:
+        return any(r.get("message") == "data ready" for r in records)
+
+    watcher = _when(
+        jobs, submitted, prepared, lambda _: taken.append(corpus.rename(corpus.with_suffix(".gone")))
+    )
+    t0 = time.monotonic()
+    result, _ = run(job=job, cache=False, expect_ok=False, submitted=submitted)
+    seconds = time.monotonic() - t0
+    watcher.join(timeout=5)
+    assert taken, "the corpus was never taken away"
+    assert result.status == "FAILED"
+    (error,) = [r for r in result.records if r["type"] == "error"]
+    assert error["reason"] == "PreflightFailed", error
+    assert error["message"].startswith("preflight check 'data' failed on worker "), error
+    assert f"no data at {corpus}" in error["message"] and "every Ray pod" in error["message"]
+    assert not any(r["type"] == "progress" or r.get("message") == "training started" for r in result.records)
+    assert _worker_group_starts(ray_head, result) == 1  # not retried (max_worker_failures is 2)
+    _figure("data a worker cannot read → FAILED/PreflightFailed", seconds)
+
+
 def test_a_checkpoint_volume_that_fills_is_a_storage_error(
     run: Runner, ray_head: LocalRay, tmp_path: Path
 ) -> None:
