@@ -905,3 +905,18 @@ def test_preflight_collective_between_two_real_processes(tmp_path: Path) -> None
     check, rank, detail, seconds = zero[2]
     assert (check, rank) == ("collective", 0) and detail.startswith("an all-reduce over 2 workers (gloo) did")
     assert 1 <= seconds < 1.9  # bounded by FORGELINE_PREFLIGHT_TIMEOUT_S
+
+
+@pytest.mark.parametrize(
+    "example", sorted(p.stem for p in EXAMPLES.glob("*.yaml") if not p.stem.startswith("pipeline"))
+)
+def test_preflight_passes_for_every_shipped_example(tmp_path: Path, example: str) -> None:
+    """Every example's data sources, checkpoint and output locations pass the checks a worker runs."""
+    from forgeline_trainer import preflight
+
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    cfg = build_job_config(
+        parse_job(yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())), work_dir=str(tmp_path)
+    )
+    assert preflight.data_sources(cfg)
+    preflight.run(cfg, _solo())
