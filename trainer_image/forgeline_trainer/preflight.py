@@ -69,7 +69,12 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig, rt: RuntimeInfo) -> float:
             fix = f" — fix: {FIXES[check]}" if check in FIXES else ""
             failure = PreflightFailed(check, rt.rank, _detail(exc) + fix)
             break
-    failed = check_collective(rt, None if failure is None else CHECKS.index(failure.check))
+    try:
+        failed = check_collective(rt, None if failure is None else CHECKS.index(failure.check))
+    except PreflightFailed:
+        if failure is not None:  # this worker's own finding first, even when the others hung
+            raise failure from None
+        raise
     if failure is not None:
         raise failure
     if failed:  # another worker failed a local check: stop with its check and rank
