@@ -261,12 +261,19 @@ def _variant(example: str, name: str, **spec_updates: Any) -> Any:
     return parse_job(doc)
 
 
-def _workers() -> list[Any]:
-    """The Ray Train worker processes on this machine (psutil.Process)."""
+def _workers(head: LocalRay) -> list[Any]:
+    """The Ray Train worker processes of this Ray head (psutil.Process), known by its token in
+    their environment (as LocalRay.stop knows them): a signal must never reach another Ray."""
     import psutil
 
+    def _ours(p: psutil.Process) -> bool:
+        try:
+            return p.environ().get("RAY_AUTH_TOKEN") == head.token
+        except psutil.Error:
+            return False
+
     procs = psutil.process_iter(["cmdline"])
-    return [p for p in procs if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    return [p for p in procs if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and _ours(p)]
 
 
 def _when(jobs: RayJobs, submitted: list[str], ready: Callable[[list[dict[str, Any]]], bool], act) -> Any:
@@ -318,7 +325,7 @@ def test_a_killed_worker_restores_from_the_last_checkpoint(run: Runner, ray_head
     seen: dict[str, Any] = {}
 
     def _kill(records: list[dict[str, Any]]) -> None:
-        victim = _workers()[0]
+        victim = _workers(ray_head)[0]
         seen.update(checkpoint=[r["step"] for r in records if r["type"] == "checkpoint"][-1], pid=victim.pid)
         victim.send_signal(signal.SIGKILL)
 
@@ -361,7 +368,7 @@ def test_sigterm_checkpoints_at_the_current_step_and_the_restart_resumes_there(
     seen: dict[str, Any] = {}
 
     def _terminate(records: list[dict[str, Any]]) -> None:
-        victim = _workers()[-1]
+        victim = _workers(ray_head)[-1]
         seen.update(pid=victim.pid, at=time.monotonic())
         victim.send_signal(signal.SIGTERM)
 
@@ -398,7 +405,7 @@ def test_a_preempted_ray_job_fails_with_reason_preempted(run: Runner, ray_head: 
     )
     jobs = RayJobs(ray_head.address, token=ray_head.token)
     submitted: list[str] = []
-    thread = _when(jobs, submitted, _training, lambda _: _workers()[0].send_signal(signal.SIGTERM))
+    thread = _when(jobs, submitted, _training, lambda _: _workers(ray_head)[0].send_signal(signal.SIGTERM))
     failed, _ = run(job=job, cache=False, submitted=submitted, max_worker_failures=0, expect_ok=False)
     thread.join(timeout=10)
     assert failed.status == "FAILED"

@@ -358,6 +358,12 @@ class Checkpointer:
         self._prune(store, cands, failed)
         if step is not None:
             return step
+        if cands:
+            reporter.event(
+                "no checkpoint of this run could be loaded",
+                skipped=[c.name for c in cands],
+                then="resumeFrom" if resume_from else "step 0",
+            )
         if resume_from:
             location = storage.local_copy(storage.resolve(resume_from, work_dir), "/tmp/forgeline-resume")
             return self._load(Path(location), eng, reporter)
