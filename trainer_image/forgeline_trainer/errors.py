@@ -147,6 +147,7 @@ _UNREACHABLE_TEXTS = (
     "AWS Error NETWORK_CONNECTION",
     "Could not connect to the endpoint URL",
     "Connect timeout on endpoint URL",
+    "Read timeout on endpoint URL",  # one that accepts connections and never answers
 )
 
 
