@@ -100,7 +100,15 @@ def test_printer_columns_show_status(cluster: Cluster, namespace: str) -> None:
     status = {
         "status": {
             "phase": "Running",
-            "progress": {"step": 30, "totalSteps": 60, "summary": "30/60", "loss": 2.5},
+            "progress": {
+                "step": 30,
+                "totalSteps": 60,
+                "summary": "30/60",
+                "loss": 2.512,
+                "tokensPerSecond": 46150.2,
+                "mfu": 0.303,
+                "display": {"loss": "2.51", "tokensPerSecond": "46.2k", "mfu": "30%"},
+            },
         }
     }
     cluster.kubectl(
@@ -129,11 +137,13 @@ def test_printer_columns_show_status(cluster: Cluster, namespace: str) -> None:
     for column in ("NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "AGE"):
         assert column in header, table
     row = next(line for line in table.splitlines() if "pipe-pretrain" in line)
-    assert "Running" in row and "30/60" in row and "2.5" in row and "llama" in row
+    assert "Running" in row and "30/60" in row and " 2.51 " in row and "llama" in row
     assert any("METHOD" in line for line in table.splitlines()), table
     assert "lora" in table and "dpo" in table
     wide = cluster.kubectl("get", "forgeline", "-n", namespace, "-o", "wide").stdout
     assert "TOKENS/S" in wide and "MFU" in wide and "RESTARTS" in wide
+    row = next(line for line in wide.splitlines() if "pipe-pretrain" in line)
+    assert " 46.2k " in row and " 30% " in row, wide
     assert "pipe-sft" in wide and "pipe-pretrain" in wide
 
 

@@ -44,3 +44,14 @@ def test_step_advanced_at_moves_only_when_the_step_does() -> None:
     assert lifecycle.progress_from(rec, None, old)["stepAdvancedAt"] == "2026-01-01T00:00:00Z"
     moved = lifecycle.progress_from({**rec, "step": 31}, None, old)
     assert moved["stepAdvancedAt"] != "2026-01-01T00:00:00Z"
+
+
+def test_progress_is_shown_as_people_read_it() -> None:
+    shown = lifecycle.display(1.752364, 46150.21, 0.30329)
+    assert shown == {"loss": "1.75", "tokensPerSecond": "46.2k", "mfu": "30%"}
+    assert lifecycle.display(0.012345, 812.4, 0.004)["loss"] == "0.0123"
+    assert lifecycle.display(None, 812.4, 0.004) == {"tokensPerSecond": "812", "mfu": "0.4%"}
+    assert lifecycle.display(12.0, 2_345_678.0, None) == {"loss": "12", "tokensPerSecond": "2.3M"}
+    assert lifecycle.display(None, 999.7, None) == {"tokensPerSecond": "1.0k"}
+    record = {"type": "progress", "step": 3, "total_steps": 6, "loss": 2.5, "tokens_per_second": 1234.0}
+    assert lifecycle.progress_from(record, None)["display"] == {"loss": "2.5", "tokensPerSecond": "1.2k"}

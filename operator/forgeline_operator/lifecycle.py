@@ -82,6 +82,23 @@ def changed(status: dict[str, Any], phase: str, reason: str, message: str) -> bo
     return (status.get("phase"), status.get("reason"), status.get("message")) != (phase, reason, message)
 
 
+def display(loss: float | None, tokens_per_second: float | None, mfu: float | None) -> dict[str, str]:
+    """Numbers as a person reads them: loss 1.752364 → "1.75", 46150.21 tokens/s → "46.2k",
+    MFU 0.30329 → "30%" (what `kubectl get` prints)."""
+    shown: dict[str, str] = {}
+    if loss is not None:
+        shown["loss"] = f"{loss:.3g}"
+    if tokens_per_second is not None:
+        rate = tokens_per_second
+        if rate >= 999_950:
+            shown["tokensPerSecond"] = f"{rate / 1e6:.1f}M"
+        else:
+            shown["tokensPerSecond"] = f"{rate / 1e3:.1f}k" if rate >= 999.5 else f"{rate:.0f}"
+    if mfu is not None:
+        shown["mfu"] = f"{mfu * 100:.0f}%" if mfu >= 0.01 else f"{mfu * 100:.2g}%"
+    return shown
+
+
 def progress_from(
     record: dict[str, Any], evals: dict[str, Any] | None, previous: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -114,6 +131,9 @@ def progress_from(
         out["stepAdvancedAt"] = before["stepAdvancedAt"]
     else:
         out["stepAdvancedAt"] = out["updatedAt"]
+    shown = display(out.get("loss"), out.get("tokensPerSecond"), out.get("mfu"))
+    if shown:
+        out["display"] = shown
     if evals:
         out["evalMetrics"] = {
             k: float(v) for k, v in evals.items() if k not in ("type", "step") and isinstance(v, (int, float))

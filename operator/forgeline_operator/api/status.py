@@ -53,6 +53,17 @@ class Condition(ApiModel):
     """The .metadata.generation this condition was set for."""
 
 
+class ProgressDisplay(ApiModel):
+    """Progress as a person reads it: the strings behind `kubectl get`'s columns."""
+
+    loss: str | None = Field(default=None, max_length=32)
+    """Training loss to 3 significant digits, e.g. 1.75."""
+    tokens_per_second: str | None = Field(default=None, max_length=32)
+    """Throughput with a k/M suffix, e.g. 46.2k."""
+    mfu: str | None = Field(default=None, max_length=32)
+    """MFU in percent, e.g. 30%."""
+
+
 class Progress(ApiModel):
     """Live training progress, refreshed from the trainer's progress records."""
 
@@ -90,6 +101,8 @@ class Progress(ApiModel):
     """Recent seconds per optimizer step (the watchdog never allows less than 10× this)."""
     step_advanced_at: datetime | None = None
     """When the operator last saw the step count grow (the watchdog measures stalls from it)."""
+    display: ProgressDisplay | None = None
+    """loss, tokensPerSecond and mfu formatted for people (the printer columns show these)."""
 
 
 class RayInfo(ApiModel):
