@@ -263,7 +263,9 @@ class Checkpointer:
         due = step % self.interval == 0 or step == eng.total_steps
         if due or preempted:
             self.save(step, eng, reporter, metrics)
-        if preempted and step != eng.total_steps:
+        if step == eng.total_steps:
+            preemption.checkpoint_written()  # the last checkpoint is there: a late SIGTERM costs nothing
+        elif preempted:
             self._stop_preempted(step)
         return due or preempted
 
