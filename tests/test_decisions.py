@@ -82,7 +82,7 @@ def test_cap_admits_first_come_first_served() -> None:
     # c is behind b: with one free slot, it waits as second in the queue
     queued = decisions.admission(jobs, set(), "c", 2)
     assert queued == decisions.Queued(position=1, active=1, cap=2)
-    assert queued.message == "waiting for a slot: 1 of 2 jobs running; position 1 in the queue"
+    assert queued.message == "waiting for one of 2 slots; position 1 in the queue"
     assert decisions.admission(jobs, set(), "d", 2) == decisions.Queued(position=2, active=1, cap=2)
 
 
@@ -276,3 +276,15 @@ def test_an_unreachable_ray_address_is_named_as_such() -> None:
     with pytest.raises(RayUnreachable, match="does not answer") as err:
         RayJobs(address, request_timeout=2)
     assert err.value.address == address and isinstance(err.value, ConnectionError)
+
+
+def test_a_long_queue_rewrites_few_statuses_as_it_moves() -> None:
+    def place(p: int) -> str:
+        return decisions.Queued(position=p, active=3, cap=4).place
+
+    assert place(10) == "position 10 in the queue"
+    assert place(11) == place(20) == "over 10 jobs ahead in the queue"
+    assert place(21) == place(40) == "over 20 jobs ahead in the queue"
+    assert place(999) == "over 640 jobs ahead in the queue"
+    # a job at the back of 1,000 sees its message change about 16 times, not 1,000
+    assert len({place(p) for p in range(1, 1001)}) <= 17

@@ -317,7 +317,7 @@ def test_a_burst_of_jobs_never_exceeds_the_running_jobs_cap(
     _assert_ran_once_and_completely(jobs, standin, namespace)
     assert standin.max_running == CAP, (standin.max_running, before)
     assert active_max <= CAP
-    assert any("waiting for a slot" in m for m in queued), queued
+    assert any(f"waiting for one of {CAP} slots" in m for m in queued), queued
     starts = [jobs[d["metadata"]["name"]]["status"]["startTime"] for d in docs]
     # first come, first served: jobs admitted in one wave (up to CAP slots freed at once) may
     # start in any order within it, never after a job CAP places behind them

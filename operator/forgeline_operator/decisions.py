@@ -113,10 +113,19 @@ class Queued:
 
     @property
     def message(self) -> str:
-        return (
-            f"waiting for a slot: {self.active} of {self.cap} jobs running; "
-            f"position {self.position} in the queue"
-        )
+        """Stable while the queue moves, so a thousand queued jobs do not each rewrite their
+        status at every admission: the exact place among the first 10, then only the power-of-two
+        band (over 10, 20, 40, ... ahead), and not the running count, which flickers."""
+        return f"waiting for one of {self.cap} slots; {self.place}"
+
+    @property
+    def place(self) -> str:
+        if self.position <= 10:
+            return f"position {self.position} in the queue"
+        band = 10
+        while band * 2 < self.position:
+            band *= 2
+        return f"over {band} jobs ahead in the queue"
 
 
 def admission(
