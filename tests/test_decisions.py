@@ -288,3 +288,24 @@ def test_a_long_queue_rewrites_few_statuses_as_it_moves() -> None:
     assert place(999) == "over 640 jobs ahead in the queue"
     # a job at the back of 1,000 sees its message change about 16 times, not 1,000
     assert len({place(p) for p in range(1, 1001)}) <= 17
+
+
+def test_time_to_first_step_is_split_into_queue_provisioning_and_startup() -> None:
+    first = datetime(2026, 1, 1, 12, 0, 19, 500000, tzinfo=UTC)
+    split = decisions.startup_timings(
+        "2026-01-01T12:00:00Z", "2026-01-01T12:00:04.250Z", "2026-01-01T12:00:07Z", first
+    )
+    assert split == {
+        "firstStepAt": "2026-01-01T12:00:19.500Z",
+        "timeToFirstStepSeconds": 19.5,
+        "queuedSeconds": 4.25,
+        "provisioningSeconds": 2.75,
+        "startupSeconds": 12.5,
+    }
+    # status written before admission was recorded: everything before the submission is provisioning
+    old = decisions.startup_timings("2026-01-01T12:00:00Z", None, "2026-01-01T12:00:07Z", first)
+    assert old["queuedSeconds"] == 0 and old["provisioningSeconds"] == 7
+    same_second = decisions.startup_timings(
+        "2026-01-01T12:00:00Z", "2026-01-01T12:00:04.250Z", "2026-01-01T12:00:04Z", first
+    )
+    assert same_second["provisioningSeconds"] == 0 and same_second["startupSeconds"] == 15.25

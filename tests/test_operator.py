@@ -18,6 +18,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,12 @@ def test_job_runs_to_succeeded_with_live_progress(
     text = operator.metrics()
     assert 'forgeline_jobs{kind="TrainingJob",phase="Succeeded"}' in text
     assert "forgeline_reconcile_duration_seconds_bucket" in text
+    timings = status["timings"]  # where the time to the first step went
+    parts = timings["queuedSeconds"] + timings["provisioningSeconds"] + timings["startupSeconds"]
+    assert timings["startupSeconds"] > 0 and abs(parts - timings["timeToFirstStepSeconds"]) < 0.05
+    admitted, first = (datetime.fromisoformat(timings[k]) for k in ("admittedAt", "firstStepAt"))
+    assert admitted < first
+    assert 'forgeline_job_time_to_first_step_seconds_count{kind="TrainingJob"}' in text
     assert f'forgeline_job_loss{{job="tiny-llama",kind="TrainingJob",namespace="{namespace}"}}' in text
 
 

@@ -232,6 +232,25 @@ def cluster_overdue(waited_seconds: float, timeout_seconds: float, recreatable: 
 # -- time ---------------------------------------------------------------------------------------
 
 
+def startup_timings(
+    created: str, admitted: str | None, submitted: str | None, first_step: datetime
+) -> dict[str, Any]:
+    """status.timings once the first optimizer step is seen: the time from `kubectl apply` to it,
+    split into waiting for a slot (creation → admission), getting a Ray cluster and submitting
+    (admission → first submission) and the trainer's own start-up (submission → first step)."""
+    start = parse_time(created)
+    admitted_at = parse_time(admitted) if admitted else start
+    # startTime is written to the second: never before the (millisecond) admission
+    submitted_at = max(parse_time(submitted), admitted_at) if submitted else admitted_at
+    return {
+        "firstStepAt": first_step.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+        "timeToFirstStepSeconds": round(max((first_step - start).total_seconds(), 0.0), 2),
+        "queuedSeconds": round(max((admitted_at - start).total_seconds(), 0.0), 2),
+        "provisioningSeconds": round(max((submitted_at - admitted_at).total_seconds(), 0.0), 2),
+        "startupSeconds": round(max((first_step - submitted_at).total_seconds(), 0.0), 2),
+    }
+
+
 def parse_time(timestamp: str) -> datetime:
     """A Kubernetes timestamp (`2026-01-02T03:04:05Z`) as an aware datetime."""
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))

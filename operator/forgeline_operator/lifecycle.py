@@ -28,8 +28,12 @@ _TABLE: dict[str, dict[str, str]] = {
 }
 
 
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now(precise: bool = False) -> str:
+    """The time as Kubernetes writes it (to the second), or to the millisecond."""
+    at = datetime.now(UTC)
+    if precise:
+        return at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def conditions_for(

@@ -42,6 +42,28 @@ FAILURES = Counter(
     ["kind", "reason"],
     registry=REGISTRY,
 )
+_STARTUP_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+TIME_TO_FIRST_STEP = Histogram(
+    "forgeline_job_time_to_first_step_seconds",
+    "From the job's creation to its first optimizer step",
+    ["kind"],
+    registry=REGISTRY,
+    buckets=_STARTUP_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "forgeline_job_queue_wait_seconds",
+    "From the job's creation to its admission (dependencies, the running-jobs cap)",
+    ["kind"],
+    registry=REGISTRY,
+    buckets=_STARTUP_BUCKETS,
+)
+PROVISIONING = Histogram(
+    "forgeline_job_provisioning_seconds",
+    "From admission to the first Ray job submission (the Ray cluster, Kueue)",
+    ["kind"],
+    registry=REGISTRY,
+    buckets=_STARTUP_BUCKETS,
+)
 _JOB_LABELS = ["namespace", "job", "kind"]
 LOSS = Gauge("forgeline_job_loss", "Latest training loss", _JOB_LABELS, registry=REGISTRY)
 TOKENS = Gauge(
@@ -91,6 +113,13 @@ def relay_progress(namespace: str, job: str, kind: str, progress: dict[str, Any]
     eval_loss = (progress.get("evalMetrics") or {}).get("eval_loss")
     if isinstance(eval_loss, (int, float)):
         EVAL_LOSS.labels(*labels).set(eval_loss)
+
+
+def observe_startup(kind: str, timings: dict[str, Any]) -> None:
+    """The job's start-up split (decisions.startup_timings), once, at its first step."""
+    TIME_TO_FIRST_STEP.labels(kind).observe(timings["timeToFirstStepSeconds"])
+    QUEUE_WAIT.labels(kind).observe(timings["queuedSeconds"])
+    PROVISIONING.labels(kind).observe(timings["provisioningSeconds"])
 
 
 def forget_job(namespace: str, job: str, kind: str) -> None:

@@ -111,6 +111,7 @@ class Reconciler:
         if isinstance(verdict, decisions.Queued):
             return self.out.transition("Pending", "Queued", verdict.message)
         paths = self._config(0).paths
+        timings = self.status.get("timings") or {"admittedAt": lifecycle.now(precise=True)}
         self.out.transition(
             "Provisioning",
             "Provisioning",
@@ -118,6 +119,7 @@ class Reconciler:
             checkpointUri=paths.checkpoints,
             outputUri=paths.output,
             ray=_requested(),
+            timings=timings,
         )
         return None
 
@@ -241,7 +243,7 @@ class Reconciler:
             message = f"the Ray head at {state.address} answers again"
             self.out.transition("Running", "Reconnected", message, ray=ray)
         cursor = self.rt.cursors.setdefault(sid, LogCursor())
-        cursor.feed(log)
+        self._first_step(cursor.feed(log))
         self._archive(log, cursor)
         fields = self._progress_fields(cursor, {**ray, "jobStatus": ray_status})
         if ray_status == "SUCCEEDED":
@@ -252,6 +254,21 @@ class Reconciler:
             return
         elif fields.get("progress") != self.status.get("progress") or ray_status != ray.get("jobStatus"):
             self.out.write(fields)
+
+    def _first_step(self, records: list[dict[str, Any]]) -> None:
+        """status.timings and the start-up metrics, once, from the first progress record (its
+        own time stamp: the reconcile interval does not blur it)."""
+        timings = dict(self.status.get("timings") or {})
+        first = next((r for r in records if r.get("type") == "progress"), None)
+        if first is None or timings.get("firstStepAt"):
+            return
+        stamp = first.get("time")
+        at = datetime.fromtimestamp(stamp, UTC) if isinstance(stamp, (int, float)) else datetime.now(UTC)
+        split = decisions.startup_timings(
+            self.out.created, timings.get("admittedAt"), self.status.get("startTime"), at
+        )
+        self.out.write({"timings": {**timings, **split}})
+        metrics.observe_startup(self.out.kind, split)
 
     def _archive(self, log: str, cursor: LogCursor) -> None:
         """Keep the attempt's log where `forgeline logs` finds it after the cluster is gone

@@ -86,8 +86,10 @@ def device_peak_flops() -> tuple[float, str]:
 
 
 def emit(record: dict[str, Any]) -> None:
-    """Print one progress record line (flushed: the operator reads it live)."""
-    sys.stdout.write(PROGRESS_PREFIX + json.dumps(record, separators=(",", ":")) + "\n")
+    """Print one progress record line (flushed: the operator reads it live), stamped with the
+    wall-clock `time` it was written (the operator's time-to-first-step uses it)."""
+    stamped = {**record, "time": round(time.time(), 3)} if "time" not in record else record
+    sys.stdout.write(PROGRESS_PREFIX + json.dumps(stamped, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
 

@@ -156,6 +156,23 @@ class AttemptLog(ApiModel):
     """The archived log: its last FORGELINE_LOG_ARCHIVE_BYTES, updated every reconcile."""
 
 
+class Timings(ApiModel):
+    """Where the time to the first optimizer step went (set once, at the first step)."""
+
+    admitted_at: datetime | None = None
+    """When the job got a slot (its dependencies done, under the running-jobs cap)."""
+    first_step_at: datetime | None = None
+    """When the trainer reported its first optimizer step."""
+    time_to_first_step_seconds: float | None = Field(default=None, ge=0)
+    """Creation → first step: the sum of the three below."""
+    queued_seconds: float | None = Field(default=None, ge=0)
+    """Creation → admission: waiting for upstream jobs or a slot."""
+    provisioning_seconds: float | None = Field(default=None, ge=0)
+    """Admission → first Ray job submission: the Ray cluster (and Kueue)."""
+    startup_seconds: float | None = Field(default=None, ge=0)
+    """First submission → first step: the trainer's start (imports, data, model, workers)."""
+
+
 class JobStatus(ApiModel):
     """Observed state of a TrainingJob or FineTuneJob."""
 
@@ -187,5 +204,7 @@ class JobStatus(ApiModel):
     """Where the trained model was (or will be) written."""
     checkpoint_uri: str | None = None
     """Where checkpoints are kept."""
+    timings: Timings | None = None
+    """Time to the first optimizer step, split into queue wait, provisioning and the trainer's start-up."""
     logs: list[AttemptLog] = Field(default_factory=list)
     """Each attempt's archived Ray job log, kept after the Ray cluster is gone."""
