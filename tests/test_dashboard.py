@@ -17,6 +17,7 @@ EXPECTED_TITLES = [
     "Phase transitions",
     "Failures by reason (1h)",
     "Job restarts (1h)",
+    "Time to first step (p50, 1h)",
     "Training loss",
     "Tokens per second",
     "MFU",
@@ -34,6 +35,9 @@ EXPECTED_METRICS = {
     "forgeline_job_transitions_total",
     "forgeline_job_failures_total",
     "forgeline_job_restarts_total",
+    "forgeline_job_time_to_first_step_seconds_bucket",
+    "forgeline_job_queue_wait_seconds_bucket",
+    "forgeline_job_provisioning_seconds_bucket",
     "forgeline_job_loss",
     "forgeline_job_tokens_per_second",
     "forgeline_job_mfu",
@@ -151,7 +155,7 @@ def test_panels_fit_the_grid_without_overlapping() -> None:
 def test_panel_queries_cover_the_expected_metrics() -> None:
     queries = panel_queries(build_dashboard())
     assert {title for title, _ in queries} == set(EXPECTED_TITLES)
-    assert len(queries) == len(EXPECTED_TITLES) + 1  # Reconcile latency: p50 and p95
+    assert len(queries) == len(EXPECTED_TITLES) + 3  # Reconcile latency: p50, p95; time to first step: 3
     metrics = set().union(*(_metrics(expr) for _, expr in queries))
     assert metrics == EXPECTED_METRICS
     rates = [expr for _, expr in queries if "rate(" in expr]

@@ -84,6 +84,8 @@ for _kind in ("TrainingJob", "FineTuneJob"):
         TRANSITIONS.labels(_kind, _phase)
     for _reason in FAILURE_REASONS:
         FAILURES.labels(_kind, _reason)
+    for _histogram in (TIME_TO_FIRST_STEP, QUEUE_WAIT, PROVISIONING):  # increase() needs the 0
+        _histogram.labels(_kind)
 
 
 class _PhaseCollector:

@@ -166,7 +166,24 @@ def _jobs_row() -> list[Any]:
             width=4,
             thresholds=[Threshold(value=None, color="green"), Threshold(value=1, color="orange")],
         ),
+        _timeseries(
+            "Time to first step (p50, 1h)",
+            "From kubectl apply to the first optimizer step, and its parts: waiting for a slot "
+            "(dependencies, the running-jobs cap) and provisioning (the Ray cluster, Kueue); the "
+            "rest is the trainer's own start-up. Medians over the jobs that started in the last "
+            "hour (status.timings of each job has its own split).",
+            _query(_median("forgeline_job_time_to_first_step_seconds"), "to first step", "A"),
+            _query(_median("forgeline_job_queue_wait_seconds"), "queued", "B"),
+            _query(_median("forgeline_job_provisioning_seconds"), "provisioning", "C"),
+            width=24,
+            unit="s",
+            min_val=0,
+        ),
     ]
+
+
+def _median(histogram: str) -> str:
+    return f"histogram_quantile(0.5, sum by (le) (increase({histogram}_bucket[1h])))"
 
 
 def _training_row() -> list[Any]:
