@@ -920,3 +920,17 @@ def test_preflight_passes_for_every_shipped_example(tmp_path: Path, example: str
     )
     assert preflight.data_sources(cfg)
     preflight.run(cfg, _solo())
+
+
+def test_mfu_peak_is_the_nodes_measured_once_not_each_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver measures the node once with all its cores (FORGELINE_CPU_PEAK_PER_CORE); a
+    worker's peak is its share, so two workers probing at once can no longer halve the peak and
+    double the MFU."""
+    from forgeline_trainer import progress
+
+    monkeypatch.setenv(progress.CPU_PEAK_ENV, "5e10")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    peak, source = progress.device_peak_flops()
+    assert peak == 1e11 and "measured once before training on all its cores" in source
+    measured = progress.node_cpu_peak_per_core(1)
+    assert 1e8 < measured < 1e13  # a real fp32 matmul on this CPU

@@ -93,6 +93,9 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     workers, use_gpu, per_worker = scaling(cfg)
     threads = str(max(1, math.floor(per_worker["CPU"])))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    if not use_gpu:  # MFU's denominator: one probe of the node with all its cores, not one per worker
+        cores = max(1, min(os.cpu_count() or 1, workers * int(threads)))
+        env[progress.CPU_PEAK_ENV] = f"{progress.node_cpu_peak_per_core(cores):.6g}"
     os.environ.update(env)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)

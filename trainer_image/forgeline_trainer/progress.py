@@ -81,8 +81,26 @@ def device_peak_flops() -> tuple[float, str]:
             if frag in name:
                 return peak, f"datasheet bf16 peak of {name}"
         return 0.0, f"unknown GPU {name}: MFU not reported"
-    peak = measure_cpu_peak(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    return peak, "measured fp32 matmul peak of this CPU (probe at start of run)"
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    per_thread = os.environ.get(CPU_PEAK_ENV)
+    if per_thread:  # measured once by the driver with all of the node's cores (launcher)
+        return float(per_thread) * threads, (
+            f"fp32 matmul peak of this CPU, measured once before training on all its cores "
+            f"({float(per_thread) / 1e9:.1f} GFLOP/s per core × {threads})"
+        )
+    peak = measure_cpu_peak(threads)
+    return peak, "measured fp32 matmul peak of this CPU (probe in this worker)"
+
+
+CPU_PEAK_ENV = "FORGELINE_CPU_PEAK_PER_CORE"
+"""FLOP/s of one CPU core on an fp32 matmul, measured by the driver with every core of the node
+busy (so workers never probe against each other, and MFU is against the node's real peak)."""
+
+
+def node_cpu_peak_per_core(cores: int) -> float:
+    """The node's fp32 matmul FLOP/s with `cores` threads, per core: the driver measures it once,
+    before the workers start."""
+    return measure_cpu_peak(cores) / cores
 
 
 def emit(record: dict[str, Any]) -> None:
