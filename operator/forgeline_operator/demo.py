@@ -49,17 +49,19 @@ class _Kubectl:
 
 def _table(objs: dict[str, dict[str, Any]]) -> Table:
     table = Table(title="forgeline pipeline (kubectl get tj,ftj)", expand=False)
-    for col in ("job", "phase", "progress", "loss", "tokens/s", "message"):
+    for col in ("job", "phase", "progress", "loss", "tokens/s", "MFU", "message"):
         table.add_column(col)
     for _, name in JOBS:
         st = objs.get(name, {}).get("status") or {}
         p = st.get("progress") or {}
+        shown = p.get("display") or {}  # what kubectl get prints: 1.75, 46.2k, 30%
         table.add_row(
             name,
             st.get("phase", "-"),
             p.get("summary", "-"),
-            f"{p['loss']:.3f}" if "loss" in p else "-",
-            f"{p['tokensPerSecond']:,.0f}" if "tokensPerSecond" in p else "-",
+            shown.get("loss", "-"),
+            shown.get("tokensPerSecond", "-"),
+            shown.get("mfu", "-"),
             (st.get("message") or "")[:70],
         )
     return table
@@ -128,6 +130,7 @@ def _watch_pipeline(kubectl: _Kubectl, console: Console, timeout: float) -> _Wat
             if all(p == "Succeeded" for p in phases) or "Failed" in phases:
                 break
             time.sleep(1)
+    console.print()  # the table's bottom border, then a blank line before the next heading
     seen.total = time.monotonic() - applied
     return seen
 
@@ -150,6 +153,14 @@ def _report(kubectl: _Kubectl, console: Console, seen: _Watched, operator: Opera
         if seen.first_step is not None
         else "no training step seen"
     )
+    for _, name in JOBS:
+        t = ((seen.objs.get(name) or {}).get("status") or {}).get("timings") or {}
+        if t.get("timeToFirstStepSeconds") is not None:
+            console.print(
+                f"  {name}: first step {t['timeToFirstStepSeconds']:.1f}s after it was created = queued "
+                f"{t['queuedSeconds']:.1f}s + provisioning {t['provisioningSeconds']:.1f}s + trainer "
+                f"start-up {t['startupSeconds']:.1f}s (status.timings)"
+            )
     console.print(f"whole pipeline: {seen.total:.0f}s")
     try:
         lines = [
