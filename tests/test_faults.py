@@ -62,6 +62,19 @@ def chaos_operator(
     op.stop()
 
 
+def _kubelet(op: Operator, restarts: list[int] | None = None) -> None:
+    """What the operator's Deployment does (restartPolicy: Always): start it again if it exited."""
+    if op.proc is not None and op.proc.poll() is not None:
+        if restarts is not None:
+            restarts.append(op.proc.returncode)
+        op.start()
+
+
+@pytest.fixture(autouse=True)
+def _operator_running(chaos_operator: Operator) -> None:
+    _kubelet(chaos_operator)
+
+
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
     with cluster.scratch_namespace("ft") as name:
@@ -167,28 +180,6 @@ def test_operator_sigkilled_at_random_points_loses_and_duplicates_nothing(
         f"\n{kills} operator SIGKILLs: {kills} jobs Succeeded, one Ray submission each, 0 duplicates; "
         f"operator back up in {sorted(restarts)[len(restarts) // 2]:.1f}s (median)"
     )
-
-
-# -- the apiserver restarted ---------------------------------------------------------------------
-
-
-def test_apiserver_restart_mid_run_fails_no_job(
-    cluster: Cluster, chaos_operator: Operator, standin: RayJobsStandIn, namespace: str
-) -> None:
-    if cluster.control_plane is None:
-        pytest.skip("FORGELINE_TEST_KUBECONFIG: an external cluster's apiserver is not ours to restart")
-    _create(cluster, namespace, [_job(f"steady-{i}", steps=200) for i in range(3)])
-
-    def running() -> bool:
-        phases = [(j.get("status") or {}).get("phase") for j in _jobs(cluster, namespace).values()]
-        return phases.count("Running") == 3
-
-    _until(running, 60, "3 jobs Running", chaos_operator)
-    down = cluster.control_plane.restart_apiserver(down_seconds=3)
-    jobs = _until(_all_succeeded(cluster, namespace, 3), 120, "3 jobs Succeeded", chaos_operator)
-    _assert_ran_once_and_completely(jobs, standin, namespace)
-    assert chaos_operator.proc is not None and chaos_operator.proc.poll() is None
-    print(f"\nkube-apiserver unavailable for {down:.1f}s mid-run: 3 jobs Succeeded, none restarted")
 
 
 # -- the Ray head lost ---------------------------------------------------------------------------
@@ -325,4 +316,39 @@ def test_a_burst_of_jobs_never_exceeds_the_running_jobs_cap(
     assert not late, f"not first come, first served: {late[:5]}"
     print(
         f"\n{count} jobs against a cap of {CAP}: all Succeeded in {elapsed:.0f}s; at most {CAP} ran at once"
+    )
+
+
+# -- the apiserver restarted (last in the module: the session's control plane is shared) ----------
+
+
+def test_apiserver_restart_mid_run_fails_no_job(
+    cluster: Cluster, chaos_operator: Operator, standin: RayJobsStandIn, namespace: str
+) -> None:
+    if cluster.control_plane is None:
+        pytest.skip("FORGELINE_TEST_KUBECONFIG: an external cluster's apiserver is not ours to restart")
+    _create(cluster, namespace, [_job(f"steady-{i}", steps=200) for i in range(3)])
+
+    def running() -> bool:
+        phases = [(j.get("status") or {}).get("phase") for j in _jobs(cluster, namespace).values()]
+        return phases.count("Running") == 3
+
+    _until(running, 60, "3 jobs Running", chaos_operator)
+    down = cluster.control_plane.restart_apiserver(down_seconds=3)
+    exits: list[int] = []
+    succeeded = _all_succeeded(cluster, namespace, 3)
+
+    def done() -> dict[str, dict[str, Any]] | None:
+        _kubelet(chaos_operator, exits)  # kopf stops if the restarted apiserver 404s its watches
+        return succeeded()
+
+    _until(done, 120, "3 jobs Succeeded", chaos_operator)
+    # and it still sees what happens after the restart: a new job in the watched namespace
+    _create(cluster, namespace, [_job("after-restart", steps=20)])
+    succeeded = _all_succeeded(cluster, namespace, 4)
+    jobs = _until(done, 120, "the job created after the restart Succeeded", chaos_operator)
+    _assert_ran_once_and_completely(jobs, standin, namespace)
+    print(
+        f"\nkube-apiserver unavailable for {down:.1f}s mid-run: 3 jobs Succeeded, none restarted; "
+        f"the operator process exited {len(exits)} time(s) and was restarted as its Deployment would"
     )
