@@ -415,6 +415,58 @@ def test_a_preempted_ray_job_fails_with_reason_preempted(run: Runner, ray_head: 
     assert any(r["type"] == "checkpoint" and r["step"] == events[0]["step"] for r in failed.records)
 
 
+def test_sigterm_in_dpo_checkpoints_at_that_step_and_the_resubmission_resumes_there(
+    run: Runner, ray_head: LocalRay
+) -> None:
+    """The TRL recipes too (hf_trainer.PreemptionCallback): SIGTERM to one Ray Train worker of a
+    DPO run after its first step. Both workers finish the step, the Trainer's checkpoint at exactly
+    that step is reported, the Ray job (no worker restarts left) fails with reason Preempted; the
+    resubmission (a new Ray job) resumes at that step from storage and finishes."""
+    run("pretrain-tiny-llama")  # the base model (cached)
+    training = yaml.safe_load((EXAMPLES / "dpo-tiny.yaml").read_text())["spec"]["training"]
+    job = _variant(
+        "dpo-tiny",
+        "tiny-dpo-sigterm",
+        checkpointing={"intervalSteps": 1000, "keep": 2},  # no interval checkpoint before the last step
+        training={**training, "maxSteps": 12},
+    )
+    jobs = RayJobs(ray_head.address, token=ray_head.token)
+    submitted: list[str] = []
+    seen: dict[str, Any] = {}
+
+    def _terminate(records: list[dict[str, Any]]) -> None:
+        victim = _workers(ray_head)[-1]
+        seen.update(pid=victim.pid, after=max(r["step"] for r in records if r["type"] == "progress"))
+        victim.send_signal(signal.SIGTERM)
+
+    thread = _when(jobs, submitted, lambda rs: any(r["type"] == "progress" for r in rs), _terminate)
+    began = time.monotonic()
+    failed, _ = run(job=job, cache=False, submitted=submitted, max_worker_failures=0, expect_ok=False)
+    failed_s = time.monotonic() - began
+    thread.join(timeout=10)
+    assert "pid" in seen, "no worker was signalled"
+    errors = [r for r in failed.records if r["type"] == "error"]
+    assert failed.status == "FAILED" and errors and errors[0]["reason"] == "Preempted", errors
+    preempted = [r for r in failed.records if r["type"] == "event" and r["message"].startswith("preempted")]
+    assert len(preempted) == 1, jobs.logs(submitted[0])[-6000:]
+    step = preempted[0]["step"]
+    assert seen["after"] <= step < 12, (seen, step)  # not the last step's checkpoint: one for the signal
+    assert [r["step"] for r in failed.records if r["type"] == "checkpoint"] == [step]
+    assert preempted[0]["seconds_to_checkpoint"] < preempted[0]["grace_period_seconds"]
+    resumed, metrics = run(job=job, attempt=1, cache=False)
+    (start,) = [resumed.records[i] for i in _starts(resumed.records)]
+    assert start["start_step"] == step and start["resumed_from"] == f"checkpoint_step_{step:08d}"
+    later = [r["step"] for r in resumed.records if r["type"] == "progress"]
+    assert later and min(later) == step + 1 and max(later) == 12, later
+    assert metrics["steps"] == 12 and metrics["final_eval"]["eval_loss"] > 0
+    print(
+        f"\nDPO: SIGTERM to worker pid {seen['pid']} after step {seen['after']}: checkpoint at step "
+        f"{step} {preempted[0]['seconds_to_checkpoint']} s after the signal, Ray job FAILED/Preempted "
+        f"({failed_s:.0f} s); the resubmission resumed at step {step} and finished 12 "
+        f"({time.monotonic() - began - failed_s:.0f} s)"
+    )
+
+
 def test_a_corrupt_newest_checkpoint_is_skipped_and_the_previous_one_resumes(
     run: Runner, workdir: Path
 ) -> None:

@@ -824,7 +824,7 @@ def test_run_store_finds_a_truncated_checkpoint_in_real_storage(tmp_path: Path) 
         d.mkdir(parents=True)
         (d / "state.pt").write_bytes(b"x" * (1000 + step))
         (d / "forgeline_state.json").write_text("{}")
-        C._write_marker(d, step, 0, [0])
+        C.write_marker(d, step, 0, [0])
     (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text("{}")
     newest = tmp_path / "run" / C.dir_name(40) / "state.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
@@ -890,6 +890,217 @@ def test_a_preempted_worker_makes_the_error_record_say_preempted(capsys: pytest.
     record = parse_records(capsys.readouterr().out)[-1]
     assert record["type"] == "error" and record["reason"] == "Preempted"
     assert "step 22" in record["message"]
+
+
+# -- TRL recipes: graceful preemption and resume (hf_trainer.py), a real transformers Trainer ----
+
+
+def _signalled() -> None:
+    """What preemption's SIGTERM handler records (without its grace-period timer, which would
+    print into a later test's output)."""
+    import time
+
+    from forgeline_trainer import preemption
+
+    preemption._state["at"] = time.monotonic()
+    preemption._requested.set()
+
+
+def _tiny_trainer(out: Path, steps: int, *callbacks: Any) -> Any:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Linear(4, 1)
+
+        def forward(self, x: Any, labels: Any) -> dict[str, Any]:
+            return {"loss": torch.nn.functional.mse_loss(self.w(x).squeeze(-1), labels)}
+
+    torch.manual_seed(0)
+    rows = [{"x": torch.randn(4), "labels": torch.randn(())} for _ in range(64)]
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        save_strategy="steps",
+        save_steps=1000,  # no interval checkpoint before the last step
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    return Trainer(model=Tiny(), args=args, train_dataset=rows, callbacks=list(callbacks))
+
+
+class _Steps:
+    """Records the Trainer's step ends and saves (stands in for hf_trainer.ReportCallback, which
+    comes before PreemptionCallback in the same way)."""
+
+    def __init__(self, signal_at: int | None = None) -> None:
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Cb(TrainerCallback):
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if state.global_step + 1 == outer.signal_at:
+                    _signalled()  # SIGTERM arrives during this step
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                outer.ended.append(state.global_step)
+
+            def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                outer.saved.append(state.global_step)
+
+        self.signal_at, self.ended, self.saved, self.callback = signal_at, [], [], Cb()
+
+
+def test_sigterm_in_a_trl_recipe_saves_at_that_step_raises_preempted_and_resumes_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real transformers Trainer with hf_trainer.PreemptionCallback: SIGTERM during step 3 of 6 →
+    step 3 finishes, the Trainer saves checkpoint-3 (reported first: the callback before it sees
+    the save), then Preempted; a new Trainer resumed from checkpoint-3 runs steps 4–6."""
+    from forgeline_trainer import hf_trainer, preemption
+    from forgeline_trainer.errors import Preempted
+
+    preemption._reset_for_tests()
+    try:
+        seen = _Steps(signal_at=3)
+        trainer = _tiny_trainer(tmp_path, 6, seen.callback, hf_trainer.PreemptionCallback(rank=0))
+        with pytest.raises(Preempted, match="checkpoint written at step 3"):
+            trainer.train()
+        assert seen.ended == [1, 2, 3] and seen.saved == [3]
+        state = json.loads((tmp_path / "checkpoint-3/trainer_state.json").read_text())
+        assert state["global_step"] == 3
+        (event,) = [r for r in parse_records(capsys.readouterr().out) if r["type"] == "event"]
+        assert event["message"] == "preempted: checkpoint written, stopping"
+        assert event["step"] == 3 and event["rank"] == 0 and event["seconds_to_checkpoint"] < 120
+
+        preemption._reset_for_tests()  # the next attempt: a new worker process
+        again = _Steps()
+        resumed = _tiny_trainer(tmp_path / "2", 6, again.callback, hf_trainer.PreemptionCallback(rank=0))
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+        assert again.ended == [4, 5, 6] and again.saved == [6]
+    finally:
+        preemption._reset_for_tests()
+
+
+def test_a_trl_worker_stops_when_another_was_signalled_and_not_at_the_last_step() -> None:
+    from transformers import TrainerControl, TrainerState
+
+    from forgeline_trainer import hf_trainer, preemption
+    from forgeline_trainer.errors import Preempted
+
+    preemption._reset_for_tests()
+    try:
+        # Another worker got SIGTERM: the all-reduce says so, this one saves and stops too (silently).
+        cb = hf_trainer.PreemptionCallback(rank=1, agree=lambda n: 1)
+        state, control = TrainerState(global_step=7, max_steps=20), TrainerControl()
+        control = cb.on_step_end(None, state, control)
+        assert control.should_save and control.should_training_stop and cb.stopping_at == 7
+        with pytest.raises(Preempted, match="step 7"):
+            cb.on_save(None, state, control)
+        # Nobody was signalled: nothing changes.
+        quiet = hf_trainer.PreemptionCallback(rank=0, agree=lambda n: n)
+        control = quiet.on_step_end(None, state, TrainerControl())
+        assert not control.should_save and not control.should_training_stop
+        quiet.on_save(None, state, control)  # an interval checkpoint: no raise
+        # SIGTERM at the last step: the Trainer saves it anyway and training ends normally.
+        _signalled()
+        last = hf_trainer.PreemptionCallback(rank=0, agree=lambda n: n)
+        state = TrainerState(global_step=20, max_steps=20)
+        control = last.on_step_end(None, state, TrainerControl())
+        assert last.stopping_at is None and not control.should_training_stop
+        last.on_save(None, state, control)
+        assert preemption._saved.is_set()  # a late grace-period timer then stays quiet
+    finally:
+        preemption._reset_for_tests()
+
+
+def test_trl_checkpoints_carry_every_ranks_marker_and_resume_takes_the_newest_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf_trainer.ReportCallback as Ray Train would store it (two ranks' reports merged into one
+    directory), and restore's choice: step 12 lacks rank 1's files, so step 8 is taken."""
+    import shutil
+
+    import pyarrow.fs as pafs
+    import ray.train
+    from transformers import TrainerState
+
+    from forgeline_trainer import checkpoints as C
+    from forgeline_trainer import hf_trainer
+
+    storage = tmp_path / "run"
+
+    def report(metrics: dict[str, Any], checkpoint: Any, checkpoint_dir_name: str) -> None:
+        shutil.copytree(checkpoint.path, storage / checkpoint_dir_name, dirs_exist_ok=True)
+
+    monkeypatch.setattr(ray.train, "report", report)
+    reporter = progress.Reporter("j", "ns", "FineTuneJob", 20, 1, 1.0, 0.0, is_chief=False)
+    reporter.history = [{"step": 1, "loss": 2.0, "learning_rate": 0.1}]
+    for step, ranks in ((8, (0, 1)), (12, (0,))):
+        for rank in ranks:  # each rank's own output_dir: rank 0 the model, every rank its RNG state
+            out = tmp_path / f"out{rank}"
+            hf = out / f"checkpoint-{step}"
+            hf.mkdir(parents=True)
+            (hf / f"rng_state_{rank}.pth").write_bytes(b"r" * (10 + rank))
+            if rank == 0:
+                (hf / "model.safetensors").write_bytes(b"m" * 100)
+                (hf / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+            cb = hf_trainer.ReportCallback(reporter, rank, 2)
+            cb.on_save(SimpleNamespace(output_dir=str(out)), TrainerState(global_step=step), None)
+    store = C.RunStore(pafs.LocalFileSystem(), str(storage))
+    listing = store.listing()
+    assert sorted(listing["checkpoint_step_00000008"]) == [
+        "checkpoint/model.safetensors",
+        "checkpoint/rng_state_0.pth",
+        "checkpoint/rng_state_1.pth",
+        "checkpoint/trainer_state.json",
+        "forgeline_complete.rank0.json",
+        "forgeline_complete.rank1.json",
+        "forgeline_state.json",
+    ]
+    markers = {name: store.markers(name, files) for name, files in listing.items()}
+    cands = C.candidates(listing, markers, None)
+    assert [(c.step, c.problem) for c in cands] == [
+        (12, "worker 1's files are missing (no marker of rank 1, of writers [0, 1])"),
+        (8, None),
+    ]
+    reporter.is_chief = True
+    assert hf_trainer.newest_complete(cands, reporter).name == "checkpoint_step_00000008"
+    local = store.download("checkpoint_step_00000008", tmp_path / "scratch")
+    assert hf_trainer._trainer_step(local / hf_trainer.HF_DIR, None) == 8
+    assert json.loads((local / C.META).read_text())["history"] == reporter.history
+
+
+def test_the_trl_scratch_directory_is_removed_when_the_run_ends() -> None:
+    from forgeline_trainer import hf_trainer
+
+    with pytest.raises(RuntimeError), hf_trainer.scratch_dir() as scratch:
+        (scratch / "trainer/checkpoint-3").mkdir(parents=True)
+        raise RuntimeError("preempted, say")
+    assert not scratch.exists()
+    spec = SimpleNamespace(
+        training=SimpleNamespace(
+            micro_batch_size=2,
+            learning_rate=1e-3,
+            weight_decay=0.0,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            grad_clip=1.0,
+            warmup_steps=0,
+            schedule="cosine",
+            seed=1,
+        ),
+        checkpointing=SimpleNamespace(interval_steps=10, keep=2),
+    )
+    args = hf_trainer.common_args(spec, False, False, optim.batch_plan(4, 2, 1), 5, Path("/x"))
+    assert args["output_dir"] == "/x/trainer"
 
 
 def test_preflight_collective_between_two_real_processes(tmp_path: Path) -> None:

@@ -15,6 +15,9 @@ Layout in storage (`<checkpoints>/<run name>/`, local, a PVC or an object store)
         forgeline_complete.rank1.json   its step, the writing ranks, and every file with its size
     checkpoint_step_00000040_1/         the same step written again (after falling back past it)
 
+The TRL recipes (hf_trainer.py) write the same directories and markers, with transformers'
+Trainer checkpoint under `checkpoint/` instead of `state.pt`, and resume by the same rule.
+
 Resume rule: list the run's checkpoint directories (also the one Ray Train registered), newest
 step first; skip any that is not complete (a marker missing — for DeepSpeed, one per rank — or a
 file missing or of another size than its marker says); load the first complete one; if loading
@@ -37,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import preemption, storage
-from .errors import Preempted
 from .runtime import RuntimeInfo
 
 if TYPE_CHECKING:
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 
 _TAG = "zero"
 _STATE = "state.pt"
-_META = "forgeline_state.json"
+META = "forgeline_state.json"
 _MARKER = "forgeline_complete.rank{rank}.json"
 _MARKER_RE = re.compile(r"^forgeline_complete\.rank(\d+)\.json$")
 _DIR_RE = re.compile(r"^checkpoint_step_(\d{8})(?:_(\d+))?$")
@@ -211,6 +213,18 @@ class RunStore:
             pafs.copy_files(f"{self.root}/{name}", tmp, source_filesystem=self.fs)
             yield Path(tmp)
 
+    def download(self, name: str, into: Path) -> Path:
+        """The checkpoint as a local directory that stays (`into/name` for object stores) until
+        the caller removes `into`."""
+        import pyarrow.fs as pafs
+
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return Path(self.root) / name
+        target = into / name
+        target.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{self.root}/{name}", str(target), source_filesystem=self.fs)
+        return target
+
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_dir(f"{self.root}/{name}")
@@ -266,34 +280,8 @@ class Checkpointer:
         if step == eng.total_steps:
             preemption.checkpoint_written()  # the last checkpoint is there: a late SIGTERM costs nothing
         elif preempted:
-            self._stop_preempted(step)
+            preemption.stop(step, self.rt.rank)  # raises Preempted
         return due or preempted
-
-    def _stop_preempted(self, step: int) -> None:
-        from . import progress
-
-        if preemption.requested():  # the worker that got the signal speaks for itself
-            took = preemption.checkpoint_written()
-            grace = preemption.grace_seconds()
-            record: dict[str, Any] = {
-                "type": "event",
-                "message": "preempted: checkpoint written, stopping",
-                "step": step,
-                "rank": self.rt.rank,
-                "signal": "SIGTERM",
-                "seconds_to_checkpoint": None if took is None else round(took, 2),
-                "grace_period_seconds": grace,
-            }
-            if took is not None and took > grace:
-                record["warning"] = (
-                    f"the step and the save took {took:.1f} s, more than the grace period of "
-                    f"{grace:g} s: on a node being drained the worker would have been killed first"
-                )
-            progress.emit(record)
-        raise Preempted(
-            f"worker got SIGTERM (node drain or spot reclaim): checkpoint written at step {step}; "
-            "the next attempt resumes there"
-        )
 
     def save(self, step: int, eng: TrainEngine, reporter: Any, metrics: dict[str, float]) -> None:
         import ray.train
@@ -312,8 +300,8 @@ class Checkpointer:
             if eng.engine is not None:
                 eng.engine.save_checkpoint(str(d), tag=_TAG, client_state={"step": step})
                 if self.rt.rank == 0:
-                    (d / _META).write_text(json.dumps(meta))
-                _write_marker(d, step, self.rt.rank, list(range(self.rt.world)))
+                    (d / META).write_text(json.dumps(meta))
+                write_marker(d, step, self.rt.rank, list(range(self.rt.world)))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             elif self.rt.rank == 0:
                 torch.save(
@@ -325,8 +313,8 @@ class Checkpointer:
                     },
                     d / _STATE,
                 )
-                (d / _META).write_text(json.dumps(meta))
-                _write_marker(d, step, 0, [0])
+                (d / META).write_text(json.dumps(meta))
+                write_marker(d, step, 0, [0])
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             else:
                 checkpoint = None
@@ -408,17 +396,7 @@ class Checkpointer:
         return None, failed
 
     def _prune(self, store: RunStore, cands: list[Candidate], failed: set[str]) -> None:
-        """Rank 0, once every worker has listed and loaded: delete broken and surplus directories
-        that Ray Train's checkpoint list does not reference."""
-        from . import collective
-
-        collective.maximum(0)  # a barrier: no worker is still reading the listing
-        if self.rt.rank != 0:
-            return
-        snapshot = store.read_text(_RAY_SNAPSHOT) or ""
-        referenced = {c.name for c in cands if c.name in snapshot}
-        for name in to_prune(cands, failed, self.keep, referenced):
-            store.delete(name)
+        prune(store, cands, failed, self.keep, self.rt.rank)
 
     def _load(self, d: Path, eng: TrainEngine, reporter: Any, announce: bool = True) -> int:
         import torch
@@ -442,7 +420,7 @@ class Checkpointer:
             eng.optimizer.load_state_dict(state["optimizer"])
             eng.scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
-        meta_path = d / _META
+        meta_path = d / META
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             reporter.history = meta.get("history", [])
@@ -459,7 +437,21 @@ class Checkpointer:
             torch.distributed.barrier()
 
 
-def _write_marker(d: Path, step: int, rank: int, writers: list[int]) -> None:
+def prune(store: RunStore, cands: list[Candidate], failed: set[str], keep: int, rank: int) -> None:
+    """Rank 0, once every worker has listed (and loaded): delete broken and surplus directories
+    that Ray Train's checkpoint list does not reference."""
+    from . import collective
+
+    collective.maximum(0)  # a barrier: no worker is still reading the listing
+    if rank != 0:
+        return
+    snapshot = store.read_text(_RAY_SNAPSHOT) or ""
+    referenced = {c.name for c in cands if c.name in snapshot}
+    for name in to_prune(cands, failed, keep, referenced):
+        store.delete(name)
+
+
+def write_marker(d: Path, step: int, rank: int, writers: list[int]) -> None:
     """The completeness marker of one writing rank, last: its files and their sizes."""
     files = {
         p.relative_to(d).as_posix(): p.stat().st_size

@@ -1,30 +1,56 @@
 """Running TRL's trainers (transformers `Trainer` subclasses) inside Ray Train.
 
-Ray Train sets up torch.distributed; `ray.train.huggingface.transformers.prepare_trainer` and
-`RayTrainReportCallback` make the Trainer report its checkpoints to Ray Train (kept per
-CheckpointConfig, restored on retries and resubmissions). `ProgressCallback` turns the Trainer's
-logs into Forgeline progress records.
+Ray Train sets up torch.distributed; `ray.train.huggingface.transformers.prepare_trainer` adapts
+the Trainer to it. Checkpoints follow checkpoints.py's layout and resume rule: `ReportCallback`
+reports each Trainer checkpoint to Ray Train as `checkpoint_step_<step>/` (the Trainer's files
+under `checkpoint/`, as Ray's own `RayTrainReportCallback` lays them out) with every rank's
+completeness marker; `restore` resumes from the newest complete one in storage (Ray Train's
+registered checkpoint lags: its controller collects reports every 2 s). `PreemptionCallback` turns
+SIGTERM into a checkpoint at the current step and `Preempted` (preemption.py). `ProgressCallback`
+turns the Trainer's logs into Forgeline progress records.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from . import progress
+from . import checkpoints, collective, preemption, progress
 from .optim import BatchPlan
 
+HF_DIR = "checkpoint"
+"""The Trainer's checkpoint inside a Ray Train checkpoint directory (RayTrainReportCallback's name)."""
 
-def common_args(spec: Any, on_gpu: bool, bf16: bool, plan: BatchPlan, total_steps: int) -> dict[str, Any]:
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """This worker's local scratch for one run (the Trainer's output_dir, a downloaded checkpoint
+    to resume from), removed when the run ends, also when it fails or is preempted."""
+    d = tempfile.mkdtemp(prefix="forgeline-hf-")
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def common_args(
+    spec: Any, on_gpu: bool, bf16: bool, plan: BatchPlan, total_steps: int, scratch: Path
+) -> dict[str, Any]:
     """TrainingArguments fields every TRL recipe shares, from the spec (the Trainer's own
-    output_dir is a scratch directory: checkpoints go to Ray Train, the model to `outputs`)."""
+    output_dir is in the run's scratch directory: checkpoints go to Ray Train, the model to
+    `outputs`)."""
     t = spec.training
     return dict(
-        output_dir=tempfile.mkdtemp(prefix="forgeline-hf-"),
+        output_dir=str(scratch / "trainer"),
         max_steps=total_steps,
         gradient_accumulation_steps=plan.accumulation,
         per_device_train_batch_size=t.micro_batch_size,
@@ -64,26 +90,165 @@ def total_steps(spec: Any, n_examples: int, global_batch: int) -> int:
     return t.max_steps or max(1, math.ceil(t.epochs * n_examples / global_batch))
 
 
-def attach(trainer: Any, reporter: progress.Reporter, global_batch: int) -> Any:
-    """The trainer, reporting progress records and checkpoints to Ray Train (which also resumes
-    it: see resume_dir)."""
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+def attach(trainer: Any, job: Any, reporter: progress.Reporter, global_batch: int) -> Any:
+    """The trainer, reporting progress records and checkpoints to Ray Train and stopping with a
+    checkpoint on SIGTERM (resumed by `restore`). The order matters: PreemptionCallback's on_save
+    runs after ReportCallback's has reported the checkpoint."""
+    from ray.train.huggingface.transformers import prepare_trainer
 
     trainer.add_callback(ProgressCallback(reporter, global_batch))
-    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(ReportCallback(reporter, job.rt.rank, job.rt.world))
+    trainer.add_callback(PreemptionCallback(job.rt.rank))
     return prepare_trainer(trainer)
 
 
-def resume_dir() -> str | None:
-    """The HF checkpoint inside the newest Ray Train checkpoint of this run, if any."""
+@dataclass(frozen=True)
+class Resume:
+    path: str | None
+    """The Trainer checkpoint to resume from (`trainer.train(resume_from_checkpoint=...)`); None:
+    a fresh start."""
+    step: int = 0
+    checkpoint: str | None = None
+    """Its Ray Train checkpoint directory's name."""
+
+
+def restore(trainer: Any, job: Any, reporter: progress.Reporter, scratch: Path) -> Resume:
+    """Catch SIGTERM from here on (graceful preemption); the newest complete checkpoint of this
+    run in storage (checkpoints.py's rule: incomplete ones are skipped with an event), else the one
+    Ray Train registered under an older name, else a fresh start. Rank 0 then prunes broken and
+    surplus directories, as `Checkpointer.restore` does. (Unlike it, a complete checkpoint that
+    fails to load is not fallen back past: the Trainer loads it inside `train()`.)"""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    local = checkpoint.to_directory()
-    path = Path(local) / "checkpoint"
-    return str(path) if path.exists() else None
+    why = preemption.install(job.cfg.spec.preemption.grace_period_seconds)
+    if why is not None:
+        reporter.event("graceful preemption unavailable: SIGTERM stops the worker at once", why=why)
+    store = checkpoints.RunStore.current()
+    registered = ray.train.get_checkpoint()
+    registered_name = None if registered is None else Path(registered.path.rstrip("/")).name
+    listing = store.listing()
+    markers = {name: store.markers(name, files) for name, files in listing.items()}
+    cands = checkpoints.candidates(listing, markers, registered_name)
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, ReportCallback):
+            cb.taken = set(listing)  # a step written again gets a new directory
+    chosen = newest_complete(cands, reporter)
+    checkpoints.prune(store, cands, set(), job.cfg.spec.checkpointing.keep, job.rt.rank)
+    if chosen is None:
+        return Resume(None)
+    if chosen.step is None:  # Ray Train's own naming (RayTrainReportCallback): no markers to check
+        local = Path(registered.to_directory(str(scratch / "resume" / chosen.name)))
+    else:
+        local = store.download(chosen.name, scratch / "resume")
+    path = local / HF_DIR
+    if not path.exists():
+        reporter.event("skipped checkpoint", checkpoint=chosen.name, why=f"it holds no {HF_DIR}/")
+        return Resume(None)
+    step = _trainer_step(path, chosen.step)
+    meta = local / checkpoints.META
+    if meta.exists():  # the loss history before this step: metrics.json's first_loss, loss.png
+        state = json.loads(meta.read_text())
+        reporter.history = state.get("history", [])
+        reporter.eval_history = state.get("eval_history", [])
+        reporter.tokens_seen = state.get("tokens_seen", 0)
+    reporter.event("resumed from checkpoint", step=step, checkpoint=chosen.name)
+    return Resume(str(path), step, chosen.name)
+
+
+def newest_complete(
+    cands: list[checkpoints.Candidate], reporter: progress.Reporter
+) -> checkpoints.Candidate | None:
+    """The first complete candidate (they come newest first); each incomplete one before it is
+    named in a `skipped checkpoint` event."""
+    for c in cands:
+        if c.problem is None:
+            return c
+        reporter.event("skipped checkpoint", checkpoint=c.name, step=c.step, why=c.problem)
+    return None
+
+
+def _trainer_step(path: Path, default: int | None) -> int:
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default or 0
+
+
+class ReportCallback(TrainerCallback):
+    """Each Trainer checkpoint → a Ray Train checkpoint named by its step
+    (`checkpoint_step_00000040/checkpoint/…`). Every rank reports its own files (rank 0: model,
+    optimizer, scheduler, trainer state and `forgeline_state.json`; every rank: its RNG state)
+    with its completeness marker; Ray Train merges them into one directory in storage."""
+
+    def __init__(self, reporter: progress.Reporter, rank: int, world: int) -> None:
+        self.reporter = reporter
+        self.rank = rank
+        self.world = world
+        self.taken: set[str] = set()
+        self.reported: list[int] = []
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import ray.train
+
+        step = state.global_step
+        metrics: dict[str, Any] = {}
+        for log in state.log_history:
+            metrics.update(log)
+        name = checkpoints.dir_name(step, self.taken)
+        self.taken.add(name)
+        with tempfile.TemporaryDirectory(prefix="forgeline-ckpt-") as tmp:
+            d = Path(tmp)
+            source = Path(args.output_dir) / f"checkpoint-{step}"
+            if source.is_dir():
+                shutil.copytree(source, d / HF_DIR)
+            if self.rank == 0:
+                meta = {
+                    "step": step,
+                    "history": self.reporter.history,
+                    "eval_history": self.reporter.eval_history,
+                    "tokens_seen": self.reporter.tokens_seen,
+                }
+                (d / checkpoints.META).write_text(json.dumps(meta))
+            checkpoints.write_marker(d, step, self.rank, list(range(self.world)))
+            ray.train.report(
+                {**metrics, "step": step},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=name,
+            )
+        self.reported.append(step)
+        if self.reporter.is_chief:
+            progress.emit({"type": "checkpoint", "step": step, "name": name})
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM on any worker (preemption.py's handler) → after the current optimizer step every
+    worker saves a checkpoint at that step and stops: `Preempted` is raised from on_save, after
+    ReportCallback (added before this one) has reported it to Ray Train. The workers agree after
+    every step with one all-reduce (`agree`, collective.maximum), as `Checkpointer.maybe_save` does.
+    At the last step the Trainer saves anyway and training ends normally."""
+
+    def __init__(self, rank: int, agree: Callable[[int], int] = collective.maximum) -> None:
+        self.rank = rank
+        self.agree = agree
+        self.stopping_at: int | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+        step = state.global_step
+        preemption.note_step(step)
+        preempted = bool(self.agree(int(preemption.requested())))
+        if preempted and step < state.max_steps:
+            self.stopping_at = step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        step = state.global_step
+        if step >= state.max_steps:
+            preemption.checkpoint_written()  # the last checkpoint is there: a late SIGTERM costs nothing
+        elif step == self.stopping_at:
+            self.agree(0)  # a barrier: no worker fails (and gets its group torn down) mid-upload
+            preemption.stop(step, self.rank)  # raises Preempted
 
 
 class ProgressCallback(TrainerCallback):

@@ -10,8 +10,9 @@ handler, which exits the process). So `install`, called from the train thread, a
 actor to run `_install_handler` on its own main thread (an `execute` task on itself: Ray Train's
 worker actor has that method, and its main thread is free while training runs in the thread).
 The handler only records the signal; the train loop reads it after every step
-(`Checkpointer.maybe_save`), where the workers agree on it with one all-reduce, save and raise
-`Preempted`. A second SIGTERM after the grace period has run out falls back to Ray's handler.
+(`Checkpointer.maybe_save`; in the TRL recipes `hf_trainer.PreemptionCallback`), where the workers
+agree on it with one all-reduce, save and raise `Preempted` (`stop`). A second SIGTERM after the
+grace period has run out falls back to Ray's handler.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from typing import Any
 
 from . import progress
+from .errors import Preempted
 
 _requested = threading.Event()
 _saved = threading.Event()
@@ -108,6 +110,33 @@ def checkpoint_written() -> float | None:
     """Mark the preemption checkpoint written; seconds it took since the signal."""
     _saved.set()
     return seconds_since_signal()
+
+
+def stop(step: int, rank: int) -> None:
+    """The preemption checkpoint at `step` is written (and reported to Ray Train): the worker that
+    got the signal says so in an event, and every worker raises `Preempted`."""
+    if requested():  # the worker that got the signal speaks for itself
+        took = checkpoint_written()
+        grace = grace_seconds()
+        record: dict[str, Any] = {
+            "type": "event",
+            "message": "preempted: checkpoint written, stopping",
+            "step": step,
+            "rank": rank,
+            "signal": "SIGTERM",
+            "seconds_to_checkpoint": None if took is None else round(took, 2),
+            "grace_period_seconds": grace,
+        }
+        if took is not None and took > grace:
+            record["warning"] = (
+                f"the step and the save took {took:.1f} s, more than the grace period of "
+                f"{grace:g} s: on a node being drained the worker would have been killed first"
+            )
+        progress.emit(record)
+    raise Preempted(
+        f"worker got SIGTERM (node drain or spot reclaim): checkpoint written at step {step}; "
+        "the next attempt resumes there"
+    )
 
 
 def _reset_for_tests() -> None:

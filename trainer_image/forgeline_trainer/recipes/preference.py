@@ -11,9 +11,11 @@ Reads top to bottom:
         _setup_trainer  model and optimizer: TRL RewardTrainer (scalar head, Bradley-Terry loss) or
                         DPOTrainer (reference = the starting model; with LoRA the adapter-disabled
                         base), optional LoRA (adapters.py)
-        _restore        Ray Train reporting and resume (hf_trainer.attach); preference metrics
-                        before training
-        train           trainer.train(); progress records from the Trainer's logs
+        _restore        Ray Train reporting, graceful preemption and resume from the newest
+                        complete checkpoint (hf_trainer.attach, hf_trainer.restore); preference
+                        metrics before training
+        train           trainer.train(); progress records from the Trainer's logs; on SIGTERM a
+                        checkpoint at the current step, then Preempted
         _finish         preference accuracy and reward margin on the eval pairs after training;
                         rank 0 publishes the model (or adapter/merged), tokenizer, metrics.json,
                         loss.png
@@ -91,9 +93,13 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> PreferenceData:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     job = Worker.start(loop_config, FineTuneJobConfig)
-    prep: PreferenceData = loop_config["prepared"]
+    with hf_trainer.scratch_dir() as scratch:
+        _train(job, loop_config["prepared"], scratch)
+
+
+def _train(job: Job, prep: PreferenceData, scratch: Path) -> None:
     data = _setup_data(prep)
-    trainer, plan, steps = _setup_trainer(job, prep, data)
+    trainer, plan, steps = _setup_trainer(job, prep, data, scratch)
     stats = models.finetune_stats(trainer.model, job.cfg.spec.dataset.max_sequence_length)
     factor = 2 if job.cfg.spec.method == "reward-model" else 4  # chosen+rejected; DPO also runs the reference
     reporter = progress.Reporter.for_run(
@@ -104,8 +110,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         flops_per_token=stats.flops_per_token * factor / 2,
         extra={"trainable_fraction": round(stats.trainable_fraction, 6), "method": job.cfg.spec.method},
     )
-    trainer, resume, before = _restore(job, trainer, data, reporter, plan, stats)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer, resume, before = _restore(job, trainer, data, reporter, plan, stats, scratch)
+    trainer.train(resume_from_checkpoint=resume.path)
     _finish(job, prep, data, trainer, reporter, stats, before)
 
 
@@ -128,13 +134,15 @@ def _setup_data(prep: PreferenceData) -> _Data:
     )
 
 
-def _setup_trainer(job: Job, prep: PreferenceData, data: _Data) -> tuple[Any, optim.BatchPlan, int]:
+def _setup_trainer(
+    job: Job, prep: PreferenceData, data: _Data, scratch: Path
+) -> tuple[Any, optim.BatchPlan, int]:
     """(TRL trainer with model and optimizer, batch plan, total steps)."""
     spec, method = job.cfg.spec, job.cfg.spec.method
     plan = optim.batch_plan(spec.training.global_batch_size, spec.training.micro_batch_size, job.rt.world)
     steps = hf_trainer.total_steps(spec, len(data.train), plan.global_batch)
     peft_config = adapters.lora_config(spec.lora, task="SEQ_CLS" if method == "reward-model" else "CAUSAL_LM")
-    args = hf_trainer.common_args(spec, job.rt.on_gpu, job.bf16, plan, steps)
+    args = hf_trainer.common_args(spec, job.rt.on_gpu, job.bf16, plan, steps, scratch)
     args.update(max_length=spec.dataset.max_sequence_length)
     common = dict(
         train_dataset=data.train,
@@ -163,15 +171,15 @@ def _restore(
     reporter: progress.Reporter,
     plan: optim.BatchPlan,
     stats: models.ModelStats,
-) -> tuple[Any, str | None, dict[str, float]]:
+    scratch: Path,
+) -> tuple[Any, hf_trainer.Resume, dict[str, float]]:
     """Hook the trainer to Ray Train; (trainer, checkpoint to resume from, metrics before training
     — only on a fresh start); announces the start."""
-    trainer = hf_trainer.attach(trainer, reporter, plan.global_batch)
-    resume = hf_trainer.resume_dir()
+    trainer = hf_trainer.attach(trainer, job, reporter, plan.global_batch)
+    resume = hf_trainer.restore(trainer, job, reporter, scratch)
     method = job.cfg.spec.method
-    before = (
-        _preference_metrics(trainer, method, data.eval) if data.eval is not None and resume is None else {}
-    )
+    fresh = resume.path is None
+    before = _preference_metrics(trainer, method, data.eval) if data.eval is not None and fresh else {}
     reporter.event(
         "training started",
         total_steps=reporter.total_steps,
@@ -180,7 +188,8 @@ def _restore(
         trainable_parameters=stats.trainable,
         world_size=job.rt.world,
         precision=job.precision,
-        resumed_from=resume,
+        start_step=resume.step,
+        resumed_from=resume.checkpoint,
         peak_source=reporter.peak_source,
         **{f"initial_{k}": v for k, v in before.items()},
     )

@@ -12,8 +12,11 @@ Reads top to bottom:
         _setup_trainer  TRL GRPOTrainer — numGenerations completions per prompt, scored by the
                         reward model, group-relative advantages, KL to the reference (klCoef);
                         optional LoRA (adapters.py)
-        _restore        Ray Train reporting and resume (hf_trainer.attach); mean reward before
-        train           trainer.train(); progress records carry the mean reward
+        _restore        Ray Train reporting, graceful preemption and resume from the newest
+                        complete checkpoint (hf_trainer.attach, hf_trainer.restore); mean reward
+                        before
+        train           trainer.train(); progress records carry the mean reward; on SIGTERM a
+                        checkpoint at the current step, then Preempted
         _finish         mean reward of greedy answers to the eval prompts after training; rank 0
                         publishes the policy (or adapter), tokenizer, metrics.json, loss.png
 (method ppo is refused by the API's validation: TRL's PPO is experimental and not wired in.)
@@ -96,10 +99,14 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> RLData:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     job = Worker.start(loop_config, FineTuneJobConfig)
-    prep: RLData = loop_config["prepared"]
+    with hf_trainer.scratch_dir() as scratch:
+        _train(job, loop_config["prepared"], scratch)
+
+
+def _train(job: Job, prep: RLData, scratch: Path) -> None:
     data = _setup_data(prep)
     reward = _setup_reward(prep)
-    trainer, plan, steps = _setup_trainer(job, prep, data, reward)
+    trainer, plan, steps = _setup_trainer(job, prep, data, reward, scratch)
     stats = models.finetune_stats(trainer.model, job.cfg.spec.dataset.max_sequence_length)
     reporter = progress.Reporter.for_run(
         job.cfg,
@@ -109,8 +116,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         flops_per_token=stats.flops_per_token,
         extra={"trainable_fraction": round(stats.trainable_fraction, 6), "method": job.cfg.spec.method},
     )
-    trainer, resume, before = _restore(job, trainer, data, reward, reporter, plan, stats)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer, resume, before = _restore(job, trainer, data, reward, reporter, plan, stats, scratch)
+    trainer.train(resume_from_checkpoint=resume.path)
     _finish(job, prep, data, reward, trainer, reporter, stats, before)
 
 
@@ -149,7 +156,9 @@ def _setup_reward(prep: RLData) -> _Reward:
     return _Reward(model, tokenizer)
 
 
-def _setup_trainer(job: Job, prep: RLData, data: _Data, reward: _Reward) -> tuple[Any, optim.BatchPlan, int]:
+def _setup_trainer(
+    job: Job, prep: RLData, data: _Data, reward: _Reward, scratch: Path
+) -> tuple[Any, optim.BatchPlan, int]:
     """(TRL GRPOTrainer with policy and optimizer, batch plan, total steps)."""
     from trl import GRPOConfig, GRPOTrainer
 
@@ -161,7 +170,7 @@ def _setup_trainer(job: Job, prep: RLData, data: _Data, reward: _Reward) -> tupl
         max_completion_length=rl.max_new_tokens,
         temperature=rl.temperature,
         beta=rl.kl_coef,
-        **hf_trainer.common_args(spec, job.rt.on_gpu, job.bf16, plan, steps),
+        **hf_trainer.common_args(spec, job.rt.on_gpu, job.bf16, plan, steps, scratch),
     )
     trainer = GRPOTrainer(
         model=prep.base_dir,
@@ -183,11 +192,12 @@ def _restore(
     reporter: progress.Reporter,
     plan: optim.BatchPlan,
     stats: models.ModelStats,
-) -> tuple[Any, str | None, float]:
+    scratch: Path,
+) -> tuple[Any, hf_trainer.Resume, float]:
     """Hook the trainer to Ray Train; (trainer, checkpoint to resume from, mean reward before);
     announces the start."""
-    trainer = hf_trainer.attach(trainer, reporter, plan.global_batch)
-    resume = hf_trainer.resume_dir()
+    trainer = hf_trainer.attach(trainer, job, reporter, plan.global_batch)
+    resume = hf_trainer.restore(trainer, job, reporter, scratch)
     before = reward.mean(trainer.model, data, job.cfg.spec.rl.max_new_tokens)
     reporter.event(
         "training started",
@@ -197,7 +207,8 @@ def _restore(
         trainable_parameters=stats.trainable,
         world_size=job.rt.world,
         precision=job.precision,
-        resumed_from=resume,
+        start_step=resume.step,
+        resumed_from=resume.checkpoint,
         initial_mean_reward=before,
     )
     return trainer, resume, before
