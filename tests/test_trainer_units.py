@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -429,6 +430,7 @@ def test_publish_writes_every_output_file_then_says_done(
     assert json.loads((out / "metrics.json").read_text())["final_loss"] == 2.0
     assert load_job_config((out / "job_config.json").read_text()) == cfg
     (done,) = parse_records(capsys.readouterr().out)
+    assert abs(done.pop("time") - time.time()) < 60  # every record carries when it was written
     assert done == {"type": "done", "output": "out/model", "final_loss": 2.0, "step": 2, "total_steps": 2}
 
 
@@ -726,6 +728,7 @@ def test_the_error_record_of_preflight_and_storage_failures(
     launcher._report_error(WorkerGroupError("m", {0: OSError("[errno 28] No space left on device")}), cfg)
     launcher._report_error(ControllerError(OSError(errno.EROFS, "Read-only file system")), cfg)
     pre, full, ro = parse_records(capsys.readouterr().out)
+    assert isinstance(pre.pop("time"), float)
     assert pre == {
         "type": "error",
         "message": "preflight check 'data' failed on worker 1: no data at /d",
