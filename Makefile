@@ -40,9 +40,10 @@ test: setup
 	$(MAKE) --no-print-directory lint && $(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	echo "test suite wall time: $$(( $$(date +%s) - start ))s"; exit $$rc
 
-# The long fault and load variants (20 operator kills, 1,000 jobs): run once, figures in docs/reliability.md.
+# The long fault and load variants (20 operator kills, 1,000 jobs, 10,000 fuzzed manifests, the
+# extra restart paths): run once, figures in docs/reliability.md.
 soak: setup
-	$(VENV)/bin/pytest -m soak -s tests/test_faults.py
+	$(VENV)/bin/pytest -m soak -s tests
 
 demo: setup
 	$(PY) -m forgeline_operator.demo

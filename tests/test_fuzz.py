@@ -10,6 +10,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,9 +91,25 @@ def manifests(draw: st.DrawFn) -> dict[str, Any]:
     return doc
 
 
-@settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+_FUZZ = {"deadline": None, "derandomize": True, "suppress_health_check": [HealthCheck.too_slow]}
+
+
+@settings(max_examples=1000, **_FUZZ)
 @given(manifests())
 def test_any_manifest_is_a_job_or_field_named_errors(doc: dict[str, Any]) -> None:
+    _check_manifest(doc)
+
+
+@pytest.mark.soak
+@settings(max_examples=10000, **_FUZZ)
+@given(manifests())
+def test_ten_thousand_manifests_are_jobs_or_field_named_errors(doc: dict[str, Any]) -> None:
+    _check_manifest(doc)
+
+
+def _check_manifest(doc: dict[str, Any]) -> None:
+    """A generated manifest either parses into a job that everything downstream handles, or is
+    refused with field-named errors that each carry a fix."""
     try:
         job = parse_job(doc)
     except InvalidJobError as exc:

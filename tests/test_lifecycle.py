@@ -30,7 +30,7 @@ def test_progress_mapping() -> None:
             "mfu": 0.2,
             "eta_seconds": 12.0,
         },
-        {"type": "eval", "step": 20, "eval_loss": 3.0},
+        {"type": "eval", "step": 20, "eval_loss": 3.0, "time": 1795562977.7},
     )
     assert p["summary"] == "30/60" and p["percent"] == 50 and p["tokensPerSecond"] == 100.0
     assert p["evalMetrics"] == {"eval_loss": 3.0}

@@ -219,8 +219,13 @@ def test_storage_lost_mid_run_fails_typed_not_silently(run: Runner, s3: S3Server
     assert errors, [r for r in result.records if r["type"] != "progress"]
     print(f"\nS3 stopped after the first checkpoint: the job failed {ended - stopped['at']:.1f} s later")
     print(f"error record: {errors[-1]}")
-    assert errors[-1].get("reason") == "StorageError", errors[-1]
-    assert s3.endpoint.split("//")[1] in errors[-1]["message"] or BUCKET in errors[-1]["message"]
+    # StorageError from the write that failed; or, when Ray Train restarted the worker group first
+    # (its own checkpoint upload failed, untyped), the restarted workers' preflight names the store
+    last = errors[-1]
+    assert last.get("reason") == "StorageError" or (
+        last.get("reason") == "PreflightFailed" and "'checkpoint storage'" in last["message"]
+    ), last
+    assert s3.endpoint.split("//")[1] in last["message"] or BUCKET in last["message"]
 
 
 def test_forgeline_run_names_the_object_store_it_will_use(monkeypatch: pytest.MonkeyPatch) -> None:

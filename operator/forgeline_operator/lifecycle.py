@@ -140,6 +140,8 @@ def progress_from(
         out["display"] = shown
     if evals:
         out["evalMetrics"] = {
-            k: float(v) for k, v in evals.items() if k not in ("type", "step") and isinstance(v, (int, float))
+            k: float(v)
+            for k, v in evals.items()
+            if k not in ("type", "step", "time") and isinstance(v, (int, float))
         }
     return out

@@ -139,6 +139,11 @@ def run_job(
     return result
 
 
+FOLLOW_POLL_SECONDS = 0.25
+"""How often `forgeline run` reads the job's status and log: a record the trainer writes is on the
+screen within this plus Ray's log forwarding (bench/time_to_first_step.py measures the sum)."""
+
+
 def _follow(
     ray_jobs: RayJobs, sid: str, name: str, console: Console, quiet: bool
 ) -> tuple[str, list[dict[str, Any]]]:
@@ -163,7 +168,7 @@ def _follow(
                 _show(record, bar, task)
             if status in TERMINAL_RAY_STATES:
                 return status, records
-            time.sleep(1.0)
+            time.sleep(FOLLOW_POLL_SECONDS)
 
 
 def _show(r: dict[str, Any], bar: Progress, task: TaskID) -> None:
@@ -174,12 +179,20 @@ def _show(r: dict[str, Any], bar: Progress, task: TaskID) -> None:
             stats += f"  MFU {100 * r['mfu']:.1f}%"
         bar.update(task, total=r.get("total_steps"), completed=r.get("step"), stats=stats)
     elif kind == "eval":
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in ("type", "step"))
-        bar.console.print(f"  eval @ step {r.get('step')}: {metrics}")
+        bar.console.print(f"  eval @ step {r.get('step')}: {_eval_metrics(r)}")
     elif kind == "event":
         bar.console.print(f"  {escape(str(r.get('message')))}")
     elif kind == "error":
         bar.console.print(f"  [red]error:[/red] {escape(str(r.get('message')))}")
+
+
+def _eval_metrics(record: dict[str, Any]) -> str:
+    """An eval record's metrics as a person reads them (not its type, step or time stamp)."""
+    return ", ".join(
+        f"{k} {v:.4g}"
+        for k, v in record.items()
+        if k not in ("type", "step", "time", "job") and isinstance(v, int | float)
+    )
 
 
 def _print_unreachable(console: Console, where: str, exc: Exception) -> None:
@@ -331,9 +344,6 @@ def _summary(result: RunResult, work_dir: str) -> str:
         )
     evals = [r for r in result.records if r.get("type") == "eval"]
     if evals:
-        lines.append(
-            "  final eval: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in evals[-1].items() if k not in ("type", "step"))
-        )
+        lines.append("  final eval: " + _eval_metrics(evals[-1]))
     lines.append(f"  output: {out} (model, tokenizer, metrics.json, loss.png)")
     return "\n".join(lines)

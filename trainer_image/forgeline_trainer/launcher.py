@@ -92,7 +92,14 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     recipe = recipe_for(cfg)
     workers, use_gpu, per_worker = scaling(cfg)
     threads = str(max(1, math.floor(per_worker["CPU"])))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+        # Ray Train's controller polls its workers every 2 s by default: a finished, failed or
+        # preempted worker group went unnoticed for up to that long (bench/time_to_first_step.py)
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+    }
     if not use_gpu:  # MFU's denominator: one probe of the node with all its cores, not one per worker
         cores = max(1, min(os.cpu_count() or 1, workers * int(threads)))
         env[progress.CPU_PEAK_ENV] = f"{progress.node_cpu_peak_per_core(cores):.6g}"

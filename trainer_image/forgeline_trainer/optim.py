@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import deepspeed_ops
 from .runtime import train_device
 
 
@@ -200,6 +202,8 @@ def setup_engine(
         import deepspeed
 
         ds_cfg = deepspeed_config(ds_spec, opt_spec, plan, bf16, on_gpu)
+        for lock in deepspeed_ops.prepare(ds_cfg):
+            print(f"forgeline: removed {lock}, a DeepSpeed build lock a killed build left", file=sys.stderr)
         client_opt = None if "optimizer" in ds_cfg else adamw(model, opt_spec)
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model,
