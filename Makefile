@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 export FORGELINE_CACHE ?= $(HOME)/.cache/forgeline
 PYTEST_ARGS ?=
 
-.PHONY: test soak demo setup venv tools crds dashboards validate lint clean
+.PHONY: test soak bench demo setup venv tools crds dashboards validate lint clean
 
 setup: venv tools
 
@@ -44,6 +44,15 @@ test: setup
 # extra restart paths): run once, figures in docs/reliability.md.
 soak: setup
 	$(VENV)/bin/pytest -m soak -s tests
+
+# Benchmarks: each appends a dated section (machine, versions, command, figures) to bench/results.md.
+# Quick by default (about 10 minutes on 2 cores); `make bench FULL=1` for the larger model, more
+# rounds and 1,000 parked jobs.
+FULL ?=
+bench: setup
+	$(PY) bench/time_to_first_step.py --repeats 3
+	$(PY) bench/pretrain_throughput.py $(if $(FULL),--full)
+	$(PY) bench/operator_footprint.py --jobs $(if $(FULL),1000,100)
 
 demo: setup
 	$(PY) -m forgeline_operator.demo

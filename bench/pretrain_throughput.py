@@ -1,17 +1,21 @@
-"""Pretraining throughput: Forgeline's recipe (Ray Train, 2 workers) vs a plain PyTorch loop.
+"""Pretraining throughput: Forgeline's recipe (Ray Train) vs a plain PyTorch loop, interleaved.
 
-    .venv/bin/python bench/pretrain_throughput.py [--steps 30] [--out bench/results.md]
+    .venv/bin/python bench/pretrain_throughput.py            # quick: ~5M llama, 3 pairs
+    .venv/bin/python bench/pretrain_throughput.py --full     # ~20M llama, 5 pairs, more steps
 
-Same model (a ~20M-parameter llama: 19.5M in the blocks, 6M in embeddings), same data (the
-bundled corpus, packed into 256-token blocks with the tokenizer the recipe trained), same global
-batch (16 sequences = 4096 tokens per step), in one run of this script on this machine:
+Same model, data (the bundled corpus packed into 256-token blocks with the tokenizer the recipe
+trained), global batch (16 sequences = 4096 tokens per step) and seed, in one run of this script
+on this machine, repeated in interleaved rounds (so drift in the machine's speed hits every
+variant alike):
 
-1. the recipe, submitted through the Ray Jobs API to an embedded Ray head (`forgeline run`'s
-   path): 2 Ray Train workers × 1 thread, gloo all-reduce;
-2. a plain single-process loop: same model config, AdamW, same batches, 2 threads.
+1. the recipe with 1 Ray Train worker × 2 threads (the like-for-like comparison with the plain loop);
+2. the recipe with 2 Ray Train workers × 1 thread each, gloo all-reduce (data parallelism on 2 cores);
+3. a plain single-process loop: same model config, AdamW, same batches, 2 threads.
 
-Reports steady-state tokens/s (steps after the first 5) and MFU against the same measured CPU
-matmul peak; appends a dated section to bench/results.md.
+The recipes run through the Ray Jobs API on one embedded Ray head kept up for the whole run.
+Reports steady-state tokens/s (steps after the first 5), the median of the rounds and the median
+of the per-round ratios, and MFU of every variant against one peak (the node's fp32 matmul probe
+with 2 threads, measured once here); appends a dated section to bench/results.md.
 """
 
 from __future__ import annotations
@@ -30,23 +34,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, GLOBAL_BATCH = 256, 16
-MODEL = {
-    "architecture": "llama",
-    "hiddenSize": 384,
-    "numLayers": 11,
-    "numHeads": 6,
-    "numKvHeads": 6,
-    "intermediateSize": 1024,
+MODELS = {
+    "full": {
+        "architecture": "llama",
+        "hiddenSize": 384,
+        "numLayers": 11,
+        "numHeads": 6,
+        "numKvHeads": 6,
+        "intermediateSize": 1024,
+    },
+    "quick": {
+        "architecture": "llama",
+        "hiddenSize": 256,
+        "numLayers": 4,
+        "numHeads": 4,
+        "numKvHeads": 4,
+        "intermediateSize": 688,
+    },
 }
 
 
-def manifest(steps: int, out: str) -> dict:
+def manifest(model: dict, steps: int, out: str, name: str, workers: int) -> dict:
     return {
         "apiVersion": "forgeline.dev/v1alpha1",
         "kind": "TrainingJob",
-        "metadata": {"name": "bench-llama-20m"},
+        "metadata": {"name": name},
         "spec": {
-            "model": MODEL,
+            "model": model,
             "data": {
                 "sources": [{"uri": str(REPO / "examples/data/corpus.jsonl")}],
                 "tokenizer": {"vocabSize": 8000},
@@ -60,40 +74,37 @@ def manifest(steps: int, out: str) -> dict:
                 "learningRate": 1e-3,
                 "warmupSteps": 2,
             },
-            "resources": {"workers": 2, "cpu": "1", "memory": "4Gi"},
+            "resources": {"workers": workers, "cpu": str(2 // workers), "memory": "4Gi"},
             "checkpointing": {"intervalSteps": 10_000},
             "output": {"uri": out},
         },
     }
 
 
-def run_recipe(steps: int, work: Path) -> tuple[dict, list[dict]]:
-    import yaml  # noqa: F401 - parse path identical to the CLI's
+def run_recipe(jobs, model: dict, steps: int, work: Path, workers: int, tag: str) -> dict:
+    """One recipe run on the running head: steady-state tokens/s and the run's metrics."""
     from rich.console import Console
 
     from forgeline_operator.api import parse_job
-    from forgeline_operator.localray import LocalRay
-    from forgeline_operator.rayjobs import RayJobs, local_python
     from forgeline_operator.runlocal import run_job
 
-    job = parse_job(manifest(steps, str(work / "recipe-out")))
-    with LocalRay() as head:
-        result = run_job(
-            job,
-            RayJobs(head.address, python=local_python(), token=head.token),
-            Console(stderr=True),
-            output=None,
-            done={},
-            work_dir=str(work),
-            quiet=True,
-        )
+    out = work / f"recipe-{tag}"
+    job = parse_job(manifest(model, steps, str(out), f"bench-{tag}", workers))
+    result = run_job(job, jobs, Console(stderr=True), output=None, done={}, work_dir=str(work), quiet=True)
     if not result.ok:
-        raise SystemExit(f"recipe run failed: {result.status}")
-    metrics = json.loads((work / "recipe-out/metrics.json").read_text())
-    return metrics, [r for r in result.records if r.get("type") == "progress"]
+        raise SystemExit(f"recipe run {tag} failed: {result.status}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    steady = [r for r in result.records if r.get("type") == "progress" and r["step"] > 5]
+    tps = statistics.mean(r["tokens_per_second"] for r in steady) if steady else metrics["tokens_per_second"]
+    return {
+        "tokens_per_second": tps,
+        "final_loss": metrics["final_loss"],
+        "parameters": metrics["parameters"],
+        "out": out,
+    }
 
 
-def run_plain(steps: int, work: Path) -> dict:
+def run_plain(steps: int, tokenizer_dir: Path) -> dict:
     """The baseline: the same model and batches in a plain PyTorch loop, no Ray, no DDP."""
     import numpy as np
     import torch
@@ -103,7 +114,7 @@ def run_plain(steps: int, work: Path) -> dict:
     from forgeline_trainer import models, progress
 
     torch.set_num_threads(2)
-    out = work / "recipe-out"
+    out = tokenizer_dir
     tokenizer = D.load_tokenizer(str(out))
     docs = D.read_texts(
         [
@@ -133,11 +144,8 @@ def run_plain(steps: int, work: Path) -> dict:
         times.append(time.perf_counter() - t0)
     steady = times[5:]
     tps = GLOBAL_BATCH * SEQ / statistics.mean(steady)
-    peak = progress.measure_cpu_peak(threads=2)
     return {
         "tokens_per_second": tps,
-        "mfu": tps * flops_per_token / peak,
-        "peak_flops": peak,
         "final_loss": float(loss),
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token,
@@ -146,21 +154,42 @@ def run_plain(steps: int, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--full", action="store_true", help="~20M llama, 5 rounds, 30 steps")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", default=str(REPO / "bench/results.md"))
     args = parser.parse_args()
+    size = "full" if args.full else "quick"
+    rounds = args.rounds or (5 if args.full else 3)
+    steps = args.steps or (30 if args.full else 20)
+    model = MODELS[size]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    with tempfile.TemporaryDirectory(prefix="forgeline-bench-") as tmp:
+    from forgeline_operator.localray import LocalRay
+    from forgeline_operator.rayjobs import RayJobs, local_python
+    from forgeline_trainer import progress
+
+    runs: dict[str, list[dict]] = {"recipe-1w": [], "recipe-2w": [], "plain": []}
+    with tempfile.TemporaryDirectory(prefix="forgeline-bench-") as tmp, LocalRay() as head:
         work = Path(tmp)
-        metrics, records = run_recipe(args.steps, work)
-        steady = [r for r in records if r["step"] > 5]
-        recipe_tps = (
-            statistics.mean(r["tokens_per_second"] for r in steady)
-            if steady
-            else metrics["tokens_per_second"]
+        jobs = RayJobs(head.address, python=local_python(), token=head.token)
+        for i in range(rounds):
+            runs["recipe-1w"].append(run_recipe(jobs, model, steps, work, 1, f"1w-{i}"))
+            runs["recipe-2w"].append(run_recipe(jobs, model, steps, work, 2, f"2w-{i}"))
+            runs["plain"].append(run_plain(steps, runs["recipe-1w"][0]["out"]))
+            print(
+                f"round {i}: "
+                + ", ".join(f"{k} {v[-1]['tokens_per_second']:,.0f} tok/s" for k, v in runs.items())
+            )
+    peak = progress.measure_cpu_peak(threads=2)
+    flops = runs["plain"][0]["flops_per_token"]
+    tps = {k: statistics.median(r["tokens_per_second"] for r in v) for k, v in runs.items()}
+    ratio = {
+        k: statistics.median(
+            a["tokens_per_second"] / b["tokens_per_second"] for a, b in zip(v, runs["plain"], strict=True)
         )
-        recipe_mfu = statistics.mean(r["mfu"] for r in steady) if steady else metrics["mfu"]
-        plain = run_plain(args.steps, work)
+        for k, v in runs.items()
+        if k != "plain"
+    }
     cpu = (
         subprocess.run(
             ["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True
@@ -169,26 +198,32 @@ def main() -> None:
     )
     import torch
 
+    label = {
+        "recipe-1w": "Forgeline recipe: Ray Train, 1 worker × 2 threads",
+        "recipe-2w": "Forgeline recipe: Ray Train, 2 workers × 1 thread, gloo DDP",
+        "plain": "plain PyTorch loop, 1 process × 2 threads",
+    }
     lines = [
         f"\n## Pretraining throughput, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
         f"Machine: {cpu}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, Python "
-        f"{platform.python_version()}. "
-        f"Command: `.venv/bin/python bench/pretrain_throughput.py --steps {args.steps}`.\n",
-        f"Model: llama {MODEL['hiddenSize']}×{MODEL['numLayers']} layers, {metrics['parameters'] / 1e6:.1f}M "
-        f"parameters; {SEQ}-token sequences, global batch {GLOBAL_BATCH} ({GLOBAL_BATCH * SEQ} tokens/step), "
-        f"{args.steps} steps, steady state = steps 6–{args.steps}.\n",
-        "| run | tokens/s | MFU (vs measured fp32 matmul peak) | final loss |",
-        "| --- | ---: | ---: | ---: |",
-        f"| Forgeline recipe: Ray Train, 2 workers × 1 thread, gloo DDP | {recipe_tps:,.0f} | "
-        f"{100 * recipe_mfu:.1f}% | {metrics['final_loss']:.3f} |",
-        f"| plain PyTorch loop, 1 process × 2 threads | {plain['tokens_per_second']:,.0f} | "
-        f"{100 * plain['mfu']:.1f}% | {plain['final_loss']:.3f} |",
-        f"\n**Ratio recipe / plain: {recipe_tps / plain['tokens_per_second']:.2f}×** tokens/s. "
-        f"Peak used for MFU: {plain['peak_flops'] / 1e9:.0f} GFLOP/s (2-thread fp32 matmul probe; the recipe "
-        f"measures 1 thread per worker and sums the workers). FLOPs/token = 6N + 12·L·d·S = "
-        f"{plain['flops_per_token'] / 1e6:.1f} MFLOP.\n",
+        f"{platform.python_version()}. Command: `.venv/bin/python bench/pretrain_throughput.py"
+        f"{' --full' if args.full else ''}` ({rounds} interleaved rounds of {steps} steps).\n",
+        f"Model: llama {model['hiddenSize']}×{model['numLayers']} layers, "
+        f"{runs['plain'][0]['parameters'] / 1e6:.1f}M parameters; {SEQ}-token sequences, global batch "
+        f"{GLOBAL_BATCH} ({GLOBAL_BATCH * SEQ} tokens/step); steady state = steps 6–{steps}. MFU against one "
+        f"peak for all: {peak / 1e9:.0f} GFLOP/s (fp32 matmul, 2 threads, measured once); FLOPs/token = "
+        f"6N + 12·L·d·S = {flops / 1e6:.1f} MFLOP.\n",
+        "| run | tokens/s (median) | each round | vs plain (median of per-round ratios) | MFU | final loss |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
-    text = "\n".join(lines)
+    for k, v in runs.items():
+        each = ", ".join(f"{r['tokens_per_second']:,.0f}" for r in v)
+        vs = f"{ratio[k]:.2f}×" if k in ratio else "1"
+        lines.append(
+            f"| {label[k]} | {tps[k]:,.0f} | {each} | {vs} | {100 * tps[k] * flops / peak:.1f}% | "
+            f"{v[-1]['final_loss']:.3f} |"
+        )
+    text = "\n".join(lines) + "\n"
     print(text)
     path = Path(args.out)
     if not path.exists():
