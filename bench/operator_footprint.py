@@ -1,6 +1,6 @@
 """The operator's memory and CPU with many jobs: the numbers behind the chart's `resources`.
 
-    .venv/bin/python bench/operator_footprint.py [--jobs 1000]
+    .venv/bin/python bench/operator_footprint.py [--jobs 1000]     (appends to bench/results.md)
 
 Starts the real control plane (etcd + kube-apiserver), the operator process
 (`python -m forgeline_operator`, as the chart runs it), creates N TrainingJobs parked with
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -45,6 +46,7 @@ def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--out", default=str(REPO / "bench/results.md"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="forgeline-bench-"))
     with ControlPlane(workdir=work / "cp") as cp:
@@ -114,15 +116,21 @@ def main() -> int:
         finally:
             proc.stop()
     cpu = platform.processor() or platform.machine()
-    print(f"machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}")
-    print(
-        "| jobs | admitted + Suspended | CPU s admitting | RSS idle | RSS peak | RSS settled "
-        "| CPU with jobs parked |"
+    text = "\n".join(
+        [
+            f"\n## Operator footprint with {args.jobs} jobs, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
+            f"Machine: {cpu}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}. "
+            f"Command: `.venv/bin/python bench/operator_footprint.py --jobs {args.jobs}`.\n",
+            "| jobs | created → all Suspended | operator CPU spent admitting | RSS idle | RSS peak "
+            "| RSS settled | CPU with the jobs parked (60 s) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {args.jobs} | {admitted_s:.0f} s | {admit_cpu:.1f} CPU-s | {idle_rss / 2**20:.0f} MiB | "
+            f"{peak[0] / 2**20:.0f} MiB | {settled_rss / 2**20:.0f} MiB | {steady_cpu * 1000:.0f} mCPU |",
+        ]
     )
-    print(
-        f"| {args.jobs} | {admitted_s:.0f} s | {admit_cpu:.1f} | {idle_rss / 2**20:.0f} MiB | "
-        f"{peak[0] / 2**20:.0f} MiB | {settled_rss / 2**20:.0f} MiB | {steady_cpu * 1000:.0f} mCPU |"
-    )
+    print(text)
+    with open(args.out, "a") as f:
+        f.write(text + "\n")
     return 0
 
 
