@@ -33,7 +33,13 @@ def test_progress_mapping() -> None:
         {"type": "eval", "step": 20, "eval_loss": 3.0, "time": 1795562977.7},
     )
     assert p["summary"] == "30/60" and p["percent"] == 50 and p["tokensPerSecond"] == 100.0
-    assert p["evalMetrics"] == {"eval_loss": 3.0}
+    assert p["evalMetrics"] == {"eval_loss": 3.0} and "evalWarning" not in p  # unsized: no warning
+    small = lifecycle.progress_from(
+        {"step": 1}, {"eval_loss": 3.0, "eval_loss_ci95": 0.25, "eval_tokens": 166}
+    )
+    assert small["evalWarning"].startswith("eval too small to trust: 166 held-out tokens")
+    assert "±0.25" in small["evalWarning"]
+    assert "evalWarning" not in lifecycle.progress_from({"step": 1}, {"eval_loss": 3.0, "eval_tokens": 4096})
 
 
 def test_step_advanced_at_moves_only_when_the_step_does() -> None:

@@ -1148,3 +1148,34 @@ def test_mfu_peak_is_the_nodes_measured_once_not_each_workers(monkeypatch: pytes
     assert peak == 1e11 and "measured once before training on all its cores" in source
     measured = progress.node_cpu_peak_per_core(1)
     assert 1e8 < measured < 1e13  # a real fp32 matmul on this CPU
+
+
+def test_eval_intervals_match_the_textbook_and_small_evals_are_flagged(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The 95% half-widths agree with numpy's sample statistics; an eval under 2,000 held-out tokens
+    gets one warning event naming what to change; a metric with no value is left out."""
+    from forgeline_trainer import evaluation
+
+    rng = np.random.default_rng(0)
+    x = rng.exponential(2.0, size=500)
+    half = evaluation.mean_ci95(float(x.mean()), float((x**2).mean()), len(x))
+    assert half == pytest.approx(1.96 * x.std(ddof=1) / np.sqrt(len(x)), rel=1e-9)
+    assert evaluation.proportion_ci95(0.5, 100) == pytest.approx(0.098)
+    assert evaluation.mean_ci95(1.0, 1.0, 1) is None and evaluation.proportion_ci95(0.5, 0) is None
+    # 4x the tokens, half the interval
+    assert evaluation.proportion_ci95(0.3, 400) == pytest.approx(evaluation.proportion_ci95(0.3, 100) / 2)
+
+    r = _reporter()
+    capsys.readouterr()
+    r.evaluation(2, {"eval_loss": 2.0, "eval_loss_ci95": 0.4, "accuracy_ci95": None, "eval_tokens": 166.0})
+    r.evaluation(4, {"eval_loss": 1.9, "eval_loss_ci95": 0.4, "eval_tokens": 166.0})
+    records = parse_records(capsys.readouterr().out)
+    evals = [x for x in records if x["type"] == "eval"]
+    assert "accuracy_ci95" not in evals[0] and evals[0]["eval_tokens"] == 166.0
+    warnings = [x for x in records if x["type"] == "event" and "too small" in x["message"]]
+    assert len(warnings) == 1, warnings
+    assert "166 held-out tokens" in warnings[0]["message"] and "±0.4" in warnings[0]["message"]
+    assert "spec.evaluation.maxBatches" in warnings[0]["message"]
+    r.evaluation(6, {"eval_loss": 1.8, "eval_tokens": 4096.0})
+    assert not [x for x in parse_records(capsys.readouterr().out) if x["type"] == "event"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from .api.status import is_terminal
+from .api.status import eval_size_warning, is_terminal
 
 CONDITION_TYPES = ("Waiting", "ClusterReady", "Running", "Suspended", "Complete", "Failed")
 
@@ -144,4 +144,7 @@ def progress_from(
             for k, v in evals.items()
             if k not in ("type", "step", "time") and isinstance(v, (int, float))
         }
+        warning = eval_size_warning(out["evalMetrics"])
+        if warning:
+            out["evalWarning"] = warning
     return out

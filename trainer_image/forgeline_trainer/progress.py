@@ -25,6 +25,8 @@ from typing import Any
 
 from forgeline_operator.api.jobconfig import PROGRESS_PREFIX
 
+from . import evaluation
+
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment.
 GPU_PEAK_BF16 = {
     "H200": 989e12,
@@ -192,6 +194,7 @@ class Reporter:
 
     def __post_init__(self) -> None:
         self._last_emit = 0.0
+        self._warned_small_eval = False
         self._window_start = time.perf_counter()
         self._window_steps = 0
         self._started = time.perf_counter()
@@ -254,12 +257,19 @@ class Reporter:
         self._last_emit = now
         self._window_start, self._window_steps = now, 0
 
-    def evaluation(self, step: int, metrics: dict[str, float]) -> None:
+    def evaluation(self, step: int, metrics: dict[str, float | None]) -> None:
+        """An eval record (metrics without a value, e.g. an interval from one sample, left out);
+        the first eval too small to trust also gets a warning event saying what to change."""
         if not self.is_chief:
             return
-        entry = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        values = {k: round(float(v), 6) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        entry = {"step": step, **values}
         self.eval_history.append(entry)
         emit({"type": "eval", **entry})
+        warning = evaluation.eval_size_warning(values)
+        if warning and not self._warned_small_eval:
+            self._warned_small_eval = True
+            self.event(warning, eval_tokens=values.get("eval_tokens"))
         if self._gauges:
             self._gauges.set({"eval_loss": metrics.get("eval_loss")})
 

@@ -94,7 +94,11 @@ class Progress(ApiModel):
     trainable_fraction: float | None = None
     """Fraction of parameters that train (fine-tunes)."""
     eval_metrics: dict[str, float] = Field(default_factory=dict)
-    """Latest evaluation metrics, e.g. eval_loss, perplexity, accuracy, reward_margin."""
+    """Latest evaluation metrics, e.g. eval_loss, perplexity, accuracy, reward_margin, with the
+    eval's size (eval_tokens) and 95% interval half-widths (eval_loss_ci95, accuracy_ci95)."""
+    eval_warning: str | None = Field(default=None, max_length=512)
+    """Set when the latest eval is too small to trust (fewer than 2,000 held-out tokens), saying
+    what to change."""
     updated_at: datetime | None = None
     """When this progress record was produced."""
     seconds_per_step: float | None = None
@@ -208,3 +212,21 @@ class JobStatus(ApiModel):
     """Time to the first optimizer step, split into queue wait, provisioning and the trainer's start-up."""
     logs: list[AttemptLog] = Field(default_factory=list)
     """Each attempt's archived Ray job log, kept after the Ray cluster is gone."""
+
+
+MIN_EVAL_TOKENS = 2000
+"""Below this many held-out tokens an eval is too small to trust: status.progress.evalWarning and
+the trainer's warning event say so."""
+
+
+def eval_size_warning(metrics: dict[str, float]) -> str | None:
+    """The warning for an eval too small to trust (None when it is large enough or unsized)."""
+    tokens = metrics.get("eval_tokens")
+    if tokens is None or tokens >= MIN_EVAL_TOKENS:
+        return None
+    ci = metrics.get("eval_loss_ci95")
+    spread = f" (eval loss ±{ci:.3g} at 95%)" if ci is not None else ""
+    return (
+        f"eval too small to trust: {tokens:,.0f} held-out tokens, fewer than {MIN_EVAL_TOKENS:,}{spread}; "
+        "raise spec.evaluation.maxBatches or holdoutFraction, or give spec.evaluation.sources"
+    )

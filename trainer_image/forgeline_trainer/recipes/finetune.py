@@ -29,7 +29,7 @@ from typing import Any
 from forgeline_operator.api.finetune_job import PEFT_METHODS
 from forgeline_operator.api.jobconfig import FineTuneJobConfig
 
-from .. import adapters, collective, models, optim, outputs, progress, sft_data
+from .. import adapters, collective, evaluation, models, optim, outputs, progress, sft_data
 from .. import data as D
 from ..checkpoints import Checkpointer
 from ..errors import DataError, ModelUnavailable
@@ -319,6 +319,7 @@ def _evaluate(job: Job, data: _Data, eng: optim.TrainEngine) -> dict[str, float]
     # number of forwards, so ranks with fewer batches run (and ignore) extra ones.
     n_batches = int(collective.maximum(len(batches)))
     loss_sum = torch.zeros((), device=device)
+    loss_sq = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     net.eval()
@@ -333,22 +334,26 @@ def _evaluate(job: Job, data: _Data, eng: optim.TrainEngine) -> dict[str, float]
             logits = out.logits[:, -batch["labels"].shape[1] :, :]  # prompt tuning prepends virtual tokens
             shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
             mask = shift_labels != sft_data.IGNORE
-            loss_sum += torch.nn.functional.cross_entropy(
-                shift_logits[mask].float(), shift_labels[mask], reduction="sum"
+            token_losses = torch.nn.functional.cross_entropy(
+                shift_logits[mask].float(), shift_labels[mask], reduction="none"
             )
+            loss_sum += token_losses.sum()
+            loss_sq += (token_losses**2).sum()
             correct += (shift_logits.argmax(-1)[mask] == shift_labels[mask]).sum()
             count += mask.sum()
     net.train()
     if torch.distributed.is_initialized():
-        for t in (loss_sum, correct, count):
+        for t in (loss_sum, loss_sq, correct, count):
             torch.distributed.all_reduce(t)
     c = count.clamp(min=1)
-    loss = (loss_sum / c).item()
+    loss, accuracy, n = (loss_sum / c).item(), (correct / c).item(), count.item()
     return {
         "eval_loss": loss,
+        "eval_loss_ci95": evaluation.mean_ci95(loss, (loss_sq / c).item(), n),
         "perplexity": math.exp(min(loss, 50.0)),
-        "accuracy": (correct / c).item(),
-        "eval_tokens": float(count.item()),
+        "accuracy": accuracy,
+        "accuracy_ci95": evaluation.proportion_ci95(accuracy, n),
+        "eval_tokens": float(n),
     }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from forgeline_operator.api.jobconfig import TrainingJobConfig
 
-from .. import collective, models, optim, outputs, progress
+from .. import collective, evaluation, models, optim, outputs, progress
 from .. import data as D
 from ..checkpoints import Checkpointer
 from ..errors import DataError
@@ -370,6 +370,8 @@ def _evaluate(job: Job, data: _Data, eng: optim.TrainEngine) -> dict[str, float]
     n_batches = int(collective.maximum(len(batches)))
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
+    # per-batch mean losses, for the interval: tokens of one block are not independent samples
+    batch_stats = torch.zeros(3, device=device)  # batches, Σ batch loss, Σ batch loss²
     with torch.no_grad():
         for i in range(n_batches):
             idx = (
@@ -380,14 +382,23 @@ def _evaluate(job: Job, data: _Data, eng: optim.TrainEngine) -> dict[str, float]
             out = eng.net(**batch)
             n = (batch["labels"] != -100).sum()
             if real:
-                loss_sum += out.loss.detach().float() * n
+                batch_loss = out.loss.detach().float()
+                loss_sum += batch_loss * n
                 count += n
+                batch_stats += torch.stack([torch.ones_like(batch_loss), batch_loss, batch_loss**2])
     eng.net.train()
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(loss_sum)
-        torch.distributed.all_reduce(count)
+        for t in (loss_sum, count, batch_stats):
+            torch.distributed.all_reduce(t)
     loss = (loss_sum / count.clamp(min=1)).item()
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": float(count.item())}
+    batches_n, batch_sum, batch_sq = (float(x) for x in batch_stats.tolist())
+    mean = batch_sum / max(batches_n, 1.0)
+    return {
+        "eval_loss": loss,
+        "eval_loss_ci95": evaluation.mean_ci95(mean, batch_sq / max(batches_n, 1.0), batches_n),
+        "perplexity": math.exp(min(loss, 50.0)),
+        "eval_tokens": float(count.item()),
+    }
 
 
 def _full_state_dict(engine: Any) -> dict[str, Any] | None:
