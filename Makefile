@@ -46,8 +46,7 @@ soak: setup
 	$(VENV)/bin/pytest -m soak -s tests
 
 # Benchmarks: each appends a dated section (machine, versions, command, figures) to bench/results.md.
-# Quick by default (about 10 minutes on 2 cores); `make bench FULL=1` for the larger model, more
-# rounds and 1,000 parked jobs.
+# Quick by default; `make bench FULL=1` for the larger model, more rounds and 1,000 parked jobs.
 FULL ?=
 bench: setup
 	$(PY) bench/time_to_first_step.py --repeats 3
