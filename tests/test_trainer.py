@@ -100,6 +100,8 @@ def test_pretrain_llama_learns_and_writes_outputs(run: Runner, workdir: Path) ->
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss.png"):
         assert (out / name).exists(), name
     assert metrics["final_eval"]["perplexity"] < 10
+    assert metrics["final_eval"]["eval_tokens"] >= 2000 and 0 < metrics["final_eval"]["eval_loss_ci95"] < 1
+    assert not [r for r in result.records if "too small to trust" in str(r.get("message"))]
     assert metrics["tokenizer"].startswith("trained byte-level BPE")
     assert metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"] < 1
     types = [r["type"] for r in result.records]
@@ -201,8 +203,13 @@ def _reload_matches_probe(out: Path, base: Path, quantized: bool = False) -> Non
 
 def test_lora_trains_only_adapters_and_reloads(run: Runner, workdir: Path) -> None:
     run("pretrain-tiny-llama")
-    _, metrics = run("finetune-lora-tiny")
+    result, metrics = run("finetune-lora-tiny")
     _assert_learned(metrics)
+    # the shipped example's holdout is small: the eval says so, with its interval
+    final = metrics["final_eval"]
+    assert final["eval_tokens"] < 2000 and final["eval_loss_ci95"] > 0 and 0 < final["accuracy_ci95"] < 1
+    warnings = [r for r in result.records if r["type"] == "event" and "too small to trust" in r["message"]]
+    assert len(warnings) == 1, warnings
     assert 0 < metrics["trainable_fraction"] < 0.15
     out = workdir / "runs/tiny-sft-lora"
     assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
