@@ -43,8 +43,22 @@ def summary(
         "wall_seconds": last.get("elapsed_seconds"),
         "world_size": job.rt.world,
         "precision": job.precision,
+        **peak_memory(),
         **recipe_fields,
     }
+
+
+def peak_memory() -> dict[str, Any]:
+    """This process's peak memory: resident set size (ru_maxrss: Linux reports KiB) and, on a
+    GPU, torch's peak allocation."""
+    import resource
+
+    import torch
+
+    out: dict[str, Any] = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        out["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return out
 
 
 def finetune_fields(
