@@ -42,6 +42,33 @@ def test_progress_mapping() -> None:
     assert "evalWarning" not in lifecycle.progress_from({"step": 1}, {"eval_loss": 3.0, "eval_tokens": 4096})
 
 
+def test_eval_gain_names_each_kinds_headline_metric() -> None:
+    assert (
+        lifecycle.eval_gain({"eval_loss": 6.7, "perplexity": 812.4}, {"perplexity": 143.2}) == "ppl 812→143"
+    )
+    sft = {"eval_loss": 2.3, "perplexity": 10.0, "accuracy": 0.12}
+    assert lifecycle.eval_gain(sft, {**sft, "accuracy": 0.614}) == "acc 12%→61%"
+    pref = {"preference_accuracy": 0.48, "reward_margin": 0.0, "eval_loss": 0.69}
+    assert lifecycle.eval_gain(pref, {**pref, "preference_accuracy": 0.83}) == "pref acc 48%→83%"
+    assert lifecycle.eval_gain({"mean_reward": 0.12}, {"mean_reward": 0.8}) == "reward 0.12→0.8"
+    assert lifecycle.eval_gain({"perplexity": 812.4}, None) == "ppl 812"  # no eval after training yet
+    assert lifecycle.eval_gain({"eval_tokens": 10.0}, None) is None
+
+
+def test_the_eval_baseline_is_kept_across_records_and_attempts() -> None:
+    """The step-0 eval is the baseline: status keeps it (a resumed attempt sends none) and the
+    printer column shows it against the latest eval."""
+    base = {"type": "eval", "step": 0, "perplexity": 812.4, "eval_loss": 6.7}
+    first = lifecycle.progress_from({"step": 0}, base, None, base)
+    assert first["evalBaseline"] == {"perplexity": 812.4, "eval_loss": 6.7}
+    assert first["display"]["eval"] == "ppl 812"
+    later = {"type": "eval", "step": 40, "perplexity": 143.2, "eval_loss": 4.96}
+    resumed = lifecycle.progress_from({"step": 40}, later, first, None)  # a new attempt's cursor
+    assert resumed["evalBaseline"] == first["evalBaseline"]
+    assert resumed["display"]["eval"] == "ppl 812→143"
+    assert "evalBaseline" not in lifecycle.progress_from({"step": 3}, later, None, None)
+
+
 def test_step_advanced_at_moves_only_when_the_step_does() -> None:
     rec = {"step": 30, "total_steps": 60, "eta_seconds": 15.0}
     first = lifecycle.progress_from(rec, None, None)

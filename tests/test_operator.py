@@ -204,7 +204,12 @@ def test_job_runs_to_succeeded_with_live_progress(
     assert status["progress"]["step"] == 60 and status["progress"]["summary"] == "60/60"
     for key in ("loss", "tokensPerSecond", "mfu", "etaSeconds"):
         assert key in status["progress"], key
-    assert status["progress"]["evalMetrics"]["eval_loss"] > 0
+    progress = status["progress"]
+    assert progress["evalMetrics"]["eval_loss"] > 0
+    # the held-out eval before training is kept next to the final one, and shown as the gain
+    before, after = progress["evalBaseline"]["perplexity"], progress["evalMetrics"]["perplexity"]
+    assert after < before / 2, (before, after)
+    assert progress["display"]["eval"] == f"ppl {before:.3g}→{after:.3g}"
     assert (
         status["ray"]["jobId"].startswith("forgeline-tiny-llama-")
         and status["ray"]["jobStatus"] == "SUCCEEDED"
@@ -215,13 +220,18 @@ def test_job_runs_to_succeeded_with_live_progress(
     assert conditions["Complete"]["status"] == "True" and conditions["Running"]["status"] == "False"
     assert (op_workdir / "runs/tiny-llama/model.safetensors").exists()
     table = cluster.kubectl("get", "tj", "-n", namespace).stdout
-    assert "Succeeded" in table and "60/60" in table
+    assert "Succeeded" in table and "60/60" in table and progress["display"]["eval"] in table
     events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
     reasons = {e["reason"] for e in json.loads(events)["items"]}
     assert {"Provisioning", "Submitted", "Completed"} <= reasons
     text = operator.metrics()
     assert 'forgeline_jobs{kind="TrainingJob",phase="Succeeded"}' in text
     assert "forgeline_reconcile_duration_seconds_bucket" in text
+    for stage in ("before", "after"):
+        labels = (
+            f'namespace="{namespace}",job="tiny-llama",kind="TrainingJob",metric="perplexity",stage="{stage}"'
+        )
+        assert f"forgeline_job_eval{{{labels}}}" in text, stage
     timings = status["timings"]  # where the time to the first step went
     parts = timings["queuedSeconds"] + timings["provisioningSeconds"] + timings["startupSeconds"]
     assert timings["startupSeconds"] > 0 and abs(parts - timings["timeToFirstStepSeconds"]) < 0.05

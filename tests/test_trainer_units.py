@@ -130,6 +130,24 @@ def test_holdout_is_stable_and_disjoint() -> None:
     assert set(held2) == set(held)
 
 
+def test_holdout_is_sized_in_tokens() -> None:
+    """The fraction's items, then more in hash order until the token floor, never past half."""
+    docs = [f"doc {i}" for i in range(1000)]
+    sizes = [10] * 1000
+    _, by_fraction = D.holdout_indices(docs, sizes, 0.01, min_tokens=0)
+    _, floored = D.holdout_indices(docs, sizes, 0.01, min_tokens=2000)
+    assert 3 <= len(by_fraction) <= 25
+    assert set(by_fraction) < set(floored) and len(floored) == 200  # 200 x 10 tokens
+    _, capped = D.holdout_indices(docs, sizes, 0.01, min_tokens=10**9)
+    assert len(capped) == 500  # half of the data at most
+    _, big_fraction = D.holdout_indices(docs, sizes, 0.3, min_tokens=2000)
+    assert len(big_fraction) > 250  # the fraction wins when it is larger
+    _, none = D.holdout_indices(docs, sizes, 0.0, min_tokens=2000)
+    assert none == []  # fraction 0: evaluation off
+    _, reordered = D.holdout_indices(list(reversed(docs)), sizes, 0.01, min_tokens=2000)
+    assert {docs[999 - i] for i in reordered} == {docs[i] for i in floored}
+
+
 def test_batch_order_is_a_function_of_the_step() -> None:
     """Resuming at step N reads exactly the batches an uninterrupted run reads."""
     a = [D.batch_indices(100, 16, s, seed=7) for s in range(20)]
@@ -380,8 +398,9 @@ def test_summary_has_the_common_fields_then_the_recipes() -> None:
         stats,
         {"eval_loss": 1.5},
         **outputs.finetune_fields(cfg, stats, {"train": 8, "eval": 2}, "adapter"),
-        initial_eval={},
+        extra=1,
     )
+    assert summary.pop("peak_rss_bytes") > 10 * 2**20  # this process's peak RSS: torch alone is more
     assert summary == {
         "job": cfg.name,
         "kind": "FineTuneJob",
@@ -389,6 +408,7 @@ def test_summary_has_the_common_fields_then_the_recipes() -> None:
         "steps": 2,
         "first_loss": 3.0,
         "final_loss": 2.0,
+        "initial_eval": None,
         "final_eval": {"eval_loss": 1.5},
         "tokens_per_second": reporter.last["tokens_per_second"],
         "mfu": reporter.last["mfu"],
@@ -402,7 +422,7 @@ def test_summary_has_the_common_fields_then_the_recipes() -> None:
         "trainable_fraction": 0.01,
         "examples": {"train": 8, "eval": 2},
         "saved": "adapter",
-        "initial_eval": {},
+        "extra": 1,
     }
 
 

@@ -69,7 +69,7 @@ QUESTIONS = [
 ]
 
 
-def alpaca(rng: random.Random, n: int = 600) -> list[dict[str, str]]:
+def alpaca(rng: random.Random, n: int = 3000) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
         a = rng.choice(list(ANIMALS))

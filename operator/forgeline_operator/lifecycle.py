@@ -104,10 +104,14 @@ def display(loss: float | None, tokens_per_second: float | None, mfu: float | No
 
 
 def progress_from(
-    record: dict[str, Any], evals: dict[str, Any] | None, previous: dict[str, Any] | None = None
+    record: dict[str, Any],
+    evals: dict[str, Any] | None,
+    previous: dict[str, Any] | None = None,
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A trainer progress record → status.progress (camelCase, with a `kubectl get` summary).
-    `previous` (the status.progress before it) carries stepAdvancedAt over while the step stands."""
+    `previous` (the status.progress before it) carries stepAdvancedAt over while the step stands,
+    and the eval baseline (the step-0 eval record `baseline`, once seen) for good."""
     step, total = int(record.get("step", 0)), record.get("total_steps")
     out: dict[str, Any] = {"step": step, "updatedAt": now()}
     if total:
@@ -139,12 +143,49 @@ def progress_from(
     if shown:
         out["display"] = shown
     if evals:
-        out["evalMetrics"] = {
-            k: float(v)
-            for k, v in evals.items()
-            if k not in ("type", "step", "time") and isinstance(v, (int, float))
-        }
+        out["evalMetrics"] = _eval_values(evals)
         warning = eval_size_warning(out["evalMetrics"])
         if warning:
             out["evalWarning"] = warning
+    base = _eval_values(baseline) if baseline else before.get("evalBaseline")
+    if base:
+        out["evalBaseline"] = base
+        after = out.get("evalMetrics") if evals and evals.get("step") else None
+        gain = eval_gain(base, after)
+        if gain:
+            out.setdefault("display", {})["eval"] = gain
     return out
+
+
+def _eval_values(record: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in ("type", "step", "time") and isinstance(v, (int, float))
+    }
+
+
+# The headline held-out metric of each kind of job, in order of preference: (key, label, percent).
+_HEADLINE = (
+    ("preference_accuracy", "pref acc", True),
+    ("mean_reward", "reward", False),
+    ("accuracy", "acc", True),
+    ("perplexity", "ppl", False),
+    ("eval_loss", "loss", False),
+)
+
+
+def eval_gain(baseline: dict[str, float], after: dict[str, float] | None) -> str | None:
+    """The headline held-out metric before → after training, as a person reads it: `ppl 812→143`
+    (pretraining), `acc 12%→61%` (SFT token accuracy), `pref acc 48%→83%` (reward model, DPO),
+    `reward 0.12→0.80` (GRPO); the baseline alone while no eval after training has come."""
+    for key, label, percent in _HEADLINE:
+        if key in baseline:
+
+            def shown(v: float, percent: bool = percent) -> str:
+                return f"{v * 100:.0f}%" if percent else f"{v:.3g}"
+
+            if after is None or key not in after:
+                return f"{label} {shown(baseline[key])}"
+            return f"{label} {shown(baseline[key])}→{shown(after[key])}"
+    return None

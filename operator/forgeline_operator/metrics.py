@@ -105,6 +105,15 @@ def register_phase_source(source: Callable[[], dict[tuple[str, str], int]]) -> N
     REGISTRY.register(_PhaseCollector(source))
 
 
+EVAL_METRIC = Gauge(
+    "forgeline_job_eval",
+    "Held-out evaluation metrics: stage=before (the step-0 baseline) and stage=after (the latest eval)",
+    ["namespace", "job", "kind", "metric", "stage"],
+    registry=REGISTRY,
+)
+_EVAL_RELAYED = ("eval_loss", "perplexity", "accuracy", "preference_accuracy", "reward_margin", "mean_reward")
+
+
 def relay_progress(namespace: str, job: str, kind: str, progress: dict[str, Any]) -> None:
     labels = (namespace, job, kind)
     for gauge, key in ((LOSS, "loss"), (TOKENS, "tokensPerSecond"), (MFU, "mfu")):
@@ -115,6 +124,11 @@ def relay_progress(namespace: str, job: str, kind: str, progress: dict[str, Any]
     eval_loss = (progress.get("evalMetrics") or {}).get("eval_loss")
     if isinstance(eval_loss, (int, float)):
         EVAL_LOSS.labels(*labels).set(eval_loss)
+    for stage, values in (("before", progress.get("evalBaseline")), ("after", progress.get("evalMetrics"))):
+        for metric in _EVAL_RELAYED:
+            value = (values or {}).get(metric)
+            if isinstance(value, (int, float)):
+                EVAL_METRIC.labels(*labels, metric, stage).set(value)
 
 
 def observe_startup(kind: str, timings: dict[str, Any]) -> None:
@@ -128,6 +142,10 @@ def forget_job(namespace: str, job: str, kind: str) -> None:
     for gauge in (LOSS, TOKENS, MFU, PROGRESS, EVAL_LOSS):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, job, kind)
+    for metric in _EVAL_RELAYED:
+        for stage in ("before", "after"):
+            with contextlib.suppress(KeyError):
+                EVAL_METRIC.remove(namespace, job, kind, metric, stage)
 
 
 def serve(port: int) -> None:

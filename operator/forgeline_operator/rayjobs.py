@@ -54,7 +54,8 @@ def entrypoint(python: str = "python") -> str:
 
 @dataclass
 class LogCursor:
-    """Reads a job's log incrementally and keeps the latest of each record type."""
+    """Reads a job's log incrementally and keeps the latest of each record type (and the eval at
+    step 0, the baseline, as type "baseline")."""
 
     offset: int = 0
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -70,6 +71,8 @@ class LogCursor:
         records = parse_records(chunk[:cut])
         for r in records:
             self.latest[r.get("type", "progress")] = r
+            if r.get("type") == "eval" and r.get("step") == 0:
+                self.latest["baseline"] = r  # the eval before training
         return records
 
 

@@ -323,7 +323,9 @@ class Reconciler:
         record = cursor.latest.get("progress") or cursor.latest.get("done")
         if record:
             previous = self.status.get("progress")
-            fields["progress"] = lifecycle.progress_from(record, cursor.latest.get("eval"), previous)
+            fields["progress"] = lifecycle.progress_from(
+                record, cursor.latest.get("eval"), previous, cursor.latest.get("baseline")
+            )
             key = self.out.key
             metrics.relay_progress(key.namespace, key.name, key.kind, fields["progress"])
         return fields

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
+from . import lifecycle
 from .api import FieldError, InvalidJobError, Job, parse_job
 from .api.jobconfig import build_job_config
 from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, local_python
@@ -179,7 +180,8 @@ def _show(r: dict[str, Any], bar: Progress, task: TaskID) -> None:
             stats += f"  MFU {100 * r['mfu']:.1f}%"
         bar.update(task, total=r.get("total_steps"), completed=r.get("step"), stats=stats)
     elif kind == "eval":
-        bar.console.print(f"  eval @ step {r.get('step')}: {_eval_metrics(r)}")
+        when = "before training" if r.get("step") == 0 else f"@ step {r.get('step')}"
+        bar.console.print(f"  eval {when}: {_eval_metrics(r)}")
     elif kind == "event":
         bar.console.print(f"  {escape(str(r.get('message')))}")
     elif kind == "error":
@@ -193,6 +195,10 @@ def _eval_metrics(record: dict[str, Any]) -> str:
         for k, v in record.items()
         if k not in ("type", "step", "time", "job") and isinstance(v, int | float)
     )
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, int | float)}
 
 
 def _print_unreachable(console: Console, where: str, exc: Exception) -> None:
@@ -344,6 +350,10 @@ def _summary(result: RunResult, work_dir: str) -> str:
         )
     evals = [r for r in result.records if r.get("type") == "eval"]
     if evals:
+        baseline = next((r for r in evals if r.get("step") == 0), None)
+        gain = lifecycle.eval_gain(_numbers(baseline), _numbers(evals[-1])) if baseline else None
+        if gain:
+            lines.append(f"  held-out {gain} (before → after training)")
         lines.append("  final eval: " + _eval_metrics(evals[-1]))
     lines.append(f"  output: {out} (model, tokenizer, metrics.json, loss.png)")
     return "\n".join(lines)

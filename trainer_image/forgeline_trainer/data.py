@@ -148,18 +148,38 @@ def apply_filters(docs: Iterable[str], filters: Any) -> tuple[list[str], FilterR
     return kept, report
 
 
-def holdout_split(docs: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic train/eval split by document hash: the same document always lands on the
-    same side, whatever the order or the number of workers."""
-    if fraction <= 0:
-        return list(docs), []
-    train, held = [], []
-    for doc in docs:
-        bucket = int(hashlib.md5(doc.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if bucket < fraction else train).append(doc)
-    if not held and docs:  # tiny datasets: hold out at least one document
-        held.append(train.pop())
-    return train, held
+def holdout_indices(
+    keys: Sequence[str], sizes: Sequence[int], fraction: float, min_tokens: int = 0
+) -> tuple[list[int], list[int]]:
+    """(train, held-out) item indices, split by the hash of each item's key: the items whose hash
+    falls below `fraction` are held out, then, while they hold fewer than `min_tokens` tokens
+    (`sizes`: tokens per item), the next items in hash order, up to half of the data. The same
+    item always lands on the same side, whatever the order or the number of workers; a fraction of
+    0 holds nothing out."""
+    if fraction <= 0 or not keys:
+        return list(range(len(keys))), []
+    buckets = [int(hashlib.md5(k.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for k in keys]
+    order = sorted(range(len(keys)), key=lambda i: (buckets[i], i))
+    held: list[int] = []
+    tokens = 0
+    for i in order:
+        within = buckets[i] < fraction
+        if not within and (tokens >= min_tokens or len(held) >= len(keys) // 2):
+            break
+        held.append(i)
+        tokens += sizes[i]
+    if not held and len(keys) > 1:  # tiny datasets: hold out at least one item
+        held.append(order[0])
+    chosen = set(held)
+    return [i for i in range(len(keys)) if i not in chosen], sorted(held)
+
+
+def holdout_split(
+    docs: Sequence[str], fraction: float, min_tokens: int = 0, sizes: Sequence[int] = ()
+) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents by `holdout_indices` (sizes default to 0 tokens each)."""
+    train, held = holdout_indices(docs, sizes or [0] * len(docs), fraction, min_tokens)
+    return [docs[i] for i in train], [docs[i] for i in held]
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
@@ -243,12 +263,16 @@ class TokenBlocks:
         return int(self.tokens.shape[0])
 
 
-def tokenize_and_pack(texts: Sequence[str], tokenizer: Any, seq_len: int, packing: bool) -> TokenBlocks:
+def tokenize(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each text (no special tokens; packing adds EOS between documents)."""
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+
+def pack(ids: Sequence[Sequence[int]], tokenizer: Any, seq_len: int, packing: bool) -> TokenBlocks:
     """Packing: documents joined with EOS and cut into full `seq_len` blocks (the tail is dropped).
     Without packing: one document per block, truncated or padded."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     if packing:
         flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int32)
         n = len(flat) // seq_len
@@ -261,6 +285,11 @@ def tokenize_and_pack(texts: Sequence[str], tokenizer: Any, seq_len: int, packin
         blocks[i, : len(doc)] = doc
         lengths[i] = len(doc)
     return TokenBlocks(blocks, lengths)
+
+
+def tokenize_and_pack(texts: Sequence[str], tokenizer: Any, seq_len: int, packing: bool) -> TokenBlocks:
+    """`pack(tokenize(texts))`."""
+    return pack(tokenize(texts, tokenizer), tokenizer, seq_len, packing)
 
 
 def batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> np.ndarray:

@@ -36,6 +36,7 @@ def summary(
         "steps": reporter.total_steps,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
+        "initial_eval": next((e for e in reporter.eval_history if e["step"] == 0), None),
         "final_eval": final_eval,
         "tokens_per_second": last.get("tokens_per_second"),
         "mfu": last.get("mfu"),

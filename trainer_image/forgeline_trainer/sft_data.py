@@ -8,7 +8,6 @@ prompt:      {"prompt"}                            (recipes/rl.py)
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,6 +77,11 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
 
+    @property
+    def response_tokens(self) -> int:
+        """Tokens the loss is taken on."""
+        return sum(label != IGNORE for label in self.labels)
+
 
 def tokenize_example(
     rec: dict[str, Any], fmt: str, tokenizer: Any, max_len: int, loss_on_prompt: bool
@@ -110,19 +114,17 @@ def tokenize_example(
     return Tokenized(ids, labels)
 
 
+def record_key(rec: dict[str, Any]) -> str:
+    """The record's canonical JSON: what the holdout split hashes."""
+    return json.dumps(rec, sort_keys=True)
+
+
 def holdout(
     records: list[dict[str, Any]], fraction: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic split by record hash (stable across runs and worker counts)."""
-    if fraction <= 0:
-        return records, []
-    train, held = [], []
-    for rec in records:
-        h = int(hashlib.md5(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if h < fraction else train).append(rec)
-    if not held and len(train) > 1:
-        held.append(train.pop())
-    return train, held
+    train, held = D.holdout_indices([record_key(r) for r in records], [0] * len(records), fraction)
+    return [records[i] for i in train], [records[i] for i in held]
 
 
 def collate(examples: Sequence[Tokenized], pad_id: int, device: Any) -> dict[str, Any]:

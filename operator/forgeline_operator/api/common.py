@@ -95,9 +95,11 @@ class Evaluation(ApiModel):
     """Held-out evaluation: named sources, or a deterministic slice of the training data."""
 
     sources: list[DataSource] = Field(default_factory=list, max_length=64)
-    """Evaluation data. Empty: hold out `holdoutFraction` of the training documents instead."""
+    """Evaluation data. Empty: hold out `holdoutFraction` of the training documents (at least `holdoutMinTokens`) instead."""
     holdout_fraction: float = Field(default=0.01, ge=0, le=0.5)
-    """Fraction of training documents held out (by hash, so the split is stable) when no sources are given."""
+    """Fraction of training documents held out (by hash, so the split is stable) when no sources are given; 0 turns evaluation off."""
+    holdout_min_tokens: int = Field(default=2000, ge=0, le=100_000_000)
+    """Hold out at least this many tokens (response tokens for fine-tunes), whichever of this and holdoutFraction is larger, up to half of the data: below 2,000 tokens an eval's loss is too noisy to compare runs."""
     interval_steps: int = Field(default=0, ge=0)
     """Evaluate every N optimizer steps; 0 evaluates only at the end."""
     max_batches: int = Field(default=50, ge=1)

@@ -163,6 +163,12 @@ _COMMON_COLUMNS_TAIL = [
         "description": "Latest training loss (3 significant digits)",
     },
     {
+        "name": "Eval",
+        "type": "string",
+        "jsonPath": ".status.progress.display.eval",
+        "description": "Held-out metric before → after training",
+    },
+    {
         "name": "Tokens/s",
         "type": "string",
         "jsonPath": ".status.progress.display.tokensPerSecond",

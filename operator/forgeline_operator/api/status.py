@@ -62,6 +62,9 @@ class ProgressDisplay(ApiModel):
     """Throughput with a k/M suffix, e.g. 46.2k."""
     mfu: str | None = Field(default=None, max_length=32)
     """MFU in percent, e.g. 30%."""
+    eval: str | None = Field(default=None, max_length=64)
+    """The held-out headline metric before → after training, e.g. `ppl 812→143`, `acc 12%→61%`,
+    `pref acc 48%→83%`, `reward 0.12→0.80` (the baseline alone until the first eval after it)."""
 
 
 class Progress(ApiModel):
@@ -96,6 +99,9 @@ class Progress(ApiModel):
     eval_metrics: dict[str, float] = Field(default_factory=dict)
     """Latest evaluation metrics, e.g. eval_loss, perplexity, accuracy, reward_margin, with the
     eval's size (eval_tokens) and 95% interval half-widths (eval_loss_ci95, accuracy_ci95)."""
+    eval_baseline: dict[str, float] = Field(default_factory=dict)
+    """The held-out evaluation before training (step 0; a resumed attempt keeps the first
+    attempt's): the same metrics as evalMetrics, so the two show what the job achieved."""
     eval_warning: str | None = Field(default=None, max_length=512)
     """Set when the latest eval is too small to trust (fewer than 2,000 held-out tokens), saying
     what to change."""

@@ -77,19 +77,21 @@ def prepare(cfg: FineTuneJobConfig, staging: Path) -> SFTData:
     if ds.chat_template:
         tokenizer.chat_template = ds.chat_template
     records = sft_data.read_examples(ds.sources, ds.format, work)
-    if spec.evaluation.sources:
-        train, held = records, sft_data.read_examples(spec.evaluation.sources, ds.format, work)
-    else:
-        train, held = sft_data.holdout(records, spec.evaluation.holdout_fraction)
 
     def tok(rs: list[dict[str, Any]]) -> list[sft_data.Tokenized]:
-        out = [
+        return [
             sft_data.tokenize_example(r, ds.format, tokenizer, ds.max_sequence_length, ds.loss_on_prompt)
             for r in rs
         ]
-        return [t for t in out if any(label != sft_data.IGNORE for label in t.labels)]
 
-    train_tok, eval_tok = tok(train), tok(held)
+    if spec.evaluation.sources:
+        train, held = records, sft_data.read_examples(spec.evaluation.sources, ds.format, work)
+        train_tok, eval_tok = tok(train), tok(held)
+    else:
+        train, held, train_tok, eval_tok = _split_tokenized(records, tok(records), spec.evaluation)
+    # Examples whose response was truncated away teach nothing and measure nothing.
+    train_tok = [t for t in train_tok if t.response_tokens]
+    eval_tok = [t for t in eval_tok if t.response_tokens]
     if not train_tok:
         raise DataError(
             "spec.dataset: no example has response tokens left after truncation; "
@@ -217,6 +219,8 @@ def _train(
 ) -> None:
     """Train step, record, evaluate if due, checkpoint if due — from start_step to the end."""
     spec, total, global_batch = job.cfg.spec, eng.total_steps, eng.plan.global_batch
+    if data.eval and start_step == 0:  # the baseline: the held-out metric before training
+        reporter.evaluation(0, _evaluate(job, data, eng))
     for step in range(start_step, total):
         loss, grad_norm, tokens = _train_step(job, data, eng, step)
         done = step + 1
@@ -294,6 +298,22 @@ def _finish(
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _split_tokenized(
+    records: list[dict[str, Any]], tokenized: list[sft_data.Tokenized], ev: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[sft_data.Tokenized], list[sft_data.Tokenized]]:
+    """(train records, held-out records, their tokenized examples): the holdout is sized in
+    response tokens (spec.evaluation.holdoutMinTokens), by record hash."""
+    keys = [sft_data.record_key(r) for r in records]
+    sizes = [t.response_tokens for t in tokenized]
+    train_i, held_i = D.holdout_indices(keys, sizes, ev.holdout_fraction, ev.holdout_min_tokens)
+    return (
+        [records[i] for i in train_i],
+        [records[i] for i in held_i],
+        [tokenized[i] for i in train_i],
+        [tokenized[i] for i in held_i],
+    )
 
 
 def _save_probe(model: Any, probe_ids: list[int], device: Any, out: Path) -> None:

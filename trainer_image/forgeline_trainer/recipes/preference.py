@@ -180,6 +180,8 @@ def _restore(
     method = job.cfg.spec.method
     fresh = resume.path is None
     before = _preference_metrics(trainer, method, data.eval) if data.eval is not None and fresh else {}
+    if before:  # the baseline: the held-out metrics before training
+        reporter.evaluation(0, before)
     reporter.event(
         "training started",
         total_steps=reporter.total_steps,
@@ -220,7 +222,6 @@ def _finish(
             stats,
             after,
             **outputs.finetune_fields(cfg, stats, prep.examples, saved),
-            initial_eval=before,
         )
         model = getattr(trainer.model, "module", trainer.model)
 

@@ -69,19 +69,24 @@ def prepare(cfg: TrainingJobConfig, staging: Path) -> PretrainData:
         raise DataError(
             f"spec.data: every document was filtered out ({report.as_dict()}); loosen spec.data.filters"
         )
-    if spec.evaluation.sources:
-        train_docs = docs
-        eval_docs = D.read_texts(spec.evaluation.sources, spec.data.text_field, work)
-    else:
-        train_docs, eval_docs = D.holdout_split(docs, spec.evaluation.holdout_fraction)
     tok_dir = staging / "tokenizer"
-    tokenizer, tokenizer_source = _tokenizer(cfg, train_docs, tok_dir)
+    tokenizer, tokenizer_source = _tokenizer(cfg, docs, tok_dir)
+    ids = D.tokenize(docs, tokenizer)
+    if spec.evaluation.sources:
+        eval_docs = D.read_texts(spec.evaluation.sources, spec.data.text_field, work)
+        train_ids, eval_ids = ids, D.tokenize(eval_docs, tokenizer)
+    else:
+        ev = spec.evaluation
+        train_idx, eval_idx = D.holdout_indices(
+            docs, [len(i) + 1 for i in ids], ev.holdout_fraction, ev.holdout_min_tokens
+        )
+        train_ids, eval_ids = [ids[i] for i in train_idx], [ids[i] for i in eval_idx]
     seq = spec.data.sequence_length
-    train_blocks = D.tokenize_and_pack(train_docs, tokenizer, seq, spec.data.packing)
-    eval_blocks = D.tokenize_and_pack(eval_docs, tokenizer, seq, spec.data.packing) if eval_docs else None
+    train_blocks = D.pack(train_ids, tokenizer, seq, spec.data.packing)
+    eval_blocks = D.pack(eval_ids, tokenizer, seq, spec.data.packing) if eval_ids else None
     if train_blocks.n == 0:
         raise DataError(
-            f"spec.data: {len(train_docs)} documents make no full block of "
+            f"spec.data: {len(train_ids)} documents make no full block of "
             f"{seq} tokens; add data or lower spec.data.sequenceLength"
         )
     return PretrainData(
@@ -95,15 +100,16 @@ def prepare(cfg: TrainingJobConfig, staging: Path) -> PretrainData:
             "bos_token_id": tokenizer.bos_token_id,
         },
         filters=report.as_dict(),
-        documents={"train": len(train_docs), "eval": len(eval_docs)},
+        documents={"train": len(train_ids), "eval": len(eval_ids)},
         blocks={"train": train_blocks.n, "eval": 0 if eval_blocks is None else eval_blocks.n},
         tokenizer_source=tokenizer_source,
     )
 
 
-def _tokenizer(cfg: TrainingJobConfig, train_docs: list[str], tok_dir: Path) -> tuple[Any, str]:
+def _tokenizer(cfg: TrainingJobConfig, docs: list[str], tok_dir: Path) -> tuple[Any, str]:
     """(tokenizer saved in tok_dir, where it came from): the spec's, the initFrom model's, or one
-    trained on the documents."""
+    trained on the documents (all of them, held-out ones included: the split is sized in tokens,
+    so it needs the tokenizer first; a tokenizer learns a vocabulary, not the held-out text)."""
     tok_spec, work = cfg.spec.data.tokenizer, cfg.paths.work_dir
     if tok_spec.path or tok_spec.hub_id:
         tokenizer = D.load_tokenizer(models.model_location(tok_spec.path or f"hf://{tok_spec.hub_id}", work))
@@ -113,7 +119,7 @@ def _tokenizer(cfg: TrainingJobConfig, train_docs: list[str], tok_dir: Path) -> 
         tokenizer = D.load_tokenizer(models.model_location(cfg.paths.base_model, work))
         tokenizer.save_pretrained(str(tok_dir))
         return tokenizer, cfg.paths.base_model
-    tokenizer = D.train_tokenizer(train_docs, tok_spec.vocab_size, tok_dir)
+    tokenizer = D.train_tokenizer(docs, tok_spec.vocab_size, tok_dir)
     return tokenizer, f"trained byte-level BPE, vocab {len(tokenizer)}"
 
 
@@ -234,6 +240,8 @@ def _train(
 ) -> None:
     """Train step, record, evaluate if due, checkpoint if due — from start_step to the end."""
     spec, total = job.cfg.spec, eng.total_steps
+    if data.eval and start_step == 0:  # the baseline: the held-out metric before training
+        reporter.evaluation(0, _evaluate(job, data, eng))
     for step in range(start_step, total):
         t0 = time.perf_counter()
         loss, grad_norm = _train_step(job, data, eng, step)

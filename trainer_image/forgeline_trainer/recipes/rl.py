@@ -199,6 +199,8 @@ def _restore(
     trainer = hf_trainer.attach(trainer, job, reporter, plan.global_batch)
     resume = hf_trainer.restore(trainer, job, reporter, scratch)
     before = reward.mean(trainer.model, data, job.cfg.spec.rl.max_new_tokens)
+    if resume.path is None:  # the baseline: the mean reward before training
+        reporter.evaluation(0, {"mean_reward": before})
     reporter.event(
         "training started",
         total_steps=reporter.total_steps,
@@ -240,7 +242,6 @@ def _finish(
             {"mean_reward": after},
             **outputs.finetune_fields(cfg, stats, prep.examples, saved),
             reward_model=cfg.paths.reward_model,
-            initial_eval={"mean_reward": before},
         )
         model = getattr(trainer.model, "module", trainer.model)
 
