@@ -227,9 +227,9 @@ def test_job_runs_to_succeeded_with_live_progress(
     text = operator.metrics()
     assert 'forgeline_jobs{kind="TrainingJob",phase="Succeeded"}' in text
     assert "forgeline_reconcile_duration_seconds_bucket" in text
-    for stage in ("before", "after"):
+    for stage in ("before", "after"):  # prometheus-client writes labels in name order
         labels = (
-            f'namespace="{namespace}",job="tiny-llama",kind="TrainingJob",metric="perplexity",stage="{stage}"'
+            f'job="tiny-llama",kind="TrainingJob",metric="perplexity",namespace="{namespace}",stage="{stage}"'
         )
         assert f"forgeline_job_eval{{{labels}}}" in text, stage
     timings = status["timings"]  # where the time to the first step went
