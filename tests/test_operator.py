@@ -290,6 +290,16 @@ def test_pipeline_runs_in_order(cluster: Cluster, operator: Operator, namespace:
         final, _ = _watch_until_done(cluster, kind, name, namespace, operator, timeout=400)
         assert final["status"]["phase"] == "Succeeded", final["status"]
         finals[name] = final["status"]
+    # each stage improves its own held-out metric: perplexity, response accuracy, preference accuracy
+    for name, key, better in (
+        ("pipe-pretrain", "perplexity", float.__lt__),
+        ("pipe-sft", "accuracy", float.__gt__),
+        ("pipe-dpo", "preference_accuracy", float.__gt__),
+    ):
+        progress = finals[name]["progress"]
+        before, after = progress["evalBaseline"][key], progress["evalMetrics"][key]
+        assert better(after, before), (name, key, before, after)
+        assert "→" in progress["display"]["eval"], progress["display"]
     assert finals["pipe-pretrain"]["completionTime"] <= finals["pipe-sft"]["startTime"]
     assert finals["pipe-sft"]["completionTime"] <= finals["pipe-dpo"]["startTime"]
 

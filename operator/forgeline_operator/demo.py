@@ -49,7 +49,7 @@ class _Kubectl:
 
 def _table(objs: dict[str, dict[str, Any]]) -> Table:
     table = Table(title="forgeline pipeline (kubectl get tj,ftj)", expand=False)
-    for col in ("job", "phase", "progress", "loss", "tokens/s", "MFU", "message"):
+    for col in ("job", "phase", "progress", "loss", "held-out eval", "tokens/s", "MFU", "message"):
         table.add_column(col)
     for _, name in JOBS:
         st = objs.get(name, {}).get("status") or {}
@@ -60,6 +60,7 @@ def _table(objs: dict[str, dict[str, Any]]) -> Table:
             st.get("phase", "-"),
             p.get("summary", "-"),
             shown.get("loss", "-"),
+            shown.get("eval", "-"),
             shown.get("tokensPerSecond", "-"),
             shown.get("mfu", "-"),
             (st.get("message") or "")[:70],
@@ -142,6 +143,9 @@ def _report(kubectl: _Kubectl, console: Console, seen: _Watched, operator: Opera
         out = st.get("outputUri", "?")
         where = out if out.startswith(("/", "s3://", "gs://", "pvc://")) else str(REPO / out)
         console.print(f"  {name}: {st.get('phase')} — model at {where}")
+        gain = ((st.get("progress") or {}).get("display") or {}).get("eval")
+        if gain:
+            console.print(f"    held-out eval before → after training: {gain}")
     console.print(
         "time from kubectl apply to the first job Provisioning (its Ray cluster requested): "
         f"{seen.provisioned:.1f}s"
