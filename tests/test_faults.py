@@ -352,3 +352,21 @@ def test_apiserver_restart_mid_run_fails_no_job(
         f"\nkube-apiserver unavailable for {down:.1f}s mid-run: 3 jobs Succeeded, none restarted; "
         f"the operator process exited {len(exits)} time(s) and was restarted as its Deployment would"
     )
+
+
+def test_the_operator_keeps_one_ray_client_per_cluster(standin: RayJobsStandIn) -> None:
+    """Reconciles reuse the Jobs API client (building one costs a version request), one per
+    address and token, and the cache is bounded."""
+    from forgeline_operator import runtime
+    from forgeline_operator.settings import OperatorSettings
+
+    rt = runtime.Runtime(OperatorSettings())
+    first = rt.ray_jobs(standin.address, None, "t1")
+    assert rt.ray_jobs(standin.address, None, "t1") is first
+    assert rt.ray_jobs(standin.address, None, "t2") is not first
+    assert first.status("no-such-job") is None  # it answers, and keeps answering when reused
+    for i in range(runtime._RAY_CLIENTS_KEPT + 5):  # clusters that came and went
+        rt._ray_clients[(f"http://gone-{i}", None, None)] = first
+    newest = rt.ray_jobs(standin.address, None, "t3")
+    assert len(rt._ray_clients) == runtime._RAY_CLIENTS_KEPT
+    assert rt.ray_jobs(standin.address, None, "t3") is newest

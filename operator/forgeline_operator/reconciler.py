@@ -193,7 +193,7 @@ class Reconciler:
         sid = builders.submission_id(self.job, attempt)
         config = self._config(attempt)
         try:
-            RayJobs(state.address, python=state.python, token=state.token).submit(config, sid)
+            self.rt.ray_jobs(state.address, state.python, state.token).submit(config, sid)
         except RayUnreachable as exc:
             self._unreachable(exc)
             return
@@ -229,7 +229,7 @@ class Reconciler:
             self._cluster_lost(f"the Ray cluster is gone or unready ({state.message})")
             return
         try:
-            jobs = RayJobs(state.address, python=state.python, token=state.token)
+            jobs = self.rt.ray_jobs(state.address, state.python, state.token)
             ray_status = jobs.status(sid) if sid else None
             log = jobs.logs(sid) if ray_status is not None else ""
         except RayUnreachable as exc:
@@ -479,7 +479,7 @@ class Reconciler:
         if not state.ready:
             return
         try:
-            final = RayJobs(state.address, python=state.python, token=state.token).stop_and_wait(sid)
+            final = self.rt.ray_jobs(state.address, state.python, state.token).stop_and_wait(sid)
         except RayUnreachable as exc:  # a head that is gone runs nothing any more
             self.logger.warning(f"Ray job {sid} not stopped: {exc}")
             return
