@@ -46,12 +46,16 @@ soak: setup
 	$(VENV)/bin/pytest -m soak -s tests
 
 # Benchmarks: each appends a dated section (machine, versions, command, figures) to bench/results.md.
-# Quick by default; `make bench FULL=1` for the larger model, more rounds and 1,000 parked jobs.
+# Quick by default; `make bench FULL=1` for the larger models, more rounds, 1,000 jobs and 100 MB.
 FULL ?=
 bench: setup
 	$(PY) bench/time_to_first_step.py --repeats 3
 	$(PY) bench/pretrain_throughput.py $(if $(FULL),--full)
 	$(PY) bench/operator_footprint.py --jobs $(if $(FULL),1000,100)
+	$(PY) bench/operator_scale.py $(if $(FULL),--full)
+	$(PY) bench/data_pipeline.py $(if $(FULL),--full)
+	$(PY) bench/finetune_throughput.py $(if $(FULL),--full)
+	$(PY) bench/finetune_outcomes.py $(if $(FULL),--full)
 
 demo: setup
 	$(PY) -m forgeline_operator.demo
