@@ -387,6 +387,18 @@ def _worker(cfg: Any) -> Worker:
     return Worker(cfg, RuntimeInfo(rank=0, world=2, local_rank=0, on_gpu=False), False, "fp32")
 
 
+def test_a_4bit_layer_counts_its_weights_not_its_packed_bytes() -> None:
+    """bitsandbytes packs two 4-bit weights per stored element: QLoRA's parameter count and
+    trainable fraction (and its FLOPs for MFU) must count the layer's real weights."""
+    import bitsandbytes as bnb
+    import torch
+
+    layer = bnb.nn.Linear4bit(64, 32, bias=False, quant_type="nf4", compute_dtype=torch.float32).to("cpu")
+    assert layer.weight.numel() == 64 * 32 // 2  # what numel() sees
+    assert models.weights(layer.weight) == 64 * 32
+    assert models.weights(torch.nn.Parameter(torch.zeros(3, 5))) == 15
+
+
 def test_summary_has_the_common_fields_then_the_recipes() -> None:
     job = parse_job(yaml.safe_load((EXAMPLES / "finetune-lora-tiny.yaml").read_text()))
     cfg = build_job_config(job, output="/out", work_dir="/w")

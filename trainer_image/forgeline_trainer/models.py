@@ -96,14 +96,14 @@ def active_params(model: Any) -> int:
     """Parameters one token passes through (embeddings excluded; MoE: only routed experts)."""
     cfg = model.config
     total = sum(
-        p.numel()
+        weights(p)
         for n, p in model.named_parameters()
         if "embed" not in n and "wte" not in n and "wpe" not in n
     )
     experts = getattr(cfg, "num_local_experts", None)
     per_tok = getattr(cfg, "num_experts_per_tok", None)
     if experts and per_tok:
-        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        expert_params = sum(weights(p) for n, p in model.named_parameters() if ".experts." in n)
         total -= expert_params * (1 - per_tok / experts)
     return int(total)
 
@@ -150,4 +150,12 @@ def finetune_stats(model: Any, seq_len: int) -> ModelStats:
 
 def _counts(model: Any) -> tuple[int, int]:
     params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    return sum(weights(p) for p in params), sum(weights(p) for p in params if p.requires_grad)
+
+
+def weights(p: Any) -> int:
+    """The weights a parameter holds: a bitsandbytes 4-bit parameter packs two per stored byte,
+    so its numel() is half (or less) of the layer's weights; its quant_state has the real shape."""
+    quant_state = getattr(p, "quant_state", None)
+    real = getattr(quant_state, "shape", None)
+    return int(real.numel()) if real is not None else p.numel()
