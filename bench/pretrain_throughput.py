@@ -174,6 +174,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="forgeline-bench-") as tmp, LocalRay() as head:
         work = Path(tmp)
         jobs = RayJobs(head.address, python=local_python(), token=head.token)
+        # one untimed run first: the first Ray Train run on a fresh head was 20-25% slower than
+        # the later ones in both quick runs of 2026-11-25 (3,508 and 3,828 tok/s against ~4,700)
+        run_recipe(jobs, model, 8, work, 1, "warm-up")
         for i in range(rounds):
             runs["recipe-1w"].append(run_recipe(jobs, model, steps, work, 1, f"1w-{i}"))
             runs["recipe-2w"].append(run_recipe(jobs, model, steps, work, 2, f"2w-{i}"))
@@ -209,7 +212,8 @@ def main() -> None:
         f"\n## Pretraining throughput, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
         f"Machine: {cpu}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, Python "
         f"{platform.python_version()}. Command: `.venv/bin/python bench/pretrain_throughput.py"
-        f"{' --full' if args.full else ''}` ({rounds} interleaved rounds of {steps} steps).\n",
+        f"{' --full' if args.full else ''}` ({rounds} interleaved rounds of {steps} steps, after one "
+        "untimed warm-up run).\n",
         f"Model: llama {model['hiddenSize']}×{model['numLayers']} layers, "
         f"{runs['plain'][0]['parameters'] / 1e6:.1f}M parameters; {SEQ}-token sequences, global batch "
         f"{GLOBAL_BATCH} ({GLOBAL_BATCH * SEQ} tokens/step); steady state = steps 6–{steps}. MFU against one "
