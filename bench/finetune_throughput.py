@@ -16,8 +16,8 @@ repeated in interleaved rounds:
 
 Steady state: optimizer steps/s past step 5 (same batches, so the ratio of steps/s is the ratio of
 tokens/s): for the plain loops from step 5 to the last; for the recipes between their first
-progress record past step 5 (records come every 5 s) and the last. Reports the median of each variant and the median of per-round ratios and
-appends a dated section to bench/results.md.
+progress record past step 5 (records come every 5 s) and the last. Reports the median of each
+variant and the median of per-round ratios and appends a dated section to bench/results.md.
 """
 
 from __future__ import annotations
