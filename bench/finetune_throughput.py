@@ -230,6 +230,8 @@ def main() -> None:
         base = work / "base"
         parameters = _build_base(size, base)
         jobs = RayJobs(head.address, python=local_python(), token=head.token)
+        # untimed: the first plain loop in this process ran at 0.57x of the later ones (2026-11-25)
+        plain_lora(base, WARM + 3)
         for i in range(rounds):
             runs["recipe-lora"].append(run_recipe(jobs, "lora", base, work, steps, f"lora-{i}"))
             runs["peft"].append(plain_lora(base, steps))
