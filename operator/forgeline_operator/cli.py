@@ -2,6 +2,8 @@
 
 forgeline validate examples/*.yaml      # every error with its field path and a fix
 forgeline validate -o json job.yaml     # the same, machine-readable
+forgeline validate --fit [--gpu h100 | --gpu-memory 80GiB] job.yaml
+                                        # and will it fit: memory per GPU, with advice
 forgeline crds [--dir crds] [--docs docs/crd-reference.md] [--check]
                                         # (re)generate crds/ (and the reference) from the models
 forgeline run examples/pretrain-tiny-llama.yaml   # train on an embedded Ray, live progress
@@ -16,7 +18,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from . import plan_cli
+from . import fit_cli, plan_cli
 from .api import API_GROUP, JOB_KINDS, FieldError, InvalidJobError, parse_job
 from .api.crd import render_crds, write_crds
 from .api.reference import render_reference
@@ -40,6 +42,8 @@ class DocumentResult:
     name: str | None = None
     errors: list[FieldError] = field(default_factory=list)
     skipped: str | None = None
+    job: Any = field(default=None, repr=False)
+    """The parsed job when valid (for --fit)."""
 
     @property
     def ok(self) -> bool:
@@ -104,7 +108,7 @@ def validate_paths(paths: Sequence[str]) -> list[DocumentResult]:
                     result.skipped = f"not a Forgeline job ({api_version or '?'} {result.kind or '?'})"
                     continue
             try:
-                parse_job(doc)
+                result.job = parse_job(doc)
             except InvalidJobError as exc:
                 result.errors.extend(exc.errors)
     return results
@@ -134,14 +138,28 @@ def _print_results(results: list[DocumentResult], console: Console) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     results = validate_paths(args.files)
+    jobs = [r.job for r in results if r.job is not None]
+    fits = fit_cli.estimates(jobs, args) if args.fit else []
+    by_job = dict(zip(map(id, jobs), fits, strict=False))
     if args.output == "json":
-        print(json.dumps([{**asdict(r), "ok": r.ok} for r in results], indent=2))
+        rows = [{**_result_fields(r), "ok": r.ok} for r in results]
+        for row, r in zip(rows, results, strict=True):
+            if id(r.job) in by_job:
+                row["fit"] = fit_cli.as_json(by_job[id(r.job)])
+        print(json.dumps(rows, indent=2))
     else:
-        _print_results(results, Console(highlight=False, soft_wrap=True))
+        console = Console(highlight=False, soft_wrap=True)
+        _print_results(results, console)
+        for estimate in fits:
+            fit_cli.print_estimate(estimate, console)
     if not results:
         print("no documents found", file=sys.stderr)
         return 2
-    return 1 if any(not r.ok for r in results) else 0
+    return 1 if any(not r.ok for r in results) else fit_cli.exit_code(fits)
+
+
+def _result_fields(r: DocumentResult) -> dict[str, Any]:
+    return {k: v for k, v in asdict(replace(r, job=None)).items() if k != "job"}
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
@@ -176,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate TrainingJob/FineTuneJob manifests offline")
     p.add_argument("files", nargs="+", help="YAML files or directories ('-' reads stdin)")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    fit_cli.add_arguments(p)
     p.set_defaults(func=_cmd_validate)
     p = sub.add_parser("crds", help="write the CustomResourceDefinitions generated from the models")
     p.add_argument("--dir", default="crds", help="output directory (default: crds)")
