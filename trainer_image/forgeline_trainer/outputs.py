@@ -36,7 +36,7 @@ def summary(
         "steps": reporter.total_steps,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "initial_eval": next((e for e in reporter.eval_history if e["step"] == 0), None),
+        "initial_eval": _baseline(reporter.eval_history),
         "final_eval": final_eval,
         "tokens_per_second": last.get("tokens_per_second"),
         "mfu": last.get("mfu"),
@@ -47,6 +47,14 @@ def summary(
         **peak_memory(),
         **recipe_fields,
     }
+
+
+def _baseline(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The eval before training: the last record at step 0 (a TRL recipe's own evaluate() is
+    recorded first, through the Trainer callback, with TRL's metric names; the recipe's record of
+    the same eval follows it)."""
+    at_start = [e for e in history if e["step"] == 0]
+    return at_start[-1] if at_start else None
 
 
 def peak_memory() -> dict[str, Any]:
