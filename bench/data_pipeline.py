@@ -46,7 +46,6 @@ import platform
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import benchlib  # bench/ is on sys.path when a bench runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("FORGELINE_BENCH_CACHE", "~/.cache/forgeline/bench")).expanduser() / "corpus-v1"
@@ -485,12 +486,7 @@ def main() -> None:
     pipe_s = read_s + filt_s + tok_train + med(single_wall)
     pipe_tps = tokens / pipe_s
 
-    cpu = (
-        subprocess.run(
-            ["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True
-        ).stdout.strip()
-        or platform.processor()
-    )
+    cpu = benchlib.cpu_model()
     import tokenizers
     import transformers
 
@@ -614,11 +610,7 @@ def main() -> None:
         for name, rate in consumers:
             lines.append(f"| {name} | {rate:,.0f} | {pipe_tps / rate:,.0f}× | {tps['single'] / rate:,.0f}× |")
         lines.append("")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    path = Path(args.out)
-    with path.open("a") as f:
-        f.write(text)
+    benchlib.publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

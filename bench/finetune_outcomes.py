@@ -42,13 +42,14 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import benchlib  # bench/ is on sys.path when a bench runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 42
@@ -368,13 +369,6 @@ def versions() -> str:
     return ", ".join(f"{p} {version(p)}" for p in pkgs)
 
 
-def cpu_name() -> str:
-    out = subprocess.run(
-        ["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True
-    ).stdout.strip()
-    return out or platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="~20M-parameter base, more fine-tuning steps")
@@ -416,7 +410,8 @@ def main() -> None:
     p, f = PRETRAIN[size], FINETUNE[size]
     lines = [
         f"\n## Fine-tuning outcomes ({size}), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU, shared: other benchmarks ran at the same "
+        f"Machine: {benchlib.cpu_model()}, {os.cpu_count()} cores, no GPU, shared: other benchmarks "
+        "ran at the same "
         f"time (load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end). "
         f"{versions()}, Python {platform.python_version()}. Command: `.venv/bin/python "
         f"bench/finetune_outcomes.py{' --full' if args.full else ''}` ({elapsed / 60:.1f} min"
@@ -445,13 +440,7 @@ def main() -> None:
         "parameter. Train s: the trainer's wall_seconds; job s: submit to done, Ray worker start-up "
         "included.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    path = Path(args.out)
-    if not path.exists():
-        path.write_text("# Benchmarks\n\nMeasured results, newest last. Each section names its machine.\n")
-    with path.open("a") as fh:
-        fh.write(text)
+    benchlib.publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import benchlib  # bench/ is on sys.path when a bench runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, WARM = 16, 5
@@ -244,12 +245,7 @@ def main() -> None:
         k: statistics.median(a / b for a, b in zip(runs[k], runs[base_k], strict=True))
         for k, base_k in (("recipe-lora", "peft"), ("recipe-dpo", "trl"))
     }
-    cpu = (
-        subprocess.run(
-            ["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True
-        ).stdout.strip()
-        or platform.processor()
-    )
+    cpu = benchlib.cpu_model()
     import peft
     import torch
     import trl
@@ -282,11 +278,7 @@ def main() -> None:
     for k, v in runs.items():
         shown = f"{ratio[k]:.2f}× {vs[k]}" if k in ratio else "1"
         lines.append(f"| {label[k]} | {med[k]:.2f} | {', '.join(f'{x:.2f}' for x in v)} | {shown} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    path = Path(args.out)
-    with path.open("a") as f:
-        f.write(text)
+    benchlib.publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

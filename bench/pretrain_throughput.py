@@ -25,12 +25,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+import benchlib  # bench/ is on sys.path when a bench runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, GLOBAL_BATCH = 256, 16
@@ -195,12 +196,7 @@ def main() -> None:
         for k, v in runs.items()
         if k != "plain"
     }
-    cpu = (
-        subprocess.run(
-            ["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True
-        ).stdout.strip()
-        or platform.processor()
-    )
+    cpu = benchlib.cpu_model()
     import torch
 
     label = {
@@ -229,13 +225,7 @@ def main() -> None:
             f"| {label[k]} | {tps[k]:,.0f} | {each} | {vs} | {100 * tps[k] * flops / peak:.1f}% | "
             f"{v[-1]['final_loss']:.3f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    path = Path(args.out)
-    if not path.exists():
-        path.write_text("# Benchmarks\n\nMeasured results, newest last. Each section names its machine.\n")
-    with path.open("a") as f:
-        f.write(text)
+    benchlib.publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":
