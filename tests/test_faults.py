@@ -56,6 +56,8 @@ def chaos_operator(
         FORGELINE_CLUSTER_LOST_SECONDS=str(LOST_AFTER),
         FORGELINE_WATCH_NAMESPACES="ft-*",
         FORGELINE_STORAGE_PREFIXES=f"{logs}/runs",  # every job of this module writes under runs/
+        FORGELINE_PRICE_PER_GPU_HOUR="2.5",
+        FORGELINE_NODE_POOLS=json.dumps({"spot": {"gpuMemory": "24Gi", "pricePerGpuHour": 1.0}}),
     )
     op.start()
     yield op
@@ -352,6 +354,102 @@ def test_apiserver_restart_mid_run_fails_no_job(
         f"\nkube-apiserver unavailable for {down:.1f}s mid-run: 3 jobs Succeeded, none restarted; "
         f"the operator process exited {len(exits)} time(s) and was restarted as its Deployment would"
     )
+
+
+# -- cost and fit ---------------------------------------------------------------------------------
+
+
+def _condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == ctype), {})
+
+
+def test_live_cost_warns_budget_at_risk_before_the_budget_stops_the_job(
+    cluster: Cluster, chaos_operator: Operator, standin: RayJobsStandIn, namespace: str
+) -> None:
+    """32 "GPUs" for 400 steps of 0.05 s: 0.18 GPU-hours at this pace, against a budget of 0.1.
+    The projection says so (BudgetAtRisk) seconds before the budget stops it at 11 s; a job on
+    the spot pool is priced at the pool's $1.00, and both show their cost in `kubectl get`."""
+    gpus = {"workers": 2, "gpusPerWorker": 16, "cpu": "1", "memory": "2Gi"}
+    risky = _job("risky", 400, resources=gpus, budget={"maxGpuHours": 0.1})
+    risky["spec"]["training"]["globalBatchSize"] = 8 * 32
+    spot = _job("spot", 100, resources={**gpus, "workers": 1, "gpusPerWorker": 2, "nodePool": "spot"})
+    _create(cluster, namespace, [risky, spot])
+
+    def at_risk() -> dict[str, Any] | None:
+        obj = _jobs(cluster, namespace)["risky"]
+        return obj if _condition(obj, "BudgetAtRisk").get("status") == "True" else None
+
+    warned = _until(at_risk, 60, "BudgetAtRisk", chaos_operator)
+    assert warned["status"]["phase"] == "Running", warned["status"]
+    assert "over spec.budget.maxGpuHours (0.1)" in _condition(warned, "BudgetAtRisk")["message"]
+    cost = warned["status"]["cost"]
+    assert cost["gpus"] == 32 and cost["pricePerGpuHour"] == 2.5 and cost["currency"] == "$"
+    assert cost["gpuHours"] < 0.1 < cost["projectedGpuHours"], cost
+    assert cost["projectedCost"] == pytest.approx(cost["projectedGpuHours"] * 2.5, rel=1e-3)
+
+    def finished() -> dict[str, dict[str, Any]] | None:
+        jobs = _jobs(cluster, namespace)
+        phases = {n: (o.get("status") or {}).get("phase") for n, o in jobs.items()}
+        return jobs if phases == {"risky": "Failed", "spot": "Succeeded"} else None
+
+    jobs = _until(finished, 90, "the budget to stop risky and spot to finish", chaos_operator)
+    stopped = jobs["risky"]["status"]
+    assert stopped["reason"] == "BudgetExceeded", stopped
+    assert stopped["cost"]["gpuHours"] == pytest.approx(0.1, rel=0.5)  # stopped at the limit
+    done = jobs["spot"]["status"]["cost"]
+    assert done["pricePerGpuHour"] == 1.0 and done["cost"] == pytest.approx(done["gpuHours"], rel=1e-3)
+    assert done["projectedGpuHours"] == done["gpuHours"] and not _condition(jobs["spot"], "BudgetAtRisk")
+    table = cluster.kubectl("get", "tj", "-n", namespace, timeout=60).stdout
+    assert "COST" in table.splitlines()[0], table
+    assert f"${stopped['cost']['cost']:.2f}" in table, table
+    events = cluster.kubectl("get", "events", "-n", namespace, timeout=60).stdout
+    assert "ProjectedOverBudget" in events, events
+
+
+def test_fits_is_decided_before_provisioning_and_says_what_to_change(
+    cluster: Cluster, chaos_operator: Operator, namespace: str
+) -> None:
+    """A 7B full fine-tune on the spot pool's 24Gi GPUs does not fit; 7B QLoRA does. Both are
+    suspended from the start: the condition is there before anything is provisioned."""
+    docs = []
+    for name, method, extra in (("full-7b", "full", {}), ("qlora-7b", "qlora", {"quantization": {}})):
+        docs.append(
+            {
+                "apiVersion": "forgeline.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {
+                    "suspend": True,
+                    "baseModel": {"hubId": "meta-llama/Llama-2-7b-hf"},
+                    "method": method,
+                    "dataset": {
+                        "sources": [{"uri": "d.jsonl"}],
+                        "format": "alpaca",
+                        "maxSequenceLength": 512,
+                    },
+                    "training": {"maxSteps": 10, "microBatchSize": 1, "gradientCheckpointing": True},
+                    "resources": {"gpusPerWorker": 1, "nodePool": "spot"},
+                    "output": {"uri": f"runs/{name}"},
+                    **extra,
+                },
+            }
+        )
+    cluster.kubectl(
+        "create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+    )
+
+    def conditions() -> dict[str, dict[str, Any]] | None:
+        out = json.loads(cluster.kubectl("get", "ftj", "-n", namespace, "-o", "json").stdout)["items"]
+        found = {o["metadata"]["name"]: _condition(o, "Fits") for o in out}
+        return found if len(found) == 2 and all(found.values()) else None
+
+    found = _until(conditions, 30, "Fits conditions", chaos_operator)
+    full, qlora = found["full-7b"], found["qlora-7b"]
+    assert (full["status"], full["reason"]) == ("False", "ExceedsGpuMemory"), full
+    assert "node pool spot: gpuMemory 24Gi" in full["message"] and "method: qlora" in full["message"]
+    assert (qlora["status"], qlora["reason"]) == ("True", "FitsInGpuMemory"), qlora
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "reason=ExceedsGpuMemory")
+    assert "full-7b" in events.stdout, events.stdout
 
 
 def test_the_operator_keeps_one_ray_client_per_cluster(standin: RayJobsStandIn) -> None:

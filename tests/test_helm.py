@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from forgeline_operator.settings import OperatorSettings
+
 from .conftest import ALL_TOGGLES, CHART, CRDS, Cluster, Release, helm
 
 NAMESPACED_SCOPE = ("rbac.scope=namespaces",)
@@ -69,6 +71,25 @@ def test_default_render_is_the_operator_and_its_rbac() -> None:
     assert json.loads(env["FORGELINE_NODE_POOLS"])["h100"]["nodeSelector"] == {
         "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"
     }
+
+
+def test_cost_and_pool_memory_values_reach_the_operators_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the chart renders is what OperatorSettings reads: the price, the currency and each
+    pool's gpuMemory and pricePerGpuHour (floats need --set-json: helm --set makes them strings)."""
+    args = ["template", "forgeline", str(CHART), "--set-json", "cost.pricePerGpuHour=2.5"]
+    args += ["--set-json", 'nodePools.spot={"gpuMemory": "24Gi", "pricePerGpuHour": 0.9}']
+    docs = [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if e["name"].startswith("FORGELINE_") and "value" in e:
+            monkeypatch.setenv(e["name"], e["value"])
+    settings = OperatorSettings()
+    assert settings.price_per_gpu_hour == 2.5 and settings.currency == "$"
+    assert settings.node_pools["h100"].gpu_memory_bytes() == 80 * 2**30
+    assert settings.price_for("spot") == 0.9 and settings.price_for("h100") == 2.5
+    defaults = [d for d in _render() if d["kind"] == "Deployment"][0]
+    names = {e["name"] for e in defaults["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "FORGELINE_PRICE_PER_GPU_HOUR" not in names  # null: GPU-hours only
 
 
 def test_every_toggle_on_renders_the_monitoring_objects() -> None:

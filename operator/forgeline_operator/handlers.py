@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import kopf
 
-from . import decisions, metrics, storagepolicy
+from . import decisions, fitcheck, metrics, storagepolicy
 from .api import (
     API_GROUP,
     API_VERSION,
@@ -157,6 +157,16 @@ def _storage_errors(job: Job, settings: OperatorSettings) -> list[FieldError]:
     return errors
 
 
+def _check_fit(job: Job, out: StatusWriter, settings: OperatorSettings) -> None:
+    """The Fits condition, for each new generation of the spec (a Warning Event when it does not fit)."""
+    conditions = out.status.get("conditions") or []
+    current = next((c for c in conditions if c.get("type") == fitcheck.CONDITION), None)
+    if current is not None and current.get("observedGeneration") == out.generation:
+        return
+    found = fitcheck.verdict(job, settings)
+    out.condition(fitcheck.CONDITION, found.status, found.reason, found.message)
+
+
 def _fail_invalid(exc: InvalidJobError, out: StatusWriter) -> NoReturn:
     message = "; ".join(f"{e.path}: {e.message}" + (f" (fix: {e.fix})" if e.fix else "") for e in exc.errors)
     out.transition("Failed", "ValidationFailed", message)
@@ -208,9 +218,10 @@ class _JobHandlers:
     def on_create(self, body: kopf.Body, patch: kopf.Patch, memo: Runtime, **_: Any) -> None:
         out = StatusWriter(memo, body, patch, self.kind)
         try:
-            _parse(body, self.kind, memo.settings)
+            job = _parse(body, self.kind, memo.settings)
         except InvalidJobError as exc:
             _fail_invalid(exc, out)
+        _check_fit(job, out, memo.settings)
         if not out.phase:
             out.transition("Pending", "Accepted", "spec is valid; waiting to start", restarts=0)
 
@@ -224,6 +235,8 @@ class _JobHandlers:
                 job = _parse(body, self.kind, memo.settings)
             except InvalidJobError as exc:  # the spec was edited into an invalid one
                 _fail_invalid(exc, out)
+            if out.phase not in TERMINAL_PHASES:
+                _check_fit(job, out, memo.settings)
             Reconciler(memo, job, out, logger).step()
         except (kopf.TemporaryError, kopf.PermanentError):
             raise

@@ -61,7 +61,40 @@ def conditions_for(
         }
         # No empty strings or nulls: a merge patch (and apiserver 1.20) reads "" as null.
         out.append({k: v for k, v in cond.items() if v not in ("", None)})
-    return out
+    # Conditions outside the phase table (Fits, BudgetAtRisk) are set on their own and kept.
+    return out + [c for c in previous if c.get("type") not in CONDITION_TYPES]
+
+
+def set_condition(
+    previous: list[dict[str, Any]],
+    ctype: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int | None,
+) -> list[dict[str, Any]] | None:
+    """The conditions with `ctype` set (lastTransitionTime moves only when its status flips), or
+    None when nothing would change."""
+    before = next((c for c in previous if c.get("type") == ctype), None)
+    if before is not None and (
+        before.get("status"),
+        before.get("reason"),
+        before.get("message", ""),
+        before.get("observedGeneration"),
+    ) == (status, reason, message, generation):
+        return None
+    flipped = before is None or before.get("status") != status
+    at = now() if flipped else before.get("lastTransitionTime", now())
+    cond = {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": at,
+        "observedGeneration": generation,
+    }
+    cond = {k: v for k, v in cond.items() if v not in ("", None)}
+    return [cond if c.get("type") == ctype else c for c in previous] if before else [*previous, cond]
 
 
 def status_patch(

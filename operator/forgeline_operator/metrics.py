@@ -74,6 +74,18 @@ PROGRESS = Gauge(
     "forgeline_job_progress_ratio", "Optimizer steps done / planned", _JOB_LABELS, registry=REGISTRY
 )
 EVAL_LOSS = Gauge("forgeline_job_eval_loss", "Latest evaluation loss", _JOB_LABELS, registry=REGISTRY)
+GPU_HOURS = Gauge(
+    "forgeline_job_gpu_hours",
+    "GPU-hours held: stage=used (so far) and stage=projected (at the current pace, to the end)",
+    [*_JOB_LABELS, "stage"],
+    registry=REGISTRY,
+)
+COST = Gauge(
+    "forgeline_job_cost",
+    "Cost at the node pool's price per GPU-hour: stage=used and stage=projected",
+    [*_JOB_LABELS, "stage"],
+    registry=REGISTRY,
+)
 
 # Counters exist at 0 from the start, so `rate()` in dashboards and alerts has a series to work on
 # (a labelled counter that never fired has none, and "no data" reads like a broken scrape).
@@ -131,6 +143,17 @@ def relay_progress(namespace: str, job: str, kind: str, progress: dict[str, Any]
                 EVAL_METRIC.labels(*labels, metric, stage).set(value)
 
 
+def relay_cost(namespace: str, job: str, kind: str, cost: Any) -> None:
+    """A `costs.Cost`: GPU-hours and cost, used and projected (those that are known)."""
+    for gauge, used, projected in (
+        (GPU_HOURS, cost.gpu_hours, cost.projected_gpu_hours),
+        (COST, cost.cost, cost.projected_cost),
+    ):
+        for stage, value in (("used", used), ("projected", projected)):
+            if value is not None:
+                gauge.labels(namespace, job, kind, stage).set(value)
+
+
 def observe_startup(kind: str, timings: dict[str, Any]) -> None:
     """The job's start-up split (decisions.startup_timings), once, at its first step."""
     TIME_TO_FIRST_STEP.labels(kind).observe(timings["timeToFirstStepSeconds"])
@@ -146,6 +169,10 @@ def forget_job(namespace: str, job: str, kind: str) -> None:
         for stage in ("before", "after"):
             with contextlib.suppress(KeyError):
                 EVAL_METRIC.remove(namespace, job, kind, metric, stage)
+    for gauge in (GPU_HOURS, COST):
+        for stage in ("used", "projected"):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, job, kind, stage)
 
 
 def serve(port: int) -> None:

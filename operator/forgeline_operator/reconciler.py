@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from . import builders, decisions, failures, lifecycle, logarchive, metrics
+from . import builders, costs, decisions, failures, lifecycle, logarchive, metrics
 from .api import Job
 from .api.common import JobRef
 from .api.jobconfig import FineTuneJobConfig, TrainingJobConfig, build_job_config
@@ -25,6 +25,7 @@ from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, RayUnreachable
 from .runtime import Runtime
 
 _LOG_TAIL_CHARS = 64 * 1024  # the end of a failed attempt's log, for classifying it
+_COST_REFRESH_SECONDS = 30.0  # status.cost moves with the clock: rewritten at most this often on its own
 
 
 class StatusWriter:
@@ -69,6 +70,18 @@ class StatusWriter:
                     message=f"{before or 'New'} → {phase}: {message}"[:1000],
                 )
         self.rt.index.record(self.key, self.status, self.created)
+
+    def condition(self, ctype: str, status: str, reason: str, message: str, warn_when: str = "False") -> None:
+        """Set a condition outside the phase table (Fits, BudgetAtRisk), with a Warning Event when
+        it flips to `warn_when`."""
+        previous = list(self.status.get("conditions") or [])
+        conditions = lifecycle.set_condition(previous, ctype, status, reason, message, self.generation)
+        if conditions is None:
+            return
+        was = next((c.get("status") for c in previous if c.get("type") == ctype), None)
+        self.write({"conditions": conditions})
+        if status == warn_when and was != status:
+            kopf.event(self.body, type="Warning", reason=reason, message=message[:1000])
 
 
 class Reconciler:
@@ -139,6 +152,7 @@ class Reconciler:
             job,
             base_model=self._output_of(base.from_job) if base and base.from_job else None,
             reward_model=self._output_of(reward.from_job) if reward and reward.from_job else None,
+            adapters=[self._output_of(a.from_job) if a.from_job else None for a in job.adapter_sources()],
             work_dir=work_dir,
             attempt=attempt,
             fail_at_step=fail_at,
@@ -163,8 +177,42 @@ class Reconciler:
         self._stop_and_release()
         kept = self.status.get("checkpointUri") or "storage"
         message = f"{why}: Ray job stopped and cluster deleted; checkpoints kept in {kept}"
-        self.out.transition("Failed", "BudgetExceeded", message)
+        self.out.transition("Failed", "BudgetExceeded", message, **self._cost({}, finished=True))
         return True
+
+    def _cost(self, fields: dict[str, Any], *, finished: bool = False, force: bool = True) -> dict[str, Any]:
+        """status.cost now (and the BudgetAtRisk condition, the cost metrics), as fields to write;
+        {} for CPU jobs, jobs not started yet, and (force=False) a cost written less than
+        _COST_REFRESH_SECONDS ago."""
+        res, at = self.job.spec.resources, datetime.now(UTC)
+        progress = fields.get("progress") or self.status.get("progress") or {}
+        eta = None if finished else progress.get("etaSeconds")
+        start = self.status.get("startTime")
+        cost = costs.live(
+            res.workers * res.gpus_per_worker,
+            self.rt.settings.price_for(res.node_pool),
+            self.rt.settings.currency,
+            start,
+            eta,
+            at,
+            finished=finished,
+        )
+        if cost is None:
+            return {}
+        key = self.out.key
+        metrics.relay_cost(key.namespace, key.name, key.kind, cost)
+        if self.job.spec.budget is not None and not finished:
+            risk = costs.budget_at_risk(self.job.spec.budget, cost, start, eta, at)
+            if risk:
+                self.out.condition("BudgetAtRisk", "True", "ProjectedOverBudget", risk, warn_when="True")
+            elif eta is not None:
+                self.out.condition(
+                    "BudgetAtRisk", "False", "WithinBudget", "projected to finish within spec.budget"
+                )
+        last = (self.status.get("cost") or {}).get("updatedAt")
+        if not force and last and (at - decisions.parse_time(last)).total_seconds() < _COST_REFRESH_SECONDS:
+            return {}
+        return {"cost": cost.status(lifecycle.now())}
 
     # -- Provisioning ---------------------------------------------------------------------------
 
@@ -247,13 +295,17 @@ class Reconciler:
         self._archive(log, cursor)
         fields = self._progress_fields(cursor, {**ray, "jobStatus": ray_status})
         if ray_status == "SUCCEEDED":
-            self._succeeded(sid, fields)
+            self._succeeded(sid, {**fields, **self._cost(fields, finished=True)})
         elif ray_status in TERMINAL_RAY_STATES:  # FAILED or STOPPED
             self._failed(state, jobs, sid, ray_status, cursor, log, fields)
         elif self._stalled(state, jobs, sid, cursor, fields):
             return
-        elif fields.get("progress") != self.status.get("progress") or ray_status != ray.get("jobStatus"):
-            self.out.write(fields)
+        else:
+            changed = fields.get("progress") != self.status.get("progress")
+            changed = changed or ray_status != ray.get("jobStatus")
+            fields.update(self._cost(fields, force=changed))
+            if changed or "cost" in fields:
+                self.out.write(fields)
 
     def _first_step(self, records: list[dict[str, Any]]) -> None:
         """status.timings and the start-up metrics, once, from the first progress record (its
@@ -398,7 +450,7 @@ class Reconciler:
             verdict.reason,
             f"Ray job {sid} {ray_status}: {failure.message} ({verdict.why}); fix: {failure.fix}",
             lastFailure=last,
-            **fields,
+            **{**fields, **self._cost(fields, finished=True)},
         )
         self.rt.index.release(self.out.key)
         self.backend.teardown(self.job, self.out.key.namespace)

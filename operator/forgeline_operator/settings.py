@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +20,27 @@ class NodePool(BaseModel):
     """Node labels the workers must match."""
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     """Tolerations for the pool's taints."""
+    gpu_memory: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    """Memory of one of the pool's GPUs as a Kubernetes quantity, e.g. 80Gi: what the Fits condition
+    compares a job's estimated per-GPU memory against (unset: the GPU type named by the pool or the
+    job's nodeSelector, when it is a known one)."""
+    price_per_gpu_hour: float | None = Field(default=None, ge=0)
+    """Price of one GPU-hour on this pool (status.cost; unset: FORGELINE_PRICE_PER_GPU_HOUR)."""
+
+    def gpu_memory_bytes(self) -> int | None:
+        return None if self.gpu_memory is None else memory_bytes(self.gpu_memory)
+
+
+_MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_MEMORY_UNITS |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def memory_bytes(quantity: str) -> int:
+    """Bytes in a Kubernetes memory quantity: 80Gi, 81559Mi, 80G."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([KMGT]i?)?", quantity.strip())
+    if match is None:
+        raise ValueError(f"not a memory quantity: {quantity!r} (write e.g. 80Gi)")
+    return int(float(match.group(1)) * _MEMORY_UNITS[match.group(2) or ""])
 
 
 class OperatorSettings(BaseSettings):
@@ -71,6 +93,11 @@ class OperatorSettings(BaseSettings):
     node_pools: dict[str, NodePool] = Field(default_factory=dict)
     """Node pool presets as JSON, e.g. {"h100": {"nodeSelector": {...}, "tolerations": [...]}};
     jobs pick one with spec.resources.nodePool."""
+    price_per_gpu_hour: float | None = Field(default=None, ge=0)
+    """Price of one GPU-hour (status.cost, the Cost column, forgeline_job_cost) where the job's
+    node pool sets none. Unset: costs are shown in GPU-hours only."""
+    currency: str = Field(default="$", max_length=8)
+    """How costs are written, e.g. $, €, or USD."""
     allow_fault_injection: bool = False
     """Honour the test-only annotation forgeline.dev/fail-at-step (makes the trainer fail at that
     step). Off in production: only the test suite turns it on."""
@@ -81,6 +108,13 @@ class OperatorSettings(BaseSettings):
         """What relative paths in specs resolve against: FORGELINE_LOCAL_WORK_DIR, or the
         operator's cwd for the local backend; None where the trainer's own cwd decides."""
         return self.local_work_dir or (os.getcwd() if backend == "local" else None)
+
+    def price_for(self, pool: str | None) -> float | None:
+        """The price of a GPU-hour for a job on `pool` (its preset's, else the operator's)."""
+        preset = self.node_pools.get(pool) if pool else None
+        if preset is not None and preset.price_per_gpu_hour is not None:
+            return preset.price_per_gpu_hour
+        return self.price_per_gpu_hour
 
     def allowed_storage(self) -> list[str]:
         return [p.strip() for p in self.storage_prefixes.split(",") if p.strip()]

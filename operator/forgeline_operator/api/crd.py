@@ -169,6 +169,12 @@ _COMMON_COLUMNS_TAIL = [
         "description": "Held-out metric before → after training",
     },
     {
+        "name": "Cost",
+        "type": "string",
+        "jsonPath": ".status.cost.display",
+        "description": "Spent → projected at the current pace (GPU jobs)",
+    },
+    {
         "name": "Tokens/s",
         "type": "string",
         "jsonPath": ".status.progress.display.tokensPerSecond",

@@ -40,7 +40,7 @@ class Condition(ApiModel):
     """A standard Kubernetes condition (metav1.Condition)."""
 
     type: str = Field(max_length=316)
-    """Condition type, e.g. Ready, ClusterReady, Running, Complete, Failed, Suspended, Waiting."""
+    """Condition type: Waiting, ClusterReady, Running, Complete, Failed, Suspended (the phase), Fits (the estimated memory per GPU against the node pool's GPUs, set before provisioning), BudgetAtRisk (the projection at the current pace exceeds spec.budget)."""
     status: Literal["True", "False", "Unknown"]
     """True, False or Unknown."""
     reason: str = Field(default="", max_length=1024)
@@ -183,6 +183,29 @@ class Timings(ApiModel):
     """First submission → first step: the trainer's start (imports, data, model, workers)."""
 
 
+class Cost(ApiModel):
+    """What the job has cost so far and will cost at its current pace (jobs that hold GPUs)."""
+
+    gpus: int = Field(ge=0)
+    """GPUs the job holds: workers × gpusPerWorker."""
+    gpu_hours: float = Field(ge=0)
+    """GPU-hours used: gpus × wall-clock hours since status.startTime, retries included (the clock spec.budget.maxGpuHours is enforced on)."""
+    projected_gpu_hours: float | None = Field(default=None, ge=0)
+    """GPU-hours at the end, at the current pace: used + gpus × the trainer's time to finish (from its live tokens/s and the steps left). At the end: what was used."""
+    price_per_gpu_hour: float | None = Field(default=None, ge=0)
+    """The node pool's price (FORGELINE_NODE_POOLS pricePerGpuHour, else FORGELINE_PRICE_PER_GPU_HOUR); unset: costs in GPU-hours only."""
+    cost: float | None = Field(default=None, ge=0)
+    """gpuHours × pricePerGpuHour."""
+    projected_cost: float | None = Field(default=None, ge=0)
+    """projectedGpuHours × pricePerGpuHour."""
+    currency: str | None = Field(default=None, max_length=8)
+    """How the costs are written (FORGELINE_CURRENCY), e.g. $."""
+    display: str | None = Field(default=None, max_length=64)
+    """Spent → projected, for `kubectl get`: `$4.20→$31`, or `1.68→12.4 GPU-h` without a price."""
+    updated_at: datetime | None = None
+    """When this was computed (refreshed with progress, and at least every 30 s while running)."""
+
+
 class JobStatus(ApiModel):
     """Observed state of a TrainingJob or FineTuneJob."""
 
@@ -218,6 +241,8 @@ class JobStatus(ApiModel):
     """Time to the first optimizer step, split into queue wait, provisioning and the trainer's start-up."""
     logs: list[AttemptLog] = Field(default_factory=list)
     """Each attempt's archived Ray job log, kept after the Ray cluster is gone."""
+    cost: Cost | None = None
+    """GPU-hours and cost so far and projected to the end (jobs that hold GPUs)."""
 
 
 MIN_EVAL_TOKENS = 2000

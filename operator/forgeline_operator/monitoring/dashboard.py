@@ -221,6 +221,24 @@ def _training_row() -> list[Any]:
             min_val=0,
             max_val=1,
         ),
+        _timeseries(
+            "GPU-hours (used, projected)",
+            "GPU-hours each job has held so far (used) and will have held at the end at its current "
+            "pace (projected); spec.budget.maxGpuHours stops a job at its limit.",
+            _query(f"forgeline_job_gpu_hours{JOB_FILTER}", legend + " {{stage}}"),
+            width=12,
+            unit="short",
+            min_val=0,
+        ),
+        _timeseries(
+            "Cost (spent, projected)",
+            "Cost so far and projected to the end, at the node pool's price per GPU-hour "
+            "(FORGELINE_NODE_POOLS pricePerGpuHour or FORGELINE_PRICE_PER_GPU_HOUR), in FORGELINE_CURRENCY.",
+            _query(f"forgeline_job_cost{JOB_FILTER}", legend + " {{stage}}"),
+            width=12,
+            unit="short",
+            min_val=0,
+        ),
     ]
 
 
