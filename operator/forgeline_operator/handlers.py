@@ -215,15 +215,25 @@ class _JobHandlers:
         key = JobKey(meta["namespace"], self.kind, meta["name"])
         memo.index.record(key, body.get("status") or {}, meta.get("creationTimestamp", ""))
 
-    def on_create(self, body: kopf.Body, patch: kopf.Patch, memo: Runtime, **_: Any) -> None:
+    def on_create(
+        self, body: kopf.Body, patch: kopf.Patch, memo: Runtime, logger: kopf.Logger, **_: Any
+    ) -> None:
+        """Validate, set Fits, and admit at once: a job with its dependencies met and a free slot
+        goes to Provisioning in this one status patch (the reconcile timer then creates its cluster);
+        one created suspended waits in Pending for the timer to suspend it."""
         out = StatusWriter(memo, body, patch, self.kind)
         try:
             job = _parse(body, self.kind, memo.settings)
         except InvalidJobError as exc:
             _fail_invalid(exc, out)
         _check_fit(job, out, memo.settings)
-        if not out.phase:
-            out.transition("Pending", "Accepted", "spec is valid; waiting to start", restarts=0)
+        if out.phase:
+            return
+        if job.spec.suspend:
+            out.transition("Pending", "Accepted", "spec is valid; created suspended", restarts=0)
+            return
+        out.write({"restarts": 0})
+        Reconciler(memo, job, out, logger).admit()
 
     def reconcile(
         self, body: kopf.Body, patch: kopf.Patch, memo: Runtime, logger: kopf.Logger, **_: Any
