@@ -88,7 +88,7 @@ def test_unknown_field_suggests_the_close_name() -> None:
 
 def test_missing_required_field_says_what_it_is() -> None:
     errs = _errors(_with(FT, dataset=None))
-    assert "spec.dataset" in errs and "Training records" in errs["spec.dataset"]
+    assert "spec.dataset" in errs and "needs training records" in errs["spec.dataset"]
 
 
 @pytest.mark.parametrize(
@@ -239,3 +239,52 @@ def test_cpu_quantities_parse_strictly() -> None:
     for bad in ("2Gi", "lots", "", "0", "-1", "1.5m5", True):
         with pytest.raises(ValueError, match=r"spec.resources.head.cpu: .*; write CPUs as e.g. 4"):
             cpu_cores(bad, "spec.resources.head.cpu")
+
+
+def _merge_doc(**merge: Any) -> dict[str, Any]:
+    adapters = [{"fromJob": {"kind": "FineTuneJob", "name": n}, "weight": 0.5} for n in ("sft-a", "sft-b")]
+    doc = _with(FT, method="merge", lora=None, training=None, dataset=None)
+    doc["spec"]["resources"]["workers"] = 1
+    doc["spec"]["output"] = {"uri": "runs/mix"}
+    doc["spec"]["merge"] = {"adapters": adapters, **merge}
+    return doc
+
+
+def test_merge_trains_nothing_and_waits_for_its_adapters() -> None:
+    job = parse_job(_merge_doc(combination="ties", density=0.3))
+    assert job.spec.dataset is None and job.spec.training.max_steps is None  # no steps-or-epochs rule
+    assert [r.name for r in job.upstream_refs()] == ["sft-a", "sft-b"]
+    assert job.spec.merge.labels() == ["sft-a", "sft-b"]
+    from forgeline_operator.api.jobconfig import build_job_config
+
+    with pytest.raises(ValueError, match="must be resolved first"):
+        build_job_config(job)
+    cfg = build_job_config(job, adapters=["/o/a", "/o/b"])
+    assert cfg.paths.adapters == ["/o/a", "/o/b"] and cfg.paths.base_model == "runs/tiny-llama"
+
+
+def test_merge_rules_name_the_field_and_the_fix() -> None:
+    no_merge = _merge_doc()
+    del no_merge["spec"]["merge"]
+    assert "add `merge: {adapters:" in _errors(no_merge)["spec.merge"]
+    stray = copy.deepcopy(FT)
+    stray["spec"]["merge"] = _merge_doc()["spec"]["merge"]
+    assert "use method: merge" in _errors(stray)["spec.merge"]
+    errs = _errors(
+        _with(_merge_doc(), lora={"r": 8}, quantization={"bits": 4}, promptTuning={"numVirtualTokens": 4})
+    )
+    assert {"spec.lora", "spec.quantization", "spec.promptTuning"} <= set(errs)
+    assert "give at least 2" in _errors(_merge_doc(adapters=[{"path": "a"}]))["spec.merge.adapters"]
+    assert "remove density" in _errors(_merge_doc(combination="linear", density=0.5))["spec.merge.density"]
+    assert "majoritySignMethod" in str(_errors(_merge_doc(combination="cat", majoritySignMethod="frequency")))
+    assert "spec.merge.adapters[1].name" in _errors(
+        _merge_doc(adapters=[{"path": "a"}, {"path": "b", "name": "adapter-0"}])
+    )
+    assert "exactly one of" in _errors(_merge_doc(adapters=[{"path": "a"}, {}]))["spec.merge.adapters[1]"]
+    two = _merge_doc()
+    two["spec"]["resources"]["workers"] = 2
+    assert "workers: 1" in _errors(two)["spec.resources"]
+    with_save = _merge_doc()
+    with_save["spec"]["output"]["save"] = "merged"
+    assert "mergeIntoBase" in _errors(with_save)["spec.output.save"]
+    assert "needs training records" in _errors(_with(FT, dataset=None))["spec.dataset"]

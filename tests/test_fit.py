@@ -151,3 +151,15 @@ def test_validate_fit_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["validate", "--fit", "-o", "json", path]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["ok"] and row["fit"]["fits"] is True and row["fit"]["total"] < row["fit"]["gpu_memory"]
+
+
+def test_merge_holds_only_the_16_bit_base() -> None:
+    """A merge trains nothing: weights only (7B in 16 bits: 13.5 GB), no gradients or optimizer."""
+    adapters = [{"fromJob": {"kind": "FineTuneJob", "name": n}} for n in ("a", "b")]
+    e = fit.estimate(
+        _finetune("merge", training={"microBatchSize": 1}, merge={"adapters": adapters}, dataset=None),
+        80 * GB,
+    )
+    assert e.weights == 2 * LLAMA2_7B and e.gradients == e.optimizer_states == 0
+    assert e.trainable_params == 0 and e.fits is True
+    assert any("method merge" in a for a in e.assumptions)

@@ -332,6 +332,8 @@ def estimate(
     if dims is None:
         empty = FitEstimate(name, model, None, None, 0, 0, 0, 0, 0, 0, limit, source, None, [], [])
         return empty
+    if isinstance(job, FineTuneJob) and job.spec.method == "merge":
+        return _merge_estimate(job, dims, model, limit, source)
     setup = _setup(job, dims)
     parts = _breakdown(setup)
     if limit is None and gpus > 0:
@@ -349,6 +351,48 @@ def estimate(
         fits=fits,
         advice=advice,
         assumptions=_assumptions(setup),
+    )
+
+
+def _merge_estimate(
+    job: FineTuneJob, dims: ModelDims, model: str, limit: int | None, source: str
+) -> FitEstimate:
+    """A merge trains nothing: the base's weights (16-bit on a GPU), no gradients or optimizer
+    states; activations of one evaluation forward (one layer at a time, plus the logits) when
+    spec.dataset is given. The adapters are left out: their ranks are read at run time, and even
+    r 64 on every linear layer is about 2% of a 7B base."""
+    spec = job.spec
+    gpus = spec.resources.gpus_per_worker
+    w = 4 if spec.training.precision == "fp32" or (spec.training.precision == "auto" and gpus == 0) else 2
+    weights = dims.params * w
+    activations = 0
+    if spec.dataset is not None:
+        b, seq = spec.training.micro_batch_size, spec.dataset.max_sequence_length
+        activations = int(34 * seq * b * dims.hidden_size * w / 2) + b * seq * dims.vocab_size * (w + 4)
+    margin = MARGIN_FIXED_BYTES + int(MARGIN_FRACTION * (weights + activations))
+    total = weights + activations + margin
+    return FitEstimate(
+        f"{job.kind}/{job.metadata.name}",
+        model,
+        dims.params,
+        0,
+        weights,
+        0,
+        0,
+        activations,
+        margin,
+        0,
+        gpu_memory=limit,
+        gpu_source=source,
+        fits=None if limit is None else total <= limit,
+        advice=[] if limit is None or total <= limit else ["use a GPU with more memory (resources.nodePool)"],
+        assumptions=[
+            f"method merge: the base's weights in {8 * w}-bit, no gradients or optimizer states",
+            "the input adapters are not counted (their ranks are known at run time; usually about 1-2% "
+            "of the base each)",
+            "evaluation: one forward of microBatchSize examples" if spec.dataset else "no evaluation",
+            f"margin: {MARGIN_TEXT}",
+        ],
     )
 
 

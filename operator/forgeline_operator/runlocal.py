@@ -85,7 +85,7 @@ def _resolve_from_job(ref: Any, done: dict[str, RunResult]) -> str:
                 FieldError(
                     "fromJob",
                     f"{ref.kind}/{ref.name} is not an earlier job in this run",
-                    "put that job before this one in the same file, or use baseModel.path",
+                    "put that job before this one in the same file, or name the model by path",
                 )
             ]
         )
@@ -116,6 +116,7 @@ def run_job(
         output=output,
         base_model=_resolve_from_job(base.from_job, done) if base and base.from_job else None,
         reward_model=_resolve_from_job(reward.from_job, done) if reward and reward.from_job else None,
+        adapters=[_resolve_from_job(a.from_job, done) if a.from_job else None for a in job.adapter_sources()],
         work_dir=work_dir,
         run_name=f"local-{job.metadata.name}",
         attempt=attempt,

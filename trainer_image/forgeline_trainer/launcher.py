@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forgeline_operator.api.finetune_job import PREFERENCE_METHODS, RL_METHODS, SFT_METHODS
+from forgeline_operator.api.finetune_job import MERGE_METHOD, PREFERENCE_METHODS, RL_METHODS, SFT_METHODS
 from forgeline_operator.api.jobconfig import (
     FineTuneJobConfig,
     TrainingJobConfig,
@@ -53,6 +53,10 @@ def recipe_for(cfg: TrainingJobConfig | FineTuneJobConfig):  # noqa: ANN201 - a 
         from .recipes import rl
 
         return rl
+    if method == MERGE_METHOD:  # one process (the API allows one worker): a worker group of one
+        from .recipes import merge
+
+        return merge
     raise ConfigError(f"spec.method: no recipe runs {method!r}")
 
 

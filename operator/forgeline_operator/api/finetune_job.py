@@ -1,4 +1,5 @@
-"""FineTuneJob: supervised fine-tuning (full, LoRA, QLoRA, prompt tuning) and RLHF (RM, DPO, PPO/GRPO)."""
+"""FineTuneJob: supervised fine-tuning (full, LoRA, QLoRA, prompt tuning), RLHF (RM, DPO, PPO/GRPO)
+and merging trained LoRA adapters into one (merge)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ._base import ApiModel, FieldIssue, StorageURI, raise_issues, sub
+from ._base import ApiModel, FieldIssue, K8sName, StorageURI, raise_issues, sub
 from .common import (
     Checkpointing,
     DataSource,
@@ -20,20 +21,52 @@ from .common import (
     precision_issues,
 )
 
-Method = Literal["full", "lora", "qlora", "prompt-tuning", "reward-model", "dpo", "ppo", "grpo"]
+Method = Literal["full", "lora", "qlora", "prompt-tuning", "reward-model", "dpo", "ppo", "grpo", "merge"]
 DatasetFormat = Literal["alpaca", "chat", "preference", "prompt"]
 
 PEFT_METHODS = frozenset({"lora", "qlora", "prompt-tuning"})
 PREFERENCE_METHODS = frozenset({"reward-model", "dpo"})
 RL_METHODS = frozenset({"ppo", "grpo"})
 SFT_METHODS = frozenset({"full", "lora", "qlora", "prompt-tuning"})
+MERGE_METHOD = "merge"
 
 # Which dataset formats each method can learn from.
 METHOD_FORMATS: dict[str, frozenset[str]] = {
     **{m: frozenset({"alpaca", "chat"}) for m in SFT_METHODS},
     **{m: frozenset({"preference"}) for m in PREFERENCE_METHODS},
     **{m: frozenset({"prompt", "alpaca", "chat"}) for m in RL_METHODS},
+    MERGE_METHOD: frozenset({"alpaca", "chat"}),  # held-out evaluation data only
 }
+
+# PEFT's `LoraModel.add_weighted_adapter` combination types, and which of its arguments each reads.
+Combination = Literal[
+    "linear",
+    "cat",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+]
+DENSITY_COMBINATIONS = frozenset(
+    {
+        "ties",
+        "ties_svd",
+        "dare_linear",
+        "dare_ties",
+        "dare_linear_svd",
+        "dare_ties_svd",
+        "magnitude_prune",
+        "magnitude_prune_svd",
+    }
+)
+SIGN_COMBINATIONS = frozenset({"ties", "ties_svd", "dare_ties", "dare_ties_svd"})
+SAME_RANK_COMBINATIONS = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
+"""Combinations that add the adapters' A and B matrices factor by factor: PEFT needs equal ranks."""
 
 
 class LoraSettings(ApiModel):
@@ -101,6 +134,86 @@ class RlSettings(ApiModel):
     """Weight of the KL penalty to the reference policy."""
 
 
+class MergeInput(ModelSource):
+    """One trained LoRA adapter to mix (set exactly one of path, hubId, fromJob) and its weight."""
+
+    weight: float = Field(default=1.0, ge=-10, le=10)
+    """Its weight in the mix: 1.0 adds the adapter's full update, 0.5 half of it; negative subtracts it (task negation)."""
+    name: K8sName | None = None
+    """Its name in metrics.json's evaluation table (`adapter:<name>`); unset: the fromJob name, else `adapter-<index>`."""
+
+    def label(self, index: int) -> str:
+        return self.name or (self.from_job.name if self.from_job is not None else f"adapter-{index}")
+
+
+class MergeSettings(ApiModel):
+    """Mixing trained LoRA adapters on the same base into one adapter (PEFT's `add_weighted_adapter`)."""
+
+    adapters: list[MergeInput] = Field(min_length=2, max_length=16)
+    """The adapters to mix (2–16), all trained on spec.baseModel with the same target modules."""
+    combination: Combination = "cat"
+    """How updates combine. cat: exact weighted sum of the updates (rank = sum of ranks); linear: weighted sum of the A and B factors (equal ranks; exact only where the adapters share A); svd: exact sum truncated to svdRank by SVD; ties / dare_linear / dare_ties / magnitude_prune (and their _svd forms): prune each adapter to `density` before summing, TIES also resolves sign conflicts."""
+    density: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of each adapter's values kept (TIES, DARE, magnitude_prune); unset: 0.5 where the combination uses it."""
+    majority_sign_method: Literal["total", "frequency"] | None = None
+    """TIES sign election: total (sum of values; the default where the combination elects signs) or frequency (count of signs)."""
+    svd_rank: int | None = Field(default=None, ge=1, le=4096)
+    """Rank of the merged adapter for the _svd combinations; unset: the largest input rank."""
+    merge_into_base: bool = False
+    """Also write the full model with the merged adapter folded into the base weights (in `<output uri>/merged`)."""
+
+    def labels(self) -> list[str]:
+        return [a.label(i) for i, a in enumerate(self.adapters)]
+
+    def issues(self, prefix: tuple[str, ...]) -> list[FieldIssue]:
+        out: list[FieldIssue] = []
+        for i, adapter in enumerate(self.adapters):
+            out += adapter.issues(prefix + ("adapters", i))
+            if adapter.weight == 0:
+                out.append(
+                    FieldIssue(
+                        prefix + ("adapters", i, "weight"),
+                        "a weight of 0 leaves the adapter out of the mix",
+                        "give it a non-zero weight, or remove it from spec.merge.adapters",
+                    )
+                )
+        labels = self.labels()
+        for i, label in enumerate(labels):
+            if label in labels[:i]:
+                out.append(
+                    FieldIssue(
+                        prefix + ("adapters", i, "name"),
+                        f"two adapters are named {label!r}",
+                        "give each adapter its own name (or fromJob)",
+                    )
+                )
+        if self.density is not None and self.combination not in DENSITY_COMBINATIONS:
+            out.append(
+                FieldIssue(
+                    prefix + ("density",),
+                    f"combination {self.combination} does not prune, so density has no effect",
+                    "remove density, or use combination ties, dare_linear or dare_ties",
+                )
+            )
+        if self.svd_rank is not None and not self.combination.endswith("svd"):
+            out.append(
+                FieldIssue(
+                    prefix + ("svdRank",),
+                    f"combination {self.combination} does not truncate by SVD",
+                    "remove svdRank, or use combination svd (or ties_svd, dare_ties_svd, ...)",
+                )
+            )
+        if self.majority_sign_method is not None and self.combination not in SIGN_COMBINATIONS:
+            out.append(
+                FieldIssue(
+                    prefix + ("majoritySignMethod",),
+                    f"combination {self.combination} has no sign election",
+                    "remove majoritySignMethod, or use combination ties or dare_ties",
+                )
+            )
+        return out
+
+
 class FineTuneDataset(ApiModel):
     """Fine-tuning records and how to read them."""
 
@@ -142,9 +255,9 @@ class FineTuneJobSpec(Lifecycle):
     """Desired state of a FineTuneJob: post-training a model on a Ray cluster."""
 
     base_model: ModelSource
-    """The model to fine-tune: path, hubId, or fromJob (another job's output)."""
+    """The model to fine-tune (for merge: the base the adapters were trained on): path, hubId, or fromJob (another job's output)."""
     method: Method
-    """full, lora, qlora, prompt-tuning, reward-model, dpo, ppo or grpo (ppo is refused with a pointer to grpo in this release)."""
+    """full, lora, qlora, prompt-tuning, reward-model, dpo, ppo, grpo (ppo is refused with a pointer to grpo in this release), or merge (mix trained LoRA adapters, spec.merge; trains nothing)."""
     lora: LoraSettings | None = None
     """LoRA settings (defaults apply for lora and qlora when unset)."""
     quantization: Quantization | None = None
@@ -155,8 +268,10 @@ class FineTuneJobSpec(Lifecycle):
     """DPO / reward-model settings (defaults apply when unset)."""
     rl: RlSettings | None = None
     """PPO / GRPO settings; required for ppo and grpo."""
-    dataset: FineTuneDataset
-    """Training records."""
+    merge: MergeSettings | None = None
+    """The adapters to mix and how; required for method merge (and only for it)."""
+    dataset: FineTuneDataset | None = None
+    """Training records; required except for merge, where they are optional held-out data (each source one task) on which the base, each adapter and the mix are evaluated."""
     evaluation: Evaluation = sub(Evaluation)
     """Held-out evaluation."""
     training: FineTuneOptimization = sub(FineTuneOptimization)
@@ -181,7 +296,9 @@ class FineTuneJobSpec(Lifecycle):
     def issues(self) -> list[FieldIssue]:
         out = self.base_model.issues(("baseModel",))
         out += self._adapter_issues() + self._post_training_issues() + self._data_and_output_issues()
-        out += self._training_issues()
+        out += self._merge_issues()
+        if self.method != MERGE_METHOD:
+            out += self._training_issues()
         out += self.resources.issues(("resources",))
         out += precision_issues(self.training.precision, self.resources)
         out += self.checkpointing.issues(("checkpointing",))
@@ -217,7 +334,7 @@ class FineTuneJobSpec(Lifecycle):
                         "for bitsandbytes' slow CPU path)",
                     )
                 )
-        elif self.quantization is not None and not self.uses_lora():
+        elif self.quantization is not None and not self.uses_lora() and m != MERGE_METHOD:
             out.append(
                 FieldIssue(
                     ("quantization",),
@@ -281,7 +398,16 @@ class FineTuneJobSpec(Lifecycle):
         out: list[FieldIssue] = []
         m = self.method
         allowed = METHOD_FORMATS[m]
-        if self.dataset.format not in allowed:
+        if self.dataset is None:
+            if m != MERGE_METHOD:
+                out.append(
+                    FieldIssue(
+                        ("dataset",),
+                        f"method {m} needs training records",
+                        f"add `dataset: {{sources: [{{uri: data.jsonl}}], format: {min(allowed)}}}`",
+                    )
+                )
+        elif self.dataset.format not in allowed:
             out.append(
                 FieldIssue(
                     ("dataset", "format"),
@@ -290,7 +416,15 @@ class FineTuneJobSpec(Lifecycle):
                 )
             )
         save = self.output.save
-        if save is not None and not self.uses_lora() and m != "prompt-tuning":
+        if save is not None and m == MERGE_METHOD:
+            out.append(
+                FieldIssue(
+                    ("output", "save"),
+                    "a merge always writes the mixed adapter",
+                    "remove output.save; set merge.mergeIntoBase: true to also write the full model",
+                )
+            )
+        elif save is not None and not self.uses_lora() and m != "prompt-tuning":
             out.append(
                 FieldIssue(
                     ("output", "save"),
@@ -304,6 +438,57 @@ class FineTuneJobSpec(Lifecycle):
                     ("output", "save"),
                     "a prompt-tuning adapter cannot be merged into weights",
                     "use output.save: adapter",
+                )
+            )
+        return out
+
+    def _merge_issues(self) -> list[FieldIssue]:
+        """merge needs spec.merge and nothing that trains; spec.merge only with merge. A merge
+        trains nothing, so the steps-or-epochs rule does not apply to it."""
+        m = self.method
+        if m != MERGE_METHOD and self.merge is None:
+            return []
+        if m != MERGE_METHOD:
+            return [
+                FieldIssue(
+                    ("merge",),
+                    f"merge settings do not apply to method {m}",
+                    "remove spec.merge, or use method: merge",
+                )
+            ]
+        if self.merge is None:
+            return [
+                FieldIssue(
+                    ("merge",),
+                    "method merge needs the adapters to mix",
+                    "add `merge: {adapters: [{fromJob: {kind: FineTuneJob, name: sft-a}}, "
+                    "{fromJob: {kind: FineTuneJob, name: sft-b}}], combination: cat}`",
+                )
+            ]
+        out = self.merge.issues(("merge",))
+        for field, value in (("lora", self.lora), ("quantization", self.quantization)):
+            if value is not None:
+                out.append(
+                    FieldIssue(
+                        (field,),
+                        "a merge trains nothing: the adapters bring their own LoRA settings",
+                        f"remove spec.{field}",
+                    )
+                )
+        if self.deepspeed is not None:
+            out.append(
+                FieldIssue(
+                    ("deepspeed",), "a merge trains nothing and runs in one process", "remove spec.deepspeed"
+                )
+            )
+        res = self.resources
+        if res.workers != 1 or res.gpus_per_worker > 1:
+            out.append(
+                FieldIssue(
+                    ("resources",),
+                    f"a merge runs in one process (got workers {res.workers}, gpusPerWorker "
+                    f"{res.gpus_per_worker})",
+                    "set resources.workers: 1 and gpusPerWorker: 0 or 1",
                 )
             )
         return out

@@ -35,6 +35,8 @@ class ResolvedPaths(ApiModel):
     """Model to start from (FineTuneJob base model, TrainingJob initFrom): a path/URI, or `hf://<hub id>`."""
     reward_model: str | None = None
     """Reward model for ppo/grpo: a path/URI, or `hf://<hub id>`."""
+    adapters: list[str] = Field(default_factory=list)
+    """The adapters a merge mixes, in spec.merge.adapters order: paths/URIs, or `hf://<hub id>`."""
     work_dir: str | None = None
     """Directory that relative paths in the spec are relative to (local runs)."""
 
@@ -133,6 +135,7 @@ def build_job_config(
     checkpoints: str | None = None,
     base_model: str | None = None,
     reward_model: str | None = None,
+    adapters: list[str | None] | None = None,
     work_dir: str | None = None,
     run_name: str | None = None,
     attempt: int = 0,
@@ -141,7 +144,8 @@ def build_job_config(
     max_worker_failures: int = 2,
 ) -> TrainingJobConfig | FineTuneJobConfig:
     """The trainer's config for a job. `base_model`/`reward_model` must be given when the spec
-    names them `fromJob` (the caller looked up that job's output); otherwise they come from the spec."""
+    names them `fromJob` (the caller looked up that job's output); otherwise they come from the spec.
+    `adapters` likewise, one entry per spec.merge adapter (None: from the spec)."""
     spec = job.spec
     out = output or spec.output.uri
     ckpt = checkpoints or spec.checkpointing.storage or f"{out.rstrip('/')}/checkpoints"
@@ -149,9 +153,19 @@ def build_job_config(
         base_model = _location(job.model_source())
     if reward_model is None:
         reward_model = _location(job.reward_model_source())
+    sources = job.adapter_sources()
+    given = list(adapters) if adapters is not None else [None] * len(sources)
+    if len(given) != len(sources):
+        raise ValueError(f"{len(given)} adapter locations for {len(sources)} spec.merge.adapters")
+    resolved = [loc if loc is not None else _location(src) for loc, src in zip(given, sources, strict=True)]
     namespace = job.metadata.namespace or "default"
     paths = ResolvedPaths(
-        output=out, checkpoints=ckpt, base_model=base_model, reward_model=reward_model, work_dir=work_dir
+        output=out,
+        checkpoints=ckpt,
+        base_model=base_model,
+        reward_model=reward_model,
+        adapters=[r for r in resolved if r is not None],
+        work_dir=work_dir,
     )
     run = RunSettings(
         run_name=_run_name(job, run_name),

@@ -54,6 +54,10 @@ class _Job(ApiModel):
         """The reward model (RL methods only)."""
         return None
 
+    def adapter_sources(self) -> list[ModelSource]:
+        """The adapters a merge mixes, in spec order (method merge only)."""
+        return []
+
     def kueue_queue(self) -> str | None:
         """The Kueue LocalQueue the job's label names: its RayCluster is created suspended, for
         Kueue to admit."""
@@ -61,8 +65,9 @@ class _Job(ApiModel):
 
     def upstream_refs(self) -> list[JobRef]:
         """The jobs whose outputs this one uses (`fromJob`): it waits until they have succeeded."""
-        sources = (self.model_source(), self.reward_model_source())
-        return [s.from_job for s in sources if s is not None and s.from_job is not None]
+        sources = (self.model_source(), self.reward_model_source(), *self.adapter_sources())
+        refs = [s.from_job for s in sources if s is not None and s.from_job is not None]
+        return [r for i, r in enumerate(refs) if r not in refs[:i]]
 
 
 class TrainingJob(_Job):
@@ -95,6 +100,10 @@ class FineTuneJob(_Job):
     def reward_model_source(self) -> ModelSource | None:
         """`spec.rl.rewardModel` for ppo/grpo."""
         return self.spec.rl.reward_model if self.spec.rl is not None else None
+
+    def adapter_sources(self) -> list[ModelSource]:
+        """`spec.merge.adapters` for merge."""
+        return list(self.spec.merge.adapters) if self.spec.merge is not None else []
 
 
 Job = TrainingJob | FineTuneJob

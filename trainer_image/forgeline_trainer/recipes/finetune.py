@@ -330,51 +330,17 @@ def _save_probe(model: Any, probe_ids: list[int], device: Any, out: Path) -> Non
 
 def _evaluate(job: Job, data: _Data, eng: optim.TrainEngine) -> dict[str, float]:
     """Response-token loss and next-token accuracy, over every worker's slice."""
-    import torch
-
-    rt, micro, device, net = job.rt, eng.plan.micro, eng.device, eng.net
-    mine = list(range(rt.rank, len(data.eval), rt.world))
-    batches = [mine[i : i + micro] for i in range(0, len(mine), micro)][: job.cfg.spec.evaluation.max_batches]
-    # DDP's forward broadcasts buffers and ZeRO-3 gathers parameters: every rank must run the same
-    # number of forwards, so ranks with fewer batches run (and ignore) extra ones.
-    n_batches = int(collective.maximum(len(batches)))
-    loss_sum = torch.zeros((), device=device)
-    loss_sq = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    count = torch.zeros((), device=device)
-    net.eval()
-    with torch.no_grad():
-        for i in range(n_batches):
-            real = i < len(batches)
-            idx = batches[i] if real else [0]
-            batch = sft_data.collate([data.eval[j] for j in idx], data.pad_id, device)
-            out = net(**batch)
-            if not real:
-                continue
-            logits = out.logits[:, -batch["labels"].shape[1] :, :]  # prompt tuning prepends virtual tokens
-            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-            mask = shift_labels != sft_data.IGNORE
-            token_losses = torch.nn.functional.cross_entropy(
-                shift_logits[mask].float(), shift_labels[mask], reduction="none"
-            )
-            loss_sum += token_losses.sum()
-            loss_sq += (token_losses**2).sum()
-            correct += (shift_logits.argmax(-1)[mask] == shift_labels[mask]).sum()
-            count += mask.sum()
-    net.train()
-    if torch.distributed.is_initialized():
-        for t in (loss_sum, loss_sq, correct, count):
-            torch.distributed.all_reduce(t)
-    c = count.clamp(min=1)
-    loss, accuracy, n = (loss_sum / c).item(), (correct / c).item(), count.item()
-    return {
-        "eval_loss": loss,
-        "eval_loss_ci95": evaluation.mean_ci95(loss, (loss_sq / c).item(), n),
-        "perplexity": math.exp(min(loss, 50.0)),
-        "accuracy": accuracy,
-        "accuracy_ci95": evaluation.proportion_ci95(accuracy, n),
-        "eval_tokens": float(n),
-    }
+    rt = job.rt
+    return evaluation.response_metrics(
+        eng.net,
+        data.eval,
+        data.pad_id,
+        eng.device,
+        eng.plan.micro,
+        job.cfg.spec.evaluation.max_batches,
+        rt.rank,
+        rt.world,
+    )
 
 
 def _save_merged(cfg: FineTuneJobConfig, model: Any, base_dir: str, out: Path) -> None:
