@@ -46,9 +46,10 @@ soak: setup
 	$(VENV)/bin/pytest -m soak -s tests
 
 # Benchmarks: each appends a dated section (machine, versions, command, figures) to bench/results.md.
-# Quick by default (10 MB of data, 30 fine-tuning steps, 10 and 100 jobs; operator_scale measures the
-# operator's RSS and CPU, so the 1,000-job footprint runs only in full); `make bench FULL=1` for the
-# larger models, more rounds, 1,000 jobs and 100 MB.
+# Quick by default (the 1-worker recipe against the plain loop, 10 MB of data, 30 fine-tuning steps,
+# 10 and 100 jobs; operator_scale measures the operator's RSS and CPU, so the 1,000-job footprint runs
+# only in full); `make bench FULL=1` for the larger models, 2 workers too, more rounds, 1,000 jobs
+# and 100 MB.
 FULL ?=
 bench: setup
 	$(PY) bench/time_to_first_step.py --repeats 3

@@ -1,7 +1,7 @@
 """Pretraining throughput: Forgeline's recipe (Ray Train) vs a plain PyTorch loop, interleaved.
 
-    .venv/bin/python bench/pretrain_throughput.py            # quick: ~5M llama, 3 pairs
-    .venv/bin/python bench/pretrain_throughput.py --full     # ~20M llama, 5 pairs, more steps
+    .venv/bin/python bench/pretrain_throughput.py            # quick: ~3M llama, 3 rounds, 1 worker
+    .venv/bin/python bench/pretrain_throughput.py --full     # ~20M llama, 5 rounds, 1 and 2 workers
 
 Same model, data (the bundled corpus packed into 256-token blocks with the tokenizer the recipe
 trained), global batch (16 sequences = 4096 tokens per step) and seed, in one run of this script
@@ -160,9 +160,15 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="~20M llama, 5 rounds, 30 steps")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--workers",
+        default=None,
+        help="recipe variants, comma-separated worker counts (quick: 1, the like-for-like one; full: 1,2)",
+    )
     parser.add_argument("--out", default=str(REPO / "bench/results.md"))
     args = parser.parse_args()
     size = "full" if args.full else "quick"
+    workers = [int(w) for w in (args.workers or ("1,2" if args.full else "1")).split(",")]
     rounds = args.rounds or (5 if args.full else 3)
     steps = args.steps or (30 if args.full else 20)
     model = MODELS[size]
@@ -171,7 +177,7 @@ def main() -> None:
     from forgeline_operator.rayjobs import RayJobs, local_python
     from forgeline_trainer import progress
 
-    runs: dict[str, list[dict]] = {"recipe-1w": [], "recipe-2w": [], "plain": []}
+    runs: dict[str, list[dict]] = {**{f"recipe-{w}w": [] for w in workers}, "plain": []}
     with tempfile.TemporaryDirectory(prefix="forgeline-bench-") as tmp, LocalRay() as head:
         work = Path(tmp)
         jobs = RayJobs(head.address, python=local_python(), token=head.token)
@@ -179,9 +185,9 @@ def main() -> None:
         # the later ones in both quick runs of 2026-11-25 (3,508 and 3,828 tok/s against ~4,700)
         run_recipe(jobs, model, 8, work, 1, "warm-up")
         for i in range(rounds):
-            runs["recipe-1w"].append(run_recipe(jobs, model, steps, work, 1, f"1w-{i}"))
-            runs["recipe-2w"].append(run_recipe(jobs, model, steps, work, 2, f"2w-{i}"))
-            runs["plain"].append(run_plain(steps, runs["recipe-1w"][0]["out"]))
+            for w in workers:
+                runs[f"recipe-{w}w"].append(run_recipe(jobs, model, steps, work, w, f"{w}w-{i}"))
+            runs["plain"].append(run_plain(steps, runs[f"recipe-{workers[0]}w"][0]["out"]))
             print(
                 f"round {i}: "
                 + ", ".join(f"{k} {v[-1]['tokens_per_second']:,.0f} tok/s" for k, v in runs.items())
@@ -204,12 +210,13 @@ def main() -> None:
         "recipe-2w": "Forgeline recipe: Ray Train, 2 workers × 1 thread, gloo DDP",
         "plain": "plain PyTorch loop, 1 process × 2 threads",
     }
+    variant = f" --workers {args.workers}" if args.workers else ""
     lines = [
         f"\n## Pretraining throughput, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
         f"Machine: {cpu}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, Python "
         f"{platform.python_version()}. Command: `.venv/bin/python bench/pretrain_throughput.py"
-        f"{' --full' if args.full else ''}` ({rounds} interleaved rounds of {steps} steps, after one "
-        "untimed warm-up run).\n",
+        f"{' --full' if args.full else ''}{variant}` ({rounds} interleaved rounds of {steps} steps, "
+        "after one untimed warm-up run).\n",
         f"Model: llama {model['hiddenSize']}×{model['numLayers']} layers, "
         f"{runs['plain'][0]['parameters'] / 1e6:.1f}M parameters; {SEQ}-token sequences, global batch "
         f"{GLOBAL_BATCH} ({GLOBAL_BATCH * SEQ} tokens/step); steady state = steps 6–{steps}. MFU against one "
@@ -222,7 +229,7 @@ def main() -> None:
         each = ", ".join(f"{r['tokens_per_second']:,.0f}" for r in v)
         vs = f"{ratio[k]:.2f}×" if k in ratio else "1"
         lines.append(
-            f"| {label[k]} | {tps[k]:,.0f} | {each} | {vs} | {100 * tps[k] * flops / peak:.1f}% | "
+            f"| {label.get(k, k)} | {tps[k]:,.0f} | {each} | {vs} | {100 * tps[k] * flops / peak:.1f}% | "
             f"{v[-1]['final_loss']:.3f} |"
         )
     benchlib.publish("\n".join(lines) + "\n", args.out)
