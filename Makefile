@@ -46,10 +46,10 @@ soak: setup
 	$(VENV)/bin/pytest -m soak -s tests
 
 # Benchmarks: each appends a dated section (machine, versions, command, figures) to bench/results.md.
-# Quick by default (the 1-worker recipe against the plain loop, 10 MB of data, 30 fine-tuning steps,
-# 10 and 100 jobs; operator_scale measures the operator's RSS and CPU, so the 1,000-job footprint runs
-# only in full); `make bench FULL=1` for the larger models, 2 workers too, more rounds, 1,000 jobs
-# and 100 MB.
+# Quick by default: the 1-worker recipe against the plain loop, 10 and 100 jobs (operator_scale
+# also measures the operator's RSS and CPU, so the 1,000-job footprint runs only in full), 10 MB of
+# data, LoRA against PEFT for 40 steps, the outcomes on a 2M base. `make bench FULL=1`: the larger
+# models, 2 workers, DPO against TRL, more rounds, 1,000 jobs and 100 MB.
 FULL ?=
 bench: setup
 	$(PY) bench/time_to_first_step.py --repeats 3
@@ -57,7 +57,7 @@ bench: setup
 	$(PY) bench/operator_scale.py $(if $(FULL),--full)
 	$(if $(FULL),$(PY) bench/operator_footprint.py --jobs 1000)
 	$(PY) bench/data_pipeline.py $(if $(FULL),--full,--shards 1)
-	$(PY) bench/finetune_throughput.py $(if $(FULL),--full,--steps 30)
+	$(PY) bench/finetune_throughput.py $(if $(FULL),--full,--steps 40)
 	$(PY) bench/finetune_outcomes.py $(if $(FULL),--full)
 
 demo: setup

@@ -215,16 +215,22 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="~20M llama, 5 rounds, 80 steps")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--methods", default=None, help="lora, dpo or lora,dpo (quick: lora; full: both)")
     parser.add_argument("--out", default=str(REPO / "bench/results.md"))
     args = parser.parse_args()
     size = "full" if args.full else "quick"
+    methods = (args.methods or ("lora,dpo" if args.full else "lora")).split(",")
     rounds = args.rounds or (5 if args.full else 3)
     steps = args.steps or (80 if args.full else 60)  # records come every 5 s: enough of them
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from forgeline_operator.localray import LocalRay
     from forgeline_operator.rayjobs import RayJobs, local_python
 
-    runs: dict[str, list[float]] = {"recipe-lora": [], "peft": [], "recipe-dpo": [], "trl": []}
+    runs: dict[str, list[float]] = {}
+    if "lora" in methods:
+        runs |= {"recipe-lora": [], "peft": []}
+    if "dpo" in methods:
+        runs |= {"recipe-dpo": [], "trl": []}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="forgeline-bench-ft-") as tmp, LocalRay() as head:
         work = Path(tmp)
@@ -234,16 +240,19 @@ def main() -> None:
         # untimed: the first plain loop in this process ran at 0.57x of the later ones (2026-11-25)
         plain_lora(base, WARM + 3)
         for i in range(rounds):
-            runs["recipe-lora"].append(run_recipe(jobs, "lora", base, work, steps, f"lora-{i}"))
-            runs["peft"].append(plain_lora(base, steps))
-            runs["recipe-dpo"].append(run_recipe(jobs, "dpo", base, work, steps, f"dpo-{i}"))
-            runs["trl"].append(plain_dpo(base, steps, work / f"trl-{i}"))
+            if "lora" in methods:
+                runs["recipe-lora"].append(run_recipe(jobs, "lora", base, work, steps, f"lora-{i}"))
+                runs["peft"].append(plain_lora(base, steps))
+            if "dpo" in methods:
+                runs["recipe-dpo"].append(run_recipe(jobs, "dpo", base, work, steps, f"dpo-{i}"))
+                runs["trl"].append(plain_dpo(base, steps, work / f"trl-{i}"))
             print(f"round {i}: " + ", ".join(f"{k} {v[-1]:.2f} steps/s" for k, v in runs.items()), flush=True)
     wall = time.monotonic() - started
     med = {k: statistics.median(v) for k, v in runs.items()}
     ratio = {
         k: statistics.median(a / b for a, b in zip(runs[k], runs[base_k], strict=True))
         for k, base_k in (("recipe-lora", "peft"), ("recipe-dpo", "trl"))
+        if k in runs
     }
     cpu = benchlib.cpu_model()
     import peft
@@ -257,13 +266,14 @@ def main() -> None:
         "trl": "plain TRL DPOTrainer (1 process × 2 threads)",
     }
     vs = {"recipe-lora": "peft", "recipe-dpo": "trl"}
+    flags = "".join(f" --{k} {v}" for k, v in (("steps", args.steps), ("methods", args.methods)) if v)
     lines = [
         "\n## Fine-tuning throughput: LoRA vs plain PEFT, DPO vs plain TRL, "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
         f"Machine: {cpu}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, "
         f"peft {peft.__version__}, "
         f"trl {trl.__version__}, Python {platform.python_version()}. Command: "
-        f"`.venv/bin/python bench/finetune_throughput.py{' --full' if args.full else ''}` "
+        f"`.venv/bin/python bench/finetune_throughput.py{' --full' if args.full else ''}{flags}` "
         f"({rounds} interleaved "
         f"rounds of {steps} steps; {wall / 60:.1f} min in all).\n",
         f"Base: llama {MODELS[size]['hidden_size']}×{MODELS[size]['num_hidden_layers']} layers, "
