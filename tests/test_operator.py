@@ -25,12 +25,14 @@ from typing import Any
 import pytest
 import yaml
 
+from forgeline_operator.decisions import parse_time
 from forgeline_operator.localray import LocalRay
 from forgeline_operator.operator_process import OperatorProcess
 from forgeline_operator.rayjobs import RayJobs
 
 from .conftest import CHART, EXAMPLES, Cluster, Release
 from .prom import GpuStandIn, Prometheus
+from .rayjobs_standin import RayJobsStandIn
 
 pytestmark = [pytest.mark.cluster, pytest.mark.operator]
 
@@ -98,6 +100,7 @@ def operator(
         FORGELINE_RAY_TOKEN=ray_head.token,
         FORGELINE_MAX_RUNNING_JOBS="1",
         FORGELINE_WATCH_NAMESPACES="op-*",
+        FORGELINE_PRICE_PER_GPU_HOUR="2.5",
     )  # only these tests' namespaces
     op.start()
     yield op
@@ -840,6 +843,35 @@ def test_job_naming_an_existing_ray_cluster_creates_none(
 
 
 # -- monitoring: what Prometheus scraped from all of the above ------------------------------------
+
+
+def test_a_job_holding_gpus_shows_its_cost(cluster: Cluster, operator: Operator, namespace: str) -> None:
+    """A 2-GPU job, run by the Ray Jobs API stand-in that does no training (spec.ray.address:
+    nothing here has GPUs), priced at the operator's $2.50 per GPU-hour: status.cost at the end is
+    what it held, and its gauges feed the dashboard's cost panels (the last test checks them)."""
+    standin = RayJobsStandIn(seconds_per_step=0.05).start()
+    try:
+        doc = _example("pretrain-tiny-llama")
+        doc["metadata"]["name"] = "gpu-cost"
+        doc["spec"]["resources"].update(workers=1, gpusPerWorker=2)
+        doc["spec"]["ray"] = {"address": standin.address}
+        _apply(cluster, namespace, doc)
+
+        def finished() -> dict[str, Any] | None:
+            status = _get(cluster, "tj", "gpu-cost", namespace).get("status") or {}
+            return status if status.get("phase") == "Succeeded" else None
+
+        status = _wait(finished, 120, "the GPU job Succeeded", operator)
+    finally:
+        standin.stop()
+    cost = status["cost"]
+    assert cost["gpus"] == 2 and cost["pricePerGpuHour"] == 2.5 and cost["currency"] == "$", cost
+    assert cost["cost"] == pytest.approx(cost["gpuHours"] * 2.5, rel=1e-3)
+    assert cost["projectedGpuHours"] == cost["gpuHours"]  # finished: the projection is what it used
+    held = (parse_time(status["completionTime"]) - parse_time(status["startTime"])).total_seconds()
+    assert cost["gpuHours"] == pytest.approx(2 * held / 3600, abs=2 * 2 / 3600)  # timestamps: 1 s
+    lines = [ln for ln in operator.metrics().splitlines() if ln.startswith("forgeline_job_cost{")]
+    assert any('job="gpu-cost"' in ln and 'stage="used"' in ln for ln in lines), lines
 
 
 def test_every_dashboard_panel_has_data_in_prometheus(prometheus: Prometheus) -> None:

@@ -470,6 +470,7 @@ def test_recipes_follow_the_apis_method_groups() -> None:
     from typing import get_args
 
     from forgeline_operator.api.finetune_job import (
+        MERGE_METHOD,
         PREFERENCE_METHODS,
         RL_METHODS,
         SFT_METHODS,
@@ -477,7 +478,12 @@ def test_recipes_follow_the_apis_method_groups() -> None:
     )
     from forgeline_trainer import launcher
 
-    groups = {"finetune": SFT_METHODS, "preference": PREFERENCE_METHODS, "rl": RL_METHODS}
+    groups = {
+        "finetune": SFT_METHODS,
+        "preference": PREFERENCE_METHODS,
+        "rl": RL_METHODS,
+        "merge": frozenset({MERGE_METHOD}),
+    }
     for method in get_args(Method):
         cfg = SimpleNamespace(spec=SimpleNamespace(method=method))
         recipe = launcher.recipe_for(cfg).__name__.rsplit(".", 1)[1]
@@ -1153,17 +1159,27 @@ def test_preflight_collective_between_two_real_processes(tmp_path: Path) -> None
     assert 1 <= seconds < 1.9  # bounded by FORGELINE_PREFLIGHT_TIMEOUT_S
 
 
-@pytest.mark.parametrize(
-    "example", sorted(p.stem for p in EXAMPLES.glob("*.yaml") if not p.stem.startswith("pipeline"))
-)
+def _standalone_examples() -> list[str]:
+    """Every document of the shipped examples that needs no earlier job (`fromJob` ones read
+    outputs that exist only once their upstream job has run): `stem` or `stem[index]`."""
+    found = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        for i, doc in enumerate(docs):
+            if not parse_job(doc).upstream_refs():
+                found.append(path.stem if len(docs) == 1 else f"{path.stem}[{i}]")
+    return found
+
+
+@pytest.mark.parametrize("example", _standalone_examples())
 def test_preflight_passes_for_every_shipped_example(tmp_path: Path, example: str) -> None:
     """Every example's data sources, checkpoint and output locations pass the checks a worker runs."""
     from forgeline_trainer import preflight
 
     (tmp_path / "examples").symlink_to(EXAMPLES)
-    cfg = build_job_config(
-        parse_job(yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())), work_dir=str(tmp_path)
-    )
+    stem, _, index = example.partition("[")
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / f"{stem}.yaml").read_text()) if d]
+    cfg = build_job_config(parse_job(docs[int(index.rstrip("]") or 0)]), work_dir=str(tmp_path))
     assert preflight.data_sources(cfg)
     preflight.run(cfg, _solo())
 

@@ -239,6 +239,9 @@ def main(args: Any) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C stops the Ray job even where SIGINT came in ignored (a shell's background job, nohup):
+    # Python keeps an inherited SIG_IGN, and the job would then run on after the user gave up on it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     done: dict[str, RunResult] = {}
     submitted: list[str] = []
     ray_jobs: RayJobs | None = None
