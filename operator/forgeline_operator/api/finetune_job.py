@@ -3,7 +3,7 @@ and merging trained LoRA adapters into one (merge)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -52,18 +52,8 @@ Combination = Literal[
     "magnitude_prune",
     "magnitude_prune_svd",
 ]
-DENSITY_COMBINATIONS = frozenset(
-    {
-        "ties",
-        "ties_svd",
-        "dare_linear",
-        "dare_ties",
-        "dare_linear_svd",
-        "dare_ties_svd",
-        "magnitude_prune",
-        "magnitude_prune_svd",
-    }
-)
+DENSITY_COMBINATIONS = frozenset(get_args(Combination)) - {"linear", "cat", "svd"}
+"""Every combination but linear, cat and svd prunes each adapter to `density` first."""
 SIGN_COMBINATIONS = frozenset({"ties", "ties_svd", "dare_ties", "dare_ties_svd"})
 SAME_RANK_COMBINATIONS = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
 """Combinations that add the adapters' A and B matrices factor by factor: PEFT needs equal ranks."""
