@@ -13,9 +13,17 @@ variant alike):
 3. a plain single-process loop: same model config, AdamW, same batches, 2 threads.
 
 The recipes run through the Ray Jobs API on one embedded Ray head kept up for the whole run.
-Reports steady-state tokens/s (steps after the first 5), the median of the rounds and the median
-of the per-round ratios, and MFU of every variant against one peak (the node's fp32 matmul probe
-with 2 threads, measured once here); appends a dated section to bench/results.md.
+Both sides are timed the same way: steady-state tokens/s is the tokens trained after step
+STEADY_FROM over the wall time they took, everything in the loop included (the recipe's from its
+progress records' tokens_seen and elapsed_seconds, the plain loop's from its own clock), and both
+use the recipe's optimizer (AdamW with its weight-decay groups) and LR schedule (warm-up, then
+cosine), so they end at the same loss. While each variant trains, a sampler reads every process's
+CPU time: the cores the training process got and the cores everything else took (Ray's daemons
+and actors) say how much of a gap is the machine shared with Ray and how much is work per token.
+
+Reports the median of the rounds and the median of the per-round ratios, and MFU of every variant
+against one peak (the node's fp32 matmul probe with 2 threads, measured once here); appends a
+dated section to bench/results.md.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import benchlib  # bench/ is on sys.path when a bench runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, GLOBAL_BATCH = 256, 16
+STEADY_FROM = 5  # steps 1-5 are warm-up (allocator, first-touch); steady state is the steps after
 MODELS = {
     "full": {
         "architecture": "llama",
@@ -97,24 +106,34 @@ def run_recipe(jobs, model: dict, steps: int, work: Path, workers: int, tag: str
     if not result.ok:
         raise SystemExit(f"recipe run {tag} failed: {result.status}")
     metrics = json.loads((out / "metrics.json").read_text())
-    steady = [r for r in result.records if r.get("type") == "progress" and r["step"] > 5]
-    tps = statistics.mean(r["tokens_per_second"] for r in steady) if steady else metrics["tokens_per_second"]
+    # from the first record at or after STEADY_FROM to the last: a record's own tokens_per_second
+    # averages the window since the record before, which can reach back into the warm-up steps
+    steady = [r for r in result.records if r.get("type") == "progress" and r["step"] >= STEADY_FROM]
+    if len(steady) < 2:
+        raise SystemExit(f"recipe run {tag}: {len(steady)} progress records after step {STEADY_FROM}")
+    first, last = steady[0], steady[-1]
+    tokens = last["tokens_seen"] - first["tokens_seen"]
     return {
-        "tokens_per_second": tps,
+        "tokens_per_second": tokens / (last["elapsed_seconds"] - first["elapsed_seconds"]),
         "final_loss": metrics["final_loss"],
         "parameters": metrics["parameters"],
         "out": out,
+        "window": (first["time"], last["time"]),
     }
 
 
-def run_plain(steps: int, tokenizer_dir: Path) -> dict:
-    """The baseline: the same model and batches in a plain PyTorch loop, no Ray, no DDP."""
+def run_plain(model_spec: dict, steps: int, tokenizer_dir: Path) -> dict:
+    """The baseline: the same model and batches in a plain PyTorch loop, no Ray, no DDP; the
+    recipe's AdamW and LR schedule (so both end at the same loss)."""
     import numpy as np
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from forgeline_operator.api import parse_job
     from forgeline_trainer import data as D
-    from forgeline_trainer import models, progress
+    from forgeline_trainer import models, optim, progress
+
+    training = parse_job(manifest(model_spec, steps, "/unused", "bench-plain", 1)).spec.training
 
     torch.set_num_threads(2)
     out = tokenizer_dir
@@ -131,28 +150,82 @@ def run_plain(steps: int, tokenizer_dir: Path) -> dict:
     config = AutoConfig.from_pretrained(out)
     torch.manual_seed(42)
     model = AutoModelForCausalLM.from_config(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = optim.adamw(model, training)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, optim.lr_lambda(training, steps))
     layers, hidden = models.shape(model)
     flops_per_token = progress.model_flops_per_token(models.active_params(model), layers, hidden, SEQ)
-    times = []
+    ends = []  # (perf_counter, wall clock) at the end of each step, batch building included
     for step in range(steps):
         idx = D.batch_indices(blocks.n, GLOBAL_BATCH, step, 42)
         ids = torch.from_numpy(blocks.tokens[idx].astype(np.int64))
-        t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    steady = times[5:]
-    tps = GLOBAL_BATCH * SEQ / statistics.mean(steady)
+        ends.append((time.perf_counter(), time.time()))
+    first, last = ends[STEADY_FROM - 1], ends[-1]
+    tps = GLOBAL_BATCH * SEQ * (steps - STEADY_FROM) / (last[0] - first[0])
     return {
         "tokens_per_second": tps,
         "final_loss": float(loss),
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token,
+        "window": (first[1], last[1]),
     }
+
+
+class CpuSampler:
+    """Every process's CPU time, read twice a second by a child process of its own (so its own
+    reading counts as "all else" for both sides); `share` then says how many cores the training
+    process and everything else used over a wall-clock window."""
+
+    _CHILD = (
+        "import json, sys, time, psutil\n"
+        "while True:\n"
+        "    snap = {}\n"
+        "    for p in psutil.process_iter(['cmdline']):\n"
+        "        try:\n"
+        "            t = p.cpu_times()\n"
+        "            snap[p.pid] = [' '.join(p.info['cmdline'] or []), t.user + t.system]\n"
+        "        except (psutil.Error, OSError):\n"
+        "            pass\n"
+        "    print(json.dumps([time.time(), snap]), flush=True)\n"
+        "    time.sleep(0.5)\n"
+    )
+
+    def __enter__(self) -> CpuSampler:
+        import subprocess
+
+        self._file = tempfile.NamedTemporaryFile(mode="w+", prefix="cpu-sampler-", suffix=".jsonl")
+        self._proc = subprocess.Popen([sys.executable, "-c", self._CHILD], stdout=self._file)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        self._file.close()
+
+    def share(self, window: tuple[float, float], trainer: str | int) -> tuple[float, float] | None:
+        """(cores the trainer used, cores all other processes used) between the first snapshot in
+        the window and the last; trainer = a pid, or a substring of its command line."""
+        lines = Path(self._file.name).read_text().splitlines()
+        snaps = [json.loads(line) for line in lines if line.endswith("]")]
+        inside = [s for s in snaps if window[0] <= s[0] <= window[1]]
+        if len(inside) < 2:
+            return None
+        (ta, a), (tb, b) = inside[0], inside[-1]
+        mine = others = 0.0
+        for pid, (cmd, cpu) in b.items():
+            if pid not in a:
+                continue
+            used = cpu - a[pid][1]
+            if int(pid) == trainer if isinstance(trainer, int) else trainer in cmd:
+                mine += used
+            else:
+                others += used
+        return mine / (tb - ta), others / (tb - ta)
 
 
 def main() -> None:
@@ -178,7 +251,11 @@ def main() -> None:
     from forgeline_trainer import progress
 
     runs: dict[str, list[dict]] = {**{f"recipe-{w}w": [] for w in workers}, "plain": []}
-    with tempfile.TemporaryDirectory(prefix="forgeline-bench-") as tmp, LocalRay() as head:
+    with (
+        tempfile.TemporaryDirectory(prefix="forgeline-bench-") as tmp,
+        LocalRay() as head,
+        CpuSampler() as sampler,
+    ):
         work = Path(tmp)
         jobs = RayJobs(head.address, python=local_python(), token=head.token)
         # one untimed run first: the first Ray Train run on a fresh head was 20-25% slower than
@@ -186,8 +263,12 @@ def main() -> None:
         run_recipe(jobs, model, 8, work, 1, "warm-up")
         for i in range(rounds):
             for w in workers:
-                runs[f"recipe-{w}w"].append(run_recipe(jobs, model, steps, work, w, f"{w}w-{i}"))
-            runs["plain"].append(run_plain(steps, runs[f"recipe-{workers[0]}w"][0]["out"]))
+                r = run_recipe(jobs, model, steps, work, w, f"{w}w-{i}")
+                r["cores"] = sampler.share(r["window"], "ray::RayTrainWorker")
+                runs[f"recipe-{w}w"].append(r)
+            r = run_plain(model, steps, runs[f"recipe-{workers[0]}w"][0]["out"])
+            r["cores"] = sampler.share(r["window"], os.getpid())
+            runs["plain"].append(r)
             print(
                 f"round {i}: "
                 + ", ".join(f"{k} {v[-1]['tokens_per_second']:,.0f} tok/s" for k, v in runs.items())
@@ -202,6 +283,12 @@ def main() -> None:
         for k, v in runs.items()
         if k != "plain"
     }
+    cores = {
+        k: tuple(statistics.median(r["cores"][j] for r in v if r["cores"]) for j in (0, 1))
+        if any(r["cores"] for r in v)
+        else None
+        for k, v in runs.items()
+    }
     cpu = benchlib.cpu_model()
     import torch
 
@@ -210,7 +297,9 @@ def main() -> None:
         "recipe-2w": "Forgeline recipe: Ray Train, 2 workers × 1 thread, gloo DDP",
         "plain": "plain PyTorch loop, 1 process × 2 threads",
     }
-    variant = f" --workers {args.workers}" if args.workers else ""
+    variant = (f" --workers {args.workers}" if args.workers else "") + (
+        f" --rounds {args.rounds}" if args.rounds else ""
+    )
     lines = [
         f"\n## Pretraining throughput, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n",
         f"Machine: {cpu}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, Python "
@@ -219,18 +308,27 @@ def main() -> None:
         "after one untimed warm-up run).\n",
         f"Model: llama {model['hiddenSize']}×{model['numLayers']} layers, "
         f"{runs['plain'][0]['parameters'] / 1e6:.1f}M parameters; {SEQ}-token sequences, global batch "
-        f"{GLOBAL_BATCH} ({GLOBAL_BATCH * SEQ} tokens/step); steady state = steps 6–{steps}. MFU against one "
+        f"{GLOBAL_BATCH} ({GLOBAL_BATCH * SEQ} tokens/step); steady state = steps {STEADY_FROM + 1}–{steps}, "
+        "timed the same way for both (tokens after step 5 over their wall time, everything in the loop "
+        "included); the same AdamW and LR schedule for both. Cores: CPU time over the steady window of "
+        "the training process(es), and of every other process on the machine (Ray's daemons and "
+        "actors, this bench). MFU against one "
         f"peak for all: {peak / 1e9:.0f} GFLOP/s (fp32 matmul, 2 threads, measured once); FLOPs/token = "
         f"6N + 12·L·d·S = {flops / 1e6:.1f} MFLOP.\n",
-        "| run | tokens/s (median) | each round | vs plain (median of per-round ratios) | MFU | final loss |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| run | tokens/s (median) | each round | vs plain (median of per-round ratios) | MFU "
+        "| cores: training | cores: all else | tokens/s per training core | final loss |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for k, v in runs.items():
         each = ", ".join(f"{r['tokens_per_second']:,.0f}" for r in v)
         vs = f"{ratio[k]:.2f}×" if k in ratio else "1"
+        used = cores[k]
+        core_cols = (
+            f"{used[0]:.2f} | {used[1]:.2f} | {tps[k] / used[0]:,.0f}" if used and used[0] else "– | – | –"
+        )
         lines.append(
             f"| {label.get(k, k)} | {tps[k]:,.0f} | {each} | {vs} | {100 * tps[k] * flops / peak:.1f}% | "
-            f"{v[-1]['final_loss']:.3f} |"
+            f"{core_cols} | {v[-1]['final_loss']:.3f} |"
         )
     benchlib.publish("\n".join(lines) + "\n", args.out)
 
