@@ -1198,6 +1198,32 @@ def test_mfu_peak_is_the_nodes_measured_once_not_each_workers(monkeypatch: pytes
     assert 1e8 < measured < 1e13  # a real fp32 matmul on this CPU
 
 
+def test_the_node_peak_is_measured_once_per_node_and_kept_for_a_day(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's CPU peak probe (0.6 s before every CPU job's first step) runs once per node:
+    the next job reads it back; a stale or unreadable cache is measured again; '' turns it off."""
+    from forgeline_trainer import progress
+
+    cache = tmp_path / "sub" / "cpu-peak.json"
+    monkeypatch.setenv(progress.CPU_PEAK_CACHE_ENV, str(cache))
+    first = progress.cached_node_cpu_peak_per_core(1)
+    assert 1e8 < first < 1e13
+    (key, entry), *_ = json.loads(cache.read_text()).items()
+    assert "threads" in key and entry["per_core"] == first
+    cache.write_text(json.dumps({key: {**entry, "per_core": 123.0}}))
+    assert progress.cached_node_cpu_peak_per_core(1) == 123.0  # read back, not measured
+    assert progress.cached_node_cpu_peak_per_core(2) != 123.0  # another key: measured
+    cache.write_text(json.dumps({key: {"per_core": 123.0, "measured_at": 0}}))
+    assert progress.cached_node_cpu_peak_per_core(1) > 1e8  # a day old: measured again
+    cache.write_text("{not json")
+    assert progress.cached_node_cpu_peak_per_core(1) > 1e8
+    assert json.loads(cache.read_text())[key]["per_core"] > 1e8  # and rewritten
+    monkeypatch.setenv(progress.CPU_PEAK_CACHE_ENV, "")
+    cache.unlink()
+    assert progress.cached_node_cpu_peak_per_core(1) > 1e8 and not cache.exists()
+
+
 def test_eval_intervals_match_the_textbook_and_small_evals_are_flagged(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

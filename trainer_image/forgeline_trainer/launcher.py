@@ -106,7 +106,7 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     }
     if not use_gpu:  # MFU's denominator: one probe of the node with all its cores, not one per worker
         cores = max(1, min(os.cpu_count() or 1, workers * int(threads)))
-        env[progress.CPU_PEAK_ENV] = f"{progress.node_cpu_peak_per_core(cores):.6g}"
+        env[progress.CPU_PEAK_ENV] = f"{progress.cached_node_cpu_peak_per_core(cores):.6g}"
     os.environ.update(env)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)

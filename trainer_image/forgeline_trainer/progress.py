@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from forgeline_operator.api.jobconfig import PROGRESS_PREFIX
@@ -103,6 +104,60 @@ def node_cpu_peak_per_core(cores: int) -> float:
     """The node's fp32 matmul FLOP/s with `cores` threads, per core: the driver measures it once,
     before the workers start."""
     return measure_cpu_peak(cores) / cores
+
+
+CPU_PEAK_CACHE_ENV = "FORGELINE_CPU_PEAK_CACHE"
+"""Where the node's measured peak is kept between jobs (a JSON file; empty = never cache)."""
+CPU_PEAK_CACHE_TTL_S = 24 * 3600
+
+
+def cached_node_cpu_peak_per_core(cores: int) -> float:
+    """`node_cpu_peak_per_core`, measured once per node and kept for a day in a small JSON file
+    (default ~/.cache/forgeline/cpu-peak.json), keyed by CPU model, core counts and torch version:
+    the probe costs every CPU job about 0.6 s before its first step, and one measurement makes the
+    MFU of jobs on the same node comparable. Falls back to measuring when the file can't be used."""
+    import torch
+
+    where = os.environ.get(CPU_PEAK_CACHE_ENV)
+    if where is None:
+        try:
+            where = str(Path.home() / ".cache/forgeline/cpu-peak.json")
+        except RuntimeError:  # no home directory (an odd container user): measure every time
+            where = ""
+    if not where:
+        return node_cpu_peak_per_core(cores)
+    path = Path(where)
+    key = f"{_cpu_model()}|{os.cpu_count()} cpus|{cores} threads|torch {torch.__version__}"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and time.time() - entry.get("measured_at", 0) < CPU_PEAK_CACHE_TTL_S:
+        return float(entry["per_core"])
+    per_core = node_cpu_peak_per_core(cores)
+    known = known if isinstance(known, dict) else {}
+    known[key] = {"per_core": per_core, "measured_at": time.time()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)  # atomic: two drivers starting at once never read half a file
+    except OSError:
+        pass
+    return per_core
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def emit(record: dict[str, Any]) -> None:
