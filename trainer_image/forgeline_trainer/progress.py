@@ -113,15 +113,17 @@ CPU_PEAK_CACHE_TTL_S = 24 * 3600
 
 def cached_node_cpu_peak_per_core(cores: int) -> float:
     """`node_cpu_peak_per_core`, measured once per node and kept for a day in a small JSON file
-    (default ~/.cache/forgeline/cpu-peak.json), keyed by CPU model, core counts and torch version:
-    the probe costs every CPU job about 0.6 s before its first step, and one measurement makes the
-    MFU of jobs on the same node comparable. Falls back to measuring when the file can't be used."""
+    ($FORGELINE_CACHE/cpu-peak.json, ~/.cache/forgeline by default), keyed by CPU model, core
+    counts and torch version: the probe costs every CPU job about 0.6 s before its first step, and
+    one measurement makes the MFU of jobs on the same node comparable. Falls back to measuring
+    when the file can't be used."""
     import torch
 
     where = os.environ.get(CPU_PEAK_CACHE_ENV)
     if where is None:
         try:
-            where = str(Path.home() / ".cache/forgeline/cpu-peak.json")
+            root = os.environ.get("FORGELINE_CACHE") or str(Path.home() / ".cache/forgeline")
+            where = str(Path(root) / "cpu-peak.json")
         except RuntimeError:  # no home directory (an odd container user): measure every time
             where = ""
     if not where:
