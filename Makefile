@@ -57,7 +57,7 @@ bench: setup
 	$(PY) bench/operator_scale.py $(if $(FULL),--full)
 	$(if $(FULL),$(PY) bench/operator_footprint.py --jobs 1000)
 	$(PY) bench/data_pipeline.py $(if $(FULL),--full,--shards 1)
-	$(PY) bench/finetune_throughput.py $(if $(FULL),--full,--steps 40)
+	$(if $(FULL),$(PY) bench/finetune_throughput.py --full)
 	$(PY) bench/finetune_outcomes.py $(if $(FULL),--full)
 
 demo: setup
