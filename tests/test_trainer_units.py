@@ -1216,6 +1216,8 @@ def test_the_node_peak_is_measured_once_per_node_and_kept_for_a_day(
     assert progress.cached_node_cpu_peak_per_core(2) != 123.0  # another key: measured
     cache.write_text(json.dumps({key: {"per_core": 123.0, "measured_at": 0}}))
     assert progress.cached_node_cpu_peak_per_core(1) > 1e8  # a day old: measured again
+    cache.write_text(json.dumps({key: {"per_core": "fast", "measured_at": time.time()}}))
+    assert progress.cached_node_cpu_peak_per_core(1) > 1e8  # an entry it can't read: measured
     cache.write_text("{not json")
     assert progress.cached_node_cpu_peak_per_core(1) > 1e8
     assert json.loads(cache.read_text())[key]["per_core"] > 1e8  # and rewritten

@@ -134,19 +134,22 @@ def cached_node_cpu_peak_per_core(cores: int) -> float:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    entry = known.get(key) if isinstance(known, dict) else None
-    if isinstance(entry, dict) and time.time() - entry.get("measured_at", 0) < CPU_PEAK_CACHE_TTL_S:
-        return float(entry["per_core"])
-    per_core = node_cpu_peak_per_core(cores)
     known = known if isinstance(known, dict) else {}
+    entry = known.get(key)
+    try:
+        if time.time() - float(entry["measured_at"]) < CPU_PEAK_CACHE_TTL_S:
+            return float(entry["per_core"])
+    except (TypeError, KeyError, ValueError):  # no entry, or one this code didn't write: measure
+        pass
+    per_core = node_cpu_peak_per_core(cores)
     known[key] = {"per_core": per_core, "measured_at": time.time()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(known, indent=1))
         tmp.replace(path)  # atomic: two drivers starting at once never read half a file
     except OSError:
-        pass
+        tmp.unlink(missing_ok=True)
     return per_core
 
 
