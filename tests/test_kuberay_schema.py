@@ -10,6 +10,7 @@ the list-map merge keys of a few reference lists — so they are taken out befor
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,7 +29,10 @@ from .conftest import CHART, EXAMPLES, REPO, load_yaml_documents
 
 pytestmark = pytest.mark.cluster
 
-KUBERAY_CRD = REPO.parent / "shared" / "kuberay" / "ray.io_rayclusters.yaml"
+KUBERAY_CRD = Path(
+    os.environ.get("FORGELINE_KUBERAY_CRD")  # a checkout that is not beside the workplace's shared/
+    or REPO.parent / "shared" / "kuberay" / "ray.io_rayclusters.yaml"
+)
 
 
 def _loadable_on_1_20(node: Any) -> Any:
@@ -66,7 +70,10 @@ class _Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server]:
     """Its own apiserver: the session's one has the stand-in RayCluster CRD the operator tests use."""
     if not KUBERAY_CRD.exists():
-        pytest.skip(f"KubeRay's CRD is not at {KUBERAY_CRD} (the workplace's shared/ directory)")
+        pytest.skip(
+            f"KubeRay's CRD is not at {KUBERAY_CRD} (the workplace's shared/ directory; "
+            "FORGELINE_KUBERAY_CRD names another path)"
+        )
     with ControlPlane(workdir=tmp_path_factory.mktemp("kuberay-cp")) as cp:
         srv = _Server(cp.kubeconfig)
         crd = _loadable_on_1_20(yaml.safe_load(KUBERAY_CRD.read_text()))
