@@ -61,7 +61,7 @@ bench: setup
 	$(PY) bench/finetune_outcomes.py $(if $(FULL),--full)
 
 demo: setup
-	$(PY) -m forgeline_operator.demo
+	$(PY) -m forgeline_operator.dev.demo
 
 crds: venv
 	$(VENV)/bin/forgeline crds --dir crds --docs docs/crd-reference.md

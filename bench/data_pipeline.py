@@ -282,8 +282,8 @@ def tiny_example_rate(head: Any, work: Path) -> float | None:
     from rich.console import Console
 
     from forgeline_operator.api import parse_job
-    from forgeline_operator.rayjobs import RayJobs, local_python
-    from forgeline_operator.runlocal import run_job
+    from forgeline_operator.cli.runlocal import run_job
+    from forgeline_operator.rayclient.rayjobs import RayJobs, local_python
 
     raw = yaml.safe_load((REPO / "examples/pretrain-tiny-llama.yaml").read_text())
     raw["metadata"]["name"] = f"bench-data-tiny-{int(time.time())}"
@@ -414,7 +414,7 @@ def main() -> None:
             )
             json_files.append(str(path))
 
-        from forgeline_operator.localray import LocalRay
+        from forgeline_operator.rayclient.localray import LocalRay
 
         t = time.perf_counter()
         head = LocalRay(num_cpus=2)

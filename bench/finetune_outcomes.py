@@ -258,7 +258,7 @@ def run(jobs: Any, manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     from rich.console import Console
 
     from forgeline_operator.api import parse_job
-    from forgeline_operator.runlocal import run_job
+    from forgeline_operator.cli.runlocal import run_job
 
     if out.exists():
         shutil.rmtree(out)
@@ -376,8 +376,8 @@ def main() -> None:
     args = parser.parse_args()
     size = "full" if args.full else "quick"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from forgeline_operator.localray import LocalRay
-    from forgeline_operator.rayjobs import RayJobs, local_python
+    from forgeline_operator.rayclient.localray import LocalRay
+    from forgeline_operator.rayclient.rayjobs import RayJobs, local_python
 
     started, load_before = time.monotonic(), os.getloadavg()
     cache = cache_root()

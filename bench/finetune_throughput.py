@@ -126,7 +126,7 @@ def run_recipe(jobs: Any, method: str, base: Path, work: Path, steps: int, tag: 
     from rich.console import Console
 
     from forgeline_operator.api import parse_job
-    from forgeline_operator.runlocal import run_job
+    from forgeline_operator.cli.runlocal import run_job
 
     job = parse_job(_manifest(method, base, work / f"recipe-{tag}", steps))
     result = run_job(job, jobs, Console(stderr=True), output=None, done={}, work_dir=str(work), quiet=True)
@@ -223,8 +223,8 @@ def main() -> None:
     rounds = args.rounds or (5 if args.full else 3)
     steps = args.steps or (80 if args.full else 60)  # records come every 5 s: enough of them
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from forgeline_operator.localray import LocalRay
-    from forgeline_operator.rayjobs import RayJobs, local_python
+    from forgeline_operator.rayclient.localray import LocalRay
+    from forgeline_operator.rayclient.rayjobs import RayJobs, local_python
 
     runs: dict[str, list[float]] = {}
     if "lora" in methods:

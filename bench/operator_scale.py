@@ -54,8 +54,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.rayjobs_standin
 
-from forgeline_operator.devcluster import ADMIN_TOKEN, ControlPlane, find_binary  # noqa: E402
-from forgeline_operator.operator_process import OperatorProcess  # noqa: E402
+from forgeline_operator.dev.devcluster import ADMIN_TOKEN, ControlPlane, find_binary  # noqa: E402
+from forgeline_operator.dev.operator_process import OperatorProcess  # noqa: E402
 
 GROUP, VERSION, PLURAL = "forgeline.dev", "v1alpha1", "trainingjobs"
 OPERATOR_USER, OPERATOR_TOKEN = "forgeline-operator", "forgeline-operator-token"

@@ -98,7 +98,7 @@ def run_recipe(jobs, model: dict, steps: int, work: Path, workers: int, tag: str
     from rich.console import Console
 
     from forgeline_operator.api import parse_job
-    from forgeline_operator.runlocal import run_job
+    from forgeline_operator.cli.runlocal import run_job
 
     out = work / f"recipe-{tag}"
     job = parse_job(manifest(model, steps, str(out), f"bench-{tag}", workers))
@@ -246,8 +246,8 @@ def main() -> None:
     steps = args.steps or (30 if args.full else 20)
     model = MODELS[size]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from forgeline_operator.localray import LocalRay
-    from forgeline_operator.rayjobs import RayJobs, local_python
+    from forgeline_operator.rayclient.localray import LocalRay
+    from forgeline_operator.rayclient.rayjobs import RayJobs, local_python
     from forgeline_trainer import progress
 
     # before Ray starts, best of 3: probed after the runs, while Ray shut down, it read 81 GFLOP/s

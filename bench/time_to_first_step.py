@@ -64,7 +64,7 @@ def run_once(jobs, job, work_dir: str, steps: int) -> tuple[dict[str, float], li
     """One submission, followed to the end as `forgeline run` follows it: (phases, each record's
     delay from being written to being read through the Jobs API, polled every 0.2 s)."""
     from forgeline_operator.api.jobconfig import build_job_config
-    from forgeline_operator.rayjobs import TERMINAL_RAY_STATES, LogCursor
+    from forgeline_operator.rayclient.rayjobs import TERMINAL_RAY_STATES, LogCursor
 
     name = job.metadata.name
     config = build_job_config(job, work_dir=work_dir, run_name=name)
@@ -99,8 +99,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from forgeline_operator.api import parse_job
-    from forgeline_operator.localray import LocalRay
-    from forgeline_operator.rayjobs import RayJobs, local_python
+    from forgeline_operator.rayclient.localray import LocalRay
+    from forgeline_operator.rayclient.rayjobs import RayJobs, local_python
 
     raw = yaml.safe_load((REPO / f"examples/{args.example}.yaml").read_text())
     raw["spec"]["training"]["maxSteps"] = args.steps

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgeline_trainer.runtime import RuntimeInfo
+from forgeline_trainer.runtime_info import RuntimeInfo
 
 
 def collective_worker(rank: int, store: str, results: Any) -> None:

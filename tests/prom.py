@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from forgeline_operator.devcluster import find_binary
-from forgeline_operator.ports import free_port
+from forgeline_operator.dev.devcluster import find_binary
+from forgeline_operator.rayclient.ports import free_port
 
 from .conftest import CHART
 

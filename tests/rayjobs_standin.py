@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from forgeline_operator.api.jobconfig import PROGRESS_PREFIX, load_job_config
-from forgeline_operator.ports import free_port
-from forgeline_operator.rayjobs import CONFIG_ENV
+from forgeline_operator.rayclient.ports import free_port
+from forgeline_operator.rayclient.rayjobs import CONFIG_ENV
 
 
 @dataclass

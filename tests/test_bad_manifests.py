@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from forgeline_operator.api import InvalidJobError, parse_job
-from forgeline_operator.cli import main as cli
+from forgeline_operator.cli.main import main as cli
 
 from .conftest import Cluster, load_yaml_documents
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from forgeline_operator import builders
 from forgeline_operator.api import InvalidJobError, parse_job
+from forgeline_operator.controller import builders
 
 from .conftest import EXAMPLES
 
@@ -74,7 +74,7 @@ def test_names_and_ids_fit() -> None:
 
 
 def test_node_pool_preset_merges_with_the_jobs_own_placement() -> None:
-    from forgeline_operator.settings import NodePool
+    from forgeline_operator.controller.settings import NodePool
 
     pool = NodePool.model_validate(
         {
@@ -96,7 +96,7 @@ def test_node_pool_preset_merges_with_the_jobs_own_placement() -> None:
 def test_node_pools_parse_from_the_helm_rendered_env(monkeypatch) -> None:
     import json
 
-    from forgeline_operator.settings import OperatorSettings
+    from forgeline_operator.controller.settings import OperatorSettings
 
     values = yaml.safe_load((EXAMPLES.parent / "helm/forgeline/values.yaml").read_text())
     monkeypatch.setenv("FORGELINE_NODE_POOLS", json.dumps(values["nodePools"]))
@@ -123,7 +123,7 @@ def _tolerates(tolerations: list[dict], taint: dict) -> bool:
 def test_gpu_examples_land_on_the_kind_gpu_pool() -> None:
     """Every example that asks for GPUs, with the chart's default node pools, selects the GPU
     node of kind-config.yaml and tolerates its taint; CPU examples tolerate nothing special."""
-    from forgeline_operator.settings import NodePool
+    from forgeline_operator.controller.settings import NodePool
 
     root = EXAMPLES.parent
     kind = yaml.safe_load((root / "kind-config.yaml").read_text())

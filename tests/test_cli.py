@@ -109,7 +109,7 @@ def test_forgeline_run_says_which_credential_keys_its_shell_lacks(monkeypatch) -
     import yaml as _yaml
 
     from forgeline_operator.api import parse_job
-    from forgeline_operator.runlocal import _credential_notes
+    from forgeline_operator.cli.runlocal import _credential_notes
 
     doc = _yaml.safe_load((REPO / "examples/pretrain-tiny-llama.yaml").read_text())
     doc["spec"]["credentials"] = [{"secretName": "hf", "keys": ["HF_TOKEN", "OTHER_KEY"]}]

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from forgeline_operator import costs, fitcheck, lifecycle
 from forgeline_operator.api import parse_job
 from forgeline_operator.api.common import Budget
-from forgeline_operator.settings import OperatorSettings, memory_bytes
+from forgeline_operator.controller import costs, fitcheck, lifecycle
+from forgeline_operator.controller.settings import OperatorSettings, memory_bytes
 
 START = "2026-11-25T10:00:00Z"
 AT = datetime(2026, 11, 25, 11, 0, tzinfo=UTC)  # one hour after START

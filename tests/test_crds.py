@@ -8,7 +8,7 @@ import pytest
 
 from forgeline_operator.api import FineTuneJob, TrainingJob, parse_job
 from forgeline_operator.api.crd import render_crds
-from forgeline_operator.cli import main as cli
+from forgeline_operator.cli.main import main as cli
 
 from .conftest import CRDS, EXAMPLES, Cluster, load_yaml_documents
 

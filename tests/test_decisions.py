@@ -1,5 +1,6 @@
-"""Every operator decision as a pure function, pinned without a cluster (forgeline_operator.decisions).
-The end-to-end tests in test_operator.py only prove the wiring."""
+"""Every operator decision as a pure function, pinned without a cluster
+(forgeline_operator.controller.decisions). The end-to-end tests in test_operator.py only prove the
+wiring."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from forgeline_operator import decisions, failures
 from forgeline_operator.api.common import Budget
-from forgeline_operator.failures import Failure, classify
+from forgeline_operator.controller import decisions, failures
+from forgeline_operator.controller.failures import Failure, classify
 
 # -- which step --------------------------------------------------------------------------------
 
@@ -168,7 +169,7 @@ def test_fault_injection_only_where_the_operator_allows_it() -> None:
 
 
 def test_fault_injection_is_off_by_default() -> None:
-    from forgeline_operator.settings import OperatorSettings
+    from forgeline_operator.controller.settings import OperatorSettings
 
     assert OperatorSettings().allow_fault_injection is False
 
@@ -232,7 +233,7 @@ def test_watchdog_off_or_not_submitted() -> None:
 
 
 def test_stalled_is_retried_and_counted() -> None:
-    from forgeline_operator.failures import stalled
+    from forgeline_operator.controller.failures import stalled
 
     failure = stalled("no optimizer step for 700s")
     assert failure.reason == "Stalled" and failure.fix
@@ -269,8 +270,8 @@ def test_a_lost_cluster_is_retried_within_the_backoff_limit_then_given_up() -> N
 
 
 def test_an_unreachable_ray_address_is_named_as_such() -> None:
-    from forgeline_operator.ports import free_port
-    from forgeline_operator.rayjobs import RayJobs, RayUnreachable
+    from forgeline_operator.rayclient.ports import free_port
+    from forgeline_operator.rayclient.rayjobs import RayJobs, RayUnreachable
 
     address = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RayUnreachable, match="does not answer") as err:

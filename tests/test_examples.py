@@ -30,7 +30,7 @@ def test_every_method_has_a_tiny_example() -> None:
 
 def test_forgeline_validate_accepts_all_examples() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "forgeline_operator.cli", "validate", *map(str, FILES)],
+        [sys.executable, "-m", "forgeline_operator.cli.main", "validate", *map(str, FILES)],
         capture_output=True,
         text=True,
     )

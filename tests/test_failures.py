@@ -1,11 +1,11 @@
-"""Failure classification (forgeline_operator.failures): real messages from torch, NCCL, Ray,
+"""Failure classification (forgeline_operator.controller.failures): real messages from torch, NCCL, Ray,
 transformers and the trainer, each named with its typed reason, its fix and whether to retry."""
 
 from __future__ import annotations
 
 import pytest
 
-from forgeline_operator.failures import FAILURE_REASONS, classify, redact
+from forgeline_operator.controller.failures import FAILURE_REASONS, classify, redact
 
 HF_OFFLINE = (
     "OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "

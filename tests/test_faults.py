@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from forgeline_operator.rayjobs import parse_records
+from forgeline_operator.rayclient.rayjobs import parse_records
 
 from .conftest import EXAMPLES, Cluster, Release
 from .rayjobs_standin import RayJobsStandIn
@@ -110,7 +110,7 @@ def _jobs(cluster: Cluster, ns: str) -> dict[str, dict[str, Any]]:
 
 
 def _forgeline_logs(cluster: Cluster, ns: str, name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "forgeline_operator.cli", "logs", name, "-n", ns, *args]
+    argv = [sys.executable, "-m", "forgeline_operator.cli.main", "logs", name, "-n", ns, *args]
     return subprocess.run(
         [*argv, "--kubeconfig", str(cluster.kubeconfig)], capture_output=True, text=True, timeout=60
     )
@@ -455,8 +455,8 @@ def test_fits_is_decided_before_provisioning_and_says_what_to_change(
 def test_the_operator_keeps_one_ray_client_per_cluster(standin: RayJobsStandIn) -> None:
     """Reconciles reuse the Jobs API client (building one costs a version request), one per
     address and token, and the cache is bounded."""
-    from forgeline_operator import runtime
-    from forgeline_operator.settings import OperatorSettings
+    from forgeline_operator.controller import runtime
+    from forgeline_operator.controller.settings import OperatorSettings
 
     rt = runtime.Runtime(OperatorSettings())
     first = rt.ray_jobs(standin.address, None, "t1")

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from forgeline_operator import cli, fit
 from forgeline_operator.api import parse_job
+from forgeline_operator.cli import main as cli
+from forgeline_operator.sizing import fit
 
 from .conftest import EXAMPLES
 

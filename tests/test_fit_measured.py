@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from forgeline_operator import fit
 from forgeline_operator.api import parse_job
+from forgeline_operator.sizing import fit
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],

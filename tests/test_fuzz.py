@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forgeline_operator import builders
 from forgeline_operator.api import InvalidJobError, parse_job
 from forgeline_operator.api.jobconfig import build_job_config
-from forgeline_operator.rayjobs import entrypoint
+from forgeline_operator.controller import builders
+from forgeline_operator.rayclient.rayjobs import entrypoint
 
 from .conftest import EXAMPLES, REPO, load_yaml_documents
 
@@ -148,7 +148,7 @@ def test_validate_never_prints_a_traceback() -> None:
     ]
     for text in bad:
         proc = subprocess.run(
-            [sys.executable, "-m", "forgeline_operator.cli", "validate", "-"],
+            [sys.executable, "-m", "forgeline_operator.cli.main", "validate", "-"],
             input=text,
             capture_output=True,
             text=True,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from forgeline_operator.settings import OperatorSettings
+from forgeline_operator.controller.settings import OperatorSettings
 
 from .conftest import ALL_TOGGLES, CHART, CRDS, Cluster, Release, helm
 

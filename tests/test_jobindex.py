@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from forgeline_operator import decisions
-from forgeline_operator.jobindex import JobIndex, JobKey
+from forgeline_operator.controller import decisions
+from forgeline_operator.controller.jobindex import JobIndex, JobKey
 
 
 def test_job_index_admits_atomically() -> None:

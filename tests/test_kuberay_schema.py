@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from forgeline_operator import builders
 from forgeline_operator.api import parse_job
-from forgeline_operator.devcluster import ControlPlane, find_binary
-from forgeline_operator.settings import NodePool
+from forgeline_operator.controller import builders
+from forgeline_operator.controller.settings import NodePool
+from forgeline_operator.dev.devcluster import ControlPlane, find_binary
 
 from .conftest import CHART, EXAMPLES, REPO, load_yaml_documents
 

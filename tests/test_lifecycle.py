@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from forgeline_operator import lifecycle
+from forgeline_operator.controller import lifecycle
 
 
 def test_status_table_and_condition_times() -> None:

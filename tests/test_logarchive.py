@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from forgeline_operator import logarchive
+from forgeline_operator.controller import logarchive
 
 JOB = ("team-a", "TrainingJob", "llama")
 

@@ -23,9 +23,9 @@ import pytest
 from rich.console import Console
 
 from forgeline_operator.api import parse_job
-from forgeline_operator.localray import LocalRay
-from forgeline_operator.rayjobs import RayJobs, local_python
-from forgeline_operator.runlocal import RunResult, run_job
+from forgeline_operator.cli.runlocal import RunResult, run_job
+from forgeline_operator.rayclient.localray import LocalRay
+from forgeline_operator.rayclient.rayjobs import RayJobs, local_python
 
 from .conftest import EXAMPLES
 

@@ -25,10 +25,10 @@ import yaml
 from rich.console import Console
 
 from forgeline_operator.api import parse_job
-from forgeline_operator.localray import LocalRay
-from forgeline_operator.ports import free_port
-from forgeline_operator.rayjobs import RayJobs, local_python, parse_records
-from forgeline_operator.runlocal import RunResult, run_job
+from forgeline_operator.cli.runlocal import RunResult, run_job
+from forgeline_operator.rayclient.localray import LocalRay
+from forgeline_operator.rayclient.ports import free_port
+from forgeline_operator.rayclient.rayjobs import RayJobs, local_python, parse_records
 
 from .conftest import EXAMPLES
 
@@ -231,7 +231,7 @@ def test_storage_lost_mid_run_fails_typed_not_silently(run: Runner, s3: S3Server
 def test_forgeline_run_names_the_object_store_it_will_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """`forgeline run` hands its shell's environment to the embedded Ray head (as the fixtures
     above do) and says which endpoint `s3://` URIs go to — never a key."""
-    from forgeline_operator.runlocal import _object_store_notes
+    from forgeline_operator.cli.runlocal import _object_store_notes
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.example:9000")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)

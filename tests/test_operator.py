@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 import yaml
 
-from forgeline_operator.decisions import parse_time
-from forgeline_operator.localray import LocalRay
-from forgeline_operator.operator_process import OperatorProcess
-from forgeline_operator.rayjobs import RayJobs
+from forgeline_operator.controller.decisions import parse_time
+from forgeline_operator.dev.operator_process import OperatorProcess
+from forgeline_operator.rayclient.localray import LocalRay
+from forgeline_operator.rayclient.rayjobs import RayJobs
 
 from .conftest import CHART, EXAMPLES, Cluster, Release
 from .prom import GpuStandIn, Prometheus
@@ -347,7 +347,17 @@ def test_injected_trainer_failure_is_retried_and_recovers(
     logs = {e["attempt"]: Path(e["uri"]) for e in final["status"]["logs"]}
     assert sorted(logs) == [0, 1] and all(op_workdir in p.parents for p in logs.values())
     first = subprocess.run(
-        [sys.executable, "-m", "forgeline_operator.cli", "logs", "flaky", "-n", namespace, "--attempt", "0"]
+        [
+            sys.executable,
+            "-m",
+            "forgeline_operator.cli.main",
+            "logs",
+            "flaky",
+            "-n",
+            namespace,
+            "--attempt",
+            "0",
+        ]
         + ["--kubeconfig", str(cluster.kubeconfig)],
         capture_output=True,
         text=True,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forgeline_operator import planning
 from forgeline_operator.api import parse_job
-from forgeline_operator.cli import main
+from forgeline_operator.cli.main import main
+from forgeline_operator.sizing import planning
 
 FIT = planning.CHINCHILLA
 

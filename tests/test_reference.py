@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from forgeline_operator.api import FineTuneJob, JobStatus, TrainingJob
 from forgeline_operator.api.crd import render_crds
 from forgeline_operator.api.reference import render_reference
-from forgeline_operator.cli import main as cli
+from forgeline_operator.cli.main import main as cli
 
 from .conftest import CRDS, REPO
 

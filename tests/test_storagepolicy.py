@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forgeline_operator.storagepolicy import normalize, outside, within
+from forgeline_operator.controller.storagepolicy import normalize, outside, within
 
 PREFIXES = ["s3://team-a/", "/mnt/pvc/team-a", "pvc://team-a-claim/runs"]
 

@@ -22,9 +22,9 @@ import yaml
 from rich.console import Console
 
 from forgeline_operator.api import parse_job
-from forgeline_operator.localray import LocalRay
-from forgeline_operator.rayjobs import RayJobs, local_python, parse_records
-from forgeline_operator.runlocal import RunResult, run_job
+from forgeline_operator.cli.runlocal import RunResult, run_job
+from forgeline_operator.rayclient.localray import LocalRay
+from forgeline_operator.rayclient.rayjobs import RayJobs, local_python, parse_records
 
 from .conftest import EXAMPLES, tmpfs
 

@@ -21,10 +21,11 @@ from forgeline_operator.api.jobconfig import (
     load_job_config,
     spec_fingerprint,
 )
-from forgeline_operator.rayjobs import LogCursor, parse_records
+from forgeline_operator.rayclient.rayjobs import LogCursor, parse_records
 from forgeline_trainer import adapters, models, optim, outputs, progress, sft_data
 from forgeline_trainer import data as D
-from forgeline_trainer.runtime import RuntimeInfo, Worker
+from forgeline_trainer.runtime import Worker
+from forgeline_trainer.runtime_info import RuntimeInfo
 
 from .conftest import EXAMPLES
 

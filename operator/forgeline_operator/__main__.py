@@ -15,9 +15,9 @@ import sys
 def main() -> int:
     import kopf
 
-    from .handlers import registry
-    from .runtime import Runtime
-    from .settings import OperatorSettings
+    from .controller.handlers import registry
+    from .controller.runtime import Runtime
+    from .controller.settings import OperatorSettings
 
     s = OperatorSettings()
     logging.basicConfig(

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import preemption, storage
-from .runtime import RuntimeInfo
+from .runtime_info import RuntimeInfo
 
 if TYPE_CHECKING:
     from .optim import TrainEngine

@@ -37,7 +37,7 @@ from .errors import PreflightFailed, not_retried
 if TYPE_CHECKING:
     from forgeline_operator.api.jobconfig import FineTuneJobConfig, TrainingJobConfig
 
-    from .runtime import RuntimeInfo
+    from .runtime_info import RuntimeInfo
 
 CHECKS = ("gpu", "checkpoint storage", "output storage", "data", "collective")
 TIMEOUT_ENV = "FORGELINE_PREFLIGHT_TIMEOUT_S"

@@ -1,4 +1,4 @@
-"""Facts about the running worker (rank, world, device) and small run-wide policies."""
+"""The running worker (`Worker`: its config, `RuntimeInfo`, precision) and small run-wide policies."""
 
 from __future__ import annotations
 
@@ -9,29 +9,9 @@ from typing import Any, Generic, TypeVar
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, TrainingJobConfig, load_job_config
 
 from . import preflight
+from .runtime_info import RuntimeInfo
 
 C = TypeVar("C", TrainingJobConfig, FineTuneJobConfig)
-
-
-@dataclass(frozen=True)
-class RuntimeInfo:
-    rank: int
-    world: int
-    local_rank: int
-    on_gpu: bool
-
-    @classmethod
-    def current(cls) -> RuntimeInfo:
-        import ray.train
-        import torch
-
-        ctx = ray.train.get_context()
-        return cls(
-            rank=ctx.get_world_rank(),
-            world=ctx.get_world_size(),
-            local_rank=ctx.get_local_rank(),
-            on_gpu=torch.cuda.is_available(),
-        )
 
 
 def train_device() -> Any:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fit
-from .api import Job
+from ..api import Job
+from ..sizing import fit
 from .settings import OperatorSettings
 
 CONDITION = "Fits"

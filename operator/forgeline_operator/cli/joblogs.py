@@ -1,7 +1,7 @@
 """`forgeline logs NAME [-n NS] [--attempt N]`: a job's Ray job log, whether its cluster is alive
 or not.
 
-It reads the job's status.logs (written by the operator's log archive, see logarchive.py) and
+It reads the job's status.logs (written by the operator's log archive, see controller/logarchive.py) and
 prints the attempt's archived log; where there is no archive yet but the attempt is the current
 one and its Ray head answers, it asks Ray for the live log instead.
 """
@@ -12,9 +12,9 @@ import argparse
 import sys
 from typing import Any
 
-from .api import API_GROUP, API_VERSION
-from .logarchive import read
-from .rayjobs import RayJobs
+from ..api import API_GROUP, API_VERSION
+from ..controller.logarchive import read
+from ..rayclient.rayjobs import RayJobs
 
 _PLURALS = {"trainingjob": "trainingjobs", "finetunejob": "finetunejobs"}
 

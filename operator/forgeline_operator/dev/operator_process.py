@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .ports import free_port
+from ..rayclient.ports import free_port
 
 
 class OperatorProcess:

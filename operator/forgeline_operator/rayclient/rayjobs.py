@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .api.jobconfig import PROGRESS_PREFIX, FineTuneJobConfig, TrainingJobConfig, dump_job_config
+from ..api.jobconfig import PROGRESS_PREFIX, FineTuneJobConfig, TrainingJobConfig, dump_job_config
 
 CONFIG_ENV = "FORGELINE_JOB_CONFIG"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

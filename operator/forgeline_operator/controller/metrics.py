@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from .api.status import FAILURE_REASONS, PHASES
+from ..api.status import FAILURE_REASONS, PHASES
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

@@ -26,13 +26,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from . import lifecycle
-from .api import FieldError, InvalidJobError, Job, parse_job
-from .api.jobconfig import build_job_config
-from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, local_python
+from ..api import FieldError, InvalidJobError, Job, parse_job
+from ..api.jobconfig import build_job_config
+from ..controller import lifecycle
+from ..rayclient.rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, local_python
 
 if TYPE_CHECKING:
-    from .localray import LocalRay
+    from ..rayclient.localray import LocalRay
 
 
 @dataclass
@@ -231,7 +231,7 @@ def main(args: Any) -> int:
     if args.output and len(jobs) > 1:
         console.print("[red]--output applies to one job; this file has several[/red]")
         return 2
-    from .localray import LocalRay
+    from ..rayclient.localray import LocalRay
 
     local = None if args.address else LocalRay()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from .api import TERMINAL_PHASES
+from ..api import TERMINAL_PHASES
 from .failures import Failure
 
 ACTIVE_PHASES = frozenset({"Provisioning", "Running"})

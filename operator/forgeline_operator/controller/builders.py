@@ -10,9 +10,9 @@ import math
 import re
 from typing import Any
 
-from .api import Job
-from .api.common import Resources
-from .api.quantities import cpu_cores
+from ..api import Job
+from ..api.common import Resources
+from ..api.quantities import cpu_cores
 from .settings import NodePool
 
 MANAGED_BY = "forgeline"

@@ -26,10 +26,10 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from ..api import API_GROUP, JOB_KINDS, FieldError, InvalidJobError, parse_job
+from ..api.crd import render_crds, write_crds
+from ..api.reference import render_reference
 from . import fit_cli, plan_cli
-from .api import API_GROUP, JOB_KINDS, FieldError, InvalidJobError, parse_job
-from .api.crd import render_crds, write_crds
-from .api.reference import render_reference
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from .api.status import eval_size_warning, is_terminal
+from ..api.status import eval_size_warning, is_terminal
 
 CONDITION_TYPES = ("Waiting", "ClusterReady", "Running", "Suspended", "Complete", "Failed")
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .api.status import FAILURE_REASONS, FailureReason
+from ..api.status import FAILURE_REASONS, FailureReason
 
 # reason → (retryable, what to change). Retry only what retrying can fix.
 _NATURE: dict[str, tuple[bool, str]] = {

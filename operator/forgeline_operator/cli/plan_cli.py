@@ -1,4 +1,4 @@
-"""`forgeline plan`: the command line and the tables around `planning.py`'s scaling-law sizing."""
+"""`forgeline plan`: the command line and the tables around `sizing/planning.py`'s scaling-law sizing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import planning
+from ..sizing import planning
 
 # ------------------------------------------------------------------------------ forgeline plan
 

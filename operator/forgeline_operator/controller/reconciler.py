@@ -15,13 +15,13 @@ from typing import Any
 
 import kopf
 
+from ..api import Job
+from ..api.common import JobRef
+from ..api.jobconfig import FineTuneJobConfig, TrainingJobConfig, build_job_config
+from ..rayclient.rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, RayUnreachable
 from . import builders, costs, decisions, failures, lifecycle, logarchive, metrics
-from .api import Job
-from .api.common import JobRef
-from .api.jobconfig import FineTuneJobConfig, TrainingJobConfig, build_job_config
 from .backends import Backend, ClusterState, KubeRayBackend
 from .jobindex import JobKey
-from .rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, RayUnreachable
 from .runtime import Runtime
 
 _LOG_TAIL_CHARS = 64 * 1024  # the end of a failed attempt's log, for classifying it

@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..api import Job
+from ..rayclient.localray import LocalRay
 from . import builders
-from .api import Job
-from .localray import LocalRay
 from .settings import NodePool
 
 

@@ -13,12 +13,12 @@ import sys
 import threading
 from typing import Any
 
+from ..api import Job
+from ..rayclient.localray import LocalRay
+from ..rayclient.rayjobs import LogCursor, RayJobs
 from . import metrics
-from .api import Job
 from .backends import AddressBackend, Backend, KubeRayBackend, LocalBackend
 from .jobindex import JobIndex
-from .localray import LocalRay
-from .rayjobs import LogCursor, RayJobs
 from .settings import OperatorSettings
 
 log = logging.getLogger("forgeline")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .ports import free_port
+from ..rayclient.ports import free_port
 
 CACHE = Path(os.environ.get("FORGELINE_CACHE", Path.home() / ".cache" / "forgeline"))
 ADMIN_TOKEN = "forgeline-admin-token"

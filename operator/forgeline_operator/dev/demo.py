@@ -1,6 +1,6 @@
 """`make demo`: a three-stage training pipeline through the real operator, on this machine.
 
-1. starts a real etcd + kube-apiserver on loopback (forgeline_operator.devcluster) and installs
+1. starts a real etcd + kube-apiserver on loopback (forgeline_operator.dev.devcluster) and installs
    the CRDs generated from the models;
 2. starts the operator (`python -m forgeline_operator`) with the local backend: an embedded Ray
    head stands in for the KubeRay cluster a real deployment would create;
@@ -31,7 +31,7 @@ from rich.table import Table
 from .devcluster import ControlPlane, find_binary
 from .operator_process import OperatorProcess
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PIPELINE = REPO / "examples" / "pipeline-pretrain-sft-dpo.yaml"
 JOBS = [("tj", "pipe-pretrain"), ("ftj", "pipe-sft"), ("ftj", "pipe-dpo")]
 

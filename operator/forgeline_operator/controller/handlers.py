@@ -20,8 +20,7 @@ from typing import Any, NoReturn
 
 import kopf
 
-from . import decisions, fitcheck, metrics, storagepolicy
-from .api import (
+from ..api import (
     API_GROUP,
     API_VERSION,
     TERMINAL_PHASES,
@@ -32,6 +31,7 @@ from .api import (
     TrainingJob,
     parse_job,
 )
+from . import decisions, fitcheck, metrics, storagepolicy
 from .jobindex import JobKey
 from .reconciler import Reconciler, StatusWriter
 from .runtime import Runtime

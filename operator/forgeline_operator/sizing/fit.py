@@ -34,8 +34,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .api import FineTuneJob, Job, TrainingJob
-from .api.finetune_job import LoraSettings
+from ..api import FineTuneJob, Job, TrainingJob
+from ..api.finetune_job import LoraSettings
 from .planning import LlamaShape
 
 GiB = 2**30

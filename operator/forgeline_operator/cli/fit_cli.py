@@ -1,4 +1,4 @@
-"""`forgeline validate --fit`: the options and the tables around `fit.py`'s memory estimate."""
+"""`forgeline validate --fit`: the options and the tables around `sizing/fit.py`'s memory estimate."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import fit
-from .api import Job
+from ..api import Job
+from ..sizing import fit
 
 DOES_NOT_FIT_EXIT = 3
 
