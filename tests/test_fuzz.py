@@ -119,7 +119,11 @@ def _check_manifest(doc: dict[str, Any]) -> None:
             assert isinstance(error.fix, str)
         return
     # accepted: everything downstream of the API works on it without a crash
-    config = build_job_config(job, base_model="/models/base", reward_model="/models/rm", work_dir="/w")
+    # the caller resolves every fromJob (the operator looks up each upstream job's output)
+    adapters = ["/models/adapter"] * len(job.adapter_sources())
+    config = build_job_config(
+        job, base_model="/models/base", reward_model="/models/rm", adapters=adapters, work_dir="/w"
+    )
     json.loads(config.model_dump_json())
     rc = builders.build_ray_cluster(job, "img")
     assert rc["metadata"]["name"] == job.ray_cluster_name() and len(rc["metadata"]["name"]) <= 47

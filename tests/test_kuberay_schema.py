@@ -23,7 +23,7 @@ import yaml
 from forgeline_operator.api import parse_job
 from forgeline_operator.controller import builders
 from forgeline_operator.controller.settings import NodePool
-from forgeline_operator.dev.devcluster import ControlPlane, find_binary
+from forgeline_operator.dev.cluster import ControlPlane, find_binary
 
 from .conftest import CHART, EXAMPLES, REPO, load_yaml_documents
 

@@ -9,7 +9,7 @@ import subprocess
 
 import yaml
 
-from forgeline_operator.dev.devcluster import find_binary
+from forgeline_operator.dev.cluster import find_binary
 
 from .conftest import REPO
 from .prom import RULES

