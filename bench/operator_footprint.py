@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from forgeline_operator.dev.devcluster import ControlPlane, find_binary
+from forgeline_operator.dev.cluster import ControlPlane, find_binary
 from forgeline_operator.dev.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[1]

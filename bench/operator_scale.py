@@ -54,7 +54,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.rayjobs_standin
 
-from forgeline_operator.dev.devcluster import ADMIN_TOKEN, ControlPlane, find_binary  # noqa: E402
+from forgeline_operator.dev.cluster import ADMIN_TOKEN, ControlPlane, find_binary  # noqa: E402
 from forgeline_operator.dev.operator_process import OperatorProcess  # noqa: E402
 
 GROUP, VERSION, PLURAL = "forgeline.dev", "v1alpha1", "trainingjobs"
@@ -220,7 +220,7 @@ class StandInProcess:
 class Api:
     def __init__(self, cp: ControlPlane) -> None:
         self.host, self.port = "127.0.0.1", cp.port
-        self.ctx = ssl.create_default_context(cafile=str(cp.workdir / "certs" / "apiserver.crt"))
+        self.ctx = ssl.create_default_context(cafile=str(cp.ca_cert))
         self.ctx.check_hostname = False
         self.headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
 
