@@ -9,7 +9,16 @@ liveness and readiness probes.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
+
+
+def identity() -> str:
+    """This operator's name among peers: the pod's name (its hostname) and pid. kopf's default asks
+    the password database for the user's name, which a container running as an arbitrary UID (the
+    chart's 65532) does not have: the operator crashed at start-up in a pod."""
+    return f"{socket.gethostname()}/{os.getpid()}"
 
 
 def main() -> int:
@@ -32,6 +41,7 @@ def main() -> int:
         standalone=s.peering is None,
         peering_name=s.peering,
         liveness_endpoint=f"http://0.0.0.0:{s.health_port}/healthz",
+        identity=identity(),
     )
     return 0
 

@@ -55,6 +55,7 @@ def serve(workdir: Path, kueue: bool, images: bool) -> int:
         cluster.up()
         refs = cluster.build_and_load_images() if images else {}
         state = {"pid": os.getpid(), "workdir": str(workdir), "kubeconfig": str(cluster.kubeconfig)}
+        state["nodes"] = {n.name: n.anchor.pid for n in cluster.nodes if n.anchor is not None}
         STATE.write_text(json.dumps({**state, "images": refs}))
         print("READY", flush=True)
         while not stop.wait(1.0):
@@ -128,14 +129,25 @@ def status(_: argparse.Namespace) -> int:
     return 0
 
 
-def build_images(_: argparse.Namespace) -> int:
+def build_images(args: argparse.Namespace) -> int:
+    """Build the images; with --load, also import them into the running cluster's nodes."""
     from . import images
-    from .cluster import REPO
+    from .cluster import REPO, KubeCluster
+    from .node import Node
 
+    refs = []
     for recipe in (images.OPERATOR, images.TRAINER):
         started = time.monotonic()
-        ref = images.build(recipe, REPO, STATE_DIR / "logs")
-        print(f"{recipe.name}: {ref} ({time.monotonic() - started:.0f}s)")
+        refs.append(images.build(recipe, REPO, STATE_DIR / "logs"))
+        print(f"{recipe.name}: {refs[-1]} ({time.monotonic() - started:.0f}s)")
+    state = _read_state()
+    if args.load and state and _alive(state["pid"]):
+        cluster = KubeCluster(Path(state["workdir"]), kuberay=False)
+        cluster.nodes = [Node.attach(name, pid) for name, pid in state.get("nodes", {}).items()]
+        started = time.monotonic()
+        sent = cluster.load_images(refs)
+        print(f"loaded into {', '.join(cluster.nodes[i].name for i in range(len(cluster.nodes)))} "
+              f"in {time.monotonic() - started:.0f}s (layer bytes sent: {sent})")  # fmt: skip
     return 0
 
 
@@ -149,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--images", action="store_true", help="build and load the operator and trainer images")
     sub.add_parser("down", help="stop it and remove everything it made")
     sub.add_parser("status", help="nodes and pods")
-    sub.add_parser("images", help="build the operator and trainer images from their Dockerfiles")
+    p_images = sub.add_parser("images", help="build the operator and trainer images from their Dockerfiles")
+    p_images.add_argument("--load", action="store_true", help="and import them into the running cluster")
     p_serve = sub.add_parser("serve", help=argparse.SUPPRESS)
     p_serve.add_argument("--workdir", required=True)
     p_serve.add_argument("--kueue", action="store_true")

@@ -135,7 +135,17 @@ def build(recipe: ImageRecipe, repo: Path, log_dir: Path) -> str:
         str(repo), log=log_dir / f"build-{recipe.name}.log",
     )  # fmt: skip
     _record(reference, time.monotonic() - started)
+    _remove_older_tags(reference)
     return reference
+
+
+def _remove_older_tags(reference: str) -> None:
+    """Untag the same image's earlier builds (their shared layers stay; only their own go)."""
+    repo = reference.rsplit(":", 1)[0]
+    names = buildah("images", "--noheading", "--format", "{{.Name}}:{{.Tag}}").stdout.split()
+    old = [n for n in names if n.startswith(repo + ":") and n != reference]
+    if old:
+        buildah("rmi", *old)
 
 
 def _single_binary(reference: str, binary: str, entrypoint: list[str], user: str | None = None) -> str:
@@ -208,19 +218,40 @@ def blob(digest: str) -> Path:
 def blobs_of(manifest_desc: dict) -> tuple[list[str], list[str]]:
     """(the manifest's and config's digests, the layers' digests)."""
     manifest = json.loads(blob(manifest_desc["digest"]).read_text())
-    return [manifest_desc["digest"], manifest["config"]["digest"]], [
-        layer["digest"] for layer in manifest["layers"]
-    ]
+    layers = [layer["digest"] for layer in manifest["layers"]]
+    return [manifest_desc["digest"], manifest["config"]["digest"]], layers
 
 
-def write_import_stream(out: object, reference: str, manifest_desc: dict, have: set[str]) -> int:
-    """An OCI archive for `ctr images import` holding the manifest, the config and only the layers
-    the node's content store lacks (containerd finds the others in its store: a changed image
-    costs its new layers only). Returns the bytes of layers sent."""
+def chain_ids(manifest_desc: dict) -> list[str]:
+    """The layers' chain IDs (OCI image spec: ChainID(n) = sha256(ChainID(n-1) + " " + DiffID(n))),
+    the names containerd gives the snapshots they unpack to."""
+    meta, _ = blobs_of(manifest_desc)
+    diff_ids = json.loads(blob(meta[1]).read_text())["rootfs"]["diff_ids"]
+    chain: list[str] = []
+    for diff in diff_ids:
+        link = f"{chain[-1]} {diff}".encode() if chain else None
+        chain.append("sha256:" + hashlib.sha256(link).hexdigest() if link else diff)
+    return chain
+
+
+def missing_layers(manifest_desc: dict, snapshots: set[str]) -> list[str]:
+    """The layers a node must be sent: from the first whose snapshot it lacks to the top (containerd
+    unpacks a layer onto its parent's snapshot and skips every layer whose snapshot exists)."""
+    _, layers = blobs_of(manifest_desc)
+    for i, chain in enumerate(chain_ids(manifest_desc)):
+        if chain not in snapshots:
+            return layers[i:]
+    return []
+
+
+def write_import_stream(out: object, reference: str, manifest_desc: dict, layers: list[str]) -> int:
+    """An OCI archive for `ctr images import` holding the manifest, the config and `layers` (those
+    the node has not unpacked yet: a changed image costs its new layers only). Returns the bytes of
+    layers sent."""
     import io
     import tarfile
 
-    meta, layers = blobs_of(manifest_desc)
+    meta, _ = blobs_of(manifest_desc)
     index = {
         "schemaVersion": 2,
         "manifests": [
@@ -239,7 +270,7 @@ def write_import_stream(out: object, reference: str, manifest_desc: dict, have: 
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        for digest in meta + [d for d in layers if d not in have]:
+        for digest in meta + layers:
             path = blob(digest)
             tar.add(str(path), arcname=f"blobs/{digest.replace(':', '/')}")
             if digest not in meta:

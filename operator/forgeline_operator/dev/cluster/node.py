@@ -38,6 +38,11 @@ SANDBOX_IMAGE_REPO = "registry.k8s.io/pause"
 CNI_BIN_DIR = "/usr/lib/cni"
 
 
+class _Attached:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
 def node_token(name: str) -> str:
     return f"forgeline-node-{name}-token"
 
@@ -81,6 +86,14 @@ class Node:
         self.containerd_root = CACHE / "nodes" / spec.name / "containerd"
         self.anchor: subprocess.Popen[bytes] | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @classmethod
+    def attach(cls, name: str, anchor_pid: int) -> Node:
+        """A handle on a running node of another process's cluster (images, ctr): its anchor's pid."""
+        node = cls.__new__(cls)
+        node.name = name
+        node.anchor = _Attached(anchor_pid)  # type: ignore[assignment]
+        return node
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -150,12 +163,19 @@ class Node:
         out = self.ctr("images", "ls", "-q", check=False).stdout
         return {line.strip() for line in out.splitlines() if line.strip()}
 
-    def content(self) -> set[str]:
-        """Digests in the node's content store (what an import need not send again)."""
-        out = self.ctr("content", "ls", "-q", check=False).stdout
-        return {line.strip() for line in out.splitlines() if line.strip()}
+    def snapshots(self) -> set[str]:
+        """Names of the node's committed overlayfs snapshots (an unpacked layer's is its chain ID)."""
+        out = self.ctr("snapshots", "--snapshotter", "overlayfs", "ls", check=False).stdout
+        rows = [line.split() for line in out.splitlines()[1:]]
+        return {row[0] for row in rows if row and row[-1] == "Committed"}
 
-    def import_stream(self, write: Callable[[IO[bytes]], object], timeout: float = 1800) -> None:
+    def discard_content(self, digests: list[str]) -> None:
+        """Delete layer blobs once unpacked (what containerd's discard_unpacked_layers does for
+        pulls): the snapshots are what containers run from, and the blobs would double the disk."""
+        for i in range(0, len(digests), 50):
+            self.ctr("content", "rm", *digests[i : i + 50], check=False)
+
+    def import_stream(self, write: Callable[[IO[bytes]], int], timeout: float = 1800) -> int:
         """`ctr images import -` fed by `write(stdin)` (an OCI or docker archive); the image's
         layers are unpacked for the CRI's snapshotter."""
         argv = [*self.enter(), "ctr", "--address", "/run/containerd/containerd.sock", "-n", "k8s.io",
@@ -163,7 +183,7 @@ class Node:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            write(proc.stdin)
+            written = write(proc.stdin)
         finally:
             proc.stdin.close()
         output = proc.stdout.read().decode(errors="replace")
@@ -171,6 +191,7 @@ class Node:
             raise RuntimeError(
                 f"{self.name}: ctr images import failed ({proc.returncode}):\n{output[-2000:]}"
             )
+        return written
 
     def remove_images(self, references: list[str]) -> None:
         if references:
