@@ -1256,3 +1256,34 @@ def test_eval_intervals_match_the_textbook_and_small_evals_are_flagged(
     assert "spec.evaluation.maxBatches" in warnings[0]["message"]
     r.evaluation(6, {"eval_loss": 1.8, "eval_tokens": 4096.0})
     assert not [x for x in parse_records(capsys.readouterr().out) if x["type"] == "event"]
+
+
+def test_a_gpu_the_node_advertises_but_torch_cannot_use_names_the_pod_and_its_node() -> None:
+    """The driver's GPU check (preflight.gpu_nodes, run for real on the test cluster's GPU node in
+    tests/test_kube_e2e.py): its verdict on one node's report."""
+    import pickle
+
+    from forgeline_trainer import preflight
+
+    report = {
+        "pod": "gpu-llama-tj-train-worker-b9m79",
+        "node": "forgeline-gpu",
+        "ip": "10.160.1.2",
+        "ray_gpus": 1,
+        "visible": "0",
+        "usable": False,
+        "count": 0,
+        "device_files": [],
+        "torch": "2.13.0",
+        "cuda": "13.0",
+    }
+    failure = preflight.gpu_failure(report)
+    assert failure is not None and failure.reason == "PreflightFailed" and failure.check == "gpu"
+    text = str(failure)
+    assert "failed on worker pod gpu-llama-tj-train-worker-b9m79 on node forgeline-gpu (10.160.1.2)" in text
+    assert "torch sees no usable CUDA device" in text and "no /dev/nvidia* device files" in text
+    assert "fix:" in text and "spec.resources.nodePool" in text
+    assert pickle.loads(pickle.dumps(failure)).__dict__ == failure.__dict__
+    assert preflight.gpu_failure({**report, "usable": True, "count": 1}) is None
+    fewer = preflight.gpu_failure({**report, "usable": True, "count": 1, "ray_gpus": 2})
+    assert fewer is not None and "torch sees only 1 CUDA device(s)" in str(fewer)

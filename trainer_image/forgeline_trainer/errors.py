@@ -53,13 +53,15 @@ class PreflightFailed(TrainerError):
 
     reason = "PreflightFailed"
 
-    def __init__(self, check: str, rank: int | None, detail: str) -> None:
-        where = "the driver" if rank is None else f"worker {rank}"
+    def __init__(self, check: str, rank: int | None, detail: str, where: str | None = None) -> None:
+        """`rank`: the Ray Train worker; None with `where` naming another place (a worker pod
+        before the worker group exists); None alone: the driver."""
+        where = where or ("the driver" if rank is None else f"worker {rank}")
         super().__init__(f"preflight check '{check}' failed on {where}: {detail}")
-        self.check, self.rank, self.detail = check, rank, detail
+        self.check, self.rank, self.detail, self.where = check, rank, detail, where
 
-    def __reduce__(self) -> tuple[type, tuple[str, int | None, str]]:  # crosses Ray's process boundary
-        return (type(self), (self.check, self.rank, self.detail))
+    def __reduce__(self) -> tuple[type, tuple[str, int | None, str, str]]:  # crosses Ray's process boundary
+        return (type(self), (self.check, self.rank, self.detail, self.where))
 
 
 class StorageError(TrainerError, OSError):

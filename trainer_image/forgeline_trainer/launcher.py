@@ -111,6 +111,8 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     _check_storage(cfg)
+    if use_gpu:
+        preflight.gpu_nodes(cfg.spec.resources.gpus_per_worker)
     storage_path = storage.resolve(cfg.paths.checkpoints, cfg.paths.work_dir)
     prepared = _prepare(cfg, recipe)
     ck = cfg.spec.checkpointing

@@ -5,6 +5,10 @@ otherwise fail an hour in — and fail at once with `PreflightFailed` naming the
     storage_probe(...)    also on the driver (launcher), for the checkpoint and output locations,
                           before the data is prepared and the workers start: where the driver can
                           check, it fails first, in seconds (the Ray pods mount the same volumes)
+    gpu_nodes(...)        on the driver, before the worker group starts, for a job with GPUs: one
+                          small task on every Ray node that offers GPUs asks torch whether they are
+                          usable there. Ray Train's own set-up (an NCCL process group) fails first
+                          otherwise, deep in a traceback that names no pod and reads as user code
 
 The checks, in order (each worker runs the local ones, then all meet in one bounded all-reduce
 that also carries which worker failed which check, so every worker stops with the same error):
@@ -120,6 +124,86 @@ def check_gpu(gpus_per_worker: int) -> None:
     if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2):
         name = torch.cuda.get_device_name(device)
         raise RuntimeError(f"a 64×64 matmul on {device} ({name}) gives wrong results")
+
+
+def gpu_report() -> dict[str, Any]:
+    """What this process (a task holding a node's GPUs) sees: which pod and Kubernetes node it is
+    on, the GPUs Ray gave it, and whether torch can use them."""
+    import glob
+    import socket
+
+    import ray
+    import torch
+
+    ids = ray.get_gpu_ids()
+    usable = torch.cuda.is_available()
+    return {
+        "pod": os.environ.get("FORGELINE_POD_NAME") or socket.gethostname(),
+        "node": os.environ.get("FORGELINE_NODE_NAME"),
+        "ip": ray.util.get_node_ip_address(),
+        "ray_gpus": len(ids),
+        "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "usable": usable,
+        "count": torch.cuda.device_count() if usable else 0,
+        "device_files": sorted(glob.glob("/dev/nvidia[0-9]*")),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def gpu_failure(report: dict[str, Any]) -> PreflightFailed | None:
+    """None when the node's GPUs are usable; else the failure naming the pod, its node and the
+    GPUs Kubernetes and Ray gave it that torch cannot use."""
+    if report["usable"] and report["count"] >= report["ray_gpus"]:
+        return None
+    node = f" on node {report['node']}" if report.get("node") else ""
+    where = f"worker pod {report['pod']}{node} ({report['ip']})"
+    files = ", ".join(report["device_files"]) or "no /dev/nvidia* device files"
+    if report["usable"]:
+        seen = f"torch sees only {report['count']} CUDA device(s)"
+    else:
+        seen = "torch sees no usable CUDA device"
+    detail = (
+        f"Ray gave this pod {report['ray_gpus']} GPU(s) (its nvidia.com/gpu request) but {seen} "
+        f"(CUDA_VISIBLE_DEVICES={report['visible']!r}, {files}, torch {report['torch']} built for CUDA "
+        f"{report['cuda']}) — fix: the node's NVIDIA driver or device plugin is missing or broken "
+        "(kubectl describe node; nvidia-smi on it), or choose another spec.resources.nodePool"
+    )
+    return PreflightFailed("gpu", None, detail, where=where)
+
+
+def gpu_nodes(gpus_per_worker: int, timeout: float | None = None) -> int:
+    """Driver side, before any training process starts: run gpu_report on every live Ray node that
+    offers GPUs, holding all of them; raise the first failure. The number of nodes checked."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    timeout = timeout if timeout is not None else float(os.environ.get(TIMEOUT_ENV, "120"))
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (n.get("Resources") or {}).get("GPU", 0) > 0]
+    if not nodes:
+        return 0  # none has joined yet: Ray Train waits for them, the operator's watchdog bounds it
+    task = ray.remote(num_cpus=0)(gpu_report)
+    refs = [
+        task.options(
+            num_gpus=n["Resources"]["GPU"],
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+        ).remote()
+        for n in nodes
+    ]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    for ref in ready:
+        failure = gpu_failure(ray.get(ref))
+        if failure is not None:
+            raise failure
+    if pending:
+        raise PreflightFailed(
+            "gpu",
+            None,
+            f"{len(pending)} of {len(refs)} GPU nodes did not answer a GPU check within {timeout:.0f} s",
+        )
+    return len(nodes)
 
 
 def _train_device() -> Any:

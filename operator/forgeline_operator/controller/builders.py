@@ -109,6 +109,9 @@ def _env(job: Job, threads: int) -> list[dict[str, Any]]:
         {"name": "OMP_NUM_THREADS", "value": str(threads)},
         {"name": "FORGELINE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        # the trainer names the pod and node in a failure (a GPU the node advertises but lacks)
+        {"name": "FORGELINE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "FORGELINE_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
     ]
 
 
