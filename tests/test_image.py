@@ -71,7 +71,10 @@ def test_dockerfile_uses_the_clusters_ray_and_the_pins() -> None:
 
     text = (REPO / "trainer_image" / "Dockerfile").read_text()
     ray_version = RayTarget().version
-    assert f"FROM rayproject/ray:{ray_version}-" in text
+    # the production base is Ray's own image of the cluster's Ray version; the test cluster passes
+    # a debootstrap base through the same build argument
+    assert f"ARG BASE_IMAGE=rayproject/ray:{ray_version}-" in text
+    assert "FROM ${BASE_IMAGE}" in text
     assert _pins()["ray"] == ray_version
     assert "pip install --no-cache-dir -r trainer_image/requirements.txt" in text
     assert "pip install --no-cache-dir --no-deps ." in text
