@@ -11,9 +11,9 @@ PIP := $(PY) -m pip
 export FORGELINE_CACHE ?= $(HOME)/.cache/forgeline
 PYTEST_ARGS ?=
 
-.PHONY: test soak bench demo setup venv tools crds dashboards validate lint clean
+.PHONY: test soak bench demo setup venv tools images crds dashboards validate lint clean
 
-setup: venv tools
+setup: venv tools images
 
 # The virtual environment: the package with its operator, trainer and dev extras, constrained to
 # the trainer image's pins (so the tests train with exactly what the image ships). torch comes
@@ -37,6 +37,12 @@ tools:
 	bash tests/setup/install_tools.sh
 	bash tests/setup/build_cluster.sh
 	bash tests/setup/build_base_image.sh
+
+# The operator and trainer images from their Dockerfiles (buildah, on the debootstrap base), tagged
+# by the content of what they copy, and exported for the test cluster's nodes: a second run with
+# no change does nothing.
+images: venv tools
+	$(PY) -m forgeline_operator.dev.cluster images --export
 
 test: setup
 	@start=$$(date +%s); \

@@ -7,6 +7,7 @@ instead; set KUBEBUILDER_ASSETS to use envtest binaries.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -15,11 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
 from forgeline_operator.dev.cluster import ControlPlane, find_binary
+
+if TYPE_CHECKING:
+    from .kube import KubeEnv
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -242,3 +247,42 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
+    """The end-to-end tests' cluster (tests/kube.py): nodes from kind-config.yaml running pods,
+    KubeRay and Kueue, the images from the Dockerfiles, the chart's operator as a pod. Torn down
+    after the session; what it could not remove fails the session."""
+    from forgeline_operator.dev.cluster.cluster import KubeCluster
+
+    from .kube import KubeEnv, install_operator
+
+    workdir = tmp_path_factory.mktemp("kube")
+    cluster = KubeCluster(workdir, kueue=True, log=lambda m: print(m, flush=True))
+    try:
+        cluster.up()
+        images = cluster.build_and_load_images()
+        with cluster._timed("helm install"):
+            install_operator(cluster, images)
+        print(f"kube: {', '.join(f'{k} {v:.1f}s' for k, v in cluster.timings.items())}", flush=True)
+        (workdir / "timings.json").write_text(json.dumps(cluster.timings, indent=1))
+        yield KubeEnv(cluster, images, workdir / "volumes")
+    finally:
+        problems = cluster.down()
+    assert problems == [], f"the test cluster left behind: {problems}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed end-to-end test says why without a rerun (as KubeRay's e2e support does): pods,
+    describe of those not ready, container logs, Events, RayClusters, the controllers' logs."""
+    report = yield
+    env = getattr(item, "funcargs", {}).get("kube")
+    if report.failed and env is not None and call.when in ("call", "setup"):
+        for ns in [*env.namespaces, "forgeline-system"]:
+            try:
+                report.sections.append((f"cluster diagnostics: {ns}", env.cluster.diagnostics(ns)))
+            except Exception as exc:  # noqa: BLE001 - diagnostics must never hide the failure
+                report.sections.append((f"cluster diagnostics: {ns}", f"could not collect: {exc}"))
+    return report

@@ -40,20 +40,24 @@ class Prometheus:
         tmp.write_text(json.dumps(groups))
         tmp.replace(self.workdir / "targets.json")  # atomic: Prometheus never reads half a file
 
+    def scrape_configs(self) -> list[dict[str, Any]]:
+        """The file_sd targets that add_target writes."""
+        return [
+            {
+                "job_name": "file",
+                "file_sd_configs": [
+                    {"files": [str(self.workdir / "targets.json")], "refresh_interval": "1s"}
+                ],
+            }
+        ]
+
     def start(self) -> None:
         if not (self.workdir / "targets.json").exists():
             (self.workdir / "targets.json").write_text("[]")
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
-            "scrape_configs": [
-                {
-                    "job_name": "file",
-                    "file_sd_configs": [
-                        {"files": [str(self.workdir / "targets.json")], "refresh_interval": "1s"}
-                    ],
-                }
-            ],
+            "scrape_configs": self.scrape_configs(),
         }
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         log = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115 - lives with the process

@@ -4,6 +4,7 @@
     python -m forgeline_operator.dev.cluster status
     python -m forgeline_operator.dev.cluster down      # nothing left behind
     python -m forgeline_operator.dev.cluster images    # build the operator and trainer images
+                                                       # (--export: for nodes; --load: into this one)
 
 `up` starts a supervisor process that holds the cluster (its components are its children) and
 tears it down on SIGTERM or `down`; its log and the cluster's files are in the work directory
@@ -140,6 +141,11 @@ def build_images(args: argparse.Namespace) -> int:
         started = time.monotonic()
         refs.append(images.build(recipe, REPO, STATE_DIR / "logs"))
         print(f"{recipe.name}: {refs[-1]} ({time.monotonic() - started:.0f}s)")
+    if args.export:
+        started = time.monotonic()
+        for ref in refs:
+            images.export(ref)
+        print(f"exported to the OCI layout nodes import from in {time.monotonic() - started:.0f}s")
     state = _read_state()
     if args.load and state and _alive(state["pid"]):
         cluster = KubeCluster(Path(state["workdir"]), kuberay=False)
@@ -163,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="nodes and pods")
     p_images = sub.add_parser("images", help="build the operator and trainer images from their Dockerfiles")
     p_images.add_argument("--load", action="store_true", help="and import them into the running cluster")
+    p_images.add_argument("--export", action="store_true", help="and export them for the nodes (make setup)")
     p_serve = sub.add_parser("serve", help=argparse.SUPPRESS)
     p_serve.add_argument("--workdir", required=True)
     p_serve.add_argument("--kueue", action="store_true")

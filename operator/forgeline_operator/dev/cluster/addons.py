@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ...rayclient.ports import free_port
 from .binaries import find_binary
 from .node import CLUSTER_DNS_IP, CLUSTER_DOMAIN
@@ -246,5 +248,93 @@ def kuberay_operator(kubeconfig: Path, log: Path) -> HostController:
         ],
         log,
         f"http://127.0.0.1:{health}/healthz",
+        env={"KUBECONFIG": str(kubeconfig)},
+    )
+
+
+# -- Kueue -------------------------------------------------------------------------------------
+
+KUEUE_NAMESPACE = "kueue-system"
+# Kueue's own types and the RayCluster integration: the webhooks this cluster registers (the
+# module's manifest also serves batch Jobs, pods, Deployments, ... which this cluster leaves alone)
+_KUEUE_WEBHOOK_PATHS = ("-kueue-x-k8s-io-", "-ray-io-v1-raycluster")
+
+
+def kueue_config(webhook_host: str, webhook_port: int, cert_dir: Path) -> dict[str, Any]:
+    """Kueue's Configuration for a manager run out of cluster: the RayCluster integration only,
+    leader election off, its webhook on the host bridge with a certificate from the cluster's PKI
+    (internal cert management off: it would issue for the in-cluster Service's DNS name),
+    health and metrics on loopback."""
+    return {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "namespace": KUEUE_NAMESPACE,
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
+        "metrics": {"bindAddress": f"127.0.0.1:{free_port()}"},
+        "webhook": {"host": webhook_host, "port": webhook_port, "certDir": str(cert_dir)},
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "integrations": {"frameworks": ["ray.io/raycluster"]},
+    }
+
+
+def kueue_webhooks(manifests: Path, url_base: str, ca_bundle: str) -> list[dict[str, Any]]:
+    """Kueue's mutating and validating webhook configurations from its module, cut to its own types
+    and RayClusters, each pointed at `url_base` + its path with the cluster CA as caBundle."""
+    out = []
+    for doc in yaml.safe_load_all(manifests.read_text()):
+        if not doc or not doc.get("kind", "").endswith("WebhookConfiguration"):
+            continue
+        hooks = []
+        for hook in doc.get("webhooks", []):
+            path = hook["clientConfig"]["service"]["path"]
+            if any(p in path for p in _KUEUE_WEBHOOK_PATHS):
+                hooks.append({**hook, "clientConfig": {"url": url_base + path, "caBundle": ca_bundle}})
+        name = "kueue-" + doc["metadata"]["name"]
+        out.append(
+            {
+                "apiVersion": doc["apiVersion"],
+                "kind": doc["kind"],
+                "metadata": {"name": name},
+                "webhooks": hooks,
+            }
+        )
+    return out
+
+
+def kueue_manager(
+    kubeconfig: Path, config: dict[str, Any], workdir: Path, metrics_cert: Path, metrics_key: Path
+) -> HostController:
+    """Kueue's manager out of cluster. With internal cert management off it reads its metrics
+    certificate from a fixed path, /etc/kueue/metrics/certs; it runs in a private mount namespace
+    whose /etc is an overlay adding that directory, so nothing is written to this machine's /etc.
+    The on-demand visibility API server (an aggregated API) is off."""
+    upper, work = workdir / "etc-upper", workdir / "etc-work"
+    certs = upper / "kueue" / "metrics" / "certs"
+    certs.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    (certs / "tls.crt").write_bytes(metrics_cert.read_bytes())
+    (certs / "tls.key").write_bytes(metrics_key.read_bytes())
+    config_file = workdir / "kueue-config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    overlay = f"lowerdir=/etc,upperdir={upper},workdir={work}"
+    script = f'mount -t overlay overlay -o "{overlay}" /etc && exec "$0" "$@"'
+    health = config["health"]["healthProbeBindAddress"]
+    return HostController(
+        "kueue",
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            find_binary("kueue"),
+            f"--config={config_file}",
+            "--feature-gates=VisibilityOnDemand=false",
+        ],  # fmt: skip
+        workdir / "kueue.log",
+        f"http://{health}/readyz",
         env={"KUBECONFIG": str(kubeconfig)},
     )

@@ -73,3 +73,8 @@ def find_binary(name: str) -> str:
 def crds(name: str) -> list[Path]:
     """The CRD files that came with a controller's own module (kuberay, kueue)."""
     return sorted((Path(component(name)["dir"]) / "crds").glob("*.yaml"))
+
+
+def webhook_manifests(name: str) -> Path:
+    """The webhook configurations that came with a controller's own module (kueue)."""
+    return Path(component(name)["dir"]) / "webhook" / "manifests.yaml"

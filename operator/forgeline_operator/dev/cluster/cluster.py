@@ -10,6 +10,7 @@ cgroup of the cluster (`leftovers()` lists any that remain; a test asserts it is
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ...rayclient.ports import free_port
 from . import addons, binaries, images
 from .controlplane import ControlPlane
 from .network import Fabric
@@ -109,6 +111,8 @@ class KubeCluster:
             self.apply_objects([addons.storage_class()])
             if self.with_kuberay:
                 self.install_kuberay()
+            if self.with_kueue:
+                self.install_kueue()
             rollout = ("rollout", "status", "deploy/coredns", f"--timeout={int(timeout)}s")
             self.kubectl("-n", "kube-system", *rollout, timeout=timeout + 10)
         self._log(f"cluster up: {', '.join(f'{k} {v:.1f}s' for k, v in self.timings.items())}")
@@ -215,6 +219,35 @@ class KubeCluster:
         controller = addons.kuberay_operator(self.kubeconfig, self.workdir / "kuberay-operator.log")
         controller.start()
         self.controllers["kuberay"] = controller
+
+    def install_kueue(self) -> None:
+        """Kueue's CRDs from its own module, its manager out of cluster (webhook on the host
+        bridge, certificate from the cluster's PKI), then its webhook configurations pointing at
+        it: registered once it is ready, so the apiserver never calls a webhook that is not there."""
+        assert self.control_plane is not None and self.fabric is not None
+        for crd in binaries.crds("kueue"):
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+        for kind in ("clusterqueues", "localqueues", "resourceflavors", "workloads"):
+            self.kubectl("wait", "--for=condition=Established", f"crd/{kind}.kueue.x-k8s.io", "--timeout=60s")
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": addons.KUEUE_NAMESPACE}}
+        self.apply_objects([namespace])
+        workdir = self.workdir / "kueue"
+        cert_dir = workdir / "webhook-certs"
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        host = self.fabric.host_ip
+        pair = self.control_plane.pki.serving("kueue-webhook", "kueue-webhook", [host], [])
+        (cert_dir / "tls.crt").write_bytes(pair.cert.read_bytes())
+        (cert_dir / "tls.key").write_bytes(pair.key.read_bytes())
+        port = free_port()
+        config = addons.kueue_config(host, port, cert_dir)
+        controller = addons.kueue_manager(self.kubeconfig, config, workdir, pair.cert, pair.key)
+        controller.start()
+        self.controllers["kueue"] = controller
+        ca_bundle = base64.b64encode(self.control_plane.ca_cert.read_bytes()).decode()
+        hooks = addons.kueue_webhooks(
+            binaries.webhook_manifests("kueue"), f"https://{host}:{port}", ca_bundle
+        )
+        self.apply_objects(hooks)
 
     def _wait_nodes_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,184 @@
+"""The end-to-end tests' cluster: one KubeCluster per session (forgeline_operator.dev.cluster) with
+the operator and trainer images built from the repository's Dockerfiles and loaded into its nodes,
+Kueue, and Forgeline's chart installed with `helm install` (the operator runs as a pod).
+
+Each test works in a namespace of its own with a `work` PersistentVolumeClaim bound to a directory
+of this machine (`volume(ns)`), so `pvc://work/...` URIs are real mounts in the Ray pods."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forgeline_operator.dev.cluster import addons
+from forgeline_operator.dev.cluster.cluster import KubeCluster
+
+from .conftest import CHART, helm
+
+RELEASE, RELEASE_NS = "forgeline", "forgeline-system"
+RAY_UID, RAY_GID = 1000, 100  # the trainer image's `ray` user; the Ray pods' fsGroup
+PLURAL = {"TrainingJob": "trainingjobs.forgeline.dev", "FineTuneJob": "finetunejobs.forgeline.dev"}
+TERMINAL = ("Succeeded", "Failed")
+
+
+def ts(value: str | None) -> float | None:
+    """An RFC 3339 timestamp from the apiserver or our status, as epoch seconds."""
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass
+class KubeEnv:
+    cluster: KubeCluster
+    images: dict[str, str]
+    volumes: Path
+    namespaces: list[str] = field(default_factory=list)
+
+    def kubectl(self, *args: str, **kw: Any) -> Any:
+        return self.cluster.kubectl(*args, **kw)
+
+    def get(self, *args: str) -> dict[str, Any]:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    # -- namespaces and volumes ----------------------------------------------------------------
+
+    def namespace(self, prefix: str, labels: dict[str, str] | None = None) -> str:
+        """A fresh namespace (Pod Security `restricted` enforced: the Ray pods must meet it) with a
+        10Gi `work` claim bound to a directory of this machine, owned by the Ray pods' user."""
+        ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        meta = {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted", **(labels or {})}}
+        path = self.volume(ns)
+        path.mkdir(parents=True)
+        os.chown(path, RAY_UID, RAY_GID)
+        claim = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "work", "namespace": ns},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": addons.STORAGE_CLASS,
+                "resources": {"requests": {"storage": "10Gi"}},
+            },
+        }
+        pv = addons.hostpath_volume(f"work-{ns}", path, "10Gi", ns, "work")
+        self.cluster.apply_objects([{"apiVersion": "v1", "kind": "Namespace", "metadata": meta}, pv, claim])
+        self.namespaces.append(ns)
+        return ns
+
+    def volume(self, ns: str) -> Path:
+        return self.volumes / ns
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def apply(self, docs: list[dict[str, Any]], ns: str) -> None:
+        self.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
+
+    def job(self, kind: str, name: str, ns: str) -> dict[str, Any]:
+        return self.get(PLURAL[kind], name, "-n", ns)
+
+    def wait_for(
+        self,
+        kind: str,
+        name: str,
+        ns: str,
+        done: Callable[[dict[str, Any]], bool],
+        timeout: float,
+        every: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll the job until `done(status)`; on timeout, an AssertionError with its status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.job(kind, name, ns).get("status", {})
+            if done(status):
+                return status
+            if every is not None:
+                every()
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{kind} {ns}/{name} not done after {timeout:.0f}s: {json.dumps(status)[:3000]}"
+                )
+            time.sleep(2)
+
+    def wait_terminal(self, kind: str, name: str, ns: str, timeout: float, **kw: Any) -> dict[str, Any]:
+        return self.wait_for(kind, name, ns, lambda s: s.get("phase") in TERMINAL, timeout, **kw)
+
+    def pods(self, ns: str, selector: str = "") -> list[dict[str, Any]]:
+        return self.get("pods", "-n", ns, *(["-l", selector] if selector else []))["items"]
+
+
+class PodWatch:
+    """What the Ray pods of a namespace went through, sampled while a job runs (pods are deleted
+    when the job succeeds): node, scheduling, container start and readiness times."""
+
+    def __init__(self, env: KubeEnv, ns: str) -> None:
+        self.env, self.ns = env, ns
+        self.seen: dict[str, dict[str, Any]] = {}
+        self.rayclusters: dict[str, dict[str, Any]] = {}
+
+    def __call__(self) -> None:
+        for pod in self.env.pods(self.ns, "app.kubernetes.io/managed-by=forgeline"):
+            self.seen[pod["metadata"]["name"]] = pod
+        for rc in self.env.get("rayclusters", "-n", self.ns)["items"]:
+            if (
+                rc.get("status", {}).get("state") == "ready"
+                and rc["metadata"]["name"] not in self.rayclusters
+            ):
+                self.rayclusters[rc["metadata"]["name"]] = {**rc, "seenReadyAt": time.time()}
+
+    def phases(self) -> dict[str, Any]:
+        """Per pod: created → scheduled → container started → Ready (seconds from creation)."""
+        out = {}
+        for name, pod in self.seen.items():
+            created = ts(pod["metadata"]["creationTimestamp"])
+            conds = {c["type"]: ts(c.get("lastTransitionTime")) for c in pod["status"].get("conditions", [])}
+            started = [
+                ts(s["state"]["running"]["startedAt"])
+                for s in pod["status"].get("containerStatuses", [])
+                if "running" in s.get("state", {})
+            ]
+            out[name] = {
+                "node": pod["spec"].get("nodeName"),
+                "role": pod["metadata"]["labels"].get("ray.io/node-type"),
+                "scheduled_s": _since(created, conds.get("PodScheduled")),
+                "init_done_s": _since(created, conds.get("Initialized")),
+                "started_s": _since(created, min(started) if started else None),
+                "ready_s": _since(
+                    created, conds.get("Ready") if pod["status"].get("phase") == "Running" else None
+                ),
+            }
+        return out
+
+
+def _since(start: float | None, end: float | None) -> float | None:
+    return round(end - start, 1) if start is not None and end is not None else None
+
+
+def install_operator(cluster: KubeCluster, images: dict[str, str]) -> str:
+    """`helm install` of Forgeline's chart (its CRDs included) with the images built here; the
+    operator runs as the chart's Deployment in a namespace enforcing Pod Security `restricted`."""
+    repo, tag = images["operator"].rsplit(":", 1)
+    ns = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": RELEASE_NS, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
+    }
+    cluster.apply_objects([ns])
+    out = helm(
+        "install", RELEASE, str(CHART), "-n", RELEASE_NS,
+        "--set", f"image.repository={repo},image.tag={tag},image.pullPolicy=Never",
+        "--set", f"defaults.trainerImage={images['trainer']}",
+        "--set", "operator.reconcileInterval=2,cost.pricePerGpuHour=2.5",
+        "--wait", "--timeout=240s",
+        kubeconfig=cluster.kubeconfig, timeout=300,
+    ).stdout  # fmt: skip
+    return out

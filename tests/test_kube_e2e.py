@@ -1,0 +1,384 @@
+"""End to end on a real cluster: `kubectl apply` of a job → the chart's operator (a pod) creates a
+RayCluster → the real KubeRay creates the head and worker pods on the node pool's node → Ray starts
+in them from the trainer image with token auth → the operator submits through the head's Jobs API →
+the trainer trains on a PersistentVolume → status says Succeeded, with progress, timings, evals.
+Then the GPU pool (a node that advertises GPUs it does not have), Kueue admitting one job at a time,
+the 3-stage pipeline, Prometheus finding the pods through the apiserver, and clean-up.
+
+The cluster (tests/kube.py, forgeline_operator.dev.cluster) is shared by the session; each test
+has its own namespace. A failing test prints the cluster's diagnostics (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from typing import Any
+
+import pytest
+
+from forgeline_operator.dev.cluster.binaries import CACHE
+
+from .conftest import CHART, EXAMPLES, load_yaml_documents
+from .kube import RELEASE, RELEASE_NS, KubeEnv, PodWatch, ts
+
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
+
+CPU_POOL_NODE, GPU_POOL_NODE = "forgeline-cpu", "forgeline-gpu"
+FIGURES = CACHE / "kube-e2e-figures.json"
+# Small enough that a job's head and a worker fit beside the operator and CoreDNS on a 2-CPU node.
+SMALL = {"cpu": "500m", "memory": "2Gi", "sharedMemory": "256Mi", "head": {"cpu": "500m", "memory": "2Gi"}}
+
+
+def on_the_cluster(doc: dict[str, Any], **resources: Any) -> dict[str, Any]:
+    """A shipped example as a user would run it on a cluster: its output on the `work` volume
+    (its data stays relative: the trainer image carries examples/data), sized for this node."""
+    doc = copy.deepcopy(doc)
+    name = doc["metadata"]["name"]
+    doc["spec"]["output"]["uri"] = f"pvc://work/{name}"
+    doc["spec"]["resources"] = {**doc["spec"].get("resources", {}), **SMALL, **resources}
+    return doc
+
+
+def record(section: str, figures: dict[str, Any]) -> None:
+    """Phase timings for bench/results.md and docs/performance.md, printed and kept."""
+    print(f"{section}: {json.dumps(figures)}", flush=True)
+    known = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+    FIGURES.write_text(json.dumps({**known, section: figures}, indent=1))
+
+
+# -- 1. the operator, installed with helm, runs as a pod -------------------------------------------
+
+
+def test_the_chart_runs_the_operator_as_a_restricted_pod(kube: KubeEnv) -> None:
+    deploy = kube.get("deploy", RELEASE, "-n", RELEASE_NS)
+    assert deploy["status"].get("availableReplicas") == 1, deploy["status"]
+    (pod,) = kube.pods(RELEASE_NS, "app.kubernetes.io/component=operator")
+    spec, status = pod["spec"], pod["status"]
+    (container,) = spec["containers"]
+    assert container["image"] == kube.images["operator"]
+    assert spec["serviceAccountName"] == RELEASE and spec["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # the namespace enforces Pod Security "restricted": the pod exists, so it meets it
+    assert status["containerStatuses"][0]["restartCount"] == 0 and status["containerStatuses"][0]["ready"]
+    logs = kube.kubectl("logs", "-n", RELEASE_NS, pod["metadata"]["name"]).stdout
+    assert "Forbidden" not in logs and "Traceback" not in logs, logs[-3000:]
+
+
+# -- 2. placement: the GPU pool, on a node whose GPUs are advertised but absent ---------------------
+
+
+def test_a_gpu_job_lands_on_the_gpu_pool_and_preflight_names_the_missing_gpu(kube: KubeEnv) -> None:
+    ns = kube.namespace("gpu")
+    doc = on_the_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0])
+    doc["metadata"]["name"] = "needs-a-gpu"
+    doc["spec"]["resources"].update(nodePool="h100", gpusPerWorker=1, workers=1)
+    doc["spec"]["training"].update(globalBatchSize=8)
+    watch = PodWatch(kube, ns)
+    created = time.time()
+    kube.apply([doc], ns)
+    status = kube.wait_terminal("TrainingJob", "needs-a-gpu", ns, timeout=420, every=watch)
+    failed_after = time.time() - created
+    assert status["phase"] == "Failed" and status["reason"] == "PreflightFailed", status
+    message = status["message"]
+    assert "GPU" in message and GPU_POOL_NODE in message and "needs-a-gpu" in message, message
+    assert status.get("restarts", 0) == 0  # a node without its GPUs is not retried
+    workers = [p for p in watch.seen.values() if p["metadata"]["labels"].get("ray.io/node-type") == "worker"]
+    assert workers, "no worker pod was ever seen"
+    for pod in workers:
+        assert pod["spec"]["nodeName"] == GPU_POOL_NODE
+        limits = pod["spec"]["containers"][0]["resources"]["limits"]
+        assert limits.get("nvidia.com/gpu") == "1", limits
+        keys = {t["key"] for t in pod["spec"].get("tolerations", [])}
+        assert "nvidia.com/gpu" in keys
+    record("gpu preflight", {"apply_to_failed_s": round(failed_after, 1), "pods": watch.phases()})
+
+
+# -- 3. the pretraining example on KubeRay's pods, with Prometheus watching -------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus(kube: KubeEnv, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from .kube_prometheus import KubePrometheus
+
+    prom = KubePrometheus(tmp_path_factory.mktemp("prometheus"), kube)
+    prom.start()
+    yield prom
+    prom.stop()
+
+
+@pytest.fixture(scope="module")
+def pretrained(kube: KubeEnv, prometheus: Any) -> dict[str, Any]:
+    """`kubectl apply` of examples/pretrain-tiny-llama.yaml on the CPU pool; what happened."""
+    ns = kube.namespace("pretrain")
+    doc = on_the_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], nodePool="cpu")
+    watch = PodWatch(kube, ns)
+    applied = time.time()
+    kube.apply([doc], ns)
+    job = doc["metadata"]["name"]
+    running = kube.wait_for(
+        "TrainingJob", job, ns, lambda s: s.get("phase") in ("Running", "Failed"), 600, every=watch
+    )
+    assert running["phase"] == "Running", running
+    rc_name = running["ray"]["clusterName"]
+    raycluster = kube.get("raycluster", rc_name, "-n", ns)
+    head_service = kube.get("service", f"{rc_name}-head-svc", "-n", ns)
+    status = kube.wait_terminal("TrainingJob", job, ns, timeout=900, every=watch)
+    ended = time.time()
+    return {
+        "ns": ns, "job": job, "status": status, "watch": watch, "raycluster": raycluster,
+        "head_service": head_service, "applied": applied, "ended": ended,
+    }  # fmt: skip
+
+
+def test_the_pretraining_example_succeeds_in_kuberay_pods(kube: KubeEnv, pretrained: dict[str, Any]) -> None:
+    status = pretrained["status"]
+    assert status["phase"] == "Succeeded", status
+    progress = status["progress"]
+    assert progress["step"] == progress["totalSteps"] == 60
+    assert progress["evalMetrics"]["eval_loss"] < progress["evalBaseline"]["eval_loss"]
+    assert status["outputUri"] == "pvc://work/tiny-llama" and status.get("restarts", 0) == 0
+    timings = status["timings"]
+    assert timings["timeToFirstStepSeconds"] > 0 and timings["provisioningSeconds"] > 0
+    # the model is on the volume, written by the workers as the image's ray user
+    out = kube.volume(pretrained["ns"]) / "tiny-llama"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors"} <= names, names
+    assert out.stat().st_uid == 1000
+    record_phases("pretrain-tiny-llama (2 workers)", pretrained)
+
+
+def test_kuberay_made_the_pods_on_the_cpu_pool(kube: KubeEnv, pretrained: dict[str, Any]) -> None:
+    rc, watch = pretrained["raycluster"], pretrained["watch"]
+    assert rc["status"]["state"] == "ready"
+    conditions = {c["type"]: c["status"] for c in rc["status"].get("conditions", [])}
+    assert conditions.get("RayClusterProvisioned") == "True", rc["status"]
+    assert rc["status"]["head"]["podIP"]
+    assert pretrained["head_service"]["spec"]["ports"], pretrained["head_service"]
+    roles = sorted(p["metadata"]["labels"]["ray.io/node-type"] for p in watch.seen.values())
+    assert roles == ["head", "worker", "worker"], roles
+    for pod in watch.seen.values():
+        assert pod["metadata"]["ownerReferences"][0]["kind"] == "RayCluster"
+        assert pod["spec"]["nodeName"] == CPU_POOL_NODE
+        (ray,) = [c for c in pod["spec"]["containers"] if c["name"].startswith("ray-")]
+        assert ray["image"] == kube.images["trainer"]
+        assert ray["securityContext"]["runAsUser"] == 1000
+        # KubeRay's own probes (wget | grep under bash in our image) passed: the pod became Ready
+        assert ray.get("readinessProbe") and watch.phases()[pod["metadata"]["name"]]["ready_s"] is not None
+        if pod["metadata"]["labels"]["ray.io/node-type"] == "worker":
+            assert pod["spec"]["nodeSelector"]["forgeline.dev/pool"] == "cpu"
+            # KubeRay's init container waited for the head's GCS through the head Service's DNS name
+            assert [c["name"] for c in pod["spec"].get("initContainers", [])] == ["wait-gcs-ready"]
+
+
+def test_a_succeeded_job_leaves_no_pods_and_its_deletion_removes_the_rest(
+    kube: KubeEnv, pretrained: dict[str, Any]
+) -> None:
+    ns, job = pretrained["ns"], pretrained["job"]
+    deadline = time.monotonic() + 120
+    while (
+        kube.pods(ns, "app.kubernetes.io/managed-by=forgeline") or kube.get("rayclusters", "-n", ns)["items"]
+    ):
+        assert time.monotonic() < deadline, "the finished job's RayCluster or pods remain"
+        time.sleep(2)
+    kube.kubectl("delete", "trainingjob", job, "-n", ns, "--timeout=120s")
+    assert kube.get("secrets", "-n", ns, "-l", f"forgeline.dev/job={job}")["items"] == []
+    assert kube.get("rayclusters", "-n", ns)["items"] == [] and kube.pods(ns) == []
+    # the checkpoints and the model stay on the volume
+    assert (kube.volume(ns) / "tiny-llama" / "config.json").exists()
+
+
+def record_phases(section: str, run: dict[str, Any]) -> None:
+    status, rc = run["status"], run["raycluster"]
+    t0 = run["applied"]
+    conds = {c["type"]: ts(c.get("lastTransitionTime")) for c in rc["status"].get("conditions", [])}
+    pods = run["watch"].phases()
+
+    def rel(value: float | None) -> float | None:
+        return round(value - t0, 1) if value is not None else None
+
+    record(
+        section,
+        {
+            "raycluster_created_s": rel(ts(rc["metadata"]["creationTimestamp"])),
+            "raycluster_provisioned_s": rel(conds.get("RayClusterProvisioned")),
+            "ray_job_submitted_s": rel(ts(status["ray"].get("submittedAt"))),
+            "first_step_s": rel(ts(status["timings"].get("firstStepAt"))),
+            "succeeded_s": rel(ts(status.get("completionTime"))),
+            "status_timings": status["timings"],
+            "pods_from_their_creation": pods,
+        },
+    )
+
+
+# -- 4. Kueue admits one job at a time -------------------------------------------------------------
+
+
+def tiny_pretrain(name: str, steps: int = 10) -> dict[str, Any]:
+    doc = on_the_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], workers=1)
+    doc["metadata"]["name"] = name
+    doc["spec"]["training"].update(maxSteps=steps, globalBatchSize=8, warmupSteps=2)
+    doc["spec"].pop("evaluation", None)
+    doc["spec"].pop("checkpointing", None)
+    return doc
+
+
+def test_kueue_admits_the_second_job_when_the_first_frees_the_quota(kube: KubeEnv) -> None:
+    """A ClusterQueue whose CPU quota holds one job (head 500m + one worker 500m): the second
+    job's RayCluster stays suspended ("queued by Kueue") until the first finishes."""
+    ns = kube.namespace("kueue")
+    cq = f"cq-{ns}"
+    kube.cluster.apply_objects(
+        [
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "ResourceFlavor",
+                "metadata": {"name": "default-flavor"},
+            },
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "ClusterQueue",
+                "metadata": {"name": cq},
+                "spec": {
+                    "namespaceSelector": {},
+                    "resourceGroups": [
+                        {
+                            "coveredResources": ["cpu", "memory"],
+                            "flavors": [
+                                {
+                                    "name": "default-flavor",
+                                    "resources": [
+                                        {"name": "cpu", "nominalQuota": "1500m"},
+                                        {"name": "memory", "nominalQuota": "16Gi"},
+                                    ],
+                                }
+                            ],
+                        }
+                    ],
+                },
+            },
+            {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "LocalQueue",
+                "metadata": {"name": "team-a", "namespace": ns},
+                "spec": {"clusterQueue": cq},
+            },
+        ]
+    )
+    jobs = [tiny_pretrain("first"), tiny_pretrain("second")]
+    for doc in jobs:
+        doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    try:
+        kube.apply(jobs[:1], ns)
+        kube.wait_for("TrainingJob", "first", ns, lambda s: s.get("phase") in ("Running", "Failed"), 600)
+        kube.apply(jobs[1:], ns)
+        queued = kube.wait_for("TrainingJob", "second", ns, lambda s: s.get("reason") == "QueuedByKueue", 120)
+        assert "queued by Kueue (LocalQueue team-a)" in queued["message"]
+        rc = kube.get("rayclusters", "-n", ns, "-l", "forgeline.dev/job=second")["items"][0]
+        assert rc["spec"]["suspend"] is True and not kube.pods(ns, "forgeline.dev/job=second")
+        workloads = {
+            w["metadata"]["ownerReferences"][0]["name"]: w for w in kube.get("workloads", "-n", ns)["items"]
+        }
+        assert len(workloads) == 2
+        first = kube.wait_terminal("TrainingJob", "first", ns, timeout=600)
+        second = kube.wait_terminal("TrainingJob", "second", ns, timeout=600)
+        assert first["phase"] == second["phase"] == "Succeeded", (first, second)
+        # admitted only after the first job's cluster was gone
+        assert ts(second["timings"]["admittedAt"]) >= ts(first["completionTime"]) - 1
+        assert second["timings"]["queuedSeconds"] > 0
+        record(
+            "kueue",
+            {
+                "second_queued_s": second["timings"]["queuedSeconds"],
+                "first_time_to_first_step_s": first["timings"]["timeToFirstStepSeconds"],
+            },
+        )
+    finally:
+        kube.kubectl("delete", "trainingjobs", "--all", "-n", ns, "--timeout=120s", check=False)
+        kube.kubectl("delete", "clusterqueue", cq, "--timeout=60s", check=False)
+
+
+# -- 5. the 3-stage pipeline: pretrain → LoRA SFT from its output → DPO ---------------------------
+
+
+def test_the_pipeline_runs_its_stages_in_order_on_the_volume(kube: KubeEnv) -> None:
+    ns = kube.namespace("pipeline")
+    docs = [
+        on_the_cluster(d, workers=1) for d in load_yaml_documents(EXAMPLES / "pipeline-pretrain-sft-dpo.yaml")
+    ]
+    for doc in docs:  # one worker: the global batch is reached by accumulating micro-batches
+        doc["spec"]["training"]["globalBatchSize"] = doc["spec"]["training"]["microBatchSize"]
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    applied = time.time()
+    kube.apply(docs, ns)
+    statuses = {}
+    for kind, name in kinds:
+        statuses[name] = kube.wait_terminal(kind, name, ns, timeout=900)
+        assert statuses[name]["phase"] == "Succeeded", (name, statuses[name])
+    (pre, _), (sft, _), (dpo, _) = [(n, k) for k, n in kinds]
+    for earlier, later in ((pre, sft), (sft, dpo)):
+        assert ts(statuses[later]["startTime"]) is not None
+        assert ts(statuses[later]["timings"]["admittedAt"]) >= ts(statuses[earlier]["completionTime"]) - 1
+    volume = kube.volume(ns)
+    for name in (pre, sft, dpo):
+        assert (volume / name / "config.json").exists() or (volume / name / "adapter_config.json").exists(), (
+            name
+        )
+    record(
+        "pipeline (3 stages, 1 worker each)",
+        {
+            "total_s": round(max(ts(s["completionTime"]) for s in statuses.values()) - applied, 1),
+            **{n: s["timings"] for n, s in statuses.items()},
+        },
+    )
+
+
+# -- 6. metrics: Prometheus finds the operator pod and the Ray head through the apiserver ------------
+
+
+def test_every_dashboard_panel_answers_from_the_pods_prometheus_discovered(
+    kube: KubeEnv, prometheus: Any, pretrained: dict[str, Any]
+) -> None:
+    from forgeline_operator.monitoring.dashboard import panel_queries
+
+    up = {(t["labels"]["job"], t["health"]) for t in prometheus.active_targets()}
+    assert ("forgeline-operator", "up") in up, prometheus.active_targets()
+    heads = [t for t in prometheus.active_targets() if t["labels"].get("ray_node_type") == "head"]
+    assert heads, "Prometheus never discovered a Ray head"
+    dashboard = json.loads((CHART / "files/dashboards/forgeline.json").read_text())
+    start, end = prometheus.started_at, time.time()
+    empty = []
+    for title, expr in panel_queries(dashboard):
+        if any(m in expr for m in GPU_ONLY):
+            continue
+        promql = expr.replace("$__rate_interval", "15s").replace("$namespace", ".*")
+        if not any(series["values"] for series in prometheus.query_range(promql, start, end)):
+            empty.append(f"{title}: {promql}")
+    assert empty == [], "panels without data:\n" + "\n".join(empty)
+
+
+GPU_ONLY = ("ray_node_gpus_utilization", "ray_node_gram_")
+"""Series only a GPU node's Ray exports (this cluster's GPU node has none: tests/test_operator.py
+checks those panels against a stand-in of Ray's GPU exporter)."""
+
+
+def test_nothing_forgeline_made_is_left(kube: KubeEnv) -> None:
+    """After the tests above deleted their jobs: no RayClusters, Ray pods or job Secrets anywhere."""
+    for ns in kube.namespaces:
+        kube.kubectl("delete", "trainingjobs,finetunejobs", "--all", "-n", ns, "--timeout=180s")
+    deadline = time.monotonic() + 120
+    while True:
+        left = {
+            "rayclusters": kube.get("rayclusters", "-A")["items"],
+            "pods": [
+                p
+                for p in kube.get("pods", "-A")["items"]
+                if p["metadata"]["labels"].get("app.kubernetes.io/managed-by") == "forgeline"
+            ],
+            "secrets": kube.get("secrets", "-A", "-l", "app.kubernetes.io/managed-by=forgeline")["items"],
+        }
+        if not any(left.values()):
+            break
+        assert time.monotonic() < deadline, {k: [i["metadata"]["name"] for i in v] for k, v in left.items()}
+        time.sleep(2)
