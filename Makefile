@@ -69,8 +69,9 @@ bench: setup
 	$(if $(FULL),$(PY) bench/finetune_throughput.py --full)
 	$(PY) bench/finetune_outcomes.py $(if $(FULL),--full)
 
+# CLUSTER=kubelet: the same pipeline in real pods on the test cluster (needs root).
 demo: setup
-	$(PY) -m forgeline_operator.dev.demo
+	$(PY) -m forgeline_operator.dev.demo $(if $(CLUSTER),--cluster $(CLUSTER))
 
 crds: venv
 	$(VENV)/bin/forgeline crds --dir crds --docs docs/crd-reference.md

@@ -86,7 +86,7 @@ class Cluster:
         return path
 
     def apply_test_crds(self, *names: str) -> None:
-        """Install stand-in CRDs from tests/crds (KubeRay's RayCluster, prometheus-operator's)."""
+        """Install stand-in CRDs from tests/crds (prometheus-operator's)."""
         for name in names:
             self.kubectl("apply", "-f", str(TEST_CRDS / name))
         for name in names:
@@ -155,7 +155,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def ray_crd(cluster: Cluster) -> None:
-    cluster.apply_test_crds("ray.io_rayclusters.yaml")
+    """KubeRay's own RayCluster CRD, CEL rules included, from the KubeRay module the cluster build
+    fetched (tests/setup/build_cluster.sh)."""
+    from forgeline_operator.dev.cluster import binaries
+
+    (crd,) = [p for p in binaries.crds("kuberay") if p.name.endswith("rayclusters.yaml")]
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    _established(cluster, "rayclusters.ray.io")
 
 
 @pytest.fixture(scope="session")
@@ -256,15 +262,14 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
     after the session; what it could not remove fails the session."""
     from forgeline_operator.dev.cluster.cluster import KubeCluster
 
-    from .kube import KubeEnv, install_operator
+    from .kube import KubeEnv
 
     workdir = tmp_path_factory.mktemp("kube")
     cluster = KubeCluster(workdir, kueue=True, log=lambda m: print(m, flush=True))
     try:
         cluster.up()
         images = cluster.build_and_load_images()
-        with cluster._timed("helm install"):
-            install_operator(cluster, images)
+        cluster.install_forgeline(images, "operator.reconcileInterval=2,cost.pricePerGpuHour=2.5")
         print(f"kube: {', '.join(f'{k} {v:.1f}s' for k, v in cluster.timings.items())}", flush=True)
         (workdir / "timings.json").write_text(json.dumps(cluster.timings, indent=1))
         yield KubeEnv(cluster, images, workdir / "volumes")

@@ -8,7 +8,6 @@ of this machine (`volume(ns)`), so `pvc://work/...` URIs are real mounts in the 
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -19,13 +18,8 @@ from typing import Any
 
 import yaml
 
-from forgeline_operator.dev.cluster import addons
 from forgeline_operator.dev.cluster.cluster import KubeCluster
 
-from .conftest import CHART, helm
-
-RELEASE, RELEASE_NS = "forgeline", "forgeline-system"
-RAY_UID, RAY_GID = 1000, 100  # the trainer image's `ray` user; the Ray pods' fsGroup
 PLURAL = {"TrainingJob": "trainingjobs.forgeline.dev", "FineTuneJob": "finetunejobs.forgeline.dev"}
 TERMINAL = ("Succeeded", "Failed")
 
@@ -57,22 +51,9 @@ class KubeEnv:
         10Gi `work` claim bound to a directory of this machine, owned by the Ray pods' user."""
         ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
         meta = {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted", **(labels or {})}}
-        path = self.volume(ns)
-        path.mkdir(parents=True)
-        os.chown(path, RAY_UID, RAY_GID)
-        claim = {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "work", "namespace": ns},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": addons.STORAGE_CLASS,
-                "resources": {"requests": {"storage": "10Gi"}},
-            },
-        }
-        pv = addons.hostpath_volume(f"work-{ns}", path, "10Gi", ns, "work")
-        self.cluster.apply_objects([{"apiVersion": "v1", "kind": "Namespace", "metadata": meta}, pv, claim])
+        self.cluster.apply_objects([{"apiVersion": "v1", "kind": "Namespace", "metadata": meta}])
         self.namespaces.append(ns)
+        self.cluster.work_volume(ns, self.volume(ns))
         return ns
 
     def volume(self, ns: str) -> Path:
@@ -161,24 +142,3 @@ class PodWatch:
 
 def _since(start: float | None, end: float | None) -> float | None:
     return round(end - start, 1) if start is not None and end is not None else None
-
-
-def install_operator(cluster: KubeCluster, images: dict[str, str]) -> str:
-    """`helm install` of Forgeline's chart (its CRDs included) with the images built here; the
-    operator runs as the chart's Deployment in a namespace enforcing Pod Security `restricted`."""
-    repo, tag = images["operator"].rsplit(":", 1)
-    ns = {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {"name": RELEASE_NS, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
-    }
-    cluster.apply_objects([ns])
-    out = helm(
-        "install", RELEASE, str(CHART), "-n", RELEASE_NS,
-        "--set", f"image.repository={repo},image.tag={tag},image.pullPolicy=Never",
-        "--set", f"defaults.trainerImage={images['trainer']}",
-        "--set", "operator.reconcileInterval=2,cost.pricePerGpuHour=2.5",
-        "--wait", "--timeout=240s",
-        kubeconfig=cluster.kubeconfig, timeout=300,
-    ).stdout  # fmt: skip
-    return out

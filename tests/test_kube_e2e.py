@@ -10,7 +10,6 @@ has its own namespace. A failing test prints the cluster's diagnostics (tests/co
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from typing import Any
@@ -18,26 +17,15 @@ from typing import Any
 import pytest
 
 from forgeline_operator.dev.cluster.binaries import CACHE
+from forgeline_operator.dev.cluster.cluster import RELEASE, RELEASE_NS, on_a_small_cluster
 
 from .conftest import CHART, EXAMPLES, load_yaml_documents
-from .kube import RELEASE, RELEASE_NS, KubeEnv, PodWatch, ts
+from .kube import KubeEnv, PodWatch, ts
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
 
 CPU_POOL_NODE, GPU_POOL_NODE = "forgeline-cpu", "forgeline-gpu"
 FIGURES = CACHE / "kube-e2e-figures.json"
-# Small enough that a job's head and a worker fit beside the operator and CoreDNS on a 2-CPU node.
-SMALL = {"cpu": "500m", "memory": "2Gi", "sharedMemory": "256Mi", "head": {"cpu": "500m", "memory": "2Gi"}}
-
-
-def on_the_cluster(doc: dict[str, Any], **resources: Any) -> dict[str, Any]:
-    """A shipped example as a user would run it on a cluster: its output on the `work` volume
-    (its data stays relative: the trainer image carries examples/data), sized for this node."""
-    doc = copy.deepcopy(doc)
-    name = doc["metadata"]["name"]
-    doc["spec"]["output"]["uri"] = f"pvc://work/{name}"
-    doc["spec"]["resources"] = {**doc["spec"].get("resources", {}), **SMALL, **resources}
-    return doc
 
 
 def record(section: str, figures: dict[str, Any]) -> None:
@@ -71,7 +59,7 @@ def test_the_chart_runs_the_operator_as_a_restricted_pod(kube: KubeEnv) -> None:
 
 def test_a_gpu_job_lands_on_the_gpu_pool_and_preflight_names_the_missing_gpu(kube: KubeEnv) -> None:
     ns = kube.namespace("gpu")
-    doc = on_the_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0])
+    doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0])
     doc["metadata"]["name"] = "needs-a-gpu"
     doc["spec"]["resources"].update(nodePool="h100", gpusPerWorker=1, workers=1)
     doc["spec"]["training"].update(globalBatchSize=8)
@@ -112,7 +100,7 @@ def prometheus(kube: KubeEnv, tmp_path_factory: pytest.TempPathFactory) -> Any:
 def pretrained(kube: KubeEnv, prometheus: Any) -> dict[str, Any]:
     """`kubectl apply` of examples/pretrain-tiny-llama.yaml on the CPU pool; what happened."""
     ns = kube.namespace("pretrain")
-    doc = on_the_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], nodePool="cpu")
+    doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], nodePool="cpu")
     watch = PodWatch(kube, ns)
     applied = time.time()
     kube.apply([doc], ns)
@@ -163,7 +151,7 @@ def test_kuberay_made_the_pods_on_the_cpu_pool(kube: KubeEnv, pretrained: dict[s
         assert pod["spec"]["nodeName"] == CPU_POOL_NODE
         (ray,) = [c for c in pod["spec"]["containers"] if c["name"].startswith("ray-")]
         assert ray["image"] == kube.images["trainer"]
-        assert ray["securityContext"]["runAsUser"] == 1000
+        assert pod["spec"]["securityContext"]["runAsUser"] == 1000 and ray["securityContext"]["runAsNonRoot"]
         # KubeRay's own probes (wget | grep under bash in our image) passed: the pod became Ready
         assert ray.get("readinessProbe") and watch.phases()[pod["metadata"]["name"]]["ready_s"] is not None
         if pod["metadata"]["labels"]["ray.io/node-type"] == "worker":
@@ -216,7 +204,7 @@ def record_phases(section: str, run: dict[str, Any]) -> None:
 
 
 def tiny_pretrain(name: str, steps: int = 10) -> dict[str, Any]:
-    doc = on_the_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], workers=1)
+    doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], workers=1)
     doc["metadata"]["name"] = name
     doc["spec"]["training"].update(maxSteps=steps, globalBatchSize=8, warmupSteps=2)
     doc["spec"].pop("evaluation", None)
@@ -303,28 +291,37 @@ def test_kueue_admits_the_second_job_when_the_first_frees_the_quota(kube: KubeEn
 
 
 def test_the_pipeline_runs_its_stages_in_order_on_the_volume(kube: KubeEnv) -> None:
+    """Applied at once: the later stages wait for the ones they name; the LoRA SFT starts from the
+    pretrained model on the volume, DPO from the SFT's merged model; each stage improves its own
+    held-out metric. One worker per stage (the global batch accumulates micro-batches)."""
     ns = kube.namespace("pipeline")
     docs = [
-        on_the_cluster(d, workers=1) for d in load_yaml_documents(EXAMPLES / "pipeline-pretrain-sft-dpo.yaml")
+        on_a_small_cluster(d, workers=1)
+        for d in load_yaml_documents(EXAMPLES / "pipeline-pretrain-sft-dpo.yaml")
     ]
-    for doc in docs:  # one worker: the global batch is reached by accumulating micro-batches
-        doc["spec"]["training"]["globalBatchSize"] = doc["spec"]["training"]["microBatchSize"]
-    kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    stages = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert [n for _, n in stages] == ["pipe-pretrain", "pipe-sft", "pipe-dpo"]
     applied = time.time()
     kube.apply(docs, ns)
+    waiting = kube.wait_for("FineTuneJob", "pipe-dpo", ns, lambda s: s.get("phase") == "Waiting", 120)
+    assert "FineTuneJob/pipe-sft" in waiting["message"]
     statuses = {}
-    for kind, name in kinds:
+    for kind, name in stages:
         statuses[name] = kube.wait_terminal(kind, name, ns, timeout=900)
         assert statuses[name]["phase"] == "Succeeded", (name, statuses[name])
-    (pre, _), (sft, _), (dpo, _) = [(n, k) for k, n in kinds]
-    for earlier, later in ((pre, sft), (sft, dpo)):
-        assert ts(statuses[later]["startTime"]) is not None
+    for earlier, later in (("pipe-pretrain", "pipe-sft"), ("pipe-sft", "pipe-dpo")):
         assert ts(statuses[later]["timings"]["admittedAt"]) >= ts(statuses[earlier]["completionTime"]) - 1
+    for name, key, better in (
+        ("pipe-pretrain", "perplexity", float.__lt__),
+        ("pipe-sft", "accuracy", float.__gt__),
+        ("pipe-dpo", "preference_accuracy", float.__gt__),
+    ):
+        progress = statuses[name]["progress"]
+        before, after = progress["evalBaseline"][key], progress["evalMetrics"][key]
+        assert better(after, before), (name, key, before, after)
     volume = kube.volume(ns)
-    for name in (pre, sft, dpo):
-        assert (volume / name / "config.json").exists() or (volume / name / "adapter_config.json").exists(), (
-            name
-        )
+    for name in ("pipe-pretrain", "pipe-sft", "pipe-dpo"):
+        assert (volume / name / "config.json").exists(), sorted(p.name for p in (volume / name).iterdir())
     record(
         "pipeline (3 stages, 1 worker each)",
         {

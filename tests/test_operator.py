@@ -274,39 +274,6 @@ def test_invalid_spec_fails_with_validation_failed_and_creates_nothing(
     )
 
 
-def test_pipeline_runs_in_order(cluster: Cluster, operator: Operator, namespace: str) -> None:
-    for doc in yaml.safe_load_all((EXAMPLES / "pipeline-pretrain-sft-dpo.yaml").read_text()):
-        _apply(cluster, namespace, doc)
-    waiting = _wait(
-        lambda: (
-            _get(cluster, "ftj", "pipe-dpo", namespace).get("status", {}).get("phase") == "Waiting"
-            and _get(cluster, "ftj", "pipe-dpo", namespace)["status"]
-        ),
-        60,
-        "pipe-dpo Waiting",
-        operator,
-    )
-    assert "FineTuneJob/pipe-sft" in waiting["message"]
-    assert {c["type"]: c["status"] for c in waiting["conditions"]}["Waiting"] == "True"
-    finals = {}
-    for kind, name in (("tj", "pipe-pretrain"), ("ftj", "pipe-sft"), ("ftj", "pipe-dpo")):
-        final, _ = _watch_until_done(cluster, kind, name, namespace, operator, timeout=400)
-        assert final["status"]["phase"] == "Succeeded", final["status"]
-        finals[name] = final["status"]
-    # each stage improves its own held-out metric: perplexity, response accuracy, preference accuracy
-    for name, key, better in (
-        ("pipe-pretrain", "perplexity", float.__lt__),
-        ("pipe-sft", "accuracy", float.__gt__),
-        ("pipe-dpo", "preference_accuracy", float.__gt__),
-    ):
-        progress = finals[name]["progress"]
-        before, after = progress["evalBaseline"][key], progress["evalMetrics"][key]
-        assert better(after, before), (name, key, before, after)
-        assert "→" in progress["display"]["eval"], progress["display"]
-    assert finals["pipe-pretrain"]["completionTime"] <= finals["pipe-sft"]["startTime"]
-    assert finals["pipe-sft"]["completionTime"] <= finals["pipe-dpo"]["startTime"]
-
-
 # -- failures, suspend, deletion, restarts ------------------------------------------------------
 
 
@@ -713,87 +680,6 @@ def test_unknown_node_pool_fails_naming_the_field_and_the_pools(
     assert "spec.resources.nodePool: this cluster has no node pool 'a100'" in status["message"]
     assert "cpu, h100" in status["message"]
     assert _ray_clusters(cluster, kr_namespace) == []
-
-
-def test_kuberay_job_runs_once_the_cluster_is_ready(
-    cluster: Cluster, kr_namespace: str, kuberay_operator: Operator
-) -> None:
-    """Standing in for KubeRay: a Ray head with the job's token, reported ready in the
-    RayCluster's status. The operator submits there, tracks the job, and deletes the cluster
-    when it succeeds."""
-    import base64
-
-    from kubernetes import client
-
-    doc = _example("pretrain-tiny-llama")
-    doc["metadata"]["name"] = "kr"
-    doc["spec"]["output"]["uri"] = "runs/kr"
-    _apply(cluster, kr_namespace, doc)
-    _wait(lambda: _ray_clusters(cluster, kr_namespace), 60, "RayCluster", kuberay_operator)
-    secret = json.loads(
-        cluster.kubectl("get", "secret", "kr-tj-ray-token", "-n", kr_namespace, "-o", "json").stdout
-    )
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    with LocalRay(token=token) as head:
-        api = client.CustomObjectsApi(cluster.api_client())
-        api.patch_namespaced_custom_object_status(
-            "ray.io",
-            "v1",
-            kr_namespace,
-            "rayclusters",
-            "kr-tj",
-            {
-                "status": {
-                    "state": "ready",
-                    "head": {"serviceIP": "127.0.0.1"},
-                    "endpoints": {"dashboard": str(head.dashboard_port)},
-                }
-            },
-        )
-        final, seen = _watch_until_done(cluster, "tj", "kr", kr_namespace, kuberay_operator, timeout=300)
-        assert final["status"]["phase"] == "Succeeded", final["status"]
-        assert any(s.get("phase") == "Running" and s.get("progress") for s in seen)
-        assert final["status"]["ray"]["clusterName"] == "kr-tj"
-        assert final["status"]["ray"]["address"] == f"http://127.0.0.1:{head.dashboard_port}"
-        ids = [j.submission_id for j in RayJobs(head.address, token=token).client.list_jobs()]
-        assert ids == [final["status"]["ray"]["jobId"]]
-    _wait(
-        lambda: _ray_clusters(cluster, kr_namespace) == [],
-        30,
-        "cluster deleted after success",
-        kuberay_operator,
-    )
-
-
-def test_kueue_admits_the_suspended_raycluster(
-    cluster: Cluster, kr_namespace: str, kuberay_operator: Operator
-) -> None:
-    """Acting as Kueue: a job labelled with a LocalQueue gets a suspended RayCluster with the label
-    and shows "queued by Kueue"; once Kueue unsuspends the cluster, provisioning goes on, with the
-    cluster-ready timeout counted from the admission."""
-    doc = _example("pretrain-tiny-llama")
-    doc["metadata"]["name"] = "queued"
-    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
-    _apply(cluster, kr_namespace, doc)
-    (rc,) = _wait(lambda: _ray_clusters(cluster, kr_namespace), 60, "RayCluster", kuberay_operator)
-    assert rc["spec"]["suspend"] is True and rc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-
-    def _status_once(reason: str) -> dict[str, Any]:
-        def _probe() -> dict[str, Any] | None:
-            status = _get(cluster, "tj", "queued", kr_namespace).get("status") or {}
-            return status if status.get("reason") == reason else None
-
-        return _wait(_probe, 60, reason, kuberay_operator)
-
-    status = _status_once("QueuedByKueue")
-    assert status["phase"] == "Provisioning" and "queued by Kueue (LocalQueue team-a)" in status["message"]
-    queued_since = status["ray"]["clusterRequestedAt"]
-    time.sleep(1.5)  # the admission's clock starts later than the request's
-    admit = '{"spec":{"suspend":false}}'
-    cluster.kubectl("patch", "raycluster", "queued-tj", "-n", kr_namespace, "--type=merge", "-p", admit)
-    status = _status_once("ClusterStarting")
-    assert status["ray"]["clusterRequestedAt"] > queued_since
-    cluster.kubectl("delete", "tj", "queued", "-n", kr_namespace, "--wait=true", "--timeout=60s")
 
 
 def test_credentials_reach_the_raycluster_by_reference_and_never_leak(

@@ -1287,3 +1287,29 @@ def test_a_gpu_the_node_advertises_but_torch_cannot_use_names_the_pod_and_its_no
     assert preflight.gpu_failure({**report, "usable": True, "count": 1}) is None
     fewer = preflight.gpu_failure({**report, "usable": True, "count": 1, "ray_gpus": 2})
     assert fewer is not None and "torch sees only 1 CUDA device(s)" in str(fewer)
+
+
+def test_a_published_output_is_readable_by_the_volumes_group(tmp_path: Path) -> None:
+    """The model is written in a private temporary directory (0700, some files 0600); published
+    on a shared volume it gets the modes the umask gives, so a serving pod in the group reads it."""
+    import os
+
+    from forgeline_trainer import storage
+
+    src = tmp_path / "private"
+    src.mkdir(mode=0o700)
+    (src / "model.safetensors").write_bytes(b"w")
+    (src / "model.safetensors").chmod(0o600)
+    (src / "sub").mkdir(mode=0o700)
+    (src / "sub" / "x").write_text("x")
+    old = os.umask(0o022)
+    try:
+        storage.publish_dir(src, str(tmp_path / "out"))
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").read_bytes() == b"w"
+    assert {oct(p.stat().st_mode & 0o777) for p in (out, out / "sub")} == {"0o755"}
+    assert {oct(p.stat().st_mode & 0o777) for p in (out / "model.safetensors", out / "sub" / "x")} == {
+        "0o644"
+    }

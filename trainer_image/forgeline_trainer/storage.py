@@ -70,7 +70,20 @@ def publish_dir(local_dir: str | Path, location: str) -> None:
     if Path(local_dir).resolve() == dest.resolve():
         return
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(local_dir, dest, dirs_exist_ok=True)
+    shutil.copytree(local_dir, dest, dirs_exist_ok=True, copy_function=shutil.copyfile)
+    _default_modes(dest)
+
+
+def _default_modes(root: Path) -> None:
+    """Modes as the process's umask gives new files (copytree copies the private 0700 of the
+    temporary directory, and some writers make 0600 files): a serving pod or a person with another
+    UID in the volume's group can then read the model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def local_copy(location: str, cache_root: str | Path) -> str:

@@ -10,6 +10,11 @@
    from `kubectl apply` to the first job being provisioned and to its first training step.
 
     --keep   leave everything running afterwards (Ctrl-C stops it)
+
+    --cluster kubelet  (`make demo CLUSTER=kubelet`, needs root) the same pipeline on the test
+             cluster instead: nodes from kind-config.yaml with a real kubelet and containerd, the
+             real KubeRay, the operator and trainer images built from their Dockerfiles, the chart's
+             operator as a pod; the live view shows `kubectl get pods` as KubeRay creates them.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+import yaml
+from rich.console import Console, Group
 from rich.live import Live
 from rich.rule import Rule
 from rich.table import Table
+from rich.text import Text
 
 from .cluster import ControlPlane, find_binary
 from .operator_process import OperatorProcess
@@ -40,8 +47,8 @@ class _Kubectl:
     def __init__(self, kubeconfig: Path) -> None:
         self.base = [find_binary("kubectl"), "--kubeconfig", str(kubeconfig)]
 
-    def __call__(self, *args: str, check: bool = True) -> str:
-        proc = subprocess.run(self.base + list(args), capture_output=True, text=True, cwd=REPO)
+    def __call__(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        proc = subprocess.run(self.base + list(args), capture_output=True, text=True, cwd=REPO, input=input)
         if check and proc.returncode != 0:
             raise SystemExit(f"kubectl {' '.join(args)} failed: {proc.stderr}")
         return proc.stdout
@@ -112,16 +119,33 @@ def _start_operator(cp: ControlPlane) -> OperatorProcess:
     return operator
 
 
-def _watch_pipeline(kubectl: _Kubectl, console: Console, timeout: float) -> _Watched:
-    """Apply the pipeline and show the jobs live until all succeed, one fails, or time is up."""
+def _watch_pipeline(
+    kubectl: _Kubectl, console: Console, timeout: float, manifest: str | None = None, pods: bool = False
+) -> _Watched:
+    """Apply the pipeline (or `manifest`) and show the jobs live (with `pods`: the Ray pods
+    too) until all succeed, one fails, or time is up."""
     applied = time.monotonic()
-    console.print(kubectl("apply", "-f", str(PIPELINE)).strip())
+    if manifest is None:
+        console.print(kubectl("apply", "-f", str(PIPELINE)).strip())
+    else:
+        console.print(kubectl("apply", "-f", "-", input=manifest).strip())
     seen = _Watched()
-    with Live(_table(seen.objs), console=console, refresh_per_second=2) as live:
+
+    def view() -> Any:
+        if not pods:
+            return _table(seen.objs)
+        listing = kubectl(
+            "get", "pods", "-o", "wide", "-l", "app.kubernetes.io/managed-by=forgeline", check=False
+        )
+        return Group(
+            _table(seen.objs), Text("kubectl get pods -o wide", style="bold"), Text(listing.rstrip())
+        )
+
+    with Live(view(), console=console, refresh_per_second=2) as live:
         while time.monotonic() - applied < timeout:
             items = json.loads(kubectl("get", "tj,ftj", "-o", "json"))["items"]
             seen.objs = {o["metadata"]["name"]: o for o in items}
-            live.update(_table(seen.objs))
+            live.update(view())
             first = (seen.objs.get("pipe-pretrain") or {}).get("status") or {}
             if seen.provisioned is None and first.get("phase") in ("Provisioning", "Running", "Succeeded"):
                 seen.provisioned = time.monotonic() - applied
@@ -136,7 +160,7 @@ def _watch_pipeline(kubectl: _Kubectl, console: Console, timeout: float) -> _Wat
     return seen
 
 
-def _report(kubectl: _Kubectl, console: Console, seen: _Watched, operator: OperatorProcess) -> None:
+def _report(kubectl: _Kubectl, console: Console, seen: _Watched, operator: OperatorProcess | None) -> None:
     console.print(kubectl("get", "tj,ftj", "-o", "wide").rstrip())
     for _, name in JOBS:
         st = (seen.objs.get(name) or {}).get("status") or {}
@@ -166,6 +190,8 @@ def _report(kubectl: _Kubectl, console: Console, seen: _Watched, operator: Opera
                 f"start-up {t['startupSeconds']:.1f}s (status.timings)"
             )
     console.print(f"whole pipeline: {seen.total:.0f}s")
+    if operator is None:
+        return
     try:
         lines = [
             ln
@@ -183,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep everything running at the end")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds to wait for the pipeline")
+    parser.add_argument("--cluster", choices=["embedded", "kubelet"], default="embedded",
+                        help="kubelet: on the test cluster, in real pods that KubeRay creates")  # fmt: skip
     args = parser.parse_args(argv)
     console = Console(highlight=False, soft_wrap=True)
+    if args.cluster == "kubelet":
+        return _on_the_test_cluster(console, args.timeout)
 
     console.print(Rule("1. a real control plane (etcd + kube-apiserver, RBAC on) and the CRDs"))
     cp = ControlPlane()
@@ -216,6 +246,50 @@ def main(argv: list[str] | None = None) -> int:
         if operator is not None:
             operator.stop()
         cp.stop()
+
+
+def _on_the_test_cluster(console: Console, timeout: float) -> int:
+    """The pipeline on the test cluster (forgeline_operator.dev.cluster), torn down at the end."""
+    import shutil
+
+    from .cluster.binaries import CACHE
+    from .cluster.cluster import KubeCluster, on_a_small_cluster
+
+    workdir = CACHE / "demo-cluster"
+    shutil.rmtree(workdir, ignore_errors=True)
+    console.print(
+        Rule("1. a real cluster: the nodes of kind-config.yaml (kubelet, containerd), CoreDNS, KubeRay")
+    )
+    cluster = KubeCluster(workdir, log=console.print)
+    try:
+        cluster.up()
+        console.print(Rule("2. the images from their Dockerfiles; helm install of the chart"))
+        images = cluster.build_and_load_images()
+        cluster.install_forgeline(images, "operator.reconcileInterval=2")
+        console.print(f"operator image {images['operator']}, trainer image {images['trainer']}")
+        cluster.work_volume("default", workdir / "volume")
+        console.print(f"PersistentVolumeClaim work → {workdir / 'volume'}; KUBECONFIG={cluster.kubeconfig}")
+        console.print(
+            Rule("3. kubectl apply the pipeline (outputs on pvc://work, one small worker per stage)")
+        )
+        docs = [on_a_small_cluster(d, workers=1) for d in yaml.safe_load_all(PIPELINE.read_text()) if d]
+        kubectl = _Kubectl(cluster.kubeconfig)
+        seen = _watch_pipeline(kubectl, console, timeout, manifest=yaml.safe_dump_all(docs), pods=True)
+        console.print(Rule("4. results"))
+        _report(kubectl, console, seen, None)
+        if not seen.succeeded:
+            console.print(cluster.diagnostics("default"))
+            console.print("[red]the pipeline did not succeed[/red]")
+            return 1
+        console.print(
+            f"[green]✓ three jobs Succeeded in KubeRay's pods; models under {workdir / 'volume'}[/green]"
+        )
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        problems = cluster.down()
+        console.print(f"cluster down: {problems or 'nothing left behind'}")
 
 
 if __name__ == "__main__":

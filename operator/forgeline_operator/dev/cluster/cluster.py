@@ -11,8 +11,10 @@ cgroup of the cluster (`leftovers()` lists any that remain; a test asserts it is
 from __future__ import annotations
 
 import base64
+import copy
 import functools
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +31,22 @@ from .pools import node_specs
 
 REPO = Path(__file__).resolve().parents[4]
 KIND_CONFIG = REPO / "kind-config.yaml"
+CHART = REPO / "helm" / "forgeline"
+RELEASE, RELEASE_NS = "forgeline", "forgeline-system"
+RAY_UID, RAY_GID = 1000, 100  # the trainer image's `ray` user; the Ray pods' fsGroup
+SMALL = {"cpu": "500m", "memory": "2Gi", "sharedMemory": "256Mi", "head": {"cpu": "500m", "memory": "2Gi"}}
+"""Ray pods small enough that a job's head and workers fit beside the operator and CoreDNS on a
+node with 2 CPUs (the examples ask for a whole CPU per worker and the head's default)."""
+
+
+def on_a_small_cluster(doc: dict[str, Any], claim: str = "work", **resources: Any) -> dict[str, Any]:
+    """A shipped example as a user runs it on a cluster: its output on a volume (`pvc://claim/name`;
+    a relative path would be written inside the worker's container), its data still relative (the
+    trainer image carries examples/data), its pods sized by SMALL (and `resources`)."""
+    doc = copy.deepcopy(doc)
+    doc["spec"]["output"]["uri"] = f"pvc://{claim}/{doc['metadata']['name']}"
+    doc["spec"]["resources"] = {**doc["spec"].get("resources", {}), **SMALL, **resources}
+    return doc
 
 
 class KubeCluster:
@@ -219,6 +237,58 @@ class KubeCluster:
         controller = addons.kuberay_operator(self.kubeconfig, self.workdir / "kuberay-operator.log")
         controller.start()
         self.controllers["kuberay"] = controller
+
+    def helm(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """helm against this cluster, its config and cache in the work directory."""
+        home = self.workdir / "helm-home"
+        env = {
+            **os.environ,
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+        argv = [binaries.find_binary("helm"), *args, "--kubeconfig", str(self.kubeconfig)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def install_forgeline(self, images: dict[str, str], *values: str) -> str:
+        """`helm install` of Forgeline's chart (its CRDs included) with the images built here; the
+        operator runs as the chart's Deployment in a namespace that enforces Pod Security
+        `restricted`. `values`: more `--set` strings. The install's output (NOTES)."""
+        repo, tag = images["operator"].rsplit(":", 1)
+        labels = {"pod-security.kubernetes.io/enforce": "restricted"}
+        self.apply_objects(
+            [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NS, "labels": labels}}]
+        )
+        sets = [f"image.repository={repo},image.tag={tag},image.pullPolicy=Never"]
+        sets += [f"defaults.trainerImage={images['trainer']}", *values]
+        args = [a for s in sets for a in ("--set", s)]
+        with self._timed("helm install"):
+            return self.helm(
+                "install", RELEASE, str(CHART), "-n", RELEASE_NS, *args, "--wait", "--timeout=240s"
+            ).stdout
+
+    def work_volume(self, namespace: str, path: Path, claim: str = "work", size: str = "10Gi") -> None:
+        """A `claim` PersistentVolumeClaim in `namespace` bound to `path` on this machine (made and
+        given to the Ray pods' user), so `pvc://claim/...` URIs are real mounts in the Ray pods."""
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, RAY_UID, RAY_GID)
+        pvc = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": addons.STORAGE_CLASS,
+                "resources": {"requests": {"storage": size}},
+            },
+        }
+        pv = addons.hostpath_volume(f"{claim}-{namespace}", path, size, namespace, claim)
+        self.apply_objects([pv, pvc])
 
     def install_kueue(self) -> None:
         """Kueue's CRDs from its own module, its manager out of cluster (webhook on the host
