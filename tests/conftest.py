@@ -269,7 +269,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
     try:
         cluster.up()
         images = cluster.build_and_load_images()
-        cluster.install_forgeline(images, "operator.reconcileInterval=2,cost.pricePerGpuHour=2.5")
+        cluster.install_forgeline(images, "operator.reconcileInterval=2,cost.pricePerGpuHour=3")
         print(f"kube: {', '.join(f'{k} {v:.1f}s' for k, v in cluster.timings.items())}", flush=True)
         (workdir / "timings.json").write_text(json.dumps(cluster.timings, indent=1))
         yield KubeEnv(cluster, images, workdir / "volumes")

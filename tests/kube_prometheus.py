@@ -1,13 +1,15 @@
-"""Prometheus (Debian's) outside the test cluster, finding its targets as in a cluster: Kubernetes
-service discovery through the real apiserver (role pod), with the relabelling the chart's
-ServiceMonitor (the operator, job="forgeline-operator", its series' own `namespace` honoured) and
-PodMonitor (the Ray pods, job="forgeline-ray") give prometheus-operator."""
+"""Prometheus v3 (built from the Go module proxy: Debian's 2.42 has no Kubernetes SD) outside the
+test cluster, finding its targets as in a cluster: Kubernetes service discovery through the real
+apiserver (role pod), with the relabelling the chart's ServiceMonitor (the operator,
+job="forgeline-operator", its series' own `namespace` honoured) and PodMonitor (the Ray pods,
+job="forgeline-ray") give prometheus-operator."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from forgeline_operator.dev.cluster import binaries
 from forgeline_operator.dev.cluster.controlplane import ADMIN_TOKEN
 
 from .kube import KubeEnv
@@ -46,6 +48,9 @@ class KubePrometheus(Prometheus):
     def __init__(self, workdir: Path, env: KubeEnv) -> None:
         super().__init__(workdir)
         self.env = env
+
+    def binary(self) -> str:
+        return str(Path(binaries.component("prometheus")["dir"]) / "bin" / "prometheus")
 
     def scrape_configs(self) -> list[dict[str, Any]]:
         cp = self.env.cluster.control_plane

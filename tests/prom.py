@@ -40,6 +40,9 @@ class Prometheus:
         tmp.write_text(json.dumps(groups))
         tmp.replace(self.workdir / "targets.json")  # atomic: Prometheus never reads half a file
 
+    def binary(self) -> str:
+        return find_binary("prometheus")
+
     def scrape_configs(self) -> list[dict[str, Any]]:
         """The file_sd targets that add_target writes."""
         return [
@@ -63,7 +66,7 @@ class Prometheus:
         log = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
             [
-                find_binary("prometheus"),
+                self.binary(),
                 f"--config.file={self.workdir / 'prometheus.yml'}",
                 f"--storage.tsdb.path={self.workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",

@@ -166,3 +166,23 @@ def test_a_real_ray_train_failure_log() -> None:
     failure = classify(None, "Job entrypoint command failed with exit code 1", log)
     assert failure.reason == "UserCodeError"
     assert failure.message == "forgeline_trainer.runtime.InjectedFailure: injected failure after step 20"
+
+
+def test_the_trainers_own_fix_is_the_fix_and_the_message_is_whole() -> None:
+    """On the real cluster's GPU node the message was cut at 300 characters in the middle of its
+    detail ("built for CUDA 13."), and the fix shown was the generic one for PreflightFailed."""
+    detail = (
+        "preflight check 'gpu' failed on worker pod gpu-tj-train-worker-2xqc7 on node forgeline-gpu "
+        "(10.160.1.2): Ray gave this pod 1 GPU(s) (its nvidia.com/gpu request) but torch sees no usable "
+        "CUDA device (CUDA_VISIBLE_DEVICES='0', no /dev/nvidia* device files, torch 2.13.0+cu130 built "
+        "for CUDA 13.0) — fix: the node's NVIDIA driver or device plugin is missing or broken "
+        "(kubectl describe node; nvidia-smi on it), or choose another spec.resources.nodePool"
+    )
+    failure = classify({"reason": "PreflightFailed", "message": detail}, "", "")
+    assert failure.reason == "PreflightFailed" and not failure.retryable
+    assert failure.message.endswith("built for CUDA 13.0)") and "— fix" not in failure.message
+    assert failure.fix.startswith("the node's NVIDIA driver") and failure.fix.endswith(
+        "spec.resources.nodePool"
+    )
+    generic = classify({"reason": "PreflightFailed", "message": "preflight check 'gpu' failed"}, "", "")
+    assert generic.fix.startswith("fix what the named check")

@@ -1313,3 +1313,21 @@ def test_a_published_output_is_readable_by_the_volumes_group(tmp_path: Path) -> 
     assert {oct(p.stat().st_mode & 0o777) for p in (out / "model.safetensors", out / "sub" / "x")} == {
         "0o644"
     }
+
+
+def test_relative_paths_resolve_in_the_images_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On KubeRay, Ray runs the job in a session directory of its own, so `examples/data/...`
+    (carried by the trainer image) resolved there and was not found (the first real-pod run:
+    PreflightFailed 'no data at /tmp/ray/session_.../artifacts/.../examples/data/corpus.jsonl').
+    The image names its working directory; a job's own workDir still wins."""
+    from forgeline_trainer import storage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FORGELINE_WORK_DIR", raising=False)
+    assert storage.resolve("examples/data/x.jsonl") == str(tmp_path / "examples/data/x.jsonl")
+    monkeypatch.setenv("FORGELINE_WORK_DIR", "/home/ray/forgeline")
+    assert storage.resolve("examples/data/x.jsonl") == "/home/ray/forgeline/examples/data/x.jsonl"
+    assert storage.resolve("examples/data/x.jsonl", "/w") == "/w/examples/data/x.jsonl"
+    assert storage.resolve("pvc://work/out") == "/mnt/pvc/work/out"

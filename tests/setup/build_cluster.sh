@@ -13,6 +13,8 @@
 #   kuberay     the KubeRay operator v1.5.0 (`go install`), and its CRDs from the same module
 #   kueue       Kueue v0.17.0's manager, and its CRDs from the same module
 #   coredns     CoreDNS (cluster DNS: KubeRay's workers find the head by its Service's FQDN)
+#   prometheus  Prometheus v3 (module v0.3xx), for Kubernetes service discovery: Debian's build
+#               (2.42) leaves its Kubernetes SD out ("field kubernetes_sd_configs not found")
 #   pause       the pod sandbox: build/pause/linux/pause.c from the k8s.io/kubernetes module,
 #               linked statically (imported as registry.k8s.io/pause by the harness)
 set -euo pipefail
@@ -30,6 +32,7 @@ ETCD_VERSION=v3.6.16
 KUBERAY_VERSION=v1.5.0
 KUEUE_VERSION=v0.17.0
 COREDNS_VERSION=v1.12.4
+PROMETHEUS_VERSION=v0.316.0
 
 log() { printf '[build_cluster] %s\n' "$*" >&2; }
 
@@ -96,6 +99,17 @@ build_kuberay() {
   finish kuberay "$v" $((SECONDS - start))
 }
 
+build_prometheus() {
+  local v=$PROMETHEUS_VERSION dir="$out_root/prometheus-$PROMETHEUS_VERSION"
+  built prometheus "$v" && return 0
+  need_go
+  local start=$SECONDS
+  mkdir -p "$dir/bin"
+  GOBIN="$dir/bin" go install -ldflags "-s -w" "github.com/prometheus/prometheus/cmd/prometheus@$v"
+  "$dir/bin/prometheus" --version >&2
+  finish prometheus "$v" $((SECONDS - start))
+}
+
 build_kueue() {
   local v=$KUEUE_VERSION dir="$out_root/kueue-$KUEUE_VERSION"
   built kueue "$v" && [ -f "$dir/webhook/manifests.yaml" ] && return 0
@@ -147,10 +161,11 @@ write_manifest() {
   local first=1 c v
   {
     echo "{"
-    for c in etcd kubernetes pause coredns kuberay kueue; do
+    for c in etcd kubernetes pause coredns kuberay kueue prometheus; do
       case $c in
         etcd) v=$ETCD_VERSION ;; kubernetes | pause) v=$KUBERNETES_VERSION ;;
         coredns) v=$COREDNS_VERSION ;; kuberay) v=$KUBERAY_VERSION ;; kueue) v=$KUEUE_VERSION ;;
+        prometheus) v=$PROMETHEUS_VERSION ;;
       esac
       built "$c" "$v" || continue
       [ $first -eq 1 ] || echo ","
@@ -164,7 +179,7 @@ write_manifest() {
 }
 
 components=("$@")
-[ ${#components[@]} -eq 0 ] && components=(etcd kubernetes pause coredns kuberay kueue)
+[ ${#components[@]} -eq 0 ] && components=(etcd kubernetes pause coredns kuberay kueue prometheus)
 mkdir -p "$out_root"
 for c in "${components[@]}"; do
   "build_$c"

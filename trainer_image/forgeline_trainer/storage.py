@@ -4,7 +4,9 @@
 - `pvc://claim/path`      the PersistentVolumeClaim the operator mounts at $FORGELINE_PVC_ROOT/claim
                           (default /mnt/pvc), so `/mnt/pvc/claim/path` inside the pods;
 - `file:///abs`, `/abs`   local (or shared-filesystem) paths;
-- `relative/path`         relative to the job's workDir (local runs) or the current directory.
+- `relative/path`         relative to the job's workDir (local runs), else $FORGELINE_WORK_DIR (the
+                          trainer image's working directory, which holds examples/data: Ray runs
+                          each job in a directory of its own), else the current directory.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def resolve(uri: str, work_dir: str | None = None) -> str:
         return uri[len("file://") :]
     path = Path(uri).expanduser()
     if not path.is_absolute():
-        path = Path(work_dir or os.getcwd()) / path
+        path = Path(work_dir or os.environ.get("FORGELINE_WORK_DIR") or os.getcwd()) / path
     return str(path)
 
 

@@ -137,6 +137,9 @@ _REDACT = (
 )
 MAX_DECISIVE_LINES = 5
 MAX_LINE = 300
+MAX_FIX = 1000
+OWN_FIX = " — fix: "
+"""How the trainer's errors name their own fix (`PreflightFailed`, `DataError`, ...)."""
 
 
 @dataclass(frozen=True)
@@ -225,9 +228,13 @@ def _failure(reason: FailureReason, decisive: list[str], record: dict[str, Any])
     retryable, fix = _NATURE[reason]
     shown = tuple(redact(ln)[:MAX_LINE] for ln in decisive[-MAX_DECISIVE_LINES:])
     message = redact(str(record.get("message") or "")).strip() or (shown[-1] if shown else "")
+    message = message.splitlines()[-1] if message else "no error message"
+    if OWN_FIX in message:  # the trainer named the fix for this very failure: it beats the generic one
+        message, own = message.split(OWN_FIX, 1)
+        fix = own.strip()[:MAX_FIX] or fix
     return Failure(
         reason=reason,
-        message=message.splitlines()[-1][:MAX_LINE] if message else "no error message",
+        message=message[:MAX_LINE],
         fix=fix,
         retryable=retryable,
         counts_against_backoff=reason != "Preempted",

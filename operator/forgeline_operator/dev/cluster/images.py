@@ -279,18 +279,21 @@ def write_import_stream(out: object, reference: str, manifest_desc: dict, layers
 
 
 def prune_layout(keep: set[str]) -> None:
-    """Drop from the shared layout every image not in `keep` (references) and the blobs only they used."""
+    """Drop from the shared layout the older tags of the images in `keep` (references; images of
+    other repositories stay) and the blobs only they used."""
     index_path = OCI_DIR / "index.json"
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
         return
     keys = {_layout_key(r) for r in keep}
-    kept = [
-        d
-        for d in index["manifests"]
-        if (d.get("annotations") or {}).get("org.opencontainers.image.ref.name") in keys
-    ]
+    repos = {_layout_key(r.rsplit(":", 1)[0]) + "_" for r in keep}
+
+    def stays(desc: dict) -> bool:
+        key = (desc.get("annotations") or {}).get("org.opencontainers.image.ref.name", "")
+        return key in keys or not any(key.startswith(repo) and "_" not in key[len(repo) :] for repo in repos)
+
+    kept = [d for d in index["manifests"] if stays(d)]
     used: set[str] = set()
     for desc in kept:
         meta, layers = blobs_of(desc)
