@@ -185,3 +185,6 @@ for c in "${components[@]}"; do
   "build_$c"
   write_manifest
 done
+# The binaries are what the harness needs: the Go build cache (8 GB after all of them) goes; the
+# module cache stays, so a version bump downloads only what changed.
+rm -rf "$GOCACHE"
