@@ -105,36 +105,80 @@ def pretrained(kube: KubeEnv, prometheus: Any) -> dict[str, Any]:
     applied = time.time()
     kube.apply([doc], ns)
     job = doc["metadata"]["name"]
+    seen: list[dict[str, Any]] = []
+
+    def sample() -> None:
+        watch()
+        seen.append(kube.job("TrainingJob", job, ns).get("status", {}))
+
     running = kube.wait_for(
-        "TrainingJob", job, ns, lambda s: s.get("phase") in ("Running", "Failed"), 600, every=watch
+        "TrainingJob", job, ns, lambda s: s.get("phase") in ("Running", "Failed"), 600, every=sample
     )
     assert running["phase"] == "Running", running
     rc_name = running["ray"]["clusterName"]
     raycluster = kube.get("raycluster", rc_name, "-n", ns)
     head_service = kube.get("service", f"{rc_name}-head-svc", "-n", ns)
-    status = kube.wait_terminal("TrainingJob", job, ns, timeout=900, every=watch)
+    status = kube.wait_terminal("TrainingJob", job, ns, timeout=900, every=sample)
     ended = time.time()
     return {
         "ns": ns, "job": job, "status": status, "watch": watch, "raycluster": raycluster,
-        "head_service": head_service, "applied": applied, "ended": ended,
+        "head_service": head_service, "applied": applied, "ended": ended, "seen": seen,
+        "table": kube.kubectl("get", "tj", "-n", ns).stdout,
+        "events": {e["reason"] for e in kube.get("events", "-n", ns)["items"]},
+        "generation": kube.job("TrainingJob", job, ns)["metadata"]["generation"],
     }  # fmt: skip
 
 
 def test_the_pretraining_example_succeeds_in_kuberay_pods(kube: KubeEnv, pretrained: dict[str, Any]) -> None:
+    """Succeeded, with live progress in status while it ran, the held-out eval before and after,
+    conditions, Events and `kubectl get` columns, and the timings' split."""
     status = pretrained["status"]
     assert status["phase"] == "Succeeded", status
+    live = [s["progress"] for s in pretrained["seen"] if s.get("phase") == "Running" and s.get("progress")]
+    assert any(0 < p["step"] < p["totalSteps"] for p in live), "no live progress in status while Running"
     progress = status["progress"]
-    assert progress["step"] == progress["totalSteps"] == 60
-    assert progress["evalMetrics"]["eval_loss"] < progress["evalBaseline"]["eval_loss"]
+    assert progress["step"] == progress["totalSteps"] == 60 and progress["summary"] == "60/60"
+    for key in ("loss", "tokensPerSecond", "mfu", "etaSeconds"):
+        assert key in progress, key
+    before, after = progress["evalBaseline"]["perplexity"], progress["evalMetrics"]["perplexity"]
+    assert after < before / 2, (before, after)
+    assert progress["display"]["eval"] == f"ppl {before:.3g}→{after:.3g}"
+    assert (
+        status["ray"]["jobId"].startswith("forgeline-tiny-llama-")
+        and status["ray"]["jobStatus"] == "SUCCEEDED"
+    )
     assert status["outputUri"] == "pvc://work/tiny-llama" and status.get("restarts", 0) == 0
+    assert status["observedGeneration"] == pretrained["generation"]
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["Complete"] == "True" and conditions["Running"] == "False"
+    table = pretrained["table"]
+    assert "Succeeded" in table and "60/60" in table and progress["display"]["eval"] in table
+    assert {"Provisioning", "Submitted", "Completed"} <= pretrained["events"]
     timings = status["timings"]
-    assert timings["timeToFirstStepSeconds"] > 0 and timings["provisioningSeconds"] > 0
-    # the model is on the volume, written by the workers as the image's ray user
-    out = kube.volume(pretrained["ns"]) / "tiny-llama"
-    names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors"} <= names, names
-    assert out.stat().st_uid == 1000
+    parts = timings["queuedSeconds"] + timings["provisioningSeconds"] + timings["startupSeconds"]
+    assert timings["provisioningSeconds"] > 0 and abs(parts - timings["timeToFirstStepSeconds"]) < 0.05
     record_phases("pretrain-tiny-llama (2 workers)", pretrained)
+
+
+def test_the_model_on_the_volume_is_complete_and_loads(kube: KubeEnv, pretrained: dict[str, Any]) -> None:
+    """What the workers wrote to the PersistentVolume (as the image's ray user, readable by the
+    volume's group): the model, its tokenizer, metrics.json, the loss plot; it loads with plain
+    transformers and generates."""
+    out = kube.volume(pretrained["ns"]) / "tiny-llama"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss.png"):
+        assert (out / name).exists(), name
+    assert out.stat().st_uid == 1000 and (out / "model.safetensors").stat().st_mode & 0o044 == 0o044
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_eval"]["perplexity"] < 10
+    assert metrics["final_eval"]["eval_tokens"] >= 2000 and 0 < metrics["final_eval"]["eval_loss_ci95"] < 1
+    assert metrics["tokenizer"].startswith("trained byte-level BPE")
+    assert metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"] < 1
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = model.generate(**tok("The cat", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert ids.shape[1] > 2
 
 
 def test_kuberay_made_the_pods_on_the_cpu_pool(kube: KubeEnv, pretrained: dict[str, Any]) -> None:
@@ -365,6 +409,20 @@ def test_every_dashboard_panel_answers_from_the_pods_prometheus_discovered(
         if not any(series["values"] for series in prometheus.query_range(promql, start, end)):
             empty.append(f"{title}: {promql}")
     assert empty == [], "panels without data:\n" + "\n".join(empty)
+    for promql in (
+        'forgeline_job_eval{job="tiny-llama",metric="perplexity",stage=~"before|after"}',
+        'forgeline_jobs{kind="TrainingJob",phase="Succeeded"}',
+        'forgeline_job_time_to_first_step_seconds_count{kind="TrainingJob"}',
+    ):
+        assert prometheus.query_range(promql, start, end), promql
+    assert (
+        len(
+            prometheus.query_range(
+                'forgeline_job_eval{job="tiny-llama",metric="perplexity",stage=~"before|after"}', start, end
+            )
+        )
+        == 2
+    )
 
 
 GPU_ONLY = ("ray_node_gpus_utilization", "ray_node_gram_")
