@@ -107,7 +107,7 @@ class Node:
         self._make_cgroups()
         self._write_cni_config()
         self._spawn("containerd", [find_binary("containerd"), "--config", str(self._containerd_config())])
-        self._wait_for(lambda: self.ctr("version", check=False).returncode == 0, "containerd", 30)
+        self._wait_for(lambda: self._ctr_answers(), "containerd", 30)
         self._spawn("kubelet", self._kubelet_command())
         self._spawn("kube-proxy", [find_binary("kube-proxy"), f"--config={self._kube_proxy_config()}"])
 
@@ -182,10 +182,12 @@ class Node:
                 "images", "import", "--snapshotter", "overlayfs", "-"]  # fmt: skip
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdin is not None and proc.stdout is not None
+        written = 0
         try:
             written = write(proc.stdin)
-        finally:
             proc.stdin.close()
+        except BrokenPipeError:  # ctr stopped reading: its own output says why
+            pass
         output = proc.stdout.read().decode(errors="replace")
         if proc.wait(timeout=timeout) != 0:
             raise RuntimeError(
@@ -332,6 +334,11 @@ class Node:
                 proc.kill()
                 proc.wait(timeout=10)
 
+    def _ctr_answers(self) -> bool:
+        proc = self.ctr("version", check=False)
+        self._last_probe = (proc.stderr or proc.stdout or "").strip()[-500:]
+        return proc.returncode == 0
+
     def _wait_for(self, ready: object, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not ready():  # type: ignore[operator]
@@ -341,7 +348,10 @@ class Node:
                         f"{self.name}: {name} exited ({proc.returncode}):\n{self.log_tail(name)}"
                     )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: {what} not ready after {timeout}s")
+                last = getattr(self, "_last_probe", "")
+                raise TimeoutError(
+                    f"{self.name}: {what} not ready after {timeout}s{': ' + last if last else ''}"
+                )
             time.sleep(0.2)
 
     # -- configuration ---------------------------------------------------------------------------
