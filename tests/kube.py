@@ -104,17 +104,10 @@ class PodWatch:
     def __init__(self, env: KubeEnv, ns: str) -> None:
         self.env, self.ns = env, ns
         self.seen: dict[str, dict[str, Any]] = {}
-        self.rayclusters: dict[str, dict[str, Any]] = {}
 
     def __call__(self) -> None:
         for pod in self.env.pods(self.ns, "app.kubernetes.io/managed-by=forgeline"):
             self.seen[pod["metadata"]["name"]] = pod
-        for rc in self.env.get("rayclusters", "-n", self.ns)["items"]:
-            if (
-                rc.get("status", {}).get("state") == "ready"
-                and rc["metadata"]["name"] not in self.rayclusters
-            ):
-                self.rayclusters[rc["metadata"]["name"]] = {**rc, "seenReadyAt": time.time()}
 
     def phases(self) -> dict[str, Any]:
         """Per pod: created → scheduled → container started → Ready (seconds from creation)."""

@@ -99,15 +99,20 @@ build_kuberay() {
   finish kuberay "$v" $((SECONDS - start))
 }
 
-build_prometheus() {
-  local v=$PROMETHEUS_VERSION dir="$out_root/prometheus-$PROMETHEUS_VERSION"
-  built prometheus "$v" && return 0
+# install_single NAME VERSION PACKAGE VERSION_FLAG: a component that is one `go install`.
+install_single() {
+  local dir="$out_root/$1-$2"
+  built "$1" "$2" && return 0
   need_go
   local start=$SECONDS
   mkdir -p "$dir/bin"
-  GOBIN="$dir/bin" go install -ldflags "-s -w" "github.com/prometheus/prometheus/cmd/prometheus@$v"
-  "$dir/bin/prometheus" --version >&2
-  finish prometheus "$v" $((SECONDS - start))
+  GOBIN="$dir/bin" go install -ldflags "-s -w" "$3@$2"
+  "$dir/bin/$1" "$4" >&2
+  finish "$1" "$2" $((SECONDS - start))
+}
+
+build_prometheus() {
+  install_single prometheus "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/prometheus --version
 }
 
 build_kueue() {
@@ -128,14 +133,7 @@ build_kueue() {
 }
 
 build_coredns() {
-  local v=$COREDNS_VERSION dir="$out_root/coredns-$COREDNS_VERSION"
-  built coredns "$v" && return 0
-  need_go
-  local start=$SECONDS
-  mkdir -p "$dir/bin"
-  GOBIN="$dir/bin" go install -ldflags "-s -w" "github.com/coredns/coredns@$v"
-  "$dir/bin/coredns" -version >&2
-  finish coredns "$v" $((SECONDS - start))
+  install_single coredns "$COREDNS_VERSION" github.com/coredns/coredns -version
 }
 
 build_pause() {
