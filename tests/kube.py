@@ -8,6 +8,8 @@ of this machine (`volume(ns)`), so `pvc://work/...` URIs are real mounts in the 
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from forgeline_operator.dev.cluster import binaries
 from forgeline_operator.dev.cluster.cluster import KubeCluster
 
 PLURAL = {"TrainingJob": "trainingjobs.forgeline.dev", "FineTuneJob": "finetunejobs.forgeline.dev"}
@@ -95,6 +98,48 @@ class KubeEnv:
 
     def pods(self, ns: str, selector: str = "") -> list[dict[str, Any]]:
         return self.get("pods", "-n", ns, *(["-l", selector] if selector else []))["items"]
+
+
+class Watch:
+    """Every version of the objects a `kubectl get --watch` selects, as the apiserver sent them
+    (with the time each arrived): a status the operator held for a second is never missed, as
+    polling under load could miss it (CI: a 12-second training run's live progress).
+
+        with Watch(kube, "trainingjobs.forgeline.dev", "-n", ns, name) as versions: ...
+    """
+
+    def __init__(self, env: KubeEnv, *args: str) -> None:
+        kubectl = binaries.find_binary("kubectl")
+        self.argv = [kubectl, "--kubeconfig", str(env.cluster.kubeconfig), "get", *args, "--watch", "-o", "json"]
+        self.versions: list[tuple[float, dict[str, Any]]] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> list[tuple[float, dict[str, Any]]]:
+        self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self.versions
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        decoder, buf = json.JSONDecoder(), ""
+        for line in self._proc.stdout:
+            buf += line
+            while buf.strip():
+                try:
+                    obj, end = decoder.raw_decode(buf.lstrip())
+                except ValueError:
+                    break  # half an object: read on
+                self.versions.append((time.time(), obj))
+                buf = buf.lstrip()[end:]
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
 
 class PodWatch:

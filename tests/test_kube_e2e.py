@@ -20,7 +20,7 @@ from forgeline_operator.dev.cluster.binaries import CACHE
 from forgeline_operator.dev.cluster.cluster import RELEASE, RELEASE_NS, on_a_small_cluster
 
 from .conftest import CHART, EXAMPLES, load_yaml_documents
-from .kube import KubeEnv, PodWatch, ts
+from .kube import PLURAL, KubeEnv, PodWatch, Watch, ts
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
 
@@ -111,15 +111,17 @@ def pretrained(kube: KubeEnv, prometheus: Any) -> dict[str, Any]:
         watch()
         seen.append(kube.job("TrainingJob", job, ns).get("status", {}))
 
-    running = kube.wait_for(
-        "TrainingJob", job, ns, lambda s: s.get("phase") in ("Running", "Failed"), 600, every=sample
-    )
-    assert running["phase"] == "Running", running
-    rc_name = running["ray"]["clusterName"]
-    raycluster = kube.get("raycluster", rc_name, "-n", ns)
-    head_service = kube.get("service", f"{rc_name}-head-svc", "-n", ns)
-    status = kube.wait_terminal("TrainingJob", job, ns, timeout=900, every=sample)
-    ended = time.time()
+    with Watch(kube, PLURAL["TrainingJob"], job, "-n", ns) as versions:
+        running = kube.wait_for(
+            "TrainingJob", job, ns, lambda s: s.get("phase") in ("Running", "Failed"), 600, every=sample
+        )
+        assert running["phase"] == "Running", running
+        rc_name = running["ray"]["clusterName"]
+        raycluster = kube.get("raycluster", rc_name, "-n", ns)
+        head_service = kube.get("service", f"{rc_name}-head-svc", "-n", ns)
+        status = kube.wait_terminal("TrainingJob", job, ns, timeout=900, every=sample)
+        ended = time.time()
+    seen += [v.get("status", {}) for _, v in versions]  # every version the operator wrote
     return {
         "ns": ns, "job": job, "status": status, "watch": watch, "raycluster": raycluster,
         "head_service": head_service, "applied": applied, "ended": ended, "seen": seen,

@@ -1199,6 +1199,36 @@ def test_mfu_peak_is_the_nodes_measured_once_not_each_workers(monkeypatch: pytes
     assert 1e8 < measured < 1e13  # a real fp32 matmul on this CPU
 
 
+def test_a_driver_in_a_pod_with_a_smaller_cpu_limit_leaves_the_peak_to_its_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KubeRay's head pod (500m) measured the node's peak throttled and the workers' MFU came out
+    at 1.02 (CI, the e2e pretraining example): the pod's CFS quota is read (cgroup v1 and v2), and a
+    driver whose limit is below the workers' cores leaves the probe to each worker."""
+    from forgeline_trainer import progress
+
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert progress.cpu_quota_cores(v1) == 0.5
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert progress.cpu_quota_cores(v1) is None
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert progress.cpu_quota_cores(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert progress.cpu_quota_cores(v2) is None
+    assert progress.cpu_quota_cores(tmp_path / "none") is None
+    monkeypatch.setattr(progress, "cpu_quota_cores", lambda: 0.5)
+    assert not progress.driver_can_probe_for_workers(2)
+    monkeypatch.setattr(progress, "cpu_quota_cores", lambda: 2.0)
+    assert progress.driver_can_probe_for_workers(2) and not progress.driver_can_probe_for_workers(3)
+    monkeypatch.setattr(progress, "cpu_quota_cores", lambda: None)
+    assert progress.driver_can_probe_for_workers(64)
+
+
 def test_the_node_peak_is_measured_once_per_node_and_kept_for_a_day(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

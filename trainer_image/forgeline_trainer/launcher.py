@@ -104,8 +104,9 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
         # preempted worker group went unnoticed for up to that long (bench/time_to_first_step.py)
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
     }
-    if not use_gpu:  # MFU's denominator: one probe of the node with all its cores, not one per worker
-        cores = max(1, min(os.cpu_count() or 1, workers * int(threads)))
+    cores = max(1, min(os.cpu_count() or 1, workers * int(threads)))
+    if not use_gpu and progress.driver_can_probe_for_workers(cores):
+        # MFU's denominator: one probe of the node with all its cores, not one per worker
         env[progress.CPU_PEAK_ENV] = f"{progress.cached_node_cpu_peak_per_core(cores):.6g}"
     os.environ.update(env)
     if not ray.is_initialized():

@@ -100,6 +100,33 @@ CPU_PEAK_ENV = "FORGELINE_CPU_PEAK_PER_CORE"
 busy (so workers never probe against each other, and MFU is against the node's real peak)."""
 
 
+def cpu_quota_cores(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs this process's cgroup may use (its CFS quota: a pod's CPU limit), None when it has
+    no limit. cgroup v2 (`cpu.max`) or v1 (`cpu/cpu.cfs_quota_us` / `cpu.cfs_period_us`)."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for controller in ("cpu", "cpu,cpuacct"):
+        try:
+            quota_us = int((root / controller / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / controller / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
+
+
+def driver_can_probe_for_workers(cores: int) -> bool:
+    """Whether the driver's one probe of `cores` threads can stand for its workers: not when the
+    driver's own CPU limit is below that (KubeRay's head pod, 500m, while the workers run in pods
+    of their own), where the probe would run throttled and every worker's MFU come out inflated,
+    past 1. Then each worker probes its own CPUs (device_peak_flops), inside its pod's limit."""
+    quota = cpu_quota_cores()
+    return quota is None or quota >= cores
+
+
 def node_cpu_peak_per_core(cores: int) -> float:
     """The node's fp32 matmul FLOP/s with `cores` threads, per core: the driver measures it once,
     before the workers start."""
