@@ -110,7 +110,16 @@ class Watch:
 
     def __init__(self, env: KubeEnv, *args: str) -> None:
         kubectl = binaries.find_binary("kubectl")
-        self.argv = [kubectl, "--kubeconfig", str(env.cluster.kubeconfig), "get", *args, "--watch", "-o", "json"]
+        self.argv = [
+            kubectl,
+            "--kubeconfig",
+            str(env.cluster.kubeconfig),
+            "get",
+            *args,
+            "--watch",
+            "-o",
+            "json",
+        ]
         self.versions: list[tuple[float, dict[str, Any]]] = []
         self._proc: subprocess.Popen[str] | None = None
         self._thread: threading.Thread | None = None

@@ -231,6 +231,11 @@ def test_ray_pods_get_the_preemption_grace_period_plus_a_margin() -> None:
             pods += [g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"]]
             for pod in pods:
                 assert pod["terminationGracePeriodSeconds"] == grace + builders.PREEMPTION_MARGIN_SECONDS
+                # the SIGTERM reaches `ray start --block` (PID 1): it drains the Ray node for the
+                # grace period, and Ray Train's watcher tells the workers within a second
+                env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+                assert env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == str(grace)
+                assert env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] == "1"
     doc["spec"]["preemption"] = {"gracePeriodSeconds": 5}
     with pytest.raises(InvalidJobError, match="gracePeriodSeconds"):
         parse_job(doc)

@@ -234,6 +234,7 @@ def _long_job(name: str, steps: int = 400) -> dict[str, Any]:
     return doc
 
 
+@pytest.mark.soak  # every suite: a real worker pod lost, resubmitted from its checkpoint (test_kube_faults)
 def test_injected_trainer_failure_is_retried_and_recovers(
     cluster: Cluster, operator: Operator, namespace: str, op_workdir: Path
 ) -> None:
@@ -460,6 +461,7 @@ def test_operator_needs_nothing_beyond_the_charts_rbac(cluster: Cluster, operato
     )
 
 
+@pytest.mark.soak  # the 40-job burst under the running-jobs cap runs in every suite (test_faults)
 def test_a_thousand_jobs(cluster: Cluster, operator: Operator, namespace: str) -> None:
     """1,000 job objects: every one is admitted and parked (suspend: true, so no Ray work), the
     operator stays healthy, and its metrics count them all."""

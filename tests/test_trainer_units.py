@@ -921,6 +921,43 @@ def test_sigterm_is_recorded_not_fatal_and_a_late_second_one_falls_back(
         preemption._reset_for_tests()
 
 
+def test_a_drained_ray_node_is_a_preemption_though_no_sigterm_reached_the_worker(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a KubeRay pod the kubelet's SIGTERM goes to `ray start --block`, which drains its node;
+    Ray Train marks every worker of the group (mark_preempt). That mark is a preemption request:
+    rank 0 reports the checkpoint, every rank raises Preempted naming the drained ranks."""
+    from ray.train.v2._internal.execution import context as train_context
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    from forgeline_trainer import preemption
+    from forgeline_trainer.errors import Preempted
+
+    holder = SimpleNamespace(preemption_context=SimpleNamespace(preemption_info=None))
+    monkeypatch.setattr(train_context, "get_train_context", lambda: holder)
+    preemption._reset_for_tests()
+    try:
+        assert preemption.drain_notice() is None and not preemption.requested()
+        deadline_ms = int((time.time() + 30) * 1000)
+        holder.preemption_context.preemption_info = PreemptionInfo(deadline_ms, {"node-b": [1]})
+        assert preemption.drain_notice() == {"nodes": ["node-b"], "ranks": [1], "deadline_ms": deadline_ms}
+        assert preemption.requested()
+        with pytest.raises(Preempted, match=r"rank\(s\) \[1\] is draining.*checkpoint written at step 37"):
+            preemption.stop(37, 0)
+        (event,) = [r for r in parse_records(capsys.readouterr().out) if r["type"] == "event"]
+        assert (
+            event["step"] == 37
+            and event["drained_ranks"] == [1]
+            and event["signal"].startswith("Ray node drain")
+        )
+        assert (
+            0 <= event["seconds_to_checkpoint"] < 5
+            and 25 < event["seconds_left_before_the_drain_deadline"] <= 30
+        )
+    finally:
+        preemption._reset_for_tests()
+
+
 def test_a_preempted_worker_makes_the_error_record_say_preempted(capsys: pytest.CaptureFixture[str]) -> None:
     from ray.train import WorkerGroupError
 

@@ -13,6 +13,13 @@ The handler only records the signal; the train loop reads it after every step
 (`Checkpointer.maybe_save`; in the TRL recipes `hf_trainer.PreemptionCallback`), where the workers
 agree on it with one all-reduce, save and raise `Preempted` (`stop`). A second SIGTERM after the
 grace period has run out falls back to Ray's handler.
+
+In a KubeRay pod the SIGTERM never reaches the worker: the kubelet signals the container's PID 1,
+`ray start --block`, which drains its Ray node (DRAIN_NODE_REASON_PREEMPTION, for
+RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, which the operator sets to the job's grace period) before
+it stops the node's processes. Ray Train's PreemptionWatcher sees the drain and marks every
+worker of the group (`mark_preempt`); `requested` reads that mark as well, so an eviction, a
+`kubectl delete pod` or a drain of the worker's node checkpoints at the current step too.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from .errors import Preempted
 
 _requested = threading.Event()
 _saved = threading.Event()
-_state: dict[str, Any] = {"at": None, "grace": 120.0, "previous": None, "step": None}
+_state: dict[str, Any] = {"at": None, "grace": 120.0, "previous": None, "step": None, "drain": None}
 
 
 def _handler(signum: int, frame: Any) -> None:
@@ -93,8 +100,36 @@ def note_step(step: int) -> None:
 
 
 def requested() -> bool:
-    """This process got SIGTERM."""
-    return _requested.is_set()
+    """This process got SIGTERM, or Ray says a node of this worker group is being drained."""
+    if _requested.is_set():
+        return True
+    notice = drain_notice()
+    if notice is None:
+        return False
+    _state["at"] = _state["at"] or time.monotonic()
+    _state["drain"] = notice
+    _requested.set()
+    return True
+
+
+def drain_notice() -> dict[str, Any] | None:
+    """Ray Train's mark on this worker that a node of its group is being drained (its pod got
+    SIGTERM: an eviction, a deletion, a node drain), or None. Read from the worker's own context:
+    `ray.train.get_preemption_info()` would be a barrier of its own every step, and the workers
+    already agree through Checkpointer's one all-reduce."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        info = get_train_context().preemption_context.preemption_info
+    except Exception:  # noqa: BLE001 - not in a Ray Train v2 worker, or another Ray: SIGTERM only
+        return None
+    if info is None:
+        return None
+    return {
+        "nodes": list(info.preempted_node_ids),
+        "ranks": list(info.preempted_ranks),
+        "deadline_ms": info.deadline_ms,
+    }
 
 
 def seconds_since_signal() -> float | None:
@@ -115,7 +150,8 @@ def checkpoint_written() -> float | None:
 def stop(step: int, rank: int) -> None:
     """The preemption checkpoint at `step` is written (and reported to Ray Train): the worker that
     got the signal says so in an event, and every worker raises `Preempted`."""
-    if requested():  # the worker that got the signal speaks for itself
+    drain = _state.get("drain")
+    if requested() and (drain is None or rank == 0):  # who got the signal (rank 0 for a drain)
         took = checkpoint_written()
         grace = grace_seconds()
         record: dict[str, Any] = {
@@ -123,23 +159,30 @@ def stop(step: int, rank: int) -> None:
             "message": "preempted: checkpoint written, stopping",
             "step": step,
             "rank": rank,
-            "signal": "SIGTERM",
+            "signal": "SIGTERM" if drain is None else "Ray node drain (its pod got SIGTERM)",
             "seconds_to_checkpoint": None if took is None else round(took, 2),
             "grace_period_seconds": grace,
         }
+        if drain is not None:
+            record["drained_ranks"] = drain["ranks"]
+            if drain["deadline_ms"]:
+                record["seconds_left_before_the_drain_deadline"] = round(
+                    drain["deadline_ms"] / 1000 - time.time(), 1
+                )
         if took is not None and took > grace:
             record["warning"] = (
                 f"the step and the save took {took:.1f} s, more than the grace period of "
                 f"{grace:g} s: on a node being drained the worker would have been killed first"
             )
         progress.emit(record)
+    what = "worker got SIGTERM" if drain is None else f"the Ray node of rank(s) {drain['ranks']} is draining"
     raise Preempted(
-        f"worker got SIGTERM (node drain or spot reclaim): checkpoint written at step {step}; "
-        "the next attempt resumes there"
+        f"{what} (pod eviction, deletion, node drain or spot reclaim): checkpoint written at step "
+        f"{step}; the next attempt resumes there"
     )
 
 
 def _reset_for_tests() -> None:
     _requested.clear()
     _saved.clear()
-    _state.update(at=None, step=None)
+    _state.update(at=None, step=None, drain=None)

@@ -109,6 +109,15 @@ def _env(job: Job, threads: int) -> list[dict[str, Any]]:
         {"name": "OMP_NUM_THREADS", "value": str(threads)},
         {"name": "FORGELINE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        # graceful preemption in a pod: the kubelet's SIGTERM reaches `ray start --block` (PID 1),
+        # which drains its Ray node for this long before it stops the node's processes; Ray
+        # Train's watcher sees the drain (polled every second) and the trainer checkpoints at the
+        # current step within it (forgeline_trainer.preemption)
+        {
+            "name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S",
+            "value": str(job.spec.preemption.grace_period_seconds),
+        },
+        {"name": "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "value": "1"},
         # the trainer names the pod and node in a failure (a GPU the node advertises but lacks)
         {"name": "FORGELINE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "FORGELINE_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},

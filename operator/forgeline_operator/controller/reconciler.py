@@ -157,8 +157,11 @@ class Reconciler:
             attempt=attempt,
             fail_at_step=fail_at,
             hang_at_step=hang_at,
-            # an injected failure must fail the Ray job, not be absorbed by Ray Train
-            max_worker_failures=0 if fail_at else 2,
+            # a lost or preempted worker group fails the Ray job, not a restart inside it that
+            # status never shows: the operator resubmits (from the newest checkpoint, on the same
+            # cluster once KubeRay has replaced the pod) and says why in status.lastFailure, with
+            # preemptions counted apart from spec.backoffLimit
+            max_worker_failures=0,
         )
 
     def _work_dir(self) -> str | None:
@@ -481,7 +484,11 @@ class Reconciler:
 
     def _last_failure(self, failure: failures.Failure, cursor: LogCursor, retried: bool) -> dict[str, Any]:
         """status.lastFailure for this attempt."""
-        step = (cursor.latest.get("progress") or {}).get("step")
+        # the furthest step the attempt is known to have reached: its newest progress record, or
+        # a checkpoint written after it (a preemption's, at the step the drain stopped it)
+        steps = [(cursor.latest.get(kind) or {}).get("step") for kind in ("progress", "checkpoint")]
+        known = [s for s in steps if isinstance(s, (int, float))]
+        step = max(known) if known else None
         last = {
             "reason": failure.reason,
             "attempt": self._attempt(),

@@ -31,6 +31,9 @@ from .binaries import CACHE, find_binary
 from .network import NETNS_DIR, Fabric
 from .pki import PKI
 
+DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+"""Where every kubelet serves its device-plugin registry (not under --root-dir)."""
+
 CLUSTER_DNS_IP = "10.96.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -208,6 +211,10 @@ class Node:
                 "mount -t tmpfs -o mode=0755 forgeline-run /run",
                 "mkdir -p /run/netns /run/containerd",
                 f"mount --bind {self.workdir / 'log'} /var/log",
+                # the device-plugin socket's path is fixed (/var/lib/kubelet/device-plugins): a
+                # node of its own, or two kubelets race to bind one socket and one exits
+                f"mkdir -p {self.workdir / 'device-plugins'} {DEVICE_PLUGIN_DIR}",
+                f"mount --bind {self.workdir / 'device-plugins'} {DEVICE_PLUGIN_DIR}",
                 "exec sleep infinity",
             ]
         )

@@ -1,0 +1,285 @@
+"""Faults on real pods: what Kubernetes itself does to a training job, survived and measured.
+
+One pretraining job on the session's cluster (tests/kube.py) lives through, in order:
+
+- the operator pod deleted at points of its life (Provisioning, just after the submission, mid-run,
+  while a preemption is handled, during a resubmission; the Deployment starts a new one each time);
+- an eviction of a worker pod through the Eviction API (what `kubectl drain` and spot reclaims
+  do): the kubelet's SIGTERM reaches `ray start --block`, Ray drains the node, the trainer
+  checkpoints at that step, the job is resubmitted on the same RayCluster (once KubeRay has
+  replaced the pod) and resumes at exactly that step; `Preempted`, not counted in backoffLimit;
+- a worker pod deleted with no grace period (a node that vanished): the Ray job fails, the operator
+  resubmits from the newest checkpoint; counted, with lastFailure naming the lost node;
+
+and must Succeed with one RayCluster and exactly one Ray submission per attempt. The figures (time
+to detect, time to recover, steps redone) go to $FORGELINE_CACHE/kube-e2e-figures.json and
+docs/reliability.md. A failing test prints the cluster's diagnostics (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forgeline_operator.dev.cluster.cluster import RELEASE_NS, on_a_small_cluster
+from forgeline_operator.rayclient.rayjobs import parse_records
+
+from .conftest import EXAMPLES, load_yaml_documents
+from .kube import PLURAL, KubeEnv, Watch
+from .test_kube_e2e import record
+
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
+
+JOB, STEPS, INTERVAL = "survivor", 1000, 50
+OPERATOR = "app.kubernetes.io/component=operator"
+
+
+# -- injecting faults: the exact commands a person or Kubernetes would run -------------------------
+
+
+def evict(kube: KubeEnv, ns: str, pod: str) -> None:
+    """The Eviction API (policy/v1), as `kubectl drain` and cluster autoscalers call it."""
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": ns}}
+    kube.kubectl(
+        "create", "--raw", f"/api/v1/namespaces/{ns}/pods/{pod}/eviction", "-f", "-", input=json.dumps(body)
+    )
+
+
+def delete_operator_pod(kube: KubeEnv) -> str:
+    """`kubectl delete pod` of the running operator (graceful: kopf stops on SIGTERM)."""
+    (pod,) = [p for p in kube.pods(RELEASE_NS, OPERATOR) if not p["metadata"].get("deletionTimestamp")]
+    name = pod["metadata"]["name"]
+    kube.kubectl("delete", "pod", name, "-n", RELEASE_NS, "--wait=false")
+    return name
+
+
+def workers(kube: KubeEnv, ns: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in kube.pods(ns, f"forgeline.dev/job={JOB},ray.io/node-type=worker")
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def ray_submissions(kube: KubeEnv, ns: str) -> list[str]:
+    """Every Ray job the head knows (asked from inside the head pod, with its token)."""
+    (head,) = [p for p in kube.pods(ns, f"forgeline.dev/job={JOB},ray.io/node-type=head") if
+               not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+    code = (
+        "import os; from ray.job_submission import JobSubmissionClient as C; "
+        "auth = {'Authorization': 'Bearer ' + os.environ['RAY_AUTH_TOKEN']}; "
+        "c = C('http://127.0.0.1:8265', headers=auth); "
+        "print('\\n'.join(j.submission_id for j in c.list_jobs() if j.submission_id))"
+    )
+    out = kube.kubectl(
+        "exec", "-n", ns, head["metadata"]["name"], "-c", "ray-head", "--", "python", "-c", code
+    )
+    return sorted(out.stdout.split())
+
+
+def attempt_records(kube: KubeEnv, ns: str, status: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """Each attempt's trainer records, from the logs the operator archived on the volume."""
+    out = {}
+    for entry in status.get("logs", []):
+        uri = entry["uri"]
+        assert uri.startswith("pvc://work/"), uri
+        path: Path = kube.volume(ns) / uri.removeprefix("pvc://work/")
+        out[entry["attempt"]] = parse_records(path.read_text())
+    return out
+
+
+# -- the job's life --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def survivor(kube: KubeEnv) -> dict[str, Any]:
+    ns = kube.namespace("faults")
+    doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], nodePool="cpu")
+    doc["metadata"]["name"] = JOB
+    doc["spec"]["training"].update(maxSteps=STEPS)
+    doc["spec"]["checkpointing"].update(intervalSteps=INTERVAL, keep=3)
+    doc["spec"]["evaluation"].update(intervalSteps=STEPS)
+    doc["spec"]["backoffLimit"] = 3
+    facts: dict[str, Any] = {"ns": ns, "operator_kills": []}
+
+    def kill_operator(why: str) -> None:
+        facts["operator_kills"].append((why, delete_operator_pod(kube), time.time()))
+
+    def wait(done: Any, timeout: float = 300) -> dict[str, Any]:
+        return kube.wait_for("TrainingJob", JOB, ns, done, timeout)
+
+    def step(s: dict[str, Any]) -> int:
+        return int((s.get("progress") or {}).get("step") or 0)
+
+    def attempts(s: dict[str, Any]) -> int:
+        return int(s.get("restarts") or 0) + int(s.get("preemptions") or 0)
+
+    def fault(name: str, at_step: int, inject: Any, kill_during: str, kill_after: str) -> None:
+        """At `at_step`: inject the fault into a worker pod, delete the operator pod while the
+        failure is handled, wait for the next attempt to train past where this one stopped, then
+        delete the operator pod once more."""
+        s = wait(lambda s: step(s) >= at_step, 420)
+        (victim, *_) = workers(kube, ns)
+        before = attempts(s)
+        facts[name] = {"pod": victim["metadata"]["name"], "at": time.time(), "step_seen": step(s)}
+        inject(victim["metadata"]["name"])
+        time.sleep(1)
+        kill_operator(kill_during)
+        s = wait(lambda s: attempts(s) > before)
+        facts[name].update(detected=time.time(), status=s)
+        stopped = int(s["lastFailure"].get("step") or 0)
+        wait(lambda s: attempts(s) > before and step(s) > stopped)
+        facts[name]["resumed"] = time.time()
+        kill_operator(kill_after)
+
+    with Watch(kube, PLURAL["TrainingJob"], JOB, "-n", ns) as versions:
+        kube.apply([doc], ns)
+        kill_operator("right after the apply")
+        wait(lambda s: (s.get("ray") or {}).get("jobId"), 420)
+        kill_operator("just after the first submission")
+        facts["raycluster_uid"] = kube.get("rayclusters", "-n", ns)["items"][0]["metadata"]["uid"]
+        # 1. `kubectl delete pod` of a worker (graceful: the pod's terminationGracePeriodSeconds)
+        fault(
+            "deleted",
+            2 * INTERVAL + 10,
+            lambda pod: kube.kubectl("delete", "pod", pod, "-n", ns, "--wait=false"),
+            "while the deletion is handled",
+            "mid-run after the resubmission",
+        )
+        # 2. an eviction (policy/v1 Eviction: kubectl drain, autoscalers, spot reclaim handlers)
+        fault(
+            "evicted",
+            facts["deleted"]["status"]["lastFailure"]["step"] + 3 * INTERVAL + 10,
+            lambda pod: evict(kube, ns, pod),
+            "while the eviction is handled",
+            "mid-run after the second resubmission",
+        )
+        # 3. the worker's Ray node crashes (SIGKILL to its raylet): no time for a checkpoint
+        fault(
+            "crashed",
+            facts["evicted"]["status"]["lastFailure"]["step"] + 3 * INTERVAL + 10,
+            lambda pod: kube.kubectl(
+                "exec", "-n", ns, pod, "-c", "ray-worker", "--", "pkill", "-KILL", "-x", "raylet"
+            ),
+            "while the crash is handled",
+            "mid-run after the third resubmission",
+        )
+        facts["submissions"] = ray_submissions(kube, ns)  # before the cluster goes with the success
+        s = kube.wait_terminal("TrainingJob", JOB, ns, timeout=600)
+    facts["status"] = s
+    facts["versions"] = [v for _, v in versions]
+    facts["records"] = attempt_records(kube, ns, s)
+    facts["events"] = kube.get("events", "-n", ns)["items"]
+    return facts
+
+
+def test_the_job_survives_every_fault_and_succeeds(survivor: dict[str, Any]) -> None:
+    status = survivor["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"]["step"] == STEPS
+    # two preemptions (not counted in backoffLimit) and one counted restart
+    assert int(status.get("preemptions") or 0) == 2 and int(status.get("restarts") or 0) == 1, status
+
+
+def _started(records: list[dict[str, Any]]) -> dict[str, Any]:
+    (start,) = [r for r in records if r["type"] == "event" and r["message"] == "training started"]
+    return start
+
+
+def _reached(records: list[dict[str, Any]]) -> int:
+    return max(r["step"] for r in records if r["type"] in ("progress", "checkpoint"))
+
+
+@pytest.mark.parametrize("fault,attempt", [("deleted", 0), ("evicted", 1)])
+def test_a_deleted_or_evicted_worker_checkpoints_at_its_step_and_resumes_there(
+    survivor: dict[str, Any], fault: str, attempt: int
+) -> None:
+    """SIGTERM to the pod (`kubectl delete pod`, or the Eviction API) → `ray start` drains the Ray
+    node → every worker finishes its step, rank 0 writes a checkpoint at it → Preempted, not
+    counted → the resubmission on the same RayCluster resumes at exactly that step."""
+    last = survivor[fault]["status"]["lastFailure"]
+    assert last["reason"] == "Preempted" and last["retried"] is True and last["attempt"] == attempt, last
+    records = survivor["records"]
+    (event,) = [r for r in records[attempt] if r["type"] == "event" and r["message"].startswith("preempted")]
+    assert event["signal"].startswith("Ray node drain"), event
+    assert any(r["type"] == "checkpoint" and r["step"] == event["step"] for r in records[attempt])
+    assert last["step"] == event["step"]  # status names the step it stopped at
+    start = _started(records[attempt + 1])
+    assert start["start_step"] == event["step"] == _reached(records[attempt])  # nothing redone
+    f = survivor[fault]
+    written = next(
+        r["time"] for r in records[attempt] if r["type"] == "checkpoint" and r["step"] == event["step"]
+    )
+    record(
+        f"fault: worker pod {fault}",
+        {
+            "stopped_at_step": event["step"],
+            "fault_to_checkpoint_written_s": round(written - f["at"], 1),
+            "drain_notice_to_checkpoint_s": event["seconds_to_checkpoint"],
+            "fault_to_status_preempted_s": round(f["detected"] - f["at"], 1),
+            "fault_to_training_again_s": round(f["resumed"] - f["at"], 1),
+            "steps_redone": _reached(records[attempt]) - start["start_step"],
+        },
+    )
+
+
+def test_a_crashed_worker_node_is_resubmitted_from_the_newest_checkpoint(survivor: dict[str, Any]) -> None:
+    """SIGKILL to a worker pod's raylet (its Ray node dies at once, as on a crashed machine): no
+    checkpoint at the step; the Ray job fails, the operator names the loss, counts it against
+    backoffLimit and resubmits; at most one checkpoint interval is redone."""
+    last = survivor["crashed"]["status"]["lastFailure"]
+    assert (
+        last["reason"] in ("NodeLost", "WorkerLost") and last["retried"] is True and last["attempt"] == 2
+    ), last
+    records = survivor["records"]
+    saved = max(r["step"] for r in records[2] if r["type"] == "checkpoint")
+    start = _started(records[3])
+    assert start["start_step"] == saved and _reached(records[2]) - saved <= INTERVAL
+    f = survivor["crashed"]
+    record(
+        "fault: worker Ray node crashed",
+        {
+            "reason": last["reason"],
+            "fault_to_status_s": round(f["detected"] - f["at"], 1),
+            "fault_to_training_again_s": round(f["resumed"] - f["at"], 1),
+            "steps_redone": _reached(records[2]) - start["start_step"],
+            "checkpoint_interval": INTERVAL,
+        },
+    )
+
+
+def test_operator_pod_deletions_lose_nothing_and_duplicate_nothing(
+    kube: KubeEnv, survivor: dict[str, Any]
+) -> None:
+    """The operator pod deleted 8 times through the job's life (Provisioning, just after a
+    submission, while each failure is handled, mid-run): each time the Deployment starts a new one,
+    which picks the job up where status says it is: one RayCluster all along, exactly one Ray
+    submission per attempt, counters and progress never going back."""
+    kills = survivor["operator_kills"]
+    assert len(kills) == 8 and len({name for _, name, _ in kills}) == 8, kills
+    events = survivor["events"]
+    clusters = {e["involvedObject"].get("uid") for e in events if e["involvedObject"]["kind"] == "RayCluster"}
+    assert clusters == {survivor["raycluster_uid"]}, clusters
+    heads = [e for e in events if e["reason"] == "CreatedHeadPod"]
+    assert len(heads) == 1, [e["message"] for e in heads]
+    submitted = {(v.get("status", {}).get("ray") or {}).get("jobId") for v in survivor["versions"]} - {None}
+    assert len(submitted) == 4, submitted  # attempts 0-3: one Ray job each
+    assert survivor["submissions"] == sorted(submitted), survivor["submissions"]  # and Ray knows no other
+    assert sorted(survivor["records"]) == [0, 1, 2, 3]
+    for records in survivor["records"].values():
+        _started(records)  # exactly one start per attempt: none ran twice
+    seen = {"restarts": 0, "preemptions": 0}
+    for v in survivor["versions"]:
+        st = v.get("status", {})
+        for key in seen:
+            assert int(st.get(key) or 0) >= seen[key], (key, st)
+            seen[key] = int(st.get(key) or 0)
+    (pod,) = kube.pods(RELEASE_NS, OPERATOR)
+    assert pod["status"]["containerStatuses"][0]["ready"], pod["status"]
+    record(
+        "fault: operator pod deleted",
+        {"deletions": [why for why, _, _ in kills], "ray_submissions": len(submitted), "rayclusters": 1},
+    )
