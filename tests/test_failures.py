@@ -41,6 +41,14 @@ ZeroDivisionError: division by zero"""
             True,
         ),
         ("ray.exceptions.NodeDiedError: node 10.0.3.4 has died", "NodeLost", True),
+        (  # a worker pod's raylet SIGKILLed on the real cluster (tests/test_kube_faults.py): was OOMKilled
+            "RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+            "[10.160.0.13]:34986: Connection reset by peer.\n(raylet) Raylet is terminated. Termination is "
+            "unexpected. Possible reasons include: (1) SIGKILL by the user or system OOM killer, (2) Invalid "
+            "memory access from Raylet causing SIGSEGV or SIGBUS, (3) Other termination signals.",
+            "NodeLost",
+            True,
+        ),
         ("received signal 15 (SIGTERM): the node is draining", "Preempted", True),
         ("Spot instance interruption notice: instance is being terminated", "Preempted", True),
         (HF_OFFLINE, "ModelUnavailable", False),

@@ -160,7 +160,10 @@ def _assert_ran_once_and_completely(
     # every suite deletes the real operator pod 8 times through a job's life (test_kube_faults);
     # these SIGKILLs of an operator process over 8 and 20 stand-in jobs run in make soak
     "kills",
-    [pytest.param(8, id="8-kills", marks=pytest.mark.soak), pytest.param(20, id="20-kills", marks=pytest.mark.soak)],
+    [
+        pytest.param(8, id="8-kills", marks=pytest.mark.soak),
+        pytest.param(20, id="20-kills", marks=pytest.mark.soak),
+    ],
 )
 def test_operator_sigkilled_at_random_points_loses_and_duplicates_nothing(
     cluster: Cluster, chaos_operator: Operator, standin: RayJobsStandIn, namespace: str, kills: int

@@ -94,7 +94,7 @@ def manifests(draw: st.DrawFn) -> dict[str, Any]:
 _FUZZ = {"deadline": None, "derandomize": True, "suppress_health_check": [HealthCheck.too_slow]}
 
 
-@settings(max_examples=1000, **_FUZZ)
+@settings(max_examples=300, **_FUZZ)  # derandomized: the same 300 every run; 10,000 in make soak
 @given(manifests())
 def test_any_manifest_is_a_job_or_field_named_errors(doc: dict[str, Any]) -> None:
     _check_manifest(doc)

@@ -78,7 +78,9 @@ _PATTERNS: tuple[tuple[FailureReason, re.Pattern[str]], ...] = tuple(
     for reason, pattern in (
         (
             "OOMKilled",
-            r"CUDA out of memory|torch\.(cuda\.)?OutOfMemoryError|OutOfMemoryError|oom[-_ ]kill|"
+            # not "OOM killer": Ray's note on any raylet that died ("SIGKILL by the user or system
+            # OOM killer") says the node is gone, not why (test_kube_faults: a raylet SIGKILLed)
+            r"CUDA out of memory|torch\.(cuda\.)?OutOfMemoryError|OutOfMemoryError|oom[-_ ]kill(?!er)|"
             r"exit code 137|exited with code 137|memory monitor.*kill|Killed process \d+",
         ),
         (
@@ -93,7 +95,10 @@ _PATTERNS: tuple[tuple[FailureReason, re.Pattern[str]], ...] = tuple(
             r"NCCL.*(timeout|timed out)|Watchdog caught collective operation timeout|"
             r"collective operation timeout|ProcessGroupNCCL.*timed out|gloo.*timed out",
         ),
-        ("NodeLost", r"NodeDiedError|node .* (has )?died|node .* (is )?dead|raylet .* died"),
+        (
+            "NodeLost",
+            r"NodeDiedError|node .* (has )?died|node .* (is )?dead|raylet .* died|Raylet is terminated",
+        ),
         (
             "WorkerLost",
             r"ActorDiedError|RayActorError|WorkerCrashedError|The actor died|actor .* died unexpectedly|"
