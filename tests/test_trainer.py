@@ -347,6 +347,8 @@ def test_a_killed_worker_restores_from_the_last_checkpoint(run: Runner, ray_head
     )
 
 
+@pytest.mark.soak  # every suite: SIGTERM → checkpoint at the step → Preempted (just below), and real
+# pods deleted and evicted resuming at exactly their step (tests/test_kube_faults.py)
 def test_sigterm_checkpoints_at_the_current_step_and_the_restart_resumes_there(
     run: Runner, ray_head: LocalRay
 ) -> None:

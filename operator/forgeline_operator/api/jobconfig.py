@@ -51,7 +51,9 @@ class RunSettings(ApiModel):
     progress_interval_seconds: float = Field(default=5.0, gt=0)
     """Seconds between progress records."""
     max_worker_failures: int = Field(default=2, ge=-1)
-    """Ray Train FailureConfig.max_failures: lost workers restarted within one Ray job."""
+    """Ray Train FailureConfig.max_failures: lost workers restarted within one Ray job. The operator
+    sets 0: it resubmits the job itself, so status says what failed and preemptions are counted
+    apart from spec.backoffLimit; `forgeline run` keeps 2."""
     fail_at_step: int | None = Field(default=None, ge=1)
     """Fault injection for tests: rank 0 raises after this step on attempt 0."""
     hang_at_step: int | None = Field(default=None, ge=1)

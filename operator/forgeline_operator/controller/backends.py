@@ -32,12 +32,15 @@ class ClusterState:
     message: str = ""
     python: str | None = None  # interpreter for the trainer entrypoint (local: this venv's)
     queued: bool = False  # waiting for Kueue to admit (unsuspend) the RayCluster
+    missing: bool = False  # there is no RayCluster and the call was not to create one
 
 
 class Backend(Protocol):
     name: str
 
-    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str) -> ClusterState: ...
+    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str, create: bool = True) -> ClusterState:
+        """The job's Ray cluster, created first when it does not exist and `create` is set."""
+        ...
 
     def teardown(self, job: Job, namespace: str) -> None: ...
 
@@ -49,7 +52,7 @@ class LocalBackend:
         self.local = local_ray
         self.python = python
 
-    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str) -> ClusterState:
+    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str, create: bool = True) -> ClusterState:
         return ClusterState(
             True, self.local.address, self.local.token, None, "embedded Ray head", self.python
         )
@@ -65,7 +68,7 @@ class AddressBackend:
         self.address = address
         self.token = token
 
-    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str) -> ClusterState:
+    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str, create: bool = True) -> ClusterState:
         return ClusterState(True, self.address, self.token, None, f"existing Ray cluster {self.address}")
 
     def teardown(self, job: Job, namespace: str) -> None:
@@ -115,7 +118,7 @@ class KubeRayBackend:
             return base64.b64decode(secret.data["token"]).decode()
         return token
 
-    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str) -> ClusterState:
+    def ensure(self, job: Job, body: Mapping[str, Any], namespace: str, create: bool = True) -> ClusterState:
         from kubernetes.client.exceptions import ApiException
 
         token = self._token(job, body, namespace)
@@ -125,6 +128,9 @@ class KubeRayBackend:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+            if not create:
+                gone = f"RayCluster {name} does not exist"
+                return ClusterState(False, None, token, name, gone, missing=True)
             pool = self.node_pools.get(job.spec.resources.node_pool or "")
             manifest = builders.build_ray_cluster(job, self.default_image, pool)
             self.adopt(manifest, owner=body)

@@ -167,6 +167,22 @@ def stalled(message: str) -> Failure:
     return Failure("Stalled", message, fix, retryable, True, (message,))
 
 
+def cluster_deleted(cluster: str, checkpoints: str | None) -> Failure:
+    """The running job's RayCluster was deleted by someone else: the job stops (its checkpoints
+    stay), since recreating it raced the old pods still draining under the same names and labels
+    (tests/test_kube_faults.py: the resubmissions reached the old, draining head)."""
+    message = (
+        f"RayCluster {cluster} was deleted while its job ran, not by Forgeline "
+        "(kubectl delete raycluster, or a clean-up of the namespace)"
+    )
+    kept = f"its checkpoints stay in {checkpoints}" if checkpoints else "its checkpoints stay in storage"
+    fix = (
+        f"{kept}: to go on from the newest, apply the job again (a new name) with "
+        "spec.checkpointing.resumeFrom pointing at it; delete this job to remove it"
+    )
+    return Failure("ClusterLost", message, fix, False, True, (message,))
+
+
 def cluster_lost(message: str) -> Failure:
     """The failure the operator declares when the job's Ray head is gone (unreachable past the
     bound, or its RayCluster deleted or unready)."""

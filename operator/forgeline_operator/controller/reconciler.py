@@ -275,7 +275,12 @@ class Reconciler:
             return
         ray = dict(self.status.get("ray") or {})
         sid = ray.get("jobId")
-        state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace)
+        state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace, create=False)
+        if state.missing:  # the job ran on it: someone else deleted it (Forgeline deletes finished jobs')
+            cursor = self.rt.cursors.get(sid or "") or LogCursor()
+            failure = failures.cluster_deleted(state.cluster_name or "", self.status.get("checkpointUri"))
+            self._after_failure(None, sid or "(none)", "lost", failure, cursor, {})
+            return
         if not state.ready:
             self._cluster_lost(f"the Ray cluster is gone or unready ({state.message})")
             return
