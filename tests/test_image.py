@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import REPO
@@ -25,6 +26,7 @@ def _pins() -> dict[str, str]:
     return pins
 
 
+@pytest.mark.soak  # every make setup builds the image from these pins for real (make images)
 def test_image_requirements_resolve(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     proc = subprocess.run(

@@ -403,6 +403,7 @@ def test_active_deadline_stops_the_job_and_fails_it_with_budget_exceeded(
     assert "BudgetExceeded" in reasons
 
 
+@pytest.mark.soak  # every suite: the real operator pod deleted 8 times through a job (test_kube_faults)
 def test_operator_restart_neither_duplicates_nor_loses_the_job(
     cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay
 ) -> None:
