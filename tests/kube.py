@@ -125,15 +125,25 @@ class Watch:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> list[tuple[float, dict[str, Any]]]:
-        self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self.versions
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
+    def _run(self) -> None:
+        """One `kubectl get --watch` after another: a watch ends when the apiserver restarts."""
+        while not self._stopped.is_set():
+            self._proc = subprocess.Popen(
+                self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+            self._read(self._proc)
+            self._proc.wait()
+            self._stopped.wait(1)
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
         decoder, buf = json.JSONDecoder(), ""
-        for line in self._proc.stdout:
+        for line in proc.stdout:
             buf += line
             while buf.strip():
                 try:
@@ -144,6 +154,7 @@ class Watch:
                 buf = buf.lstrip()[end:]
 
     def __exit__(self, *exc: object) -> None:
+        self._stopped.set()
         if self._proc is not None:
             self._proc.terminate()
             self._proc.wait(timeout=10)

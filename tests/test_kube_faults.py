@@ -9,6 +9,7 @@ One pretraining job on the session's cluster (tests/kube.py) lives through, in o
   checkpoints at that step, the job is resubmitted on the same RayCluster (once KubeRay has
   replaced the pod) and resumes at exactly that step; `Preempted`, not counted in backoffLimit;
 - `kubectl delete pod` of a worker: the same drain, the same checkpoint at the step;
+- the kube-apiserver restarted under the running pods: nothing fails or restarts for it;
 - a worker's Ray node crashing (SIGKILL to its raylet): no time to checkpoint; the Ray job fails,
   the operator resubmits from the newest checkpoint; counted, lastFailure `NodeLost`;
 - the RayCluster deleted by a person: the job stops at once, saying who deleted what;
@@ -34,7 +35,7 @@ from .test_kube_e2e import record
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
 
-JOB, STEPS, INTERVAL = "survivor", 1100, 50
+JOB, STEPS, INTERVAL = "survivor", 1500, 50
 OPERATOR = "app.kubernetes.io/component=operator"
 
 
@@ -169,6 +170,12 @@ def survivor(kube: KubeEnv) -> dict[str, Any]:
             "while the eviction is handled",
             "mid-run after the second resubmission",
         )
+        # 5. the kube-apiserver restarted while the pods run: nothing fails or restarts for it
+        s = wait(lambda s: attempts(s) == 2 and step(s) >= next_step("evicted") - 2 * INTERVAL, 300)
+        facts["apiserver"] = {"attempts_before": attempts(s), "step_before": step(s)}
+        facts["apiserver"]["unavailable_s"] = kube.cluster.control_plane.restart_apiserver()
+        s = wait(lambda s: step(s) >= facts["apiserver"]["step_before"] + INTERVAL, 300)
+        facts["apiserver"].update(attempts_after=attempts(s), step_after=step(s), status=s)
         # 3. the worker's Ray node crashes (SIGKILL to its raylet): no time for a checkpoint
         fault(
             "crashed",
@@ -291,6 +298,24 @@ def test_a_raycluster_deleted_by_a_person_stops_the_job_saying_who_deleted_what(
     assert kube.get("secrets", "-n", ns, "-l", f"forgeline.dev/job={JOB}")["items"] == []
     record(
         "fault: RayCluster deleted by a person", {"deletion_to_failed_s": round(f["detected"] - f["at"], 1)}
+    )
+
+
+def test_a_kube_apiserver_restart_under_running_pods_fails_and_restarts_nothing(
+    survivor: dict[str, Any],
+) -> None:
+    """The kube-apiserver stopped and started again (etcd keeps its data) while the job's pods
+    train: the kubelets, KubeRay, Kueue and the operator reconnect; the job goes on in the same
+    attempt, its status follows it, and the next faults are handled as before."""
+    a = survivor["apiserver"]
+    assert a["attempts_after"] == a["attempts_before"] == 2, a
+    assert a["status"]["phase"] == "Running" and a["step_after"] >= a["step_before"] + INTERVAL, a
+    record(
+        "fault: kube-apiserver restarted",
+        {
+            "unavailable_s": round(a["unavailable_s"], 1),
+            "attempts_added": a["attempts_after"] - a["attempts_before"],
+        },
     )
 
 

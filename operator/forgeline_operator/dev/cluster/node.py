@@ -110,7 +110,7 @@ class Node:
         self._make_cgroups()
         self._write_cni_config()
         self._spawn("containerd", [find_binary("containerd"), "--config", str(self._containerd_config())])
-        self._wait_for(lambda: self._ctr_answers(), "containerd", 30)
+        self._wait_for(lambda: self._ctr_answers(), "containerd", 60)
         self._spawn("kubelet", self._kubelet_command())
         self._spawn("kube-proxy", [find_binary("kube-proxy"), f"--config={self._kube_proxy_config()}"])
 
@@ -342,7 +342,11 @@ class Node:
                 proc.wait(timeout=10)
 
     def _ctr_answers(self) -> bool:
-        proc = self.ctr("version", check=False)
+        try:  # a probe that hangs must not eat the whole wait (seen: 'not ready after 30s' twice)
+            proc = self.ctr("version", check=False, timeout=10)
+        except subprocess.TimeoutExpired:
+            self._last_probe = "ctr version did not answer within 10 s"
+            return False
         self._last_probe = (proc.stderr or proc.stdout or "").strip()[-500:]
         return proc.returncode == 0
 
