@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from forgeline_operator.dev.cluster.cluster import RELEASE_NS, on_a_small_cluster
+from forgeline_operator.dev.cluster.cluster import RELEASE, RELEASE_NS, on_a_small_cluster
 from forgeline_operator.rayclient.rayjobs import parse_records
 
 from .conftest import EXAMPLES, load_yaml_documents
@@ -344,7 +344,9 @@ def test_operator_pod_deletions_lose_nothing_and_duplicate_nothing(
         for key in seen:
             assert int(st.get(key) or 0) >= seen[key], (key, st)
             seen[key] = int(st.get(key) or 0)
-    (pod,) = kube.pods(RELEASE_NS, OPERATOR)
+    # the last deleted one's successor is up (its Deployment reports it available)
+    kube.kubectl("rollout", "status", f"deploy/{RELEASE}", "-n", RELEASE_NS, "--timeout=120s")
+    (pod,) = [p for p in kube.pods(RELEASE_NS, OPERATOR) if not p["metadata"].get("deletionTimestamp")]
     assert pod["status"]["containerStatuses"][0]["ready"], pod["status"]
     record(
         "fault: operator pod deleted",
