@@ -4,8 +4,9 @@ of many jobs' lives, the apiserver restarted mid-run, the Ray head lost, and a b
 against the running-jobs cap. Training itself is the business of test_trainer/test_operator; here
 every second goes to the operator's own behaviour.
 
-The long variants (20 operator kills, 1,000 jobs) are marked `soak`: `make soak` runs them; their
-figures are in docs/reliability.md.
+The operator SIGKILLs (8 and 20) and the long variants (1,000 jobs) are marked `soak`: `make soak`
+runs them; every suite deletes the real operator pod 8 times through a real job's life instead
+(tests/test_kube_faults.py). Figures in docs/reliability.md.
 """
 
 from __future__ import annotations

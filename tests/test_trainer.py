@@ -306,6 +306,8 @@ def _starts(records: list[dict[str, Any]]) -> list[int]:
     ]
 
 
+@pytest.mark.soak  # every suite: a real worker pod's Ray node killed, resumed from the newest checkpoint
+# in storage (tests/test_kube_faults.py: the same restore, through the operator's resubmission)
 def test_a_killed_worker_restores_from_the_last_checkpoint(run: Runner, ray_head: LocalRay) -> None:
     """A real fault: SIGKILL one Ray Train worker process mid-training. Ray Train restarts the
     worker group within the same Ray job and training resumes from the newest checkpoint written
@@ -392,6 +394,8 @@ def test_sigterm_checkpoints_at_the_current_step_and_the_restart_resumes_there(
     )
 
 
+@pytest.mark.soak  # every suite: real pods deleted and evicted → Preempted, checkpoint at the step
+# (tests/test_kube_faults.py); the SIGTERM handler itself: test_trainer_units
 def test_a_preempted_ray_job_fails_with_reason_preempted(run: Runner, ray_head: LocalRay) -> None:
     """With no worker restarts left the Ray job fails; its error record says Preempted (the operator
     resubmits it without counting it against backoffLimit; the resubmission resumes like the

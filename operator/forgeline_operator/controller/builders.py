@@ -93,13 +93,13 @@ def _credentials(job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return env, env_from
 
 
-def _container_env(job: Job, threads: int) -> dict[str, Any]:
+def _container_env(job: Job, threads: int, drain: bool = True) -> dict[str, Any]:
     """A Ray container's `env` (Ray token auth, threads, spec.credentials) and `envFrom`."""
     env, env_from = _credentials(job)
-    return {"env": _env(job, threads) + env, **({"envFrom": env_from} if env_from else {})}
+    return {"env": _env(job, threads, drain) + env, **({"envFrom": env_from} if env_from else {})}
 
 
-def _env(job: Job, threads: int) -> list[dict[str, Any]]:
+def _env(job: Job, threads: int, drain: bool = True) -> list[dict[str, Any]]:
     return [
         {"name": "RAY_AUTH_MODE", "value": "token"},
         {
@@ -112,10 +112,11 @@ def _env(job: Job, threads: int) -> list[dict[str, Any]]:
         # graceful preemption in a pod: the kubelet's SIGTERM reaches `ray start --block` (PID 1),
         # which drains its Ray node for this long before it stops the node's processes; Ray
         # Train's watcher sees the drain (polled every second) and the trainer checkpoints at the
-        # current step within it (forgeline_trainer.preemption)
+        # current step within it (forgeline_trainer.preemption). Workers only: the head trains
+        # nothing, and a draining head would hold a finished job's cluster up to the grace period
         {
             "name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S",
-            "value": str(job.spec.preemption.grace_period_seconds),
+            "value": str(job.spec.preemption.grace_period_seconds if drain else 0),
         },
         {"name": "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "value": "1"},
         # the trainer names the pod and node in a failure (a GPU the node advertises but lacks)
@@ -251,7 +252,7 @@ def _head_pod(job: Job, image: str) -> dict[str, Any]:
                 "name": "ray-head",
                 "image": image,
                 "imagePullPolicy": "IfNotPresent",
-                **_container_env(job, 1),
+                **_container_env(job, 1, drain=False),
                 "resources": {"requests": dict(quantities), "limits": dict(quantities)},
                 "ports": [
                     {"name": "gcs", "containerPort": 6379},
