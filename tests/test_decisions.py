@@ -4,6 +4,7 @@ wiring."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -269,6 +270,16 @@ def test_a_lost_cluster_is_retried_within_the_backoff_limit_then_given_up() -> N
     assert isinstance(verdict, decisions.GiveUp) and verdict.reason == "ClusterLost"
 
 
+def test_a_recreated_head_pod_means_the_ray_job_is_gone() -> None:
+    assert decisions.head_replaced("tj-head-abcde", "tj-head-abcde") is None
+    assert decisions.head_replaced(None, "tj-head-abcde") is None  # submitted before heads were kept
+    assert decisions.head_replaced("tj-head-abcde", None) is None  # KubeRay has not said yet
+    message = decisions.head_replaced("tj-head-abcde", "tj-head-fghij")
+    assert message and "tj-head-abcde was replaced by tj-head-fghij" in message
+    lost = failures.cluster_lost(message)
+    assert lost.reason == "ClusterLost" and lost.retryable and lost.counts_against_backoff
+
+
 def test_an_unreachable_ray_address_is_named_as_such() -> None:
     from forgeline_operator.rayclient.ports import free_port
     from forgeline_operator.rayclient.rayjobs import RayJobs, RayUnreachable
@@ -277,6 +288,24 @@ def test_an_unreachable_ray_address_is_named_as_such() -> None:
     with pytest.raises(RayUnreachable, match="does not answer") as err:
         RayJobs(address, request_timeout=2)
     assert err.value.address == address and isinstance(err.value, ConnectionError)
+
+
+def test_a_ray_head_that_accepts_but_never_answers_times_out_in_the_version_check() -> None:
+    """A head that holds the connection and says nothing (a wedged dashboard; in a cluster, a
+    deleted pod's address waits for the kernel's TCP timeout instead) costs the operator one
+    timeout, not a reconcile held for minutes: the SDK's own version check sends no timeout."""
+    import socket
+
+    from forgeline_operator.rayclient.rayjobs import RayJobs, RayUnreachable
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(RayUnreachable, match="does not answer") as err:
+            RayJobs(address, request_timeout=1, connect_timeout=1)
+        took = time.monotonic() - started
+    assert took < 5, took
+    assert "Timeout" in str(err.value) and str(err.value).count("does not answer") == 1, err.value
 
 
 def test_a_long_queue_rewrites_few_statuses_as_it_moves() -> None:

@@ -194,3 +194,38 @@ def test_the_trainers_own_fix_is_the_fix_and_the_message_is_whole() -> None:
     )
     generic = classify({"reason": "PreflightFailed", "message": "preflight check 'gpu' failed"}, "", "")
     assert generic.fix.startswith("fix what the named check")
+
+
+RAY_OOM = (
+    "OutOfMemoryError: Task was killed due to the node running low on memory.\n"
+    "Memory on the node (IP: 10.160.0.10, ID: 3104c229) where the lease was running was 1.49GB / 1.50GB "
+    "(0.991674), which exceeds the memory usage threshold of 0.95. Ray killed this worker (ID: f298c46d) "
+    "because it was the most recently scheduled task.\n"
+    "Top 10 memory users:\nPID\tMEM(GB)\tCOMMAND\n212\t1.23\tray::RayTrainWorker\n"
+    + "\n".join(f"- objects {k}: 0" for k in ("created", "restored", "received", "errored") * 30)
+)
+
+
+def test_rays_own_oom_kill_in_a_pod_says_the_limit_and_the_field_to_raise() -> None:
+    """A worker over its container's memory limit on the real cluster (tests/test_kube_faults.py):
+    Ray's memory monitor kills it at 95% of the limit and raises OutOfMemoryError with pages of
+    memory tables. Status says the first line (used / limit), not the cut end of the tables, and
+    the fix names spec.resources.memory with the job's value."""
+    from forgeline_operator.controller.failures import in_pods
+
+    record = {"type": "error", "message": RAY_OOM[:1000]}  # as a trainer before this fix cut it
+    failure = classify(record, "Job entrypoint command failed with exit code 1", "")
+    assert failure.reason == "OOMKilled" and not failure.retryable
+    assert failure.message.startswith("OutOfMemoryError: Task was killed due to the node running low")
+    failure = in_pods(failure, "1536Mi")
+    assert "give the workers more memory than spec.resources.memory=1536Mi" in failure.fix
+    other = classify(None, "", "ValueError: x")
+    assert in_pods(other, "1536Mi") == other
+
+
+def test_the_trainer_keeps_a_long_error_message_to_whole_lines() -> None:
+    from forgeline_trainer.launcher import _lines_within
+
+    kept = _lines_within(RAY_OOM.splitlines(), 1000)
+    assert kept[0].startswith("OutOfMemoryError") and len("\n".join(kept)) <= 1000
+    assert RAY_OOM.startswith("\n".join(kept))

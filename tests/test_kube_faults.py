@@ -12,16 +12,24 @@ One pretraining job on the session's cluster (tests/kube.py) lives through, in o
 - the kube-apiserver restarted under the running pods: nothing fails or restarts for it;
 - a worker's Ray node crashing (SIGKILL to its raylet): no time to checkpoint; the Ray job fails,
   the operator resubmits from the newest checkpoint; counted, lastFailure `NodeLost`;
+- the head pod deleted: KubeRay makes a new head pod in the same RayCluster (a new GCS that knows
+  no earlier job; the workers' raylets lose theirs and their containers restart to join it); the
+  operator sees the new head's name at once, counts ClusterLost and resubmits there;
 - the RayCluster deleted by a person: the job stops at once, saying who deleted what;
 
-with exactly one Ray submission per attempt. The figures (time
-to detect, time to recover, steps redone) go to $FORGELINE_CACHE/kube-e2e-figures.json and
-docs/reliability.md. A failing test prints the cluster's diagnostics (tests/conftest.py)."""
+with exactly one Ray submission per attempt. Beside it, on the other node, two jobs that cannot
+succeed: one whose workers' memory limit is too small for a step (Ray's memory monitor kills the
+worker at 95% of the container's limit, before the kernel would: OOMKilled, not retried), and one
+whose checkpoint volume is full (a 1 MiB tmpfs under its claim in the node: StorageError naming
+it). The figures (time to detect, time to recover, steps redone) go to
+$FORGELINE_CACHE/kube-e2e-figures.json and docs/reliability.md. A failing test prints the
+cluster's diagnostics (tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,13 +38,19 @@ from forgeline_operator.dev.cluster.cluster import RELEASE, RELEASE_NS, on_a_sma
 from forgeline_operator.rayclient.rayjobs import parse_records
 
 from .conftest import EXAMPLES, load_yaml_documents
-from .kube import PLURAL, KubeEnv, Watch
+from .kube import PLURAL, KubeEnv, Watch, ts
 from .test_kube_e2e import record
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
 
 JOB, STEPS, INTERVAL = "survivor", 1500, 50
 OPERATOR = "app.kubernetes.io/component=operator"
+ON_THE_OTHER_NODE = {  # the GPU-labelled node, CPU only: beside the survivor, not in its way
+    "nodeSelector": {"forgeline.dev/pool": "gpu"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "workers": 1,
+}
+OOM_MEMORY = "1536Mi"
 
 
 # -- injecting faults: the exact commands a person or Kubernetes would run -------------------------
@@ -75,6 +89,31 @@ def head_pod(kube: KubeEnv, ns: str) -> str:
     return head
 
 
+def doomed_jobs(kube: KubeEnv) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Two jobs that cannot succeed, on the other node: `oom` (a 134M-parameter model in workers
+    of 1536Mi: the first step's optimizer state does not fit) and `full` (its claim's directory is
+    a 1 MiB tmpfs in every node's mount namespace: the first checkpoint fills it)."""
+    base = load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0]
+    out = {}
+    for name in ("oom", "full"):
+        ns = kube.namespace(name)
+        doc = on_a_small_cluster(base, **ON_THE_OTHER_NODE)
+        doc["metadata"]["name"] = name
+        doc["spec"]["training"].update(maxSteps=200)
+        doc["spec"]["checkpointing"].update(intervalSteps=20)
+        doc["spec"].pop("evaluation", None)
+        if name == "oom":
+            model = dict(hiddenSize=1024, intermediateSize=4096, numLayers=8, numHeads=8, numKvHeads=8)
+            doc["spec"]["model"].update(model)
+            doc["spec"]["resources"]["memory"] = OOM_MEMORY
+        else:
+            for node in kube.cluster.nodes:
+                opts = "size=1m,uid=1000,gid=100,mode=0775"
+                node.run("mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(kube.volume(ns)))
+        out[name] = (ns, doc)
+    return out
+
+
 def ray_submissions(kube: KubeEnv, ns: str) -> list[str]:
     """Every Ray job the head knows (asked from inside the head pod, with its token)."""
     code = (
@@ -103,7 +142,7 @@ def attempt_records(kube: KubeEnv, ns: str, submissions: list[str]) -> dict[int,
 
 
 @pytest.fixture(scope="module")
-def survivor(kube: KubeEnv) -> dict[str, Any]:
+def survivor(kube: KubeEnv) -> Iterator[dict[str, Any]]:
     ns = kube.namespace("faults")
     doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], nodePool="cpu")
     doc["metadata"]["name"] = JOB
@@ -125,15 +164,17 @@ def survivor(kube: KubeEnv) -> dict[str, Any]:
     def attempts(s: dict[str, Any]) -> int:
         return int(s.get("restarts") or 0) + int(s.get("preemptions") or 0)
 
-    def fault(name: str, at_step: int, inject: Any, kill_during: str = "", kill_after: str = "") -> None:
-        """At `at_step`: inject the fault into a worker pod, delete the operator pod while the
-        failure is handled, wait for the next attempt to train past where this one stopped, then
-        delete the operator pod once more."""
+    def fault(
+        name: str, at_step: int, inject: Any, kill_during: str = "", kill_after: str = "", pick: Any = None
+    ) -> None:
+        """At `at_step`: inject the fault into a worker pod (or the one `pick` names), delete the
+        operator pod while the failure is handled, wait for the next attempt to train past where
+        this one stopped, then delete the operator pod once more."""
         s = wait(lambda s: step(s) >= at_step, 420)
-        (victim, *_) = workers(kube, ns)
+        victim = pick() if pick else workers(kube, ns)[0]["metadata"]["name"]
         before = attempts(s)
-        facts[name] = {"pod": victim["metadata"]["name"], "at": time.time(), "step_seen": step(s)}
-        inject(victim["metadata"]["name"])
+        facts[name] = {"pod": victim, "at": time.time(), "step_seen": step(s)}
+        inject(victim)
         time.sleep(1)
         if kill_during:
             kill_operator(kill_during)
@@ -148,6 +189,10 @@ def survivor(kube: KubeEnv) -> dict[str, Any]:
     def next_step(name: str) -> int:
         return int(facts[name]["status"]["lastFailure"]["step"]) + 3 * INTERVAL + 10
 
+    doomed = doomed_jobs(kube)
+    for other_ns, other in doomed.values():
+        kube.apply([other], other_ns)
+        facts[other["metadata"]["name"]] = {"ns": other_ns, "applied": time.time()}
     with Watch(kube, PLURAL["TrainingJob"], JOB, "-n", ns) as versions:
         kube.apply([doc], ns)
         kill_operator("right after the apply")
@@ -189,8 +234,27 @@ def survivor(kube: KubeEnv) -> dict[str, Any]:
         # what Ray ran on this head, and each attempt's records, before the head goes
         facts["submissions"] = ray_submissions(kube, ns)
         facts["records"] = attempt_records(kube, ns, facts["submissions"])
+        # the two doomed jobs on the other node ended long ago
+        for name in ("oom", "full"):
+            other_ns = facts[name]["ns"]
+            facts[name]["status"] = kube.wait_terminal("TrainingJob", name, other_ns, timeout=300)
+            facts[name]["events"] = kube.get("events", "-n", other_ns)["items"]
+            facts[name]["left"] = kube.get("rayclusters,pods", "-n", other_ns)["items"]
+        # 3. the head pod deleted: KubeRay makes a new one; its Ray knows no earlier job
+        fault(
+            "head",
+            next_step("crashed"),
+            lambda pod: kube.kubectl("delete", "pod", pod, "-n", ns, "--wait=false"),
+            pick=lambda: head_pod(kube, ns),
+        )
+        facts["head"]["new_head"] = head_pod(kube, ns)
+        facts["head"]["worker_restarts"] = [
+            p["status"]["containerStatuses"][0]["restartCount"] for p in workers(kube, ns)
+        ]
+        facts["new_head_submissions"] = ray_submissions(kube, ns)
+        facts["records"].update(attempt_records(kube, ns, facts["new_head_submissions"]))
         # 4. a person deletes the RayCluster while the job runs: the job stops, saying so
-        s = wait(lambda s: step(s) >= next_step("crashed"), 420)
+        s = wait(lambda s: step(s) >= next_step("head"), 420)
         facts["raycluster_deleted"] = {"at": time.time(), "step_seen": step(s)}
         kube.kubectl("delete", "raycluster", f"{JOB}-tj", "-n", ns, "--wait=false")
         s = kube.wait_terminal("TrainingJob", JOB, ns, timeout=120)
@@ -198,16 +262,19 @@ def survivor(kube: KubeEnv) -> dict[str, Any]:
     facts["status"] = s
     facts["versions"] = [v for _, v in versions]
     facts["events"] = kube.get("events", "-n", ns)["items"]
-    return facts
+    yield facts
+    for node in kube.cluster.nodes:  # the full volume's tmpfs
+        node.run("umount", str(kube.volume(facts["full"]["ns"])), check=False)
 
 
 def test_the_job_survives_every_worker_fault(survivor: dict[str, Any]) -> None:
-    """Two preemptions (not counted in backoffLimit) and one counted restart later, it trained on
-    (until the RayCluster was deleted under it: the last test)."""
+    """Two preemptions (not counted in backoffLimit) and two counted restarts later (a crashed
+    node, a deleted head), it trained on (until the RayCluster was deleted under it: the last
+    test)."""
     status = survivor["status"]
-    assert int(status.get("preemptions") or 0) == 2 and int(status.get("restarts") or 0) == 1, status
+    assert int(status.get("preemptions") or 0) == 2 and int(status.get("restarts") or 0) == 2, status
     assert status["progress"]["step"] >= survivor["raycluster_deleted"]["step_seen"] > 0
-    assert sorted(survivor["records"]) == [0, 1, 2, 3]
+    assert sorted(survivor["records"]) == [0, 1, 2, 3, 4]
 
 
 def _started(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,6 +348,82 @@ def test_a_crashed_worker_node_is_resubmitted_from_the_newest_checkpoint(survivo
     )
 
 
+def test_a_deleted_head_pod_is_seen_at_once_and_the_job_resumes_on_the_new_head(
+    survivor: dict[str, Any],
+) -> None:
+    """`kubectl delete pod <head>`: KubeRay makes a new head pod in the same RayCluster (no new
+    cluster: one RayCluster uid all along, a second CreatedHeadPod event); the old head's Ray and
+    its jobs are gone, and the workers' raylets, losing their GCS, exit so their containers
+    restart into the new head's cluster. The operator sees the new head's name in the RayCluster's
+    status, counts ClusterLost (well inside FORGELINE_CLUSTER_LOST_SECONDS: it does not wait for a
+    head that will never come back) and resubmits on the new head from the newest checkpoint."""
+    f = survivor["head"]
+    last = f["status"]["lastFailure"]
+    assert last["reason"] == "ClusterLost" and last["retried"] is True and last["attempt"] == 3, last
+    assert f"the Ray head pod {f['pod']} was replaced by {f['new_head']}" in last["message"], last
+    assert f["detected"] - f["at"] < 60, f  # the unreachable bound would have taken 60 s and more
+    assert len(survivor["new_head_submissions"]) == 1  # the new head ran attempt 4 only
+    records = survivor["records"]
+    saved = max(r["step"] for r in records[3] if r["type"] == "checkpoint")
+    start = _started(records[4])
+    reached = max(_reached(records[3]), int(last["step"]))
+    redone = max(0, reached - start["start_step"])
+    assert start["start_step"] >= saved and redone <= INTERVAL, (start, saved, reached)
+    record(
+        "fault: head pod deleted",
+        {
+            "fault_to_status_s": round(f["detected"] - f["at"], 1),
+            "fault_to_training_again_s": round(f["resumed"] - f["at"], 1),
+            "steps_redone_at_most": redone,
+            "worker_container_restarts": f["worker_restarts"],
+        },
+    )
+
+
+def test_a_worker_over_its_memory_limit_fails_oomkilled_naming_the_limit_without_retries(
+    survivor: dict[str, Any],
+) -> None:
+    """Workers of 1536Mi and a step that needs more: Ray's memory monitor kills the training
+    worker at 95% of the container's limit (before the kernel's OOM killer would) and raises
+    OutOfMemoryError; the job fails OOMKilled at once, not retried, the message saying the bytes
+    used of the limit, the fix naming spec.resources.memory with its value; nothing is left."""
+    f = survivor["oom"]
+    status = f["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "OOMKilled", status
+    last = status["lastFailure"]
+    assert last["retried"] is False and int(status.get("restarts") or 0) == 0, last
+    assert "low on memory" in last["message"] and "GB" in last["message"], last
+    assert f"spec.resources.memory={OOM_MEMORY}" in last["fix"], last
+    assert any(e["reason"] == "OOMKilled" for e in f["events"]), [
+        (e["reason"], e["message"][:80]) for e in f["events"] if e["involvedObject"]["kind"] == "TrainingJob"
+    ]
+    assert f["left"] == [], [o["metadata"]["name"] for o in f["left"]]
+    record(
+        "fault: worker over its memory limit",
+        {
+            "apply_to_failed_s": round(ts(status["lastFailure"]["time"]) - f["applied"], 1),
+            "message": last["message"],
+        },
+    )
+
+
+def test_a_full_checkpoint_volume_fails_the_job_with_storage_error_naming_it(
+    survivor: dict[str, Any],
+) -> None:
+    """The claim's directory is a 1 MiB tmpfs in the node: the first checkpoint fills it. The job
+    fails StorageError naming the pvc:// location and its mount, not retried, never Succeeded
+    without its checkpoints."""
+    f = survivor["full"]
+    status = f["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "StorageError", status
+    last = status["lastFailure"]
+    assert last["retried"] is False and "no space left" in last["message"], last
+    assert "pvc://work/full/checkpoints" in last["message"] and "/mnt/pvc/work/full" in last["message"], last
+    assert "spec.checkpointing.storage" in last["fix"], last
+    assert f["left"] == [], [o["metadata"]["name"] for o in f["left"]]
+    record("fault: checkpoint volume full", {"apply_to_failed_s": round(ts(last["time"]) - f["applied"], 1)})
+
+
 def test_a_raycluster_deleted_by_a_person_stops_the_job_saying_who_deleted_what(
     kube: KubeEnv, survivor: dict[str, Any]
 ) -> None:
@@ -292,7 +435,7 @@ def test_a_raycluster_deleted_by_a_person_stops_the_job_saying_who_deleted_what(
     assert status["phase"] == "Failed" and status["reason"] == "ClusterLost", status
     assert f"RayCluster {JOB}-tj was deleted while its job ran, not by Forgeline" in status["message"]
     assert "resumeFrom" in status["message"] and status["checkpointUri"] in status["message"], status
-    assert status["lastFailure"]["retried"] is False and int(status.get("restarts") or 0) == 1
+    assert status["lastFailure"]["retried"] is False and int(status.get("restarts") or 0) == 2
     ns, f = survivor["ns"], survivor["raycluster_deleted"]
     assert kube.get("rayclusters", "-n", ns)["items"] == []
     assert kube.get("secrets", "-n", ns, "-l", f"forgeline.dev/job={JOB}")["items"] == []
@@ -332,10 +475,11 @@ def test_operator_pod_deletions_lose_nothing_and_duplicate_nothing(
     clusters = {e["involvedObject"].get("uid") for e in events if e["involvedObject"]["kind"] == "RayCluster"}
     assert clusters == {survivor["raycluster_uid"]}, clusters  # one RayCluster all along
     heads = [e for e in events if e["reason"] == "CreatedHeadPod"]
-    assert len(heads) == 1, [e["message"] for e in heads]
+    assert len(heads) == 2, [e["message"] for e in heads]  # the first, and KubeRay's after the deletion
     submitted = {(v.get("status", {}).get("ray") or {}).get("jobId") for v in survivor["versions"]} - {None}
-    assert len(submitted) == 4, submitted  # attempts 0-3: one Ray job each
-    assert survivor["submissions"] == sorted(submitted), survivor["submissions"]  # and Ray knows no other
+    assert len(submitted) == 5, submitted  # attempts 0-4: one Ray job each
+    on_heads = survivor["submissions"] + survivor["new_head_submissions"]
+    assert on_heads == sorted(submitted), on_heads  # and the two heads' Ray knew no other
     for records in survivor["records"].values():
         _started(records)  # exactly one start per attempt: none ran twice
     seen = {"restarts": 0, "preemptions": 0}

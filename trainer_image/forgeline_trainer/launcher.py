@@ -161,12 +161,26 @@ def _report_error(exc: BaseException, cfg: TrainingJobConfig | FineTuneJobConfig
     if cfg is not None and not isinstance(first, StorageError) and reason_for(first) == "StorageError":
         # a full or read-only volume under Ray Train's own writes (checkpoint upload, its run state)
         where = storage.resolve(cfg.paths.checkpoints, cfg.paths.work_dir)
+        if cfg.paths.checkpoints.startswith("pvc://"):  # the URI the user wrote, and its mount
+            where = f"{cfg.paths.checkpoints} ({where} in the Ray pods)"
         first = storage_error(first, where, "writing checkpoints", "spec.checkpointing.storage") or first
     # our own messages name the field or the check
     plain = isinstance(first, (ValueError, FileNotFoundError, PreflightFailed, StorageError))
     message = str(first) if plain else f"{type(first).__name__}: {first}"
-    record = {"type": "error", "message": message[:1000], "reason": reason_for(exc)}
+    if len(message) > 1000:  # Ray's OutOfMemoryError carries pages of memory tables: whole lines
+        message = "\n".join(_lines_within(message.splitlines(), 1000)) or message[:1000]
+    record = {"type": "error", "message": message, "reason": reason_for(exc)}
     progress.emit({k: v for k, v in record.items() if v is not None})
+
+
+def _lines_within(lines: list[str], limit: int) -> list[str]:
+    """The first whole lines whose total length stays within `limit`."""
+    out: list[str] = []
+    for line in lines:
+        if sum(len(x) + 1 for x in out) + len(line) > limit:
+            break
+        out.append(line)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,6 +124,9 @@ class RayInfo(ApiModel):
     """Ray dashboard / Jobs API address."""
     dashboard_url: str | None = None
     """Ray dashboard URL."""
+    head_pod: str | None = None
+    """KubeRay: the head pod the current Ray job was submitted to (KubeRay recreates a deleted or
+    failed head under a new name, and without GCS fault tolerance Ray's jobs are gone with it)."""
     job_id: str | None = None
     """Submission id of the current Ray job."""
     job_status: str | None = None

@@ -33,6 +33,7 @@ class ClusterState:
     python: str | None = None  # interpreter for the trainer entrypoint (local: this venv's)
     queued: bool = False  # waiting for Kueue to admit (unsuspend) the RayCluster
     missing: bool = False  # there is no RayCluster and the call was not to create one
+    head: str | None = None  # KubeRay: the head pod's name (a new name: the head was recreated)
 
 
 class Backend(Protocol):
@@ -152,10 +153,12 @@ class KubeRayBackend:
             message = f"queued by Kueue (LocalQueue {queue}): RayCluster {name} waits to be admitted"
             return ClusterState(False, None, token, name, message, queued=True)
         status = rc.get("status") or {}
+        head = (status.get("head") or {}).get("podName")
         if not _is_ready(status):
             state = status.get("state") or "starting"
-            return ClusterState(False, None, token, name, f"RayCluster {name} is {state}")
-        return ClusterState(True, _address(job, namespace, status), token, name, f"RayCluster {name} ready")
+            return ClusterState(False, None, token, name, f"RayCluster {name} is {state}", head=head)
+        address = _address(job, namespace, status)
+        return ClusterState(True, address, token, name, f"RayCluster {name} ready", head=head)
 
     def teardown(self, job: Job, namespace: str) -> None:
         from kubernetes.client.exceptions import ApiException

@@ -191,6 +191,19 @@ def cluster_lost(unreachable_since: str | None, at: datetime, bound: float) -> b
     return unreachable_since is not None and ray_unreachable_for(unreachable_since, at) >= bound
 
 
+def head_replaced(submitted_on: str | None, head_now: str | None) -> str | None:
+    """Why the current Ray job is gone when KubeRay's head pod is no longer the one it was
+    submitted to (a deleted or failed head is recreated under a new name: a new GCS, which knows
+    no earlier job without GCS fault tolerance), else None. Said at once, not after the
+    unreachable bound (tests/test_kube_faults.py measures both)."""
+    if not submitted_on or not head_now or submitted_on == head_now:
+        return None
+    return (
+        f"the Ray head pod {submitted_on} was replaced by {head_now} (KubeRay recreates a deleted "
+        "or failed head; the new head's Ray knows none of the old one's jobs)"
+    )
+
+
 def stall(
     watchdog: Any, submitted_at: str | None, progress: Mapping[str, Any] | None, at: datetime
 ) -> str | None:

@@ -8,6 +8,7 @@ the result in `status.reason`, `status.lastFailure`, an Event and `forgeline_job
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -245,11 +246,34 @@ def _exception_lines(lines: list[str], causes: list[str]) -> list[str]:
     return lines[max(0, at - 1) : at + 1]
 
 
+def _one_line(text: str, reason: FailureReason) -> str:
+    """The line of a (possibly long, cut) message that says what failed: the first one that names
+    the reason, else the first. Ray's OutOfMemoryError runs to thousands of characters of memory
+    tables after its first line; its last line, cut by the trainer at 1,000 characters, read
+    '- objects u' (tests/test_kube_faults.py)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    pattern = dict(_PATTERNS).get(reason)
+    named = [ln for ln in lines if pattern and pattern.search(ln)]
+    return (named or lines or [""])[0]
+
+
+def in_pods(failure: Failure, worker_memory: str) -> Failure:
+    """An OOMKilled failure on KubeRay says what the workers' memory limit was, and raising it is
+    named by field (the trainer's own message names the bytes used of the limit where Ray saw it)."""
+    if failure.reason != "OOMKilled" or "spec.resources.memory" in failure.fix:
+        return failure
+    fix = failure.fix.replace(
+        "give the workers more memory",
+        f"give the workers more memory than spec.resources.memory={worker_memory}",
+    )
+    return dataclasses.replace(failure, fix=fix)
+
+
 def _failure(reason: FailureReason, decisive: list[str], record: dict[str, Any]) -> Failure:
     retryable, fix = _NATURE[reason]
     shown = tuple(redact(ln)[:MAX_LINE] for ln in decisive[-MAX_DECISIVE_LINES:])
-    message = redact(str(record.get("message") or "")).strip() or (shown[-1] if shown else "")
-    message = message.splitlines()[-1] if message else "no error message"
+    message = _one_line(redact(str(record.get("message") or "")), reason) or (shown[-1] if shown else "")
+    message = message or "no error message"
     if OWN_FIX in message:  # the trainer named the fix for this very failure: it beats the generic one
         message, own = message.split(OWN_FIX, 1)
         fix = own.strip()[:MAX_FIX] or fix

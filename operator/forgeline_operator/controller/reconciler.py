@@ -281,6 +281,10 @@ class Reconciler:
             failure = failures.cluster_deleted(state.cluster_name or "", self.status.get("checkpointUri"))
             self._after_failure(None, sid or "(none)", "lost", failure, cursor, {})
             return
+        replaced = decisions.head_replaced(ray.get("headPod"), state.head)
+        if replaced:
+            self._cluster_lost(replaced)
+            return
         if not state.ready:
             self._cluster_lost(f"the Ray cluster is gone or unready ({state.message})")
             return
@@ -411,6 +415,8 @@ class Reconciler:
     ) -> None:
         """The Ray job ended FAILED or STOPPED: classify why, then act on it."""
         failure = failures.classify(cursor.latest.get("error"), jobs.message(sid), log[-_LOG_TAIL_CHARS:])
+        if self.backend.name == "kuberay":  # the workers' memory is the pods' limit
+            failure = failures.in_pods(failure, str(self.job.spec.resources.memory))
         self._after_failure(state, sid, ray_status, failure, cursor, fields)
 
     def _stalled(
@@ -561,6 +567,7 @@ def _ray_info(state: ClusterState, **extra: str) -> dict[str, str]:
         "clusterName": state.cluster_name,
         "address": state.address,
         "dashboardUrl": state.address,
+        "headPod": state.head,
         **extra,
     }
     return {k: v for k, v in info.items() if v}

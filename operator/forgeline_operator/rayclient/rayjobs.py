@@ -8,6 +8,7 @@ Progress comes back as `FORGELINE_PROGRESS {json}` lines in the job's log (see
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -28,6 +29,31 @@ class RayUnreachable(ConnectionError):
     def __init__(self, address: str, cause: BaseException) -> None:
         super().__init__(f"the Ray head at {address} does not answer ({type(cause).__name__}: {cause})")
         self.address = address
+
+
+CONNECT_TIMEOUT_S = 5.0
+"""How long a Jobs API request waits for its TCP connection (in-cluster, a live head answers in
+milliseconds; a deleted pod's address never does)."""
+
+
+@functools.cache
+def _client_class() -> type:
+    """`JobSubmissionClient` whose every request has a timeout and raises RayUnreachable when
+    nothing answers (imported lazily: `ray` is heavy, and only the operator's Ray paths need it)."""
+    from ray.job_submission import JobSubmissionClient
+
+    class TimedJobSubmissionClient(JobSubmissionClient):  # type: ignore[misc]
+        def __init__(self, address: str, *, timeout: tuple[float, float], **kwargs: Any) -> None:
+            self._forgeline_timeout = timeout  # read by _do_request, which __init__ already calls
+            super().__init__(address, **kwargs)
+
+        def _do_request(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super()._do_request(*args, **{"timeout": self._forgeline_timeout, **kwargs})
+            except OSError as exc:  # requests' ConnectionError and Timeout are OSErrors
+                raise RayUnreachable(self._address, exc) from exc
+
+    return TimedJobSubmissionClient
 
 
 def parse_records(text: str) -> list[dict[str, Any]]:
@@ -80,30 +106,32 @@ class RayJobs:
     """A thin wrapper over `ray.job_submission.JobSubmissionClient`."""
 
     def __init__(
-        self, address: str, python: str | None = None, request_timeout: float = 30.0, token: str | None = None
+        self,
+        address: str,
+        python: str | None = None,
+        request_timeout: float = 30.0,
+        token: str | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
     ) -> None:
         """token: the cluster's Ray auth token (sent as `Authorization: Bearer`). Pass it whenever
         it is known: Ray's own lookup (RAY_AUTH_TOKEN / token file) is cached per process, so a
-        process that talks to two Ray clusters would send the first one's token to both."""
-        from ray.job_submission import JobSubmissionClient
+        process that talks to two Ray clusters would send the first one's token to both.
 
+        Every request, the SDK's version check in its constructor included, has a connect timeout
+        (`connect_timeout`) and a read timeout (`request_timeout`): the SDK sends none, and a
+        request to a deleted head pod's address waits for the kernel's TCP timeout (measured in
+        tests/test_kube_faults.py: one reconcile held 73 s)."""
         self.address = address
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
-            self.client = JobSubmissionClient(address, headers=headers)
+            self.client = _client_class()(
+                address, headers=headers, timeout=(connect_timeout, request_timeout)
+            )
+        except RayUnreachable:
+            raise
         except OSError as exc:  # the SDK's version check: ConnectionError when nothing answers
             raise RayUnreachable(address, exc) from exc
         self.python = python or "python"
-        # The SDK sends requests without a timeout; a wedged dashboard must not hang the operator.
-        plain = self.client._do_request
-
-        def _request(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return plain(*args, **{"timeout": request_timeout, **kwargs})
-            except OSError as exc:  # requests' ConnectionError and Timeout are OSErrors
-                raise RayUnreachable(address, exc) from exc
-
-        self.client._do_request = _request
 
     def submit(
         self,
