@@ -26,6 +26,11 @@ from forgeline_operator.dev.cluster import ControlPlane, find_binary
 if TYPE_CHECKING:
     from .kube import KubeEnv
 
+# The suite never reaches the Hugging Face hub: a closed loopback port answers every hub request at
+# once (connection refused), as on a machine without hub access; the embedded Ray heads and their
+# jobs inherit it.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CRDS = REPO / "crds"
@@ -266,6 +271,12 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
 
     workdir = tmp_path_factory.mktemp("kube")
     cluster = KubeCluster(workdir, kueue=True, log=lambda m: print(m, flush=True))
+    # a 1 MiB file system that every node sees (mounted before their mount namespaces are made,
+    # so each holds the same tmpfs): tests/test_kube_faults.py fills it with a job's checkpoints
+    full = tmp_path_factory.mktemp("full-volume")
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "forgeline-full", str(full)], check=True
+    )
     try:
         try:
             cluster.up()
@@ -279,9 +290,10 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
         cluster.install_forgeline(images, "operator.reconcileInterval=2,cost.pricePerGpuHour=3")
         print(f"kube: {', '.join(f'{k} {v:.1f}s' for k, v in cluster.timings.items())}", flush=True)
         (workdir / "timings.json").write_text(json.dumps(cluster.timings, indent=1))
-        yield KubeEnv(cluster, images, workdir / "volumes")
+        yield KubeEnv(cluster, images, workdir / "volumes", full_volume=full)
     finally:
         problems = cluster.down()
+        subprocess.run(["umount", str(full)], check=False)
     assert problems == [], f"the test cluster left behind: {problems}"
 
 

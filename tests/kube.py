@@ -39,6 +39,8 @@ class KubeEnv:
     cluster: KubeCluster
     images: dict[str, str]
     volumes: Path
+    full_volume: Path | None = None
+    """A 1 MiB tmpfs every node sees (tests/conftest.py): a checkpoint volume that fills up."""
     namespaces: list[str] = field(default_factory=list)
 
     def kubectl(self, *args: str, **kw: Any) -> Any:
@@ -49,14 +51,14 @@ class KubeEnv:
 
     # -- namespaces and volumes ----------------------------------------------------------------
 
-    def namespace(self, prefix: str, labels: dict[str, str] | None = None) -> str:
+    def namespace(self, prefix: str, labels: dict[str, str] | None = None, volume: Path | None = None) -> str:
         """A fresh namespace (Pod Security `restricted` enforced: the Ray pods must meet it) with a
         10Gi `work` claim bound to a directory of this machine, owned by the Ray pods' user."""
         ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
         meta = {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted", **(labels or {})}}
         self.cluster.apply_objects([{"apiVersion": "v1", "kind": "Namespace", "metadata": meta}])
         self.namespaces.append(ns)
-        self.cluster.work_volume(ns, self.volume(ns))
+        self.cluster.work_volume(ns, volume or self.volume(ns))
         return ns
 
     def volume(self, ns: str) -> Path:

@@ -46,6 +46,12 @@ def test_gpu_cluster_placement_and_threads() -> None:
     assert keys == ["dedicated", "nvidia.com/gpu"]
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["OMP_NUM_THREADS"] == "12"  # 96 CPUs / 8 GPUs (one training process per GPU)
+    assert env["RAY_gcs_rpc_server_reconnect_timeout_s"] == str(builders.GCS_RECONNECT_SECONDS)
+    # the head: no GPU, no node selector, the job's own tolerations only (not the GPU taint's)
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    assert "nodeSelector" not in head and [t["key"] for t in head["tolerations"]] == ["dedicated"]
+    head_env = {e["name"] for e in head["containers"][0]["env"]}
+    assert "RAY_gcs_rpc_server_reconnect_timeout_s" not in head_env
 
 
 def test_pvc_uris_become_mounts() -> None:

@@ -29,6 +29,7 @@ from forgeline_operator.dev.operator_process import OperatorProcess
 from forgeline_operator.rayclient.localray import LocalRay
 from forgeline_operator.rayclient.rayjobs import RayJobs
 
+from . import test_first_contact as first_contact
 from .conftest import CHART, EXAMPLES, Cluster, Release
 from .prom import GpuStandIn, Prometheus
 from .rayjobs_standin import RayJobsStandIn
@@ -297,6 +298,35 @@ def test_a_failure_retrying_cannot_fix_fails_at_once_with_its_reason(
     last = status["lastFailure"]
     assert last["reason"] == "DataError" and last["retried"] is False and last["attempt"] == 0
     assert "missing-corpus.jsonl" in last["message"] and last["fix"]
+
+
+@pytest.mark.parametrize("case", sorted(first_contact.CASES))
+def test_a_job_that_cannot_run_says_the_same_line_as_forgeline_run(
+    cluster: Cluster, operator: Operator, namespace: str, op_workdir: Path, case: str
+) -> None:
+    """tests/test_first_contact.py's cases through the operator: the Ray driver makes the same
+    checks before anything else, and status.message is the line `forgeline run` prints for the
+    same job in the same directory (one formatter); Failed at once, not retried, in seconds."""
+    from forgeline_operator.api import parse_job
+    from forgeline_operator.cli.runlocal import check_inputs
+
+    name = f"fc-{case}"
+    doc = first_contact.manifest(case, name)
+    doc["spec"]["output"]["uri"] = f"runs/{name}"
+    ((_, problem),) = check_inputs([parse_job(doc)], None, str(op_workdir))
+    started = time.monotonic()
+    _apply(cluster, namespace, doc)
+    kind = "tj" if doc["kind"] == "TrainingJob" else "ftj"
+    final, _ = _watch_until_done(cluster, kind, name, namespace, operator, timeout=120)
+    took = time.monotonic() - started
+    status = final["status"]
+    start, says = first_contact.expected(case)
+    assert status["phase"] == "Failed" and status["message"] == problem.line(), status
+    assert status["message"].startswith(start) and says in status["message"]
+    assert status["restarts"] == 0 and status["lastFailure"]["retried"] is False
+    assert "Traceback" not in status["message"]
+    print(f"\n{case}: Failed {took:.1f}s after the apply: {status['message']}")
+    assert took < 60, took
 
 
 def test_watchdog_restarts_a_hung_job_from_its_checkpoint(

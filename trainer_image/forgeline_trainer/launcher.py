@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from forgeline_operator.api import inputs
 from forgeline_operator.api.finetune_job import MERGE_METHOD, PREFERENCE_METHODS, RL_METHODS, SFT_METHODS
 from forgeline_operator.api.jobconfig import (
     FineTuneJobConfig,
@@ -30,7 +31,16 @@ from forgeline_operator.api.jobconfig import (
 from forgeline_operator.api.quantities import cpu_cores
 
 from . import preflight, progress, storage
-from .errors import ConfigError, PreflightFailed, StorageError, reason_for, root_cause, storage_error
+from .errors import (
+    ConfigError,
+    DataError,
+    ModelUnavailable,
+    PreflightFailed,
+    StorageError,
+    reason_for,
+    root_cause,
+    storage_error,
+)
 from .recipes import Prepared
 
 
@@ -94,6 +104,7 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     recipe = recipe_for(cfg)
+    _check_inputs(cfg)
     workers, use_gpu, per_worker = scaling(cfg)
     threads = str(max(1, math.floor(per_worker["CPU"])))
     env = {
@@ -139,6 +150,20 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
         "checkpoint": None if result.checkpoint is None else result.checkpoint.path,
         "metrics": result.metrics,
     }
+
+
+_INPUT_ERRORS = {"DataError": DataError, "ModelUnavailable": ModelUnavailable, "StorageError": StorageError}
+
+
+def _check_inputs(cfg: TrainingJobConfig | FineTuneJobConfig) -> None:
+    """The checks `forgeline run` makes before it starts Ray (forgeline_operator.api.inputs),
+    made again where the job reads its inputs (on a cluster: the head pod, which mounts the
+    workers' volumes), before Ray Train or the data: the first problem as its typed error, naming
+    the field and the fix, in seconds."""
+    problems = inputs.check(cfg)
+    if problems:
+        first = problems[0]
+        raise _INPUT_ERRORS[first.reason](f"{first.field}: {first.message} — fix: {first.fix}")
 
 
 def _check_storage(cfg: TrainingJobConfig | FineTuneJobConfig) -> None:

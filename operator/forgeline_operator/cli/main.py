@@ -210,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest file (several jobs run in order; fromJob resolved)")
     p.add_argument("--address", help="Ray Jobs API address of an existing cluster (default: embedded Ray)")
     p.add_argument("--output", help="override spec.output.uri (single-job manifests)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="on failure, print the Ray job's raw log tail too (with tracebacks)",
+    )
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("logs", help="print a job's Ray job log (any attempt), even after its cluster is gone")
     p.add_argument("name", help="the TrainingJob or FineTuneJob")

@@ -13,6 +13,7 @@ the Ray Jobs API; a live bar shows step/total, loss, tokens/s and ETA. Ctrl-C st
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -26,9 +27,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from ..api import FieldError, InvalidJobError, Job, parse_job
-from ..api.jobconfig import build_job_config
-from ..controller import lifecycle
+from ..api import FieldError, InvalidJobError, Job, inputs, parse_job
+from ..api.inputs import InputProblem
+from ..api.jobconfig import PROGRESS_PREFIX, build_job_config
+from ..controller import failures, lifecycle
 from ..rayclient.rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, local_python
 
 if TYPE_CHECKING:
@@ -107,6 +109,7 @@ def run_job(
     attempt: int = 0,
     max_worker_failures: int = 2,
     quiet: bool = False,
+    verbose: bool = False,
 ) -> RunResult:
     """Submit one job to Ray, follow its progress records live, print its outcome; `done` gets
     its result (later jobs in the file resolve `fromJob` against it)."""
@@ -133,8 +136,7 @@ def run_job(
     status, records = _follow(ray_jobs, sid, job.metadata.name, console, quiet)
     result = RunResult(job.metadata.name, job.KIND, status, config.paths.output, sid, records)
     if not result.ok:
-        tail = "\n".join(ray_jobs.logs(sid).splitlines()[-25:])
-        console.print(f"[red]{job.KIND}/{job.metadata.name} {status}[/red]\n{escape(tail)}")
+        console.print(_failure_report(result, ray_jobs, work_dir, verbose), soft_wrap=True)
     else:
         console.print(_summary(result, work_dir))
     done[job.metadata.name] = result
@@ -185,8 +187,6 @@ def _show(r: dict[str, Any], bar: Progress, task: TaskID) -> None:
         bar.console.print(f"  eval {when}: {_eval_metrics(r)}")
     elif kind == "event":
         bar.console.print(f"  {escape(str(r.get('message')))}")
-    elif kind == "error":
-        bar.console.print(f"  [red]error:[/red] {escape(str(r.get('message')))}")
 
 
 def _eval_metrics(record: dict[str, Any]) -> str:
@@ -231,6 +231,14 @@ def main(args: Any) -> int:
     if args.output and len(jobs) > 1:
         console.print("[red]--output applies to one job; this file has several[/red]")
         return 2
+    problems = check_inputs(jobs, args.output, os.getcwd())
+    if problems:
+        for job, problem in problems:
+            console.print(
+                f"[red]✗ {job.KIND}/{escape(job.metadata.name)}[/red] {escape(problem.line())}",
+                soft_wrap=True,
+            )
+        return 1
     from ..rayclient.localray import LocalRay
 
     local = None if args.address else LocalRay()
@@ -250,7 +258,14 @@ def main(args: Any) -> int:
         for job in jobs:
             work_dir = os.getcwd()
             result = run_job(
-                job, ray_jobs, console, output=args.output, done=done, work_dir=work_dir, submitted=submitted
+                job,
+                ray_jobs,
+                console,
+                output=args.output,
+                done=done,
+                work_dir=work_dir,
+                submitted=submitted,
+                verbose=getattr(args, "verbose", False),
             )
             if not result.ok:
                 return 1
@@ -269,6 +284,70 @@ def main(args: Any) -> int:
     finally:
         if local is not None:
             local.stop()
+
+
+def check_inputs(jobs: list[Job], output: str | None, work_dir: str) -> list[tuple[Job, InputProblem]]:
+    """What can be known wrong with the jobs' inputs before Ray starts (api.inputs: data, models,
+    hub ids within its timeout, writable outputs). A pipeline's later stages read what earlier
+    ones write: those locations are not checked."""
+    made: dict[str, str] = {}  # job name → its output, for the stages after it
+
+    def upstream(source: Any) -> str | None:
+        return made.get(source.from_job.name, "") if source and source.from_job else None
+
+    out = []
+    for job in jobs:
+        config = build_job_config(
+            job,
+            output=output,
+            work_dir=work_dir,
+            base_model=upstream(job.model_source()),
+            reward_model=upstream(job.reward_model_source()),
+            adapters=[upstream(a) for a in job.adapter_sources()],
+        )
+        out += [(job, p) for p in inputs.check(config, skip=frozenset(made.values()))]
+        made[job.metadata.name] = config.paths.output
+    return out
+
+
+def _failure_report(result: RunResult, ray_jobs: RayJobs, work_dir: str, verbose: bool) -> str:
+    """A failed job's one line (the operator's status.message for the same failure), then, where
+    the reason is not known, the log's last meaningful lines (no Ray colour codes, no progress
+    records); the full log is kept in a file named here. `verbose`: the raw tail as well."""
+    log = ray_jobs.logs(result.submission_id)
+    error = result.last("error") or None
+    failure = failures.classify(error, ray_jobs.message(result.submission_id), log[-20_000:])
+    lines = [
+        f"[red]✗ {result.kind}/{escape(result.name)} failed:[/red] {escape(failures.failed_line(failure))}"
+    ]
+    kept = Path(work_dir) / "runs" / "logs" / f"{result.submission_id}.log"
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(log)
+        where = f"full log: {kept}"
+    except OSError as exc:
+        where = f"the full log could not be kept ({exc}); rerun with --verbose"
+    if failure.reason in ("Unknown", "UserCodeError") or verbose:
+        meaningful = readable_log(log)[-(25 if verbose else 8) :]
+        lines += [f"  {escape(line)}" for line in meaningful]
+    lines.append(f"  {escape(where)}")
+    return "\n".join(lines)
+
+
+def readable_log(log: str) -> list[str]:
+    """A Ray job log as a person reads it: without colour codes, Forgeline's progress records,
+    Ray's INFO chatter and blank lines."""
+    out = []
+    for line in _ANSI.sub("", log).splitlines():
+        text = line.strip()
+        if not text or PROGRESS_PREFIX in text or _RAY_INFO.search(text):
+            continue
+        out.append(text)
+    return out
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RAY_INFO = re.compile(r"^(\(\w+ pid=\d+[^)]*\)\s*)?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+INFO\b|^\[\w+\] ")
 
 
 def _credential_notes(jobs: list[Job], address: str | None) -> list[str]:

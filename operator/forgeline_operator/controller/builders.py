@@ -119,6 +119,14 @@ def _env(job: Job, threads: int, drain: bool = True) -> list[dict[str, Any]]:
             "value": str(job.spec.preemption.grace_period_seconds if drain else 0),
         },
         {"name": "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "value": "1"},
+        *(
+            # a lost head is replaced by KubeRay with a new GCS (no GCS fault tolerance here): a
+            # worker's raylet waiting Ray's default 60 s for the old one only delays its
+            # container's restart into the new cluster (tests/test_kube_faults.py: head deleted)
+            [{"name": "RAY_gcs_rpc_server_reconnect_timeout_s", "value": str(GCS_RECONNECT_SECONDS)}]
+            if drain
+            else []
+        ),
         # the trainer names the pod and node in a failure (a GPU the node advertises but lacks)
         {"name": "FORGELINE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "FORGELINE_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
@@ -242,7 +250,14 @@ def _worker_pod(job: Job, image: str, node_pool: NodePool | None) -> dict[str, A
     return pod
 
 
+GCS_RECONNECT_SECONDS = 20
+"""How long a worker's raylet waits for a head that stopped answering before it exits."""
+
+
 def _head_pod(job: Job, image: str) -> dict[str, Any]:
+    """The head: CPU only, no node selector (it needs no GPU node), the job's own tolerations
+    (a cluster whose every node is tainted for training must still place it; the pool's GPU
+    tolerations are not added: they would let the head take a GPU node's CPU)."""
     res = job.spec.resources
     volumes, mounts = _volumes(job, res)
     quantities = {"cpu": res.head.cpu, "memory": res.head.memory}
@@ -265,6 +280,7 @@ def _head_pod(job: Job, image: str) -> dict[str, Any]:
             }
         ],
         "volumes": volumes,
+        **({"tolerations": list(res.tolerations)} if res.tolerations else {}),
         "terminationGracePeriodSeconds": termination_grace_seconds(job),
         "securityContext": _pod_security(res),
         **({"serviceAccountName": res.service_account_name} if res.service_account_name else {}),

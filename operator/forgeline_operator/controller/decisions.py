@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from ..api import TERMINAL_PHASES
-from .failures import Failure
+from .failures import NOT_RETRIED, Failure
 
 ACTIVE_PHASES = frozenset({"Provisioning", "Running"})
 """Phases that hold a slot of the running-jobs cap."""
@@ -171,7 +171,7 @@ def after_failure(restarts: int, backoff_limit: int, failure: Failure) -> Resubm
     retrying can fix: OOM, data, model and config errors fail at once (the message says what to
     change); a preemption is resubmitted without counting against spec.backoffLimit."""
     if not failure.retryable:
-        return GiveUp(failure.reason, "retrying cannot fix it")
+        return GiveUp(failure.reason, NOT_RETRIED)
     if not failure.counts_against_backoff:
         return Resubmit(counted=False)
     if restarts < backoff_limit:

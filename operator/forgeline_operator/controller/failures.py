@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..api.inputs import one_line
 from ..api.status import FAILURE_REASONS, FailureReason
 
 # reason → (retryable, what to change). Retry only what retrying can fix.
@@ -145,6 +146,7 @@ MAX_DECISIVE_LINES = 5
 MAX_LINE = 300
 MAX_FIX = 1000
 OWN_FIX = " — fix: "
+NOT_RETRIED = "retrying cannot fix it"  # decisions.GiveUp's why for what retrying cannot fix
 """How the trainer's errors name their own fix (`PreflightFailed`, `DataError`, ...)."""
 
 
@@ -189,6 +191,13 @@ def cluster_lost(message: str) -> Failure:
     bound, or its RayCluster deleted or unready)."""
     retryable, fix = _NATURE["ClusterLost"]
     return Failure("ClusterLost", message, fix, retryable, True, (redact(message),))
+
+
+def failed_line(failure: Failure, why: str = NOT_RETRIED) -> str:
+    """A failed job's one line (status.message and its Event; `forgeline run` prints the same):
+    the reason, what failed and the fix; a used-up backoff limit is said after what failed."""
+    message = failure.message if why == NOT_RETRIED else f"{failure.message} ({why})"
+    return one_line(failure.reason, message, failure.fix)
 
 
 def redact(text: str) -> str:

@@ -462,7 +462,7 @@ class Reconciler:
         self.out.transition(
             "Failed",
             verdict.reason,
-            f"Ray job {sid} {ray_status}: {failure.message} ({verdict.why}); fix: {failure.fix}",
+            failures.failed_line(failure, verdict.why),
             lastFailure=last,
             **{**fields, **self._cost(fields, finished=True)},
         )
