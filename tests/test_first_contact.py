@@ -250,3 +250,34 @@ def test_a_readable_log_drops_colour_codes_progress_records_and_ray_chatter() ->
         ]
     )
     assert readable_log(log) == ["ValueError: the tokenizer has no pad token"]
+
+
+@pytest.mark.parametrize("width", [60, 80, 120, 200])
+def test_the_demos_live_table_fits_the_terminal_without_wrapping_a_cell(width: int) -> None:
+    """`make demo`'s table at any width (80 when output is not a terminal): one line per job,
+    no line wider than the terminal; fewer columns where fewer fit, as `kubectl get` does."""
+    import io
+
+    from rich.console import Console
+
+    from forgeline_operator.dev.demo import JOBS, _table
+
+    status = {
+        "phase": "Running",
+        "message": "Ray job forgeline-pipe-pretrain-3f9a2c1d-0 submitted to the RayCluster pipe-pretrain-tj",
+        "progress": {
+            "summary": "1,200/2,000",
+            "display": {"loss": "2.91", "eval": "ppl 17.3", "tokensPerSecond": "46.2k", "mfu": "31%"},
+        },
+    }
+    objs = {name: {"status": status} for _, name in JOBS}
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=False, color_system=None)
+    console.print(_table(objs, console.width))
+    lines = out.getvalue().splitlines()
+    assert all(len(line) <= width for line in lines), "\n".join(lines)
+    rows = [line for line in lines if "pipe-" in line]
+    assert len(rows) == len(JOBS), "\n".join(lines)  # no cell wrapped onto a second line
+    headings = " ".join(lines[:4])
+    assert all(h in headings for h in ("job", "phase", "progress"))
+    assert ("MFU" in headings) == (width >= 120), "\n".join(lines)

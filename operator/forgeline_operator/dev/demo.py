@@ -54,24 +54,51 @@ class _Kubectl:
         return proc.stdout
 
 
-def _table(objs: dict[str, dict[str, Any]]) -> Table:
+# The live table's columns in the order shown. At narrow widths (and when output is not a
+# terminal: rich assumes 80 columns) the last ones go first, as `kubectl get` shows fewer columns
+# without -o wide; the message takes the room left, cut with an ellipsis, or is left out.
+_COLUMNS = ("job", "phase", "progress", "loss", "held-out eval", "tokens/s", "MFU")
+_MESSAGE_MIN = 20
+"""The message column is shown cut to the room left, but not narrower than this."""
+
+
+def _cells(name: str, obj: dict[str, Any]) -> dict[str, str]:
+    st = obj.get("status") or {}
+    p = st.get("progress") or {}
+    shown = p.get("display") or {}  # what kubectl get prints: 1.75, 46.2k, 30%
+    return {
+        "job": name,
+        "phase": st.get("phase", "-"),
+        "progress": p.get("summary", "-"),
+        "loss": shown.get("loss", "-"),
+        "held-out eval": shown.get("eval", "-"),
+        "tokens/s": shown.get("tokensPerSecond", "-"),
+        "MFU": shown.get("mfu", "-"),
+        "message": st.get("message") or "",
+    }
+
+
+def _table(objs: dict[str, dict[str, Any]], width: int = 200) -> Table:
+    """The jobs as a table no wider than `width`: no cell wraps; columns that do not fit are
+    left out, least important first; the message is cut with an ellipsis."""
+    rows = [_cells(name, objs.get(name, {})) for _, name in JOBS]
+
+    def used(headings: list[str]) -> int:  # "│ cell " per column, then the last "│"
+        return sum(max(len(h), *(len(r[h]) for r in rows)) + 3 for h in headings) + 1
+
+    shown: list[str] = []
+    for heading in _COLUMNS:
+        if used([*shown, heading]) > width:
+            break
+        shown.append(heading)
+    room = width - used(shown) - 3
     table = Table(title="forgeline pipeline (kubectl get tj,ftj)", expand=False)
-    for col in ("job", "phase", "progress", "loss", "held-out eval", "tokens/s", "MFU", "message"):
-        table.add_column(col)
-    for _, name in JOBS:
-        st = objs.get(name, {}).get("status") or {}
-        p = st.get("progress") or {}
-        shown = p.get("display") or {}  # what kubectl get prints: 1.75, 46.2k, 30%
-        table.add_row(
-            name,
-            st.get("phase", "-"),
-            p.get("summary", "-"),
-            shown.get("loss", "-"),
-            shown.get("eval", "-"),
-            shown.get("tokensPerSecond", "-"),
-            shown.get("mfu", "-"),
-            (st.get("message") or "")[:70],
-        )
+    for heading in shown:
+        table.add_column(heading, no_wrap=True)
+    if room >= _MESSAGE_MIN:
+        table.add_column("message", no_wrap=True, overflow="ellipsis", max_width=room)
+    for r in rows:
+        table.add_row(*(r[h] for h in shown), *([r["message"]] if room >= _MESSAGE_MIN else []))
     return table
 
 
@@ -133,12 +160,14 @@ def _watch_pipeline(
 
     def view() -> Any:
         if not pods:
-            return _table(seen.objs)
+            return _table(seen.objs, console.width)
         listing = kubectl(
             "get", "pods", "-o", "wide", "-l", "app.kubernetes.io/managed-by=forgeline", check=False
         )
         return Group(
-            _table(seen.objs), Text("kubectl get pods -o wide", style="bold"), Text(listing.rstrip())
+            _table(seen.objs, console.width),
+            Text("kubectl get pods -o wide", style="bold"),
+            Text(listing.rstrip()),
         )
 
     with Live(view(), console=console, refresh_per_second=2) as live:
