@@ -2,7 +2,8 @@
 RayCluster → the real KubeRay creates the head and worker pods on the node pool's node → Ray starts
 in them from the trainer image with token auth → the operator submits through the head's Jobs API →
 the trainer trains on a PersistentVolume → status says Succeeded, with progress, timings, evals.
-Then the GPU pool (a node that advertises GPUs it does not have), Kueue admitting one job at a time,
+Then the GPU pool (a node that advertises GPUs it does not have), two jobs that cannot succeed (a
+worker over its memory limit, a full checkpoint volume), Kueue admitting one job at a time,
 the 3-stage pipeline, Prometheus finding the pods through the apiserver, and clean-up.
 
 The cluster (tests/kube.py, forgeline_operator.dev.cluster) is shared by the session; each test
@@ -11,6 +12,7 @@ has its own namespace. A failing test prints the cluster's diagnostics (tests/co
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -57,7 +59,10 @@ def test_the_chart_runs_the_operator_as_a_restricted_pod(kube: KubeEnv) -> None:
 # -- 2. placement: the GPU pool, on a node whose GPUs are advertised but absent ---------------------
 
 
-def test_a_gpu_job_lands_on_the_gpu_pool_and_preflight_names_the_missing_gpu(kube: KubeEnv) -> None:
+def test_a_gpu_job_lands_on_the_gpu_pool_and_preflight_names_the_missing_gpu(
+    kube: KubeEnv, doomed: dict[str, dict[str, Any]]
+) -> None:
+    """(`doomed`: the jobs of section 2 start beside this one.)"""
     ns = kube.namespace("gpu")
     doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0])
     doc["metadata"]["name"] = "needs-a-gpu"
@@ -81,6 +86,95 @@ def test_a_gpu_job_lands_on_the_gpu_pool_and_preflight_names_the_missing_gpu(kub
         keys = {t["key"] for t in pod["spec"].get("tolerations", [])}
         assert "nvidia.com/gpu" in keys
     record("gpu preflight", {"apply_to_failed_s": round(failed_after, 1), "pods": watch.phases()})
+
+
+# -- 2. jobs that cannot succeed, in pods: a worker over its memory limit, a full volume -----------
+
+
+ON_THE_OTHER_NODE = {  # the GPU-labelled node, CPU only
+    "nodeSelector": {"forgeline.dev/pool": "gpu"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "workers": 1,
+    # the head has no node selector, only the job's tolerations: it may take either node
+    "head": {"cpu": "450m", "memory": "4Gi"},
+}
+OOM_MEMORY = "1536Mi"
+
+
+@pytest.fixture(scope="module")
+def doomed(kube: KubeEnv) -> dict[str, dict[str, Any]]:
+    """Two jobs that cannot succeed, applied when the module starts (beside the GPU job, while the
+    CPU node is free), their workers on the GPU-labelled node: `oom` (a 134M-parameter
+    model in workers of 1536Mi: the first step's optimizer state does not fit) and `full` (its
+    claim is the session's 1 MiB tmpfs that every node sees: the first checkpoint fills it)."""
+    base = load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0]
+    out = {}
+    for name in ("oom", "full"):
+        ns = kube.namespace(name, volume=kube.full_volume if name == "full" else None)
+        doc = on_a_small_cluster(
+            {**base, "metadata": {**base["metadata"], "name": name}}, **ON_THE_OTHER_NODE
+        )
+        doc["spec"]["training"].update(maxSteps=200)
+        doc["spec"]["checkpointing"].update(intervalSteps=20)
+        doc["spec"].pop("evaluation", None)
+        if name == "oom":
+            model = dict(hiddenSize=1024, intermediateSize=4096, numLayers=8, numHeads=8, numKvHeads=8)
+            doc["spec"]["model"].update(model)
+            doc["spec"]["resources"]["memory"] = OOM_MEMORY
+        kube.apply([doc], ns)
+        out[name] = {"ns": ns, "applied": time.time()}
+    return out
+
+
+def _ended(kube: KubeEnv, f: dict[str, Any], name: str) -> dict[str, Any]:
+    f["status"] = kube.wait_terminal("TrainingJob", name, f["ns"], timeout=420)
+    f["events"] = kube.get("events", "-n", f["ns"])["items"]
+    f["left"] = kube.get("rayclusters,pods", "-n", f["ns"])["items"]
+    return f
+
+
+def test_a_worker_over_its_memory_limit_fails_oomkilled_naming_the_limit_without_retries(
+    kube: KubeEnv, doomed: dict[str, dict[str, Any]]
+) -> None:
+    """Workers of 1536Mi and a step that needs more: Ray's memory monitor kills the training
+    worker at 95% of the container's limit (before the kernel's OOM killer would) and raises
+    OutOfMemoryError; the job fails OOMKilled at once, not retried, the message saying the bytes
+    used of the limit, the fix naming spec.resources.memory with its value; nothing is left."""
+    f = _ended(kube, doomed["oom"], "oom")
+    status = f["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "OOMKilled", status
+    last = status["lastFailure"]
+    assert last["retried"] is False and int(status.get("restarts") or 0) == 0, last
+    assert re.search(r"(?i)memory.*limit", last["message"]), last  # Ray's words: used of the limit
+    assert f"spec.resources.memory={OOM_MEMORY}" in last["fix"], last
+    assert any(e["reason"] == "OOMKilled" for e in f["events"]), [
+        (e["reason"], e["message"][:80]) for e in f["events"] if e["involvedObject"]["kind"] == "TrainingJob"
+    ]
+    assert f["left"] == [], [o["metadata"]["name"] for o in f["left"]]
+    record(
+        "fault: worker over its memory limit",
+        {
+            "apply_to_failed_s": round(ts(status["lastFailure"]["time"]) - f["applied"], 1),
+            "message": last["message"],
+        },
+    )
+
+
+def test_a_full_checkpoint_volume_fails_the_job_with_storage_error_naming_it(
+    kube: KubeEnv, doomed: dict[str, dict[str, Any]]
+) -> None:
+    """The claim is a 1 MiB tmpfs that every node sees: the first checkpoint fills it. The job
+    fails StorageError naming the pvc:// location and its mount, not retried, never Succeeded
+    without its checkpoints."""
+    f = _ended(kube, doomed["full"], "full")
+    status = f["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "StorageError", status
+    last = status["lastFailure"]
+    assert last["retried"] is False and "no space left" in last["message"], last
+    assert "pvc://work/full/checkpoints" in last["message"] and "/mnt/pvc/work/full" in last["message"], last
+    assert "spec.checkpointing.storage" in last["fix"], last
+    assert f["left"] == [], [o["metadata"]["name"] for o in f["left"]]
+    record("fault: checkpoint volume full", {"apply_to_failed_s": round(ts(last["time"]) - f["applied"], 1)})
 
 
 # -- 3. the pretraining example on KubeRay's pods, with Prometheus watching -------------------------
