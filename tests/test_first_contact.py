@@ -199,6 +199,20 @@ def test_an_output_location_that_cannot_be_made_is_a_storage_error(tmp_path: Pat
     assert took < FIRST_CONTACT_SECONDS
 
 
+def test_a_base_model_without_its_tokenizer_is_named(tmp_path: Path) -> None:
+    """A fine-tune loads its tokenizer from the base model's directory: config.json alone is not
+    enough."""
+    base = tmp_path / "weights-only"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    doc = manifest("model-missing")
+    doc["spec"]["baseModel"] = {"path": str(base)}
+    config = build_job_config(parse_job(doc), work_dir=str(REPO))
+    (problem,) = inputs.check(config)
+    assert problem.line().startswith(f"ModelUnavailable: spec.baseModel: {base} has no tokenizer.json or ")
+    assert "not a saved tokenizer (the fine-tune loads its tokenizer from spec.baseModel)" in problem.line()
+
+
 def test_a_pipelines_later_stages_are_not_held_to_what_earlier_ones_write() -> None:
     """The shipped pipeline's SFT and DPO stages read the stage before's output: not there yet,
     and not a problem."""

@@ -59,10 +59,7 @@ def test_the_chart_runs_the_operator_as_a_restricted_pod(kube: KubeEnv) -> None:
 # -- 2. placement: the GPU pool, on a node whose GPUs are advertised but absent ---------------------
 
 
-def test_a_gpu_job_lands_on_the_gpu_pool_and_preflight_names_the_missing_gpu(
-    kube: KubeEnv, doomed: dict[str, dict[str, Any]]
-) -> None:
-    """(`doomed`: the jobs of section 2 start beside this one.)"""
+def test_a_gpu_job_lands_on_the_gpu_pool_and_preflight_names_the_missing_gpu(kube: KubeEnv) -> None:
     ns = kube.namespace("gpu")
     doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0])
     doc["metadata"]["name"] = "needs-a-gpu"
@@ -103,10 +100,10 @@ OOM_MEMORY = "1536Mi"
 
 @pytest.fixture(scope="module")
 def doomed(kube: KubeEnv) -> dict[str, dict[str, Any]]:
-    """Two jobs that cannot succeed, applied when the module starts (beside the GPU job, while the
-    CPU node is free), their workers on the GPU-labelled node: `oom` (a 134M-parameter
-    model in workers of 1536Mi: the first step's optimizer state does not fit) and `full` (its
-    claim is the session's 1 MiB tmpfs that every node sees: the first checkpoint fills it)."""
+    """Two jobs that cannot succeed, applied together, their workers on the GPU-labelled node (in
+    `make soak`: beside the CPU node's jobs they added about 3 minutes to the suite): `oom` (a
+    134M-parameter model in workers of 1536Mi: the first step's optimizer state does not fit) and
+    `full` (its claim is the session's 1 MiB tmpfs every node sees: the first checkpoint fills it)."""
     base = load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0]
     out = {}
     for name in ("oom", "full"):
@@ -127,12 +124,18 @@ def doomed(kube: KubeEnv) -> dict[str, dict[str, Any]]:
 
 
 def _ended(kube: KubeEnv, f: dict[str, Any], name: str) -> dict[str, Any]:
+    """The failed job's status and Events, and what is left of its Ray cluster once the pods
+    that were running when it failed have terminated (within their grace period)."""
     f["status"] = kube.wait_terminal("TrainingJob", name, f["ns"], timeout=420)
     f["events"] = kube.get("events", "-n", f["ns"])["items"]
-    f["left"] = kube.get("rayclusters,pods", "-n", f["ns"])["items"]
+    deadline = time.monotonic() + 150
+    while (left := kube.get("rayclusters,pods", "-n", f["ns"])["items"]) and time.monotonic() < deadline:
+        time.sleep(2)
+    f["left"] = left
     return f
 
 
+@pytest.mark.soak
 def test_a_worker_over_its_memory_limit_fails_oomkilled_naming_the_limit_without_retries(
     kube: KubeEnv, doomed: dict[str, dict[str, Any]]
 ) -> None:
@@ -160,6 +163,7 @@ def test_a_worker_over_its_memory_limit_fails_oomkilled_naming_the_limit_without
     )
 
 
+@pytest.mark.soak
 def test_a_full_checkpoint_volume_fails_the_job_with_storage_error_naming_it(
     kube: KubeEnv, doomed: dict[str, dict[str, Any]]
 ) -> None:

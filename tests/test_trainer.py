@@ -577,8 +577,9 @@ def test_preflight_passes_before_the_first_step(run: Runner) -> None:
 def test_unwritable_storage_fails_preflight_before_workers_start(
     run: Runner, tmp_path: Path, where: str
 ) -> None:
-    """Checkpoints (or the output) on a read-only volume: the driver's preflight fails the job
-    before the data is prepared and any worker starts (each worker would fail the same check)."""
+    """Checkpoints (or the output) on a read-only volume: the driver's input check (the one
+    `forgeline run` makes before Ray starts, forgeline_operator.api.inputs) fails the job before
+    the data is prepared and any worker starts, as StorageError naming the field and the fix."""
     with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         location = ro / where
         if where == "checkpoint":
@@ -591,12 +592,12 @@ def test_unwritable_storage_fails_preflight_before_workers_start(
         seconds = time.monotonic() - t0
     assert result.status == "FAILED"
     (error,) = [r for r in result.records if r["type"] == "error"]
-    assert error["reason"] == "PreflightFailed", error
-    assert error["message"].startswith(f"preflight check '{where} storage' failed on the driver: "), error
-    assert f"[Errno 30] Read-only file system: '{location}'" in error["message"]
-    assert ("spec.checkpointing.storage" if where == "checkpoint" else "spec.output.uri") in error["message"]
+    field = "spec.checkpointing.storage" if where == "checkpoint" else "spec.output.uri"
+    assert error["reason"] == "StorageError", error
+    assert error["message"].startswith(f"{field}: {location} cannot be made: {ro} cannot be written"), error
+    assert error["message"].endswith(f" — fix: point {field} at a location the trainer can write"), error
     assert not any(r.get("message") in ("data ready", "training started") for r in result.records)
-    _figure(f"{where} on a read-only volume → FAILED/PreflightFailed", seconds)
+    _figure(f"{where} on a read-only volume → FAILED/StorageError", seconds)
 
 
 def test_data_a_worker_cannot_read_fails_its_preflight(

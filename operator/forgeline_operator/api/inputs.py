@@ -114,7 +114,7 @@ def _models(config: TrainingJobConfig | FineTuneJobConfig) -> list[tuple[str, st
         field = "spec.data.tokenizer.path" if tok.path else "spec.data.tokenizer.hubId"
         return [("spec.model.initFrom", paths.base_model, "model"), (field, tokenizer, "tokenizer")]
     out = [
-        ("spec.baseModel", paths.base_model, "model"),
+        ("spec.baseModel", paths.base_model, "model+tokenizer"),  # a fine-tune's tokenizer comes from it
         ("spec.rl.rewardModel", paths.reward_model, "model"),
     ]
     out += [(f"spec.merge.adapters[{i}]", a, "adapter") for i, a in enumerate(paths.adapters)]
@@ -146,15 +146,22 @@ def _model(
     if path is None:
         return []
     fix = f"point {field} at a save_pretrained directory that exists where the job runs"
+    what = kind.split("+")[0]
     if not os.path.isdir(path):
-        return [InputProblem("ModelUnavailable", field, f"{kind} directory {path} does not exist", fix)]
-    need = {"model": ("config.json",), "adapter": ("adapter_config.json",), "tokenizer": _TOKENIZER_FILES}[
-        kind
-    ]
-    if not any(os.path.isfile(os.path.join(path, name)) for name in need):
-        what = " or ".join(need)
-        message = f"{path} has no {what}: it is not a saved {kind}"
-        return [InputProblem("ModelUnavailable", field, message, fix)]
+        return [InputProblem("ModelUnavailable", field, f"{what} directory {path} does not exist", fix)]
+    needs = {
+        "model": [("config.json",)],
+        "model+tokenizer": [("config.json",), _TOKENIZER_FILES],
+        "adapter": [("adapter_config.json",)],
+        "tokenizer": [_TOKENIZER_FILES],
+    }[kind]
+    for need in needs:
+        if not any(os.path.isfile(os.path.join(path, name)) for name in need):
+            saved = "tokenizer" if need is _TOKENIZER_FILES else what
+            message = f"{path} has no {' or '.join(need)}: it is not a saved {saved}"
+            if saved != what:
+                message += f" (the fine-tune loads its tokenizer from {field})"
+            return [InputProblem("ModelUnavailable", field, message, fix)]
     return []
 
 
@@ -163,11 +170,9 @@ def _hub(field: str, repo: str, kind: str, env: Mapping[str, str], timeout: floa
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
-    filename = {
-        "model": "config.json",
-        "adapter": "adapter_config.json",
-        "tokenizer": "tokenizer_config.json",
-    }[kind]
+    filename = {"adapter": "adapter_config.json", "tokenizer": "tokenizer_config.json"}.get(
+        kind, "config.json"
+    )
     if isinstance(try_to_load_from_cache(repo, filename), str):
         return []
     offline = str(env.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on")
