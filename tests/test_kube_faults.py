@@ -102,17 +102,24 @@ def attempt_records(kube: KubeEnv, ns: str, submissions: list[str]) -> dict[int,
     return out
 
 
+def long_pretraining() -> dict[str, Any]:
+    """The pretraining example on the CPU pool, long enough to fault: STEPS steps, a checkpoint
+    every INTERVAL, one eval at the end."""
+    doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], nodePool="cpu")
+    doc["metadata"]["name"] = JOB
+    doc["spec"]["training"].update(maxSteps=STEPS)
+    doc["spec"]["checkpointing"].update(intervalSteps=INTERVAL, keep=3)
+    doc["spec"]["evaluation"].update(intervalSteps=STEPS)
+    return doc
+
+
 # -- the job's life --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def survivor(kube: KubeEnv) -> dict[str, Any]:
     ns = kube.namespace("faults")
-    doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], nodePool="cpu")
-    doc["metadata"]["name"] = JOB
-    doc["spec"]["training"].update(maxSteps=STEPS)
-    doc["spec"]["checkpointing"].update(intervalSteps=INTERVAL, keep=3)
-    doc["spec"]["evaluation"].update(intervalSteps=STEPS)
+    doc = long_pretraining()
     doc["spec"]["backoffLimit"] = 3
     facts: dict[str, Any] = {"ns": ns, "operator_kills": []}
 
@@ -334,11 +341,7 @@ def test_a_deleted_head_pod_is_seen_and_the_job_resumes_on_the_new_head(kube: Ku
     answering, FORGELINE_CLUSTER_LOST_SECONDS), counts ClusterLost and resubmits on the new head
     from the newest checkpoint: at most one interval redone."""
     ns = kube.namespace("head")
-    doc = on_a_small_cluster(load_yaml_documents(EXAMPLES / "pretrain-tiny-llama.yaml")[0], nodePool="cpu")
-    doc["metadata"]["name"] = JOB
-    doc["spec"]["training"].update(maxSteps=STEPS)
-    doc["spec"]["checkpointing"].update(intervalSteps=INTERVAL, keep=3)
-    doc["spec"]["evaluation"].update(intervalSteps=STEPS)
+    doc = long_pretraining()
     kube.apply([doc], ns)
 
     def step(s: dict[str, Any]) -> int:

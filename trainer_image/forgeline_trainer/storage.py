@@ -17,24 +17,17 @@ from pathlib import Path
 
 import fsspec
 
+from forgeline_operator.api.inputs import local_path
+
 from .errors import DataNotFound
 
 REMOTE_SCHEMES = ("s3://", "gs://")
 
 
 def resolve(uri: str, work_dir: str | None = None) -> str:
-    """A local absolute path, or an fsspec URL for object stores."""
-    if uri.startswith(REMOTE_SCHEMES):
-        return uri
-    if uri.startswith("pvc://"):
-        root = os.environ.get("FORGELINE_PVC_ROOT", "/mnt/pvc")
-        return str(Path(root) / uri[len("pvc://") :])
-    if uri.startswith("file://"):
-        return uri[len("file://") :]
-    path = Path(uri).expanduser()
-    if not path.is_absolute():
-        path = Path(work_dir or os.environ.get("FORGELINE_WORK_DIR") or os.getcwd()) / path
-    return str(path)
+    """A local absolute path, or an fsspec URL for object stores (the same resolution the input
+    check before a run uses: forgeline_operator.api.inputs.local_path)."""
+    return local_path(uri, work_dir) or uri
 
 
 def is_remote(location: str) -> bool:

@@ -146,8 +146,9 @@ MAX_DECISIVE_LINES = 5
 MAX_LINE = 300
 MAX_FIX = 1000
 OWN_FIX = " — fix: "
-NOT_RETRIED = "retrying cannot fix it"  # decisions.GiveUp's why for what retrying cannot fix
 """How the trainer's errors name their own fix (`PreflightFailed`, `DataError`, ...)."""
+NOT_RETRIED = "retrying cannot fix it"
+"""decisions.GiveUp's `why` for a failure retrying cannot fix (not repeated in status.message)."""
 
 
 @dataclass(frozen=True)
