@@ -50,6 +50,11 @@ def test_eval_gain_names_each_kinds_headline_metric() -> None:
     assert lifecycle.eval_gain(sft, {**sft, "accuracy": 0.614}) == "acc 12%→61%"
     pref = {"preference_accuracy": 0.48, "reward_margin": 0.0, "eval_loss": 0.69}
     assert lifecycle.eval_gain(pref, {**pref, "preference_accuracy": 0.83}) == "pref acc 48%→83%"
+    # DPO before training: policy = reference, every margin 0 — a tie on every pair, said so
+    ties = {"preference_accuracy": 0.5, "preference_ties": 1.0, "reward_margin": 0.0}
+    trained = {"preference_accuracy": 0.81, "reward_margin": 0.4}
+    assert lifecycle.eval_gain(ties, trained) == "pref acc tie→81%"
+    assert lifecycle.eval_gain(ties, None) == "pref acc tie"
     assert lifecycle.eval_gain({"mean_reward": 0.12}, {"mean_reward": 0.8}) == "reward 0.12→0.8"
     assert lifecycle.eval_gain({"perplexity": 812.4}, None) == "ppl 812"  # no eval after training yet
     assert lifecycle.eval_gain({"eval_tokens": 10.0}, None) is None

@@ -234,6 +234,11 @@ def test_reward_model_learns_preferences(run: Runner) -> None:
 def test_dpo_raises_the_preference_margin(run: Runner) -> None:
     run("pretrain-tiny-llama")
     _, metrics = run("dpo-tiny")
+    # before training the policy is the reference: every pair a tie, said so, counted half
+    assert metrics["initial_eval"]["preference_ties"] == 1.0
+    assert metrics["initial_eval"]["preference_accuracy"] == 0.5
+    assert metrics["final_eval"]["preference_accuracy"] > 0.5
+    assert "preference_ties" not in metrics["final_eval"]
     assert metrics["final_eval"]["reward_margin"] > metrics["initial_eval"]["reward_margin"]
     assert metrics["final_eval"]["eval_loss"] < metrics["initial_eval"]["eval_loss"]
 

@@ -467,6 +467,17 @@ def test_publish_writes_every_output_file_then_says_done(
     assert done == {"type": "done", "output": "out/model", "final_loss": 2.0, "step": 2, "total_steps": 2}
 
 
+def test_dpo_accuracy_counts_a_tie_as_a_tie_not_a_wrong_answer() -> None:
+    from forgeline_trainer.recipes.preference import dpo_accuracy
+
+    # untrained: policy = reference, no margin above 0 and their mean exactly 0 → all ties
+    tied = {"preference_accuracy": 0.5, "preference_ties": 1.0, "reward_margin": 0.0}
+    assert dpo_accuracy(0.0, 0.0) == tied
+    # every margin below 0 is wrong, not tied; trained margins are TRL's strict share
+    assert dpo_accuracy(0.0, -0.02) == {"preference_accuracy": 0.0, "reward_margin": -0.02}
+    assert dpo_accuracy(0.81, 0.4) == {"preference_accuracy": 0.81, "reward_margin": 0.4}
+
+
 def test_recipes_follow_the_apis_method_groups() -> None:
     from typing import get_args
 

@@ -210,15 +210,19 @@ _HEADLINE = (
 
 def eval_gain(baseline: dict[str, float], after: dict[str, float] | None) -> str | None:
     """The headline held-out metric before → after training, as a person reads it: `ppl 812→143`
-    (pretraining), `acc 12%→61%` (SFT token accuracy), `pref acc 48%→83%` (reward model, DPO),
-    `reward 0.12→0.80` (GRPO); the baseline alone while no eval after training has come."""
+    (pretraining), `acc 12%→61%` (SFT token accuracy), `pref acc 48%→83%` (reward model; DPO's
+    untrained start, all ties, reads `pref acc tie→81%`), `reward 0.12→0.80` (GRPO); the
+    baseline alone while no eval after training has come."""
     for key, label, percent in _HEADLINE:
         if key in baseline:
 
-            def shown(v: float, percent: bool = percent) -> str:
+            def shown(values: dict[str, float], key: str = key, percent: bool = percent) -> str:
+                if values.get("preference_ties") == 1.0:
+                    return "tie"  # DPO before training: every pair's margin is exactly 0
+                v = values[key]
                 return f"{v * 100:.0f}%" if percent else f"{v:.3g}"
 
             if after is None or key not in after:
-                return f"{label} {shown(baseline[key])}"
-            return f"{label} {shown(baseline[key])}→{shown(after[key])}"
+                return f"{label} {shown(baseline)}"
+            return f"{label} {shown(baseline)}→{shown(after)}"
     return None

@@ -123,7 +123,15 @@ EVAL_METRIC = Gauge(
     ["namespace", "job", "kind", "metric", "stage"],
     registry=REGISTRY,
 )
-_EVAL_RELAYED = ("eval_loss", "perplexity", "accuracy", "preference_accuracy", "reward_margin", "mean_reward")
+_EVAL_RELAYED = (
+    "eval_loss",
+    "perplexity",
+    "accuracy",
+    "preference_accuracy",
+    "preference_ties",
+    "reward_margin",
+    "mean_reward",
+)
 
 
 def relay_progress(namespace: str, job: str, kind: str, progress: dict[str, Any]) -> None:

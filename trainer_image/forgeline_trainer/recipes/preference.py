@@ -248,13 +248,28 @@ def _preference_metrics(trainer: Any, method: str, eval_ds: Any) -> dict[str, fl
     metrics = trainer.evaluate(eval_dataset=eval_ds)
     trainer.model.train()
     if method == "dpo":
-        return {
-            "preference_accuracy": float(metrics.get("eval_rewards/accuracies", float("nan"))),
-            "reward_margin": float(metrics.get("eval_rewards/margins", float("nan"))),
-            "eval_loss": float(metrics.get("eval_loss", float("nan"))),
-        }
+        return dpo_accuracy(
+            float(metrics.get("eval_rewards/accuracies", float("nan"))),
+            float(metrics.get("eval_rewards/margins", float("nan"))),
+        ) | {"eval_loss": float(metrics.get("eval_loss", float("nan")))}
     return {
         "preference_accuracy": float(metrics.get("eval_accuracy", float("nan"))),
         "reward_margin": float(metrics.get("eval_margin", float("nan"))),
         "eval_loss": float(metrics.get("eval_loss", float("nan"))),
     }
+
+
+def dpo_accuracy(above: float, mean_margin: float) -> dict[str, float]:
+    """DPO's preference accuracy from TRL's two eval figures: `above`, the share of pairs whose
+    implicit reward margin β·((log π − log π_ref)(chosen) − (…)(rejected)) is above 0, and the
+    margins' mean.
+
+    A tie is not a wrong answer. Before training the policy is the reference (LoRA's B starts at
+    0; a full fine-tune's reference is its own copy), every margin is exactly 0, and TRL's strict
+    count reads 0% (the demo said "pref acc 0% → 56%"). No margin above 0 with a mean of exactly
+    0 means every margin is 0: then every pair is a tie, counted half (50%, a coin's odds) and
+    said (`preference_ties` 1.0; the Eval column reads `pref acc tie→81%`). Once trained, margins
+    are real numbers and an exact tie does not happen: the strict share is the accuracy."""
+    if above == 0.0 and mean_margin == 0.0:
+        return {"preference_accuracy": 0.5, "preference_ties": 1.0, "reward_margin": 0.0}
+    return {"preference_accuracy": above, "reward_margin": mean_margin}
