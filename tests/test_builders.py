@@ -246,3 +246,59 @@ def test_ray_pods_get_the_preemption_grace_period_plus_a_margin() -> None:
     doc["spec"]["preemption"] = {"gracePeriodSeconds": 5}
     with pytest.raises(InvalidJobError, match="gracePeriodSeconds"):
         parse_job(doc)
+
+
+def test_a_raycluster_being_deleted_is_neither_ready_nor_recreated() -> None:
+    """A RayCluster with a deletionTimestamp that a finalizer holds (KubeRay ignores it then and
+    leaves its pods running): tracking sees it as deleted and gets the head's address to stop what
+    still runs there; provisioning waits for it to go rather than submitting to it or creating
+    one of the same name. (The same on real pods: tests/test_kube_faults.py.)"""
+    from forgeline_operator.controller.backends import KubeRayBackend
+
+    class Api:
+        def __init__(self, rc: dict) -> None:
+            self.rc, self.created = rc, []
+
+        def read_namespaced_secret(self, name: str, ns: str):
+            import base64
+            from types import SimpleNamespace
+
+            return SimpleNamespace(data={"token": base64.b64encode(b"t").decode()})
+
+        def get_namespaced_custom_object(self, *args: str) -> dict:
+            return self.rc
+
+        def create_namespaced_custom_object(self, *args: object) -> None:
+            self.created.append(args)
+
+    job = _job()
+    status = {"state": "ready", "head": {"podName": "tiny-llama-tj-head-x", "serviceIP": "10.96.0.9"}}
+    meta = {"name": "tiny-llama-tj", "deletionTimestamp": "2026-12-03T19:20:00Z", "finalizers": ["x.io/hold"]}
+    api = Api({"metadata": meta, "spec": {}, "status": status})
+    backend = KubeRayBackend(None, "trainer:test", adopt=lambda *a, **k: None)
+    backend.core = backend.custom = api
+    tracked = backend.ensure(job, {}, "ns", create=False)
+    assert tracked.missing and tracked.deleting and not tracked.ready
+    assert tracked.address is not None and "10.96.0.9" in tracked.address
+    assert tracked.message == (
+        "RayCluster tiny-llama-tj is being deleted (since 2026-12-03T19:20:00Z; finalizers: x.io/hold)"
+    )
+    provisioned = backend.ensure(job, {}, "ns")
+    assert not provisioned.ready and not provisioned.missing and provisioned.deleting
+    assert api.created == []
+    del meta["deletionTimestamp"]
+    assert backend.ensure(job, {}, "ns").ready  # the same object, not being deleted: ready
+
+
+def test_a_deleted_raycluster_whose_deletion_waits_says_so_and_that_its_job_was_stopped() -> None:
+    from forgeline_operator.controller.failures import cluster_deleted
+
+    pending = "RayCluster j-tj is being deleted (since 2026-12-03T19:20:00Z; finalizers: x.io/hold)"
+    failure = cluster_deleted("j-tj", "pvc://work/j/ckpt", pending)
+    assert failure.reason == "ClusterLost" and not failure.retryable
+    assert failure.message == (
+        "RayCluster j-tj was deleted while its job ran, not by Forgeline (kubectl delete raycluster, "
+        "or a clean-up of the namespace); it is being deleted (since 2026-12-03T19:20:00Z; finalizers: "
+        "x.io/hold), so Forgeline stopped its Ray job"
+    )
+    assert "pvc://work/j/ckpt" in failure.fix and "resumeFrom" in failure.fix

@@ -120,3 +120,21 @@ def test_forgeline_run_says_which_credential_keys_its_shell_lacks(monkeypatch) -
     assert "not set here: OTHER_KEY" in note and "HF_TOKEN" not in note.split("not set here")[1]
     (remote,) = _credential_notes([parse_job(doc)], "http://ray:8265")
     assert "the Ray cluster at http://ray:8265" in remote and "not set here" not in remote
+
+
+def test_forgeline_runs_closing_lines_read_the_recipes_own_baseline() -> None:
+    """A DPO run logs two evals at step 0: TRL's own (its names) and then the recipe's baseline,
+    where an untrained policy's all-tie preference accuracy is said as a tie. The closing line
+    reads the recipe's, as the operator's LogCursor does."""
+    from forgeline_operator.cli.runlocal import RunResult, _summary
+
+    records = [
+        {"type": "eval", "step": 0, "eval_loss": 0.6931, "rewards_accuracies": 0.0},
+        {"type": "eval", "step": 0, "preference_accuracy": 0.5, "preference_ties": 1.0, "eval_loss": 0.6931},
+        {"type": "progress", "step": 1, "loss": 0.6931},
+        {"type": "eval", "step": 15, "eval_loss": 0.59, "rewards_accuracies": 0.5625},
+        {"type": "eval", "step": 15, "preference_accuracy": 0.5625, "eval_loss": 0.59},
+        {"type": "done", "final_loss": 0.3964},
+    ]
+    text = _summary(RunResult("pipe-dpo", "FineTuneJob", "SUCCEEDED", "/out", "sid", records), "/w")
+    assert "held-out pref acc tie→56% (before → after training)" in text, text

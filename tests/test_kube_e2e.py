@@ -470,11 +470,15 @@ def test_the_pipeline_runs_its_stages_in_order_on_the_volume(kube: KubeEnv) -> N
     for name, key, better in (
         ("pipe-pretrain", "perplexity", float.__lt__),
         ("pipe-sft", "accuracy", float.__gt__),
-        ("pipe-dpo", "preference_accuracy", float.__gt__),
+        ("pipe-dpo", "eval_loss", float.__lt__),  # the held-out DPO loss (16 pairs: accuracy is coarse)
     ):
         progress = statuses[name]["progress"]
         before, after = progress["evalBaseline"][key], progress["evalMetrics"][key]
         assert better(after, before), (name, key, before, after)
+    dpo = statuses["pipe-dpo"]["progress"]  # untrained, every pair a tie; said as one
+    assert dpo["evalBaseline"]["preference_ties"] == 1.0 and dpo["evalBaseline"]["preference_accuracy"] == 0.5
+    assert dpo["evalMetrics"]["preference_accuracy"] >= 0.5, dpo
+    assert dpo["display"]["eval"].startswith("pref acc tie→"), dpo
     volume = kube.volume(ns)
     for name in ("pipe-pretrain", "pipe-sft", "pipe-dpo"):
         assert (volume / name / "config.json").exists(), sorted(p.name for p in (volume / name).iterdir())

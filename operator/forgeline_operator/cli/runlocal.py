@@ -433,7 +433,9 @@ def _summary(result: RunResult, work_dir: str) -> str:
         )
     evals = [r for r in result.records if r.get("type") == "eval"]
     if evals:
-        baseline = next((r for r in evals if r.get("step") == 0), None)
+        # the last eval at step 0, as LogCursor keeps it: a TRL recipe's own baseline record comes
+        # after the one its library logs from the same evaluation (with the library's names)
+        baseline = next((r for r in reversed(evals) if r.get("step") == 0), None)
         gain = lifecycle.eval_gain(_numbers(baseline), _numbers(evals[-1])) if baseline else None
         if gain:
             lines.append(f"  held-out {gain} (before → after training)")

@@ -34,6 +34,7 @@ class ClusterState:
     queued: bool = False  # waiting for Kueue to admit (unsuspend) the RayCluster
     missing: bool = False  # there is no RayCluster and the call was not to create one
     head: str | None = None  # KubeRay: the head pod's name (a new name: the head was recreated)
+    deleting: bool = False  # KubeRay: the RayCluster has a deletionTimestamp (finalizers hold it)
 
 
 class Backend(Protocol):
@@ -148,6 +149,11 @@ class KubeRayBackend:
                 if exc2.status != 409:
                     raise
             return ClusterState(False, None, token, name, f"RayCluster {name} created; waiting for KubeRay")
+        meta = rc.get("metadata") or {}
+        if meta.get("deletionTimestamp"):  # deleted, held by a finalizer: its pods may still run
+            address = _address(job, namespace, rc.get("status") or {})  # to stop what still runs there
+            message = deleting_message(name, meta)
+            return ClusterState(False, address, token, name, message, missing=not create, deleting=True)
         if (rc.get("spec") or {}).get("suspend"):
             queue = job.kueue_queue() or "its queue"
             message = f"queued by Kueue (LocalQueue {queue}): RayCluster {name} waits to be admitted"
@@ -187,6 +193,15 @@ class KubeRayBackend:
             if exc.status == 404:
                 return False
             raise
+
+
+def deleting_message(name: str, meta: Mapping[str, Any]) -> str:
+    """A RayCluster with a deletionTimestamp: deleted, not gone. A finalizer (Kueue's, a backup
+    tool's, anyone's) keeps the object — and, with background deletion, its pods — until its
+    controller lets go; a Ray job on it may still run and a cluster of the same name cannot be
+    created yet."""
+    held = ", ".join(meta.get("finalizers") or []) or "none"
+    return f"RayCluster {name} is being deleted (since {meta['deletionTimestamp']}; finalizers: {held})"
 
 
 def _is_ready(status: dict[str, Any]) -> bool:

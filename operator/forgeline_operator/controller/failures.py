@@ -171,14 +171,17 @@ def stalled(message: str) -> Failure:
     return Failure("Stalled", message, fix, retryable, True, (message,))
 
 
-def cluster_deleted(cluster: str, checkpoints: str | None) -> Failure:
+def cluster_deleted(cluster: str, checkpoints: str | None, pending: str | None = None) -> Failure:
     """The running job's RayCluster was deleted by someone else: the job stops (its checkpoints
     stay), since recreating it raced the old pods still draining under the same names and labels
-    (tests/test_kube_faults.py: the resubmissions reached the old, draining head)."""
+    (tests/test_kube_faults.py: the resubmissions reached the old, draining head). `pending`: the
+    deletion is not done (a finalizer holds the RayCluster; its Ray job was stopped)."""
     message = (
         f"RayCluster {cluster} was deleted while its job ran, not by Forgeline "
         "(kubectl delete raycluster, or a clean-up of the namespace)"
     )
+    if pending:
+        message += f"; it {pending.removeprefix(f'RayCluster {cluster} ')}, so Forgeline stopped its Ray job"
     kept = f"its checkpoints stay in {checkpoints}" if checkpoints else "its checkpoints stay in storage"
     fix = (
         f"{kept}: to go on from the newest, apply the job again (a new name) with "

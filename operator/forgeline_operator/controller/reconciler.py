@@ -277,8 +277,11 @@ class Reconciler:
         sid = ray.get("jobId")
         state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace, create=False)
         if state.missing:  # the job ran on it: someone else deleted it (Forgeline deletes finished jobs')
+            if state.deleting and sid:  # a finalizer holds it and its pods: what runs there is stopped
+                self._stop_on(state, sid)
             cursor = self.rt.cursors.get(sid or "") or LogCursor()
-            failure = failures.cluster_deleted(state.cluster_name or "", self.status.get("checkpointUri"))
+            pending, kept = state.message if state.deleting else None, self.status.get("checkpointUri")
+            failure = failures.cluster_deleted(state.cluster_name or "", kept, pending)
             self._after_failure(None, sid or "(none)", "lost", failure, cursor, {})
             return
         replaced = decisions.head_replaced(ray.get("headPod"), state.head)
@@ -546,7 +549,13 @@ class Reconciler:
         if isinstance(self.backend, KubeRayBackend) and not self.backend.exists(self.job, namespace):
             return
         state = self.backend.ensure(self.job, self.out.body, namespace)
-        if not state.ready:
+        if state.ready or state.deleting:
+            self._stop_on(state, sid)
+
+    def _stop_on(self, state: ClusterState, sid: str) -> None:
+        """Stop Ray job `sid` on the cluster `state` describes (also one being deleted, whose pods
+        a finalizer may keep running)."""
+        if state.address is None:
             return
         try:
             final = self.rt.ray_jobs(state.address, state.python, state.token).stop_and_wait(sid)
