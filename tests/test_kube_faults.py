@@ -339,7 +339,10 @@ def test_a_deleted_head_pod_is_seen_and_the_job_resumes_on_the_new_head(kube: Ku
     RAY_gcs_rpc_server_reconnect_timeout_s (20 s) and their containers restart into the new one.
     The operator sees the new head's name in the RayCluster's status (or the old address stops
     answering, FORGELINE_CLUSTER_LOST_SECONDS), counts ClusterLost and resubmits on the new head
-    from the newest checkpoint: at most one interval redone."""
+    from the newest checkpoint: at most one interval redone. Then the RayCluster is deleted while
+    a finalizer holds it (KubeRay ignores a RayCluster being deleted; its pods run on): the job's
+    Ray job is stopped on the still-running head and the job fails saying what holds the
+    deletion; once the finalizer goes, nothing is left."""
     ns = kube.namespace("head")
     doc = long_pretraining()
     kube.apply([doc], ns)
@@ -364,7 +367,6 @@ def test_a_deleted_head_pod_is_seen_and_the_job_resumes_on_the_new_head(kube: Ku
     start = next(r for r in records if r["type"] == "event" and r["message"] == "training started")
     assert stopped - start["start_step"] <= INTERVAL, (start, last)
     assert new != old and int(s.get("restarts") or 0) == 1
-    kube.kubectl("delete", "trainingjob", JOB, "-n", ns, "--wait=false")
     record(
         "fault: head pod deleted",
         {
@@ -373,4 +375,43 @@ def test_a_deleted_head_pod_is_seen_and_the_job_resumes_on_the_new_head(kube: Ku
             "steps_redone_at_most": max(0, stopped - start["start_step"]),
             "detected_by": "new head name" if "was replaced by" in last["message"] else "unreachable",
         },
+    )
+    # then a person deletes the RayCluster, and a finalizer (another controller's, a backup
+    # tool's) holds it: KubeRay ignores a RayCluster being deleted, so its pods run on. The job
+    # must not run on with them: its Ray job is stopped and it fails, saying what holds the deletion.
+    cluster = f"{JOB}-tj"
+    hold = '{"metadata":{"finalizers":["forgeline.dev/test-hold"]}}'
+    kube.kubectl("patch", "raycluster", cluster, "-n", ns, "--type=merge", "-p", hold)
+    at = time.time()
+    kube.kubectl("delete", "raycluster", cluster, "-n", ns, "--wait=false")
+    s = kube.wait_terminal("TrainingJob", JOB, ns, timeout=120)
+    failed = time.time()
+    assert s["phase"] == "Failed" and s["reason"] == "ClusterLost", s
+    assert f"RayCluster {cluster} was deleted while its job ran, not by Forgeline" in s["message"], s
+    assert "finalizers: forgeline.dev/test-hold), so Forgeline stopped its Ray job" in s["message"], s
+    assert head_pod(kube, ns) == new  # the held cluster's head still runs: ask it
+    code = (
+        "import os; from ray.job_submission import JobSubmissionClient as C; "
+        "auth = {'Authorization': 'Bearer ' + os.environ['RAY_AUTH_TOKEN']}; "
+        f"print(C('http://127.0.0.1:8265', headers=auth).get_job_status('{submission}'))"
+    )
+    out = kube.kubectl("exec", "-n", ns, new, "-c", "ray-head", "--", "python", "-c", code).stdout
+    assert out.strip().endswith("STOPPED"), out
+    kube.kubectl(
+        "patch",
+        "raycluster",
+        cluster,
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        '[{"op":"remove","path":"/metadata/finalizers"}]',
+    )
+    deadline = time.monotonic() + 180
+    while kube.get("rayclusters,pods", "-n", ns)["items"] and time.monotonic() < deadline:
+        time.sleep(2)
+    assert kube.get("rayclusters,pods", "-n", ns)["items"] == []
+    record(
+        "fault: RayCluster deleted, its deletion held by a finalizer",
+        {"deletion_to_failed_s": round(failed - at, 1)},
     )

@@ -180,7 +180,19 @@ class Node:
 
     def import_stream(self, write: Callable[[IO[bytes]], int], timeout: float = 1800) -> int:
         """`ctr images import -` fed by `write(stdin)` (an OCI or docker archive); the image's
-        layers are unpacked for the CRI's snapshotter."""
+        layers are unpacked for the CRI's snapshotter. A ctr that could not dial containerd
+        (seen once, seconds after `ctr version` had answered: "failed to dial … context deadline
+        exceeded") read nothing, so the import is tried again, twice at most."""
+        for tries_left in (2, 1, 0):
+            try:
+                return self._import_once(write, timeout)
+            except RuntimeError as exc:
+                if "failed to dial" not in str(exc) or not tries_left:
+                    raise
+                time.sleep(3)
+        raise AssertionError("unreachable")
+
+    def _import_once(self, write: Callable[[IO[bytes]], int], timeout: float) -> int:
         argv = [*self.enter(), "ctr", "--address", "/run/containerd/containerd.sock", "-n", "k8s.io",
                 "images", "import", "--snapshotter", "overlayfs", "-"]  # fmt: skip
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
