@@ -297,7 +297,7 @@ def test_a_deleted_raycluster_whose_deletion_waits_says_so_and_that_its_job_was_
     failure = cluster_deleted("j-tj", "pvc://work/j/ckpt", pending)
     assert failure.reason == "ClusterLost" and not failure.retryable
     assert failure.message == (
-        "RayCluster j-tj was deleted while its job ran, not by Forgeline (kubectl delete raycluster, "
+        "RayCluster j-tj was deleted before its job finished, not by Forgeline (kubectl delete raycluster, "
         "or a clean-up of the namespace); it is being deleted (since 2026-12-03T19:20:00Z; finalizers: "
         "x.io/hold), so Forgeline stopped its Ray job"
     )

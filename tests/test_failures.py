@@ -63,6 +63,12 @@ ZeroDivisionError: division by zero"""
             "ConfigError",
             False,
         ),
+        (
+            "RuntimeError: Unable to set up cluster storage with the following settings:\n"
+            "StorageContext<...>\nCheck that all nodes in the cluster have read/write access",
+            "StorageError",
+            False,
+        ),
         (TRACEBACK, "UserCodeError", True),
         ("", "Unknown", True),
     ],

@@ -641,6 +641,54 @@ def test_kuberay_cluster_lands_on_the_gpu_pool(
     )
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["deleted", "deletion-held-by-a-finalizer"])
+def test_a_raycluster_deleted_while_its_job_waits_for_it_fails_the_job_and_is_not_made_again(
+    cluster: Cluster, kr_namespace: str, kuberay_operator: Operator, held: bool
+) -> None:
+    """The job's RayCluster (its uid in status.ray.clusterUid) deleted by a person while the job
+    waits in Provisioning: Failed/ClusterLost naming it, no RayCluster of that name made again
+    (it would race the old pods, still draining). Held by a finalizer (KubeRay then ignores it and
+    its pods run on): the same, naming the finalizer; the RayCluster goes once the finalizer does."""
+    name = "held" if held else "gone"
+    doc = _example("pretrain-tiny-llama")
+    doc["metadata"]["name"] = name
+    _apply(cluster, kr_namespace, doc)
+
+    def given() -> dict[str, Any] | None:
+        ray = (_get(cluster, "tj", name, kr_namespace).get("status") or {}).get("ray") or {}
+        return ray if ray.get("clusterUid") else None
+
+    ray = _wait(given, 60, "status.ray.clusterUid", kuberay_operator)
+    (rc,) = _ray_clusters(cluster, kr_namespace)
+    assert ray["clusterUid"] == rc["metadata"]["uid"]
+    rc_name = f"{name}-tj"
+    if held:
+        hold = '{"metadata":{"finalizers":["forgeline.dev/test-hold"]}}'
+        cluster.kubectl("patch", "raycluster", rc_name, "-n", kr_namespace, "--type=merge", "-p", hold)
+    cluster.kubectl("delete", "raycluster", rc_name, "-n", kr_namespace, "--wait=false")
+
+    def failed() -> dict[str, Any] | None:
+        status = _get(cluster, "tj", name, kr_namespace).get("status") or {}
+        return status if status.get("phase") == "Failed" else None
+
+    status = _wait(failed, 60, "Failed", kuberay_operator)
+    assert status["reason"] == "ClusterLost", status
+    assert f"RayCluster {rc_name} was deleted before its job finished, not by Forgeline" in status["message"]
+    assert ("finalizers: forgeline.dev/test-hold" in status["message"]) is held, status["message"]
+    assert status["lastFailure"]["retried"] is False
+    left = _ray_clusters(cluster, kr_namespace)
+    if held:  # still there, being deleted: the same object, not a new one
+        assert [r["metadata"]["uid"] for r in left] == [rc["metadata"]["uid"]]
+        cluster.kubectl(
+            "patch", "raycluster", rc_name, "-n", kr_namespace, "--type=json",
+            "-p", '[{"op":"remove","path":"/metadata/finalizers"}]',
+        )  # fmt: skip
+        _wait(lambda: not _ray_clusters(cluster, kr_namespace), 30, "the RayCluster gone")
+    time.sleep(3)  # a few reconciles: nothing is made again
+    assert _ray_clusters(cluster, kr_namespace) == []
+    cluster.kubectl("delete", "tj", name, "-n", kr_namespace, "--timeout=60s")
+
+
 def test_unknown_node_pool_fails_naming_the_field_and_the_pools(
     cluster: Cluster, kr_namespace: str, kuberay_operator: Operator
 ) -> None:

@@ -679,6 +679,40 @@ def test_preflight_collective_sums_and_carries_failures(monkeypatch: pytest.Monk
         dist.destroy_process_group()
 
 
+def test_checkpoint_storage_that_is_not_shared_by_every_node_is_a_storage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ray Train's own check (a worker does not see the marker its driver wrote: a per-node
+    volume, seen on the test cluster with a tmpfs per node) names the URI, its mount and the fix,
+    as StorageError (not retried), not a DataError or Unknown."""
+    from forgeline_operator.api import parse_job
+    from forgeline_operator.api.jobconfig import build_job_config
+    from forgeline_trainer import errors
+    from forgeline_trainer.launcher import _report_error
+
+    ray_text = (
+        "Unable to set up cluster storage with the following settings:\nStorageContext<...>\nCheck that "
+        "all nodes in the cluster have read/write access to the configured storage path."
+    )
+    assert errors.reason_for(RuntimeError(ray_text)) == "StorageError"
+    assert errors.reason_for(RuntimeError("Unable to set up the model")) is None
+    doc = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())
+    doc["metadata"].update(namespace="ns", uid="0" * 16)
+    doc["spec"]["output"]["uri"] = "pvc://work/tiny"
+    cfg = build_job_config(parse_job(doc))
+    _report_error(RuntimeError(ray_text), cfg)
+    out = capsys.readouterr().out.splitlines()
+    (record,) = [
+        json.loads(x.split(progress.PROGRESS_PREFIX, 1)[1]) for x in out if progress.PROGRESS_PREFIX in x
+    ]
+    assert record["reason"] == "StorageError", record
+    assert record["message"].startswith(
+        f"writing checkpoints: {cfg.paths.checkpoints} (/mnt/pvc/work/tiny"
+    ), record
+    assert "is not the same storage on every Ray node" in record["message"]
+    assert "ReadWriteMany" in record["message"] and "spec.checkpointing.storage" in record["message"]
+
+
 def test_storage_faults_map_to_storage_error_by_errno_and_text() -> None:
     import errno
 

@@ -98,6 +98,8 @@ def reason_for(exc: BaseException) -> str | None:
         return "StorageError"
     if storage_unreachable(exc):  # an object store that does not answer (tests/test_object_storage.py)
         return "StorageError"
+    if storage_not_shared(exc):  # every Ray node must see the same checkpoint storage
+        return "StorageError"
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return "OOMKilled"
     text = str(exc)
@@ -159,6 +161,13 @@ def storage_unreachable(exc: BaseException) -> bool:
     return any(marker in str(exc) for marker in _UNREACHABLE_TEXTS)
 
 
+def storage_not_shared(exc: BaseException) -> bool:
+    """Ray Train found that a worker does not see the marker file its driver wrote into the
+    storage path: a path that is not the same storage on every Ray node (a per-node volume, a
+    directory local to the head)."""
+    return isinstance(exc, RuntimeError) and "Unable to set up cluster storage" in str(exc)
+
+
 def object_store_endpoint() -> str:
     """The S3 endpoint the AWS SDKs use here: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, or AWS's own."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
@@ -183,6 +192,13 @@ def storage_error(exc: BaseException, location: str, action: str, field: str) ->
             f"fix: check that it is up and reachable from the Ray pods (the endpoint comes from "
             f"AWS_ENDPOINT_URL), or point {field} at another location; a resubmitted job resumes from "
             f"its newest complete checkpoint. {type(exc).__name__}: {exc}"
+        )
+    if storage_not_shared(exc):
+        return StorageError(
+            f"{action}: {location} is not the same storage on every Ray node (a worker does not see "
+            "the file Ray Train's driver wrote there) — fix: use a volume that every node mounts "
+            f"read-write (a ReadWriteMany claim: NFS, CephFS, …) or object storage (s3://, gs://) for "
+            f"{field}"
         )
     code = storage_errno(exc)
     if code is None:

@@ -124,6 +124,10 @@ class RayInfo(ApiModel):
     """Ray dashboard / Jobs API address."""
     dashboard_url: str | None = None
     """Ray dashboard URL."""
+    cluster_uid: str | None = None
+    """KubeRay: the uid of the RayCluster this job has been given. While it is set, that RayCluster
+    gone (or being deleted) means someone else deleted it: Forgeline unsets it when it deletes the
+    cluster itself to make it again."""
     head_pod: str | None = None
     """KubeRay: the head pod the current Ray job was submitted to (KubeRay recreates a deleted or
     failed head under a new name, and without GCS fault tolerance Ray's jobs are gone with it)."""

@@ -35,6 +35,7 @@ class ClusterState:
     missing: bool = False  # there is no RayCluster and the call was not to create one
     head: str | None = None  # KubeRay: the head pod's name (a new name: the head was recreated)
     deleting: bool = False  # KubeRay: the RayCluster has a deletionTimestamp (finalizers hold it)
+    uid: str | None = None  # KubeRay: the RayCluster's uid (None: not read, or just created)
 
 
 class Backend(Protocol):
@@ -150,21 +151,24 @@ class KubeRayBackend:
                     raise
             return ClusterState(False, None, token, name, f"RayCluster {name} created; waiting for KubeRay")
         meta = rc.get("metadata") or {}
+        uid = meta.get("uid")
         if meta.get("deletionTimestamp"):  # deleted, held by a finalizer: its pods may still run
             address = _address(job, namespace, rc.get("status") or {})  # to stop what still runs there
             message = deleting_message(name, meta)
-            return ClusterState(False, address, token, name, message, missing=not create, deleting=True)
+            return ClusterState(
+                False, address, token, name, message, missing=not create, deleting=True, uid=uid
+            )
         if (rc.get("spec") or {}).get("suspend"):
             queue = job.kueue_queue() or "its queue"
             message = f"queued by Kueue (LocalQueue {queue}): RayCluster {name} waits to be admitted"
-            return ClusterState(False, None, token, name, message, queued=True)
+            return ClusterState(False, None, token, name, message, queued=True, uid=uid)
         status = rc.get("status") or {}
         head = (status.get("head") or {}).get("podName")
         if not _is_ready(status):
             state = status.get("state") or "starting"
-            return ClusterState(False, None, token, name, f"RayCluster {name} is {state}", head=head)
+            return ClusterState(False, None, token, name, f"RayCluster {name} is {state}", head=head, uid=uid)
         address = _address(job, namespace, status)
-        return ClusterState(True, address, token, name, f"RayCluster {name} ready", head=head)
+        return ClusterState(True, address, token, name, f"RayCluster {name} ready", head=head, uid=uid)
 
     def teardown(self, job: Job, namespace: str) -> None:
         from kubernetes.client.exceptions import ApiException

@@ -113,6 +113,7 @@ _PATTERNS: tuple[tuple[FailureReason, re.Pattern[str]], ...] = tuple(
             r"(base|reward) ?model.*(not found|does not exist|missing)|"
             r"No such file or directory.*(model|config\.json)",
         ),
+        ("StorageError", r"Unable to set up cluster storage"),  # Ray Train: not shared by every node
         (
             "DataError",
             r"spec\.(data|dataset|evaluation)[.:]|every (document|example|record) was filtered out|"
@@ -177,7 +178,7 @@ def cluster_deleted(cluster: str, checkpoints: str | None, pending: str | None =
     (tests/test_kube_faults.py: the resubmissions reached the old, draining head). `pending`: the
     deletion is not done (a finalizer holds the RayCluster; its Ray job was stopped)."""
     message = (
-        f"RayCluster {cluster} was deleted while its job ran, not by Forgeline "
+        f"RayCluster {cluster} was deleted before its job finished, not by Forgeline "
         "(kubectl delete raycluster, or a clean-up of the namespace)"
     )
     if pending:

@@ -131,7 +131,7 @@ class Reconciler:
             f"creating the Ray cluster ({self.backend.name})",
             checkpointUri=paths.checkpoints,
             outputUri=paths.output,
-            ray=_requested(),
+            ray=_requested(clusterUid=None),  # admitted (again): whatever cluster it had is not its
             timings=timings,
         )
         return None
@@ -222,7 +222,13 @@ class Reconciler:
     def provision(self) -> None:
         if self.over_budget():
             return
-        state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace)
+        # a RayCluster this job was given (status.ray.clusterUid) is not made again: gone now, a
+        # person deleted it (Forgeline forgets the uid when it deletes the cluster itself)
+        given = (self.status.get("ray") or {}).get("clusterUid")
+        state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace, create=not given)
+        if state.missing:
+            self._deleted_by_someone(state)
+            return
         if state.queued:  # Kueue's queue time is no provisioning time
             self.out.transition("Provisioning", "QueuedByKueue", state.message, ray=_ray_info(state))
             return
@@ -235,7 +241,7 @@ class Reconciler:
         if decisions.cluster_overdue(waited, self.rt.settings.cluster_ready_timeout, recreatable):
             self.backend.teardown(self.job, self.out.key.namespace)
             message = f"RayCluster not ready after {waited:.0f}s: deleted, recreating"
-            self.out.transition("Provisioning", "ClusterRecreated", message, ray=_requested())
+            self.out.transition("Provisioning", "ClusterRecreated", message, ray=_requested(clusterUid=None))
             return
         ray = {**_ray_info(state), **(_requested() if admitted else {})}
         self.out.transition("Provisioning", "ClusterStarting", state.message, ray=ray)
@@ -277,12 +283,7 @@ class Reconciler:
         sid = ray.get("jobId")
         state = self.backend.ensure(self.job, self.out.body, self.out.key.namespace, create=False)
         if state.missing:  # the job ran on it: someone else deleted it (Forgeline deletes finished jobs')
-            if state.deleting and sid:  # a finalizer holds it and its pods: what runs there is stopped
-                self._stop_on(state, sid)
-            cursor = self.rt.cursors.get(sid or "") or LogCursor()
-            pending, kept = state.message if state.deleting else None, self.status.get("checkpointUri")
-            failure = failures.cluster_deleted(state.cluster_name or "", kept, pending)
-            self._after_failure(None, sid or "(none)", "lost", failure, cursor, {})
+            self._deleted_by_someone(state)
             return
         replaced = decisions.head_replaced(ray.get("headPod"), state.head)
         if replaced:
@@ -321,6 +322,18 @@ class Reconciler:
             fields.update(self._cost(fields, force=changed))
             if changed or "cost" in fields:
                 self.out.write(fields)
+
+    def _deleted_by_someone(self, state: ClusterState) -> None:
+        """The job's RayCluster is gone, or being deleted, and Forgeline did not delete it: the job
+        fails (not retried: a cluster made again under the same name raced the old pods, still
+        draining) and says so; a Ray job that a finalizer's hold keeps running is stopped first."""
+        sid = (self.status.get("ray") or {}).get("jobId")
+        if state.deleting and sid:
+            self._stop_on(state, sid)
+        cursor = self.rt.cursors.get(sid or "") or LogCursor()
+        pending, kept = state.message if state.deleting else None, self.status.get("checkpointUri")
+        failure = failures.cluster_deleted(state.cluster_name or "", kept, pending)
+        self._after_failure(None, sid or "(none)", "lost", failure, cursor, {})
 
     def _first_step(self, records: list[dict[str, Any]]) -> None:
         """status.timings and the start-up metrics, once, from the first progress record (its
@@ -529,6 +542,7 @@ class Reconciler:
             "Suspended",
             f"Ray job stopped and cluster deleted; checkpoints kept in {kept}; "
             "set spec.suspend=false to resume",
+            ray={"clusterUid": None},  # Forgeline deleted it: resuming makes a new one
         )
 
     def finalize(self) -> None:
@@ -577,6 +591,7 @@ def _ray_info(state: ClusterState, **extra: str) -> dict[str, str]:
         "address": state.address,
         "dashboardUrl": state.address,
         "headPod": state.head,
+        "clusterUid": state.uid,
         **extra,
     }
     return {k: v for k, v in info.items() if v}

@@ -235,7 +235,10 @@ class HostController:
 def kuberay_operator(kubeconfig: Path, log: Path) -> HostController:
     """KubeRay's operator out of cluster, as its DEVELOPMENT.md runs it: leader election off (else
     controller-runtime wants a namespace for the lease), metrics and probes on loopback ports. Probe
-    and init-container injection stay on: what KubeRay puts in Ray pods is what this cluster tests."""
+    and init-container injection stay on: what KubeRay puts in Ray pods is what this cluster tests.
+    Its Ray dashboard client (RayJob status; the RayCluster controller makes no such calls) goes
+    through the apiserver's services/proxy (`--use-kubernetes-proxy`, KubeRay's flag for running
+    out of cluster): this machine resolves no cluster DNS names."""
     metrics, health = free_port(), free_port()
     return HostController(
         "kuberay-operator",
@@ -245,6 +248,7 @@ def kuberay_operator(kubeconfig: Path, log: Path) -> HostController:
             f"--metrics-addr=127.0.0.1:{metrics}",
             f"--health-probe-bind-address=127.0.0.1:{health}",
             "--log-stdout-encoder=console",
+            "--use-kubernetes-proxy",
         ],
         log,
         f"http://127.0.0.1:{health}/healthz",
