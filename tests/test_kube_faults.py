@@ -17,9 +17,14 @@ redone) go to $FORGELINE_CACHE/kube-e2e-figures.json and docs/reliability.md. A 
 the cluster's diagnostics (tests/conftest.py).
 
 In `make soak` (run once each, figures in docs/reliability.md; they cost the suite minutes): the
-head pod deleted (`test_a_deleted_head_pod_is_seen_and_the_job_resumes_on_the_new_head`), and a
-worker's Ray node crashing (SIGKILL to its raylet: NodeLost, resubmitted from the newest
-checkpoint; run until 2026-12-03, its classification unit-tested in tests/test_failures.py)."""
+head pod deleted, then the RayCluster deleted under a finalizer
+(`test_a_deleted_head_pod_is_seen_and_the_job_resumes_on_the_new_head`); 20 operator pod
+deletions at random moments through three jobs' lives
+(`test_twenty_operator_pod_deletions_at_random_points_lose_nothing`); the same training as a bare
+KubeRay RayJob under a worker and a head deletion, for comparison
+(`test_kuberay_alone_a_rayjob_under_the_same_faults`). A worker's Ray node crashing (SIGKILL to
+its raylet: NodeLost, resubmitted from the newest checkpoint) ran until 2026-12-03; its
+classification is unit-tested in tests/test_failures.py."""
 
 from __future__ import annotations
 
