@@ -286,8 +286,13 @@ def test_a_raycluster_being_deleted_is_neither_ready_nor_recreated() -> None:
     provisioned = backend.ensure(job, {}, "ns")
     assert not provisioned.ready and not provisioned.missing and provisioned.deleting
     assert api.created == []
+    # its uid is given to no job: a job provisioning again after Forgeline's own teardown (still
+    # held by a finalizer) must not record it, or the cluster's end would read as a person's deletion
+    assert tracked.uid is None and provisioned.uid is None
+    meta["uid"] = "u-1"
     del meta["deletionTimestamp"]
-    assert backend.ensure(job, {}, "ns").ready  # the same object, not being deleted: ready
+    live = backend.ensure(job, {}, "ns")  # the same object, not being deleted: ready, and given
+    assert live.ready and live.uid == "u-1"
 
 
 def test_a_deleted_raycluster_whose_deletion_waits_says_so_and_that_its_job_was_stopped() -> None:

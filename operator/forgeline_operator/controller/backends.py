@@ -155,9 +155,9 @@ class KubeRayBackend:
         if meta.get("deletionTimestamp"):  # deleted, held by a finalizer: its pods may still run
             address = _address(job, namespace, rc.get("status") or {})  # to stop what still runs there
             message = deleting_message(name, meta)
-            return ClusterState(
-                False, address, token, name, message, missing=not create, deleting=True, uid=uid
-            )
+            # no uid: a cluster on its way out is given to no job (Forgeline's own teardown of a
+            # cluster not ready in time may still be finishing while the job provisions again)
+            return ClusterState(False, address, token, name, message, missing=not create, deleting=True)
         if (rc.get("spec") or {}).get("suspend"):
             queue = job.kueue_queue() or "its queue"
             message = f"queued by Kueue (LocalQueue {queue}): RayCluster {name} waits to be admitted"
