@@ -18,6 +18,9 @@ EXPECTED_TITLES = [
     "Failures by reason (1h)",
     "Job restarts (1h)",
     "Time to first step (p50, 1h)",
+    "Fleet goodput",
+    "Badput by category",
+    "Worst jobs by goodput",
     "Training loss",
     "Tokens per second",
     "MFU",
@@ -40,6 +43,9 @@ EXPECTED_METRICS = {
     "forgeline_job_time_to_first_step_seconds_bucket",
     "forgeline_job_queue_wait_seconds_bucket",
     "forgeline_job_provisioning_seconds_bucket",
+    "forgeline_job_seconds_total",
+    "forgeline_job_chip_hours_total",
+    "forgeline_job_goodput_ratio",
     "forgeline_job_loss",
     "forgeline_job_tokens_per_second",
     "forgeline_job_mfu",
@@ -55,7 +61,7 @@ EXPECTED_METRICS = {
     "up",
 }
 # Words in the expressions that are PromQL (functions, aggregations, keywords), not metrics.
-PROMQL_WORDS = {"sum", "avg", "max", "by", "rate", "increase", "histogram_quantile"}
+PROMQL_WORDS = {"sum", "avg", "max", "by", "rate", "increase", "histogram_quantile", "bottomk"}
 
 
 def _panels(dashboard: dict) -> list[dict]:
@@ -136,6 +142,7 @@ def test_rows_are_expanded_with_their_panels_after_them() -> None:
     rows = [p for p in dashboard["panels"] if p["type"] == "row"]
     assert [r["title"] for r in rows] == [
         "Jobs",
+        "Goodput (where the chip-hours went)",
         "Training (running jobs)",
         "GPUs (Ray node metrics)",
         "Operator",
@@ -193,3 +200,5 @@ def test_expected_queries_are_exact() -> None:
     assert queries["GPU memory used"] == "sum by (instance, GpuIndex) (ray_node_gram_used) * 1024 * 1024"
     assert queries["Operator up"] == 'max(up{job=~".*forgeline.*"})'
     assert queries["Training loss"] == 'forgeline_job_loss{namespace=~"$namespace"}'
+    worst = 'bottomk(5, forgeline_job_goodput_ratio{namespace=~"$namespace"})'
+    assert queries["Worst jobs by goodput"] == worst

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from forgeline_operator.controller import goodput
 from forgeline_operator.controller.decisions import parse_time
 from forgeline_operator.dev.operator_process import OperatorProcess
 from forgeline_operator.rayclient.localray import LocalRay
@@ -347,6 +348,49 @@ def test_watchdog_restarts_a_hung_job_from_its_checkpoint(
     metrics = json.loads((op_workdir / "runs/hung/metrics.json").read_text())
     assert metrics["resumed_from_step"] == 20
     assert 'forgeline_job_failures_total{kind="TrainingJob",reason="Stalled"} 1.0' in operator.metrics()
+    _check_goodput_of_a_stall(final, stall_seconds=15, last_step=last["step"], checkpoint=20)
+    text = subprocess.run(
+        [sys.executable, "-m", "forgeline_operator.cli.main", "report", "hung", "-n", namespace]
+        + ["--kubeconfig", str(cluster.kubeconfig)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert text.returncode == 0, text.stderr
+    assert "attempt 0 ended Stalled" in text.stdout and "attempt 1 ended Succeeded" in text.stdout
+    assert "resumed from step 20" in text.stdout and "stalled" in text.stdout, text.stdout
+
+
+def _check_goodput_of_a_stall(
+    final: dict[str, Any], stall_seconds: float, last_step: int, checkpoint: int
+) -> None:
+    """status.goodput of a job whose attempt 0 stalled after `last_step` and whose attempt 1
+    resumed from the `checkpoint` step: every category accounted, the stall as stalled, the steps
+    done again as redone, the restore timed, and the whole adding up to the job's wall time."""
+    status = final["status"]
+    g = status["goodput"]
+    seconds = g["seconds"]
+    assert set(seconds) == set(goodput.CATEGORIES), g
+    wall = (
+        parse_time(status["completionTime"]) - parse_time(final["metadata"]["creationTimestamp"])
+    ).total_seconds()
+    assert abs(g["totalSeconds"] - wall) <= 3.0, (g["totalSeconds"], wall)  # both clocks, seconds apart
+    assert g["heldSeconds"] == pytest.approx(g["totalSeconds"] - seconds["queued"], abs=0.2)
+    a0, a1 = g["attempts"]
+    assert (a0["attempt"], a0["endedBy"], a1["attempt"], a1["endedBy"]) == (0, "Stalled", 1, "Succeeded")
+    assert a0["seconds"]["stalled"] >= stall_seconds - 1, a0  # from the last step seen to the stop
+    assert a0["lastStep"] == last_step and a1["resumedFrom"] == checkpoint
+    assert a1["redoneSteps"] == max(0, last_step - checkpoint) == g["redoneSteps"], (a0, a1)
+    assert a1["seconds"]["checkpointRestore"] > 0 and a1["seconds"]["checkpointSave"] > 0
+    assert a1["seconds"]["productive"] > 0 and a1["seconds"]["startup"] > 0
+    if a1["redoneSteps"]:
+        assert a1["seconds"]["redone"] == pytest.approx(a1["redoneSteps"] * a1["secondsPerStep"], rel=0.05)
+    for a in (a0, a1):
+        assert all(v >= 0 for v in a["seconds"].values())
+    assert 0 < g["fraction"] < 1 and g["display"].startswith(f"{g['fraction']:.0%}")
+    assert g["chipUnit"] == "CPU core" and g["chipHours"] == pytest.approx(
+        g["heldSeconds"] * g["chips"] / 3600, rel=1e-3
+    )
 
 
 def test_suspend_stops_and_resume_continues_from_checkpoint(

@@ -284,6 +284,10 @@ class Checkpointer:
         return due or preempted
 
     def save(self, step: int, eng: TrainEngine, reporter: Any, metrics: dict[str, float]) -> None:
+        with reporter.timed("checkpointSave"):
+            self._save(step, eng, reporter, metrics)
+
+    def _save(self, step: int, eng: TrainEngine, reporter: Any, metrics: dict[str, float]) -> None:
         import ray.train
         import torch
 
@@ -331,7 +335,16 @@ class Checkpointer:
         self, eng: TrainEngine, reporter: Any, resume_from: str | None = None, work_dir: str | None = None
     ) -> int:
         """The step to start from: the newest complete checkpoint of this run that loads, else
-        `resumeFrom`, else 0. Also catches SIGTERM from here on (graceful preemption)."""
+        `resumeFrom`, else 0. Also catches SIGTERM from here on (graceful preemption). Timed as
+        checkpointRestore; the reporter learns the step (goodput's redone work counts from it)."""
+        with reporter.timed("checkpointRestore"):
+            step = self._restore(eng, reporter, resume_from, work_dir)
+        reporter.resumed_from = step
+        return step
+
+    def _restore(
+        self, eng: TrainEngine, reporter: Any, resume_from: str | None = None, work_dir: str | None = None
+    ) -> int:
         import ray.train
 
         why = preemption.install(self.grace_seconds)

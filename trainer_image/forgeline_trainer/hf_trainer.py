@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,15 @@ class Resume:
 
 
 def restore(trainer: Any, job: Any, reporter: progress.Reporter, scratch: Path) -> Resume:
+    """`find_resume`, timed as checkpointRestore (the Trainer's own load of the checkpoint, inside
+    `train()`, is start-up); the reporter learns the step it resumes from."""
+    with reporter.timed("checkpointRestore"):
+        resume = find_resume(trainer, job, reporter, scratch)
+    reporter.resumed_from = resume.step
+    return resume
+
+
+def find_resume(trainer: Any, job: Any, reporter: progress.Reporter, scratch: Path) -> Resume:
     """Catch SIGTERM from here on (graceful preemption); the newest complete checkpoint of this
     run in storage (checkpoints.py's rule: incomplete ones are skipped with an event), else the one
     Ray Train registered under an older name, else a fresh start. Rank 0 then prunes broken and
@@ -186,8 +196,22 @@ class ReportCallback(TrainerCallback):
         self.world = world
         self.taken: set[str] = set()
         self.reported: list[int] = []
+        self._step_end: tuple[float, float] | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # the Trainer saves after the step's log and eval: the save's time is from here to the end
+        # of on_save, less the time counted in between (an eval)
+        self._step_end = (time.perf_counter(), sum(self.reporter.ledger.values()))
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._report(args, state)
+        if self._step_end is not None:
+            started, counted = self._step_end
+            since = sum(self.reporter.ledger.values()) - counted
+            self.reporter.spent("checkpointSave", time.perf_counter() - started - since)
+            self._step_end = None
+
+    def _report(self, args: Any, state: Any) -> None:
         import ray.train
 
         step = state.global_step
@@ -298,3 +322,5 @@ class ProgressCallback(TrainerCallback):
                 ("eval_loss" if k == "loss" else k.replace("/", "_")): v for k, v in eval_metrics.items()
             }
             self.reporter.evaluation(state.global_step, eval_metrics)
+        if isinstance(logs.get("eval_runtime"), (int, float)) and not self.reporter.in_timed:
+            self.reporter.spent("evaluation", logs["eval_runtime"])  # an eval the Trainer ran itself

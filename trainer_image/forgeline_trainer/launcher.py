@@ -130,7 +130,7 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
     ck = cfg.spec.checkpointing
     run_name = cfg.run.run_name if ck.resume == "auto" else f"{cfg.run.run_name}-{int(time.time())}"
     trainer = TorchTrainer(
-        recipe.train_loop,
+        progress.with_ledger(recipe.train_loop),  # a failing attempt still says where its time went
         train_loop_config={"config": dump_job_config(cfg), "prepared": prepared},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -115,6 +115,7 @@ def publish(
             "final_loss": summary["final_loss"],
             "step": summary["steps"],
             "total_steps": summary["steps"],
+            "ledger": reporter.ledger_record(),
         }
     )
 

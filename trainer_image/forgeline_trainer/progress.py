@@ -15,11 +15,14 @@ reaches, not to a datasheet.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,7 +283,18 @@ class Reporter:
         )
 
     def __post_init__(self) -> None:
+        global _CURRENT
         self._last_emit = 0.0
+        self.ledger: dict[str, float] = {name: 0.0 for name in LEDGER}
+        """Seconds of this attempt by what they went to (goodput): `steps` the optimizer steps after
+        the first, the others the timed sections (`timed`, `spent`), wherever they happen."""
+        self.steps_timed = 0
+        self.resumed_from = 0
+        """The step this attempt started from (set by the checkpoint restore)."""
+        self.in_timed = False
+        """Inside a `timed` block (a HF Trainer eval there is already counted)."""
+        self._step_mark: float | None = None
+        self._timed_since_mark = 0.0
         self._warned_small_eval = False
         self._window_start = time.perf_counter()
         self._window_steps = 0
@@ -294,6 +308,45 @@ class Reporter:
             if self.is_chief
             else None
         )
+        if self.is_chief:
+            _CURRENT = self
+
+    # -- the goodput ledger ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def timed(self, category: str) -> Iterator[None]:
+        """Count the time inside the block as `category` (evaluation, checkpointSave,
+        checkpointRestore), not as step time."""
+        t0, outer = time.perf_counter(), self.in_timed
+        self.in_timed = True
+        try:
+            yield
+        finally:
+            self.in_timed = outer
+            if not outer:  # a section within a timed one is already counted
+                self.spent(category, time.perf_counter() - t0)
+
+    def spent(self, category: str, seconds: float) -> None:
+        """Add `seconds` measured elsewhere (e.g. the HF Trainer's eval_runtime) to `category`."""
+        seconds = max(0.0, float(seconds))
+        self.ledger[category] = self.ledger.get(category, 0.0) + seconds
+        self._timed_since_mark += seconds
+
+    def ledger_record(self) -> dict[str, float | int]:
+        """The ledger as progress records carry it (seconds to the millisecond)."""
+        out: dict[str, float | int] = {k: round(v, 3) for k, v in self.ledger.items()}
+        out["stepsTimed"] = self.steps_timed
+        out["resumedFrom"] = self.resumed_from
+        return out
+
+    def _count_step_time(self, now: float) -> None:
+        """The step just finished: the time since the previous one, less what timed sections took
+        in between, is step time. The attempt's first step is not (it is start-up: compile, caches,
+        the first batch — time to the first step)."""
+        if self._step_mark is not None:
+            self.ledger["steps"] += max(0.0, now - self._step_mark - self._timed_since_mark)
+            self.steps_timed += 1
+        self._step_mark, self._timed_since_mark = now, 0.0
 
     def step(
         self,
@@ -307,11 +360,12 @@ class Reporter:
         **more: Any,
     ) -> None:
         """Record optimizer step `step` (1-based) finished with `loss`."""
+        now = time.perf_counter()
+        self._count_step_time(now)
         self._window_steps += 1
         self.tokens_seen += tokens if tokens is not None else self.tokens_per_step
         point = {"step": step, "loss": loss, "learning_rate": lr}
         self.history.append(point)
-        now = time.perf_counter()
         if not self.is_chief or (
             not force and now - self._last_emit < self.interval and step != self.total_steps
         ):
@@ -333,6 +387,7 @@ class Reporter:
             "eta_seconds": round(sec_per_step * (self.total_steps - step), 1),
             "tokens_seen": self.tokens_seen,
             "elapsed_seconds": round(now - self._started, 2),
+            "ledger": self.ledger_record(),
             **self.extra,
             **more,
         }
@@ -360,6 +415,46 @@ class Reporter:
         if self._gauges:
             self._gauges.set({"eval_loss": metrics.get("eval_loss")})
 
+    def evaluate(self, step: int, compute: Callable[[], dict[str, float | None]]) -> dict[str, float | None]:
+        """Run an eval (`compute`), timed as evaluation, and record it at `step`."""
+        with self.timed("evaluation"):
+            metrics = compute()
+        self.evaluation(step, metrics)
+        return metrics
+
     def event(self, message: str, **fields: Any) -> None:
         if self.is_chief:
             emit({"type": "event", "message": message, **fields})
+
+    def emit_ledger(self, **fields: Any) -> None:
+        """A `ledger` record: where this attempt's time went so far (at its end, however it ends)."""
+        if self.is_chief:
+            emit({"type": "ledger", "ledger": self.ledger_record(), **fields})
+
+
+LEDGER = ("steps", "evaluation", "checkpointSave", "checkpointRestore")
+"""The trainer's goodput categories (the operator adds queued, provisioning, start-up, redone,
+stalled and the rest from its own clock)."""
+
+_CURRENT: Reporter | None = None
+"""This process's chief reporter, for `ledger_on_failure`."""
+
+
+def ledger_on_failure(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
+    """Run a recipe's train_loop; when it raises (a preemption's stop after its checkpoint, an
+    error), rank 0 first emits its ledger, so the attempt's last checkpoint write and the steps
+    since the last progress record are counted."""
+    global _CURRENT
+    _CURRENT = None
+    try:
+        return train_loop(config)
+    except BaseException:
+        if _CURRENT is not None:
+            last = _CURRENT.history[-1]["step"] if _CURRENT.history else None
+            _CURRENT.emit_ledger(step=last)
+        raise
+
+
+def with_ledger(train_loop: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """`train_loop` wrapped by `ledger_on_failure` (a partial: Ray pickles it to the workers)."""
+    return functools.partial(ledger_on_failure, train_loop)

@@ -175,6 +175,12 @@ _COMMON_COLUMNS_TAIL = [
         "description": "Spent → projected at the current pace (GPU jobs)",
     },
     {
+        "name": "Goodput",
+        "type": "string",
+        "jsonPath": ".status.goodput.display",
+        "description": "Productive steps' share of the time the job held its chips (and its largest badput)",
+    },
+    {
         "name": "Tokens/s",
         "type": "string",
         "jsonPath": ".status.progress.display.tokensPerSecond",

@@ -213,6 +213,85 @@ class Cost(ApiModel):
     """When this was computed (refreshed with progress, and at least every 30 s while running)."""
 
 
+GoodputCategory = Literal[
+    "queued",
+    "provisioning",
+    "startup",
+    "productive",
+    "redone",
+    "evaluation",
+    "checkpointSave",
+    "checkpointRestore",
+    "stalled",
+    "other",
+]
+
+
+class GoodputClock(ApiModel):
+    """The operator's open time segment: queued or provisioning since a time."""
+
+    category: Literal["queued", "provisioning"]
+    """What the time since `since` counts as."""
+    since: datetime | None = None
+    """When the segment began."""
+
+
+class AttemptTime(ApiModel):
+    """Where one attempt's time went (its Ray job, from submission to its end)."""
+
+    attempt: int = Field(ge=0)
+    """The attempt (0: the first submission)."""
+    ended_by: str = Field(default="", max_length=64)
+    """How it ended: Succeeded, or the failure's reason (Preempted, WorkerLost, Stalled, ...)."""
+    seconds: dict[str, float] = Field(default_factory=dict)
+    """Seconds by category: startup, productive, redone, evaluation, checkpointSave, checkpointRestore, stalled, other."""
+    first_step: int | None = Field(default=None, ge=0)
+    """Its first optimizer step."""
+    last_step: int | None = Field(default=None, ge=0)
+    """The last step it reported."""
+    resumed_from: int = Field(default=0, ge=0)
+    """The checkpoint step it resumed from (0: a fresh start)."""
+    redone_steps: int = Field(default=0, ge=0)
+    """Steps it computed again (done before by an earlier attempt, lost with it)."""
+    seconds_per_step: float | None = Field(default=None, ge=0)
+    """Its measured seconds per optimizer step."""
+
+
+class Goodput(ApiModel):
+    """Where the job's time and chip-hours went: productive steps and named badput (docs/goodput.md)."""
+
+    seconds: dict[str, float] = Field(default_factory=dict)
+    """Wall seconds by category: queued, provisioning, startup, productive, redone, evaluation, checkpointSave, checkpointRestore, stalled, other."""
+    total_seconds: float | None = Field(default=None, ge=0)
+    """All of them."""
+    held_seconds: float | None = Field(default=None, ge=0)
+    """All but queued: the time the job held its chips."""
+    chips: float | None = Field(default=None, ge=0)
+    """Chips the job holds: GPUs (workers × gpusPerWorker), or CPU cores on a CPU pool."""
+    chip_unit: str | None = Field(default=None, max_length=16)
+    """GPU or CPU core."""
+    chip_hours: float | None = Field(default=None, ge=0)
+    """heldSeconds × chips / 3600: GPU-hours (or CPU core-hours)."""
+    productive_chip_hours: float | None = Field(default=None, ge=0)
+    """The productive part of chipHours."""
+    fraction: float | None = Field(default=None, ge=0, le=1)
+    """Goodput: productive ÷ heldSeconds."""
+    display: str | None = Field(default=None, max_length=64)
+    """The fraction in percent, with the largest badput when it is at least 10%: `62% (startup 21%)`."""
+    redone_steps: int = Field(default=0, ge=0)
+    """Steps computed again after failures and preemptions, all attempts."""
+    furthest_step: int = Field(default=0, ge=0)
+    """The furthest step an ended attempt reached."""
+    attempts: list[AttemptTime] = Field(default_factory=list, max_length=20)
+    """Each ended attempt's split (the newest 20)."""
+    closed: dict[str, float] = Field(default_factory=dict)
+    """Seconds by category of what has ended: clock segments and ended attempts (bookkeeping)."""
+    clock: GoodputClock | None = None
+    """The open queued or provisioning segment (bookkeeping)."""
+    updated_at: datetime | None = None
+    """When this was computed."""
+
+
 class JobStatus(ApiModel):
     """Observed state of a TrainingJob or FineTuneJob."""
 
@@ -250,6 +329,8 @@ class JobStatus(ApiModel):
     """Each attempt's archived Ray job log, kept after the Ray cluster is gone."""
     cost: Cost | None = None
     """GPU-hours and cost so far and projected to the end (jobs that hold GPUs)."""
+    goodput: Goodput | None = None
+    """Where the job's time and GPU-hours (CPU core-hours on a CPU pool) went: productive steps and badput by category."""
 
 
 MIN_EVAL_TOKENS = 2000

@@ -23,7 +23,8 @@ class LogsError(RuntimeError):
     """Why there is no log to print, with what to do."""
 
 
-def _job(args: argparse.Namespace) -> dict[str, Any]:
+def fetch_job(args: argparse.Namespace) -> dict[str, Any]:
+    """The job named in `args` (either kind unless --kind), as the apiserver has it."""
     from kubernetes import client, config
     from kubernetes.client.exceptions import ApiException
 
@@ -63,7 +64,7 @@ def _live(status: dict[str, Any], attempt: int | None, token: str | None) -> str
 
 
 def logs(args: argparse.Namespace) -> str:
-    status = _job(args).get("status") or {}
+    status = fetch_job(args).get("status") or {}
     entry = _entry(status, args.attempt, args.name)
     if entry is not None:
         try:

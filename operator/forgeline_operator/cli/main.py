@@ -8,6 +8,7 @@ forgeline crds [--dir crds] [--docs docs/crd-reference.md] [--check]
                                         # (re)generate crds/ (and the reference) from the models
 forgeline run examples/pretrain-tiny-llama.yaml   # train on an embedded Ray, live progress
 forgeline logs NAME -n NS [--attempt N]  # a job's Ray job log, also after its cluster is gone
+forgeline report NAME -n NS [-o json]    # where its time and GPU-hours went (goodput), pipeline too
 forgeline plan --gpu-hours 1000 --gpu h100 [--inference-tokens T] [--emit | forgeline validate -]
                                         # compute-optimal model size and tokens for a budget
 """
@@ -224,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     p.add_argument("--token", help="Ray auth token, to read a live log that is not archived yet")
     p.set_defaults(func=_cmd_logs)
+    p = sub.add_parser("report", help="where a job's time and GPU-hours went: goodput and badput by category")
+    p.add_argument("name", help="the TrainingJob or FineTuneJob")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--kind", choices=["trainingjob", "finetunejob"], help="when both kinds have the name")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    p.set_defaults(func=_cmd_report)
     plan_cli.add_parser(sub)
     return parser
 
@@ -232,6 +240,12 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     from .joblogs import main as logs_main
 
     return logs_main(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import main as report_main
+
+    return report_main(args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

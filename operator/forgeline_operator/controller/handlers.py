@@ -213,7 +213,10 @@ class _JobHandlers:
         index stays empty — this handler is here for kopf's guarantee that it sees every job first."""
         meta = body["metadata"]
         key = JobKey(meta["namespace"], self.kind, meta["name"])
-        memo.index.record(key, body.get("status") or {}, meta.get("creationTimestamp", ""))
+        status = body.get("status") or {}
+        memo.index.record(key, status, meta.get("creationTimestamp", ""))
+        if isinstance(status.get("goodput"), dict) and "seconds" in status["goodput"]:
+            metrics.relay_goodput(key.namespace, key.name, self.kind, status["goodput"])  # after a restart
 
     def on_create(
         self, body: kopf.Body, patch: kopf.Patch, memo: Runtime, logger: kopf.Logger, **_: Any

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..api.status import FAILURE_REASONS, PHASES
 
@@ -162,6 +162,51 @@ def relay_cost(namespace: str, job: str, kind: str, cost: Any) -> None:
                 gauge.labels(namespace, job, kind, stage).set(value)
 
 
+class _GoodputCollector:
+    """forgeline_job_seconds_total{category} and forgeline_job_chip_hours{category} (counters: a
+    job's seconds in a category only grow) and forgeline_job_goodput_ratio, from each job's latest
+    status.goodput (`relay_goodput`)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def collect(self) -> Any:
+        labels = [*_JOB_LABELS, "category"]
+        seconds = CounterMetricFamily(
+            "forgeline_job_seconds", "Job wall seconds by goodput category (docs/goodput.md)", labels=labels
+        )
+        hours = CounterMetricFamily(
+            "forgeline_job_chip_hours",
+            "Job GPU-hours (CPU core-hours on a CPU pool: unit) by goodput category; queued holds none",
+            labels=[*labels, "unit"],
+        )
+        ratio = GaugeMetricFamily(
+            "forgeline_job_goodput_ratio",
+            "Productive steps / the time the job held its chips",
+            labels=_JOB_LABELS,
+        )
+        for key, g in list(self.jobs.items()):
+            chips, unit = float(g.get("chips") or 0.0), str(g.get("chipUnit") or "")
+            for category, value in (g.get("seconds") or {}).items():
+                seconds.add_metric([*key, category], float(value))
+                if category != "queued":
+                    hours.add_metric([*key, category, unit], float(value) * chips / 3600)
+            if isinstance(g.get("fraction"), (int, float)):
+                ratio.add_metric(list(key), float(g["fraction"]))
+        yield seconds
+        yield hours
+        yield ratio
+
+
+_GOODPUT = _GoodputCollector()
+REGISTRY.register(_GOODPUT)
+
+
+def relay_goodput(namespace: str, job: str, kind: str, goodput: dict[str, Any]) -> None:
+    """A job's status.goodput, for the next scrape."""
+    _GOODPUT.jobs[(namespace, job, kind)] = goodput
+
+
 def observe_startup(kind: str, timings: dict[str, Any]) -> None:
     """The job's start-up split (decisions.startup_timings), once, at its first step."""
     TIME_TO_FIRST_STEP.labels(kind).observe(timings["timeToFirstStepSeconds"])
@@ -170,6 +215,7 @@ def observe_startup(kind: str, timings: dict[str, Any]) -> None:
 
 
 def forget_job(namespace: str, job: str, kind: str) -> None:
+    _GOODPUT.jobs.pop((namespace, job, kind), None)
     for gauge in (LOSS, TOKENS, MFU, PROGRESS, EVAL_LOSS):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, job, kind)

@@ -18,8 +18,9 @@ import kopf
 from ..api import Job
 from ..api.common import JobRef
 from ..api.jobconfig import FineTuneJobConfig, TrainingJobConfig, build_job_config
+from ..api.quantities import cpu_cores
 from ..rayclient.rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, RayUnreachable
-from . import builders, costs, decisions, failures, lifecycle, logarchive, metrics
+from . import builders, costs, decisions, failures, goodput, lifecycle, logarchive, metrics
 from .backends import Backend, ClusterState, KubeRayBackend
 from .jobindex import JobKey
 from .runtime import Runtime
@@ -39,6 +40,8 @@ class StatusWriter:
         self.key = JobKey(meta["namespace"], kind, meta["name"])
         self.generation: int | None = meta.get("generation")
         self.created: str = meta.get("creationTimestamp", "")
+        self.chips: tuple[float, str] | None = None
+        """The job's chips and their unit (goodput's chip-hours), once its spec has parsed."""
 
     @property
     def phase(self) -> str | None:
@@ -49,6 +52,18 @@ class StatusWriter:
         for key, value in fields.items():
             self.patch.status[key] = value
         self.status.update(fields)
+        if isinstance(fields.get("goodput"), dict) and "seconds" in fields["goodput"]:
+            metrics.relay_goodput(self.key.namespace, self.key.name, self.kind, fields["goodput"])
+
+    def goodput(
+        self, g: dict[str, Any] | None = None, running: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """status.goodput as it stands now (`g`: bookkeeping just changed), with the split of the
+        attempt that runs; the bookkeeping alone before the spec has parsed."""
+        g = dict(self.status.get("goodput") or {}) if g is None else g
+        if self.chips is None:
+            return g
+        return goodput.summary(g, datetime.now(UTC), *self.chips, running=running)
 
     def transition(self, phase: str, reason: str, message: str, **fields: Any) -> None:
         """Move to `phase` (or update reason/message within it): status with conditions and
@@ -59,6 +74,13 @@ class StatusWriter:
         if not lifecycle.changed(self.status, phase, reason, message) and not fields:
             return
         before = self.phase
+        clock = goodput.on_transition(self.status.get("goodput"), phase, reason, datetime.now(UTC))
+        if "goodput" not in fields and (
+            clock is not None or (phase != before and lifecycle.is_terminal(phase))
+        ):
+            g = self.goodput(clock)
+            if g:
+                fields = {**fields, "goodput": g}
         self.write(lifecycle.status_patch(self.status, phase, reason, message, self.generation, **fields))
         if before != phase:
             metrics.TRANSITIONS.labels(self.kind, phase).inc()
@@ -90,6 +112,8 @@ class Reconciler:
     def __init__(self, rt: Runtime, job: Job, writer: StatusWriter, logger: kopf.Logger) -> None:
         self.rt, self.job, self.out, self.logger = rt, job, writer, logger
         self.backend: Backend = rt.backend_for(job)
+        res = job.spec.resources
+        writer.chips = goodput.chips_of(res.workers, res.gpus_per_worker, cpu_cores(res.cpu))
 
     @property
     def status(self) -> dict[str, Any]:
@@ -177,6 +201,7 @@ class Reconciler:
         )
         if why is None:
             return False
+        self._close_attempt(self._cursor(), "BudgetExceeded")
         self._stop_and_release()
         kept = self.status.get("checkpointUri") or "storage"
         message = f"{why}: Ray job stopped and cluster deleted; checkpoints kept in {kept}"
@@ -261,7 +286,7 @@ class Reconciler:
             )
             raise kopf.TemporaryError(f"Ray submission failed: {exc}", delay=10) from exc
         fields: dict[str, Any] = {
-            "ray": _ray_info(state, jobId=sid, jobStatus="PENDING", submittedAt=lifecycle.now()),
+            "ray": _ray_info(state, jobId=sid, jobStatus="PENDING", submittedAt=lifecycle.now(precise=True)),
             "outputUri": config.paths.output,
             "checkpointUri": config.paths.checkpoints,
         }
@@ -321,6 +346,7 @@ class Reconciler:
             changed = changed or ray_status != ray.get("jobStatus")
             fields.update(self._cost(fields, force=changed))
             if changed or "cost" in fields:
+                fields["goodput"] = self.out.goodput(running=self._attempt_split(cursor))
                 self.out.write(fields)
 
     def _deleted_by_someone(self, state: ClusterState) -> None:
@@ -334,6 +360,30 @@ class Reconciler:
         pending, kept = state.message if state.deleting else None, self.status.get("checkpointUri")
         failure = failures.cluster_deleted(state.cluster_name or "", kept, pending)
         self._after_failure(None, sid or "(none)", "lost", failure, cursor, {})
+
+    def _attempt_split(self, cursor: LogCursor, stalled_since: float | None = None) -> dict[str, Any]:
+        """The current attempt's time by category, to now (goodput.split)."""
+        ray, g = self.status.get("ray") or {}, self.status.get("goodput") or {}
+        at = datetime.now(UTC).timestamp()
+        attempt = goodput.Attempt(
+            submitted=goodput.epoch(ray.get("submittedAt")) or at,
+            ended=at,
+            first=cursor.first_progress,
+            last=cursor.last_ledger,
+            furthest_before=int(g.get("furthestStep") or 0),
+            stalled_since=stalled_since,
+            reached=int((cursor.latest.get("checkpoint") or {}).get("step") or 0),
+        )
+        return goodput.split(attempt)
+
+    def _close_attempt(self, cursor: LogCursor, ended_by: str, stalled_since: float | None = None) -> None:
+        """The running attempt has ended: its split joins status.goodput's totals (once: only
+        while the job is Running on a submitted Ray job)."""
+        if self.out.phase != "Running" or not (self.status.get("ray") or {}).get("submittedAt"):
+            return
+        parts = self._attempt_split(cursor, stalled_since)
+        g = goodput.close_attempt(self.status.get("goodput"), self._attempt(), parts, ended_by)
+        self.out.write({"goodput": self.out.goodput(g)})
 
     def _first_step(self, records: list[dict[str, Any]]) -> None:
         """status.timings and the start-up metrics, once, from the first progress record (its
@@ -411,6 +461,7 @@ class Reconciler:
         return fields
 
     def _succeeded(self, sid: str, fields: dict[str, Any]) -> None:
+        self._close_attempt(self.rt.cursors.get(sid) or LogCursor(), "Succeeded")
         self.rt.cursors.pop(sid, None)
         self.out.transition(
             "Succeeded", "Completed", f"training finished; model at {self.status.get('outputUri')}", **fields
@@ -461,6 +512,11 @@ class Reconciler:
     ) -> None:
         """Record the failed attempt, then resubmit it or fail the job, as `decisions` says.
         `state` None: the cluster is gone, so the resubmission goes through Provisioning."""
+        stalled = (fields.get("progress") or self.status.get("progress") or {}).get("stepAdvancedAt")
+        since = None
+        if failure.reason == "Stalled":
+            since = goodput.epoch(stalled or (self.status.get("ray") or {}).get("submittedAt"))
+        self._close_attempt(cursor, failure.reason, since)
         self.rt.cursors.pop(sid, None)
         metrics.FAILURES.labels(self.out.kind, failure.reason).inc()
         verdict = decisions.after_failure(
@@ -528,6 +584,10 @@ class Reconciler:
         }
         return {k: v for k, v in last.items() if v is not None}
 
+    def _cursor(self) -> LogCursor:
+        """The current Ray job's log cursor (an empty one when this operator has not read it)."""
+        return self.rt.cursors.get((self.status.get("ray") or {}).get("jobId") or "") or LogCursor()
+
     def _attempt(self) -> int:
         """The current attempt: every resubmission so far, counted or not."""
         return int(self.status.get("restarts") or 0) + int(self.status.get("preemptions") or 0)
@@ -535,6 +595,7 @@ class Reconciler:
     # -- Suspended, deleted -----------------------------------------------------------------------
 
     def suspend(self) -> None:
+        self._close_attempt(self._cursor(), "Suspended")
         self._stop_and_release()
         kept = self.status.get("checkpointUri") or "storage"
         self.out.transition(

@@ -8,7 +8,8 @@ as a ConfigMap for Grafana's dashboard sidecar (`grafana.dashboard.enabled`). te
 keeps it in step with this module; tests/test_operator.py checks every panel query (`panel_queries`)
 against a Prometheus that scraped a real operator and Ray.
 
-Four rows: the jobs (forgeline_jobs, phase transitions, restarts), the training gauges the operator
+Five rows: the jobs (forgeline_jobs, phase transitions, restarts), goodput (the fleet's, badput by
+category, the worst jobs), the training gauges the operator
 relays from running jobs (loss, tokens/s, MFU, progress), the GPUs (Ray's node metrics) and the
 operator itself (reconcile latency and errors, Ray submission errors, up). Every panel queries the
 Prometheus chosen by the `datasource` variable; the training panels filter on `namespace`.
@@ -178,6 +179,52 @@ def _jobs_row() -> list[Any]:
             width=24,
             unit="s",
             min_val=0,
+        ),
+    ]
+
+
+def _goodput_row() -> list[Any]:
+    held = 'category!="queued",namespace=~"$namespace"'
+    return [
+        _row("Goodput (where the chip-hours went)"),
+        _timeseries(
+            "Fleet goodput",
+            "Productive optimizer steps' share of the time jobs held their chips, over every job "
+            "the operator knows (queued time holds nothing and is left out). docs/goodput.md "
+            "explains the categories; `forgeline report NAME` prints one job's.",
+            _query(
+                f'sum(forgeline_job_seconds_total{{category="productive",namespace=~"$namespace"}})'
+                f" / sum(forgeline_job_seconds_total{{{held}}})",
+                "goodput",
+            ),
+            width=8,
+            unit="percentunit",
+            min_val=0,
+            max_val=1,
+        ),
+        _timeseries(
+            "Badput by category",
+            "Chip-hours that were not productive steps, by category: provisioning, start-up, "
+            "redone work, evals, checkpoint writes and restores, stalls, the rest "
+            "(GPU-hours, or CPU core-hours for CPU jobs: the unit label).",
+            _query(
+                'sum by (category, unit) (forgeline_job_chip_hours_total{category!="productive",'
+                'namespace=~"$namespace"})',
+                "{{category}} ({{unit}})",
+            ),
+            width=8,
+            unit="short",
+            min_val=0,
+            stacked=True,
+        ),
+        _timeseries(
+            "Worst jobs by goodput",
+            "The five jobs with the lowest goodput (status.goodput.display names each one's largest badput).",
+            _query(f"bottomk(5, forgeline_job_goodput_ratio{JOB_FILTER})", "{{namespace}}/{{job}}"),
+            width=8,
+            unit="percentunit",
+            min_val=0,
+            max_val=1,
         ),
     ]
 
@@ -362,7 +409,7 @@ def _builder() -> dashboard_builders.Dashboard:
         )
     )
     next_id = 1
-    for item in (*_jobs_row(), *_training_row(), *_gpus_row(), *_operator_row()):
+    for item in (*_jobs_row(), *_goodput_row(), *_training_row(), *_gpus_row(), *_operator_row()):
         item.id(next_id)
         next_id += 1
         builder = (

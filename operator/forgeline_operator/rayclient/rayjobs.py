@@ -87,6 +87,10 @@ class LogCursor:
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
     archived: int = -1
     """Length of the log when it was last archived (logarchive); -1: not yet by this operator."""
+    first_progress: dict[str, Any] | None = None
+    """The attempt's first progress record (goodput: its start-up ends there)."""
+    last_ledger: dict[str, Any] | None = None
+    """The latest record carrying the trainer's goodput ledger (progress, done, ledger)."""
 
     def feed(self, full_log: str) -> list[dict[str, Any]]:
         if len(full_log) < self.offset:  # log restarted (new submission)
@@ -99,6 +103,10 @@ class LogCursor:
             self.latest[r.get("type", "progress")] = r
             if r.get("type") == "eval" and r.get("step") == 0:
                 self.latest["baseline"] = r  # the eval before training
+            if r.get("type", "progress") == "progress" and self.first_progress is None:
+                self.first_progress = r
+            if isinstance(r.get("ledger"), dict):
+                self.last_ledger = r
         return records
 
 

@@ -220,7 +220,7 @@ def _train(
     """Train step, record, evaluate if due, checkpoint if due — from start_step to the end."""
     spec, total, global_batch = job.cfg.spec, eng.total_steps, eng.plan.global_batch
     if data.eval and start_step == 0:  # the baseline: the held-out metric before training
-        reporter.evaluation(0, _evaluate(job, data, eng))
+        reporter.evaluate(0, lambda: _evaluate(job, data, eng))
     for step in range(start_step, total):
         loss, grad_norm, tokens = _train_step(job, data, eng, step)
         done = step + 1
@@ -235,7 +235,7 @@ def _train(
         )
         every = spec.evaluation.interval_steps
         if data.eval and every and done % every == 0 and done != total:
-            reporter.evaluation(done, _evaluate(job, data, eng))
+            reporter.evaluate(done, lambda: _evaluate(job, data, eng))
         ckpt.maybe_save(done, eng, reporter, metrics={"loss": loss})
         fault_injection(job.cfg, done)
 
@@ -268,7 +268,8 @@ def _finish(
 ) -> None:
     """Final eval; rank 0 publishes the adapter (or merged / full weights) and the probe."""
     cfg, total = job.cfg, eng.total_steps
-    final_eval = _evaluate(job, data, eng) if data.eval else {}
+    with reporter.timed("evaluation"):
+        final_eval = _evaluate(job, data, eng) if data.eval else {}
     if final_eval:
         reporter.evaluation(total, final_eval)
     if job.rt.rank != 0:

@@ -244,7 +244,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     base = _load_base(job, prep)
     model = _load_adapters(job, prep, base, reporter)
     _merge(job, prep, model, reporter)
-    table, final_eval = _evaluate(job, prep, model, reporter)
+    with reporter.timed("evaluation"):
+        table, final_eval = _evaluate(job, prep, model, reporter)
     _finish(job, prep, model, reporter, table, final_eval)
 
 

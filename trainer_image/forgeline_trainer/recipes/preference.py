@@ -179,7 +179,8 @@ def _restore(
     resume = hf_trainer.restore(trainer, job, reporter, scratch)
     method = job.cfg.spec.method
     fresh = resume.path is None
-    before = _preference_metrics(trainer, method, data.eval) if data.eval is not None and fresh else {}
+    with reporter.timed("evaluation"):
+        before = _preference_metrics(trainer, method, data.eval) if data.eval is not None and fresh else {}
     if before:  # the baseline: the held-out metrics before training
         reporter.evaluation(0, before)
     reporter.event(
@@ -211,7 +212,8 @@ def _finish(
     import torch
 
     cfg, steps = job.cfg, reporter.total_steps
-    after = _preference_metrics(trainer, cfg.spec.method, data.eval) if data.eval is not None else {}
+    with reporter.timed("evaluation"):
+        after = _preference_metrics(trainer, cfg.spec.method, data.eval) if data.eval is not None else {}
     if after:
         reporter.evaluation(steps, after)
     if job.rt.rank == 0:

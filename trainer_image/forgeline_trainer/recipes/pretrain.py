@@ -241,7 +241,7 @@ def _train(
     """Train step, record, evaluate if due, checkpoint if due — from start_step to the end."""
     spec, total = job.cfg.spec, eng.total_steps
     if data.eval and start_step == 0:  # the baseline: the held-out metric before training
-        reporter.evaluation(0, _evaluate(job, data, eng))
+        reporter.evaluate(0, lambda: _evaluate(job, data, eng))
     for step in range(start_step, total):
         t0 = time.perf_counter()
         loss, grad_norm = _train_step(job, data, eng, step)
@@ -256,7 +256,7 @@ def _train(
         )
         every = spec.evaluation.interval_steps
         if data.eval is not None and every and done % every == 0 and done != total:
-            reporter.evaluation(done, _evaluate(job, data, eng))
+            reporter.evaluate(done, lambda: _evaluate(job, data, eng))
         ckpt.maybe_save(done, eng, reporter, metrics={"loss": loss})
         fault_injection(job.cfg, done)
 
@@ -287,7 +287,8 @@ def _finish(
 ) -> None:
     """Final eval; rank 0 publishes the model with its tokenizer, metrics.json and loss.png."""
     spec, total = job.cfg.spec, eng.total_steps
-    final_eval = _evaluate(job, data, eng) if data.eval is not None else {}
+    with reporter.timed("evaluation"):
+        final_eval = _evaluate(job, data, eng) if data.eval is not None else {}
     if final_eval:
         reporter.evaluation(total, final_eval)
     state_dict = _full_state_dict(eng.engine)

@@ -198,7 +198,8 @@ def _restore(
     announces the start."""
     trainer = hf_trainer.attach(trainer, job, reporter, plan.global_batch)
     resume = hf_trainer.restore(trainer, job, reporter, scratch)
-    before = reward.mean(trainer.model, data, job.cfg.spec.rl.max_new_tokens)
+    with reporter.timed("evaluation"):
+        before = reward.mean(trainer.model, data, job.cfg.spec.rl.max_new_tokens)
     if resume.path is None:  # the baseline: the mean reward before training
         reporter.evaluation(0, {"mean_reward": before})
     reporter.event(
@@ -230,7 +231,8 @@ def _finish(
     import torch
 
     cfg, steps = job.cfg, reporter.total_steps
-    after = reward.mean(trainer.model, data, cfg.spec.rl.max_new_tokens)
+    with reporter.timed("evaluation"):
+        after = reward.mean(trainer.model, data, cfg.spec.rl.max_new_tokens)
     reporter.evaluation(steps, {"mean_reward": after, "initial_mean_reward": before})
     if job.rt.rank == 0:
         merged = cfg.spec.output.save == "merged"
