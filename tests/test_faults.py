@@ -318,6 +318,15 @@ def test_a_burst_of_jobs_never_exceeds_the_running_jobs_cap(
     assert standin.max_running == CAP, (standin.max_running, before)
     assert active_max <= CAP
     assert any(f"waiting for one of {CAP} slots" in m for m in queued), queued
+    # goodput counts the wait behind the cap as queued (holding nothing), as status.timings does
+    waits = {n: (j["status"]["goodput"], j["status"]["timings"]) for n, j in jobs.items()}
+    off = {n: (g["seconds"]["queued"], t["queuedSeconds"]) for n, (g, t) in waits.items()}
+    assert all(abs(a - b) <= 2.0 for a, b in off.values()), off
+    assert max(a for a, _ in off.values()) > 5, off
+    assert all(
+        g["heldSeconds"] + g["seconds"]["queued"] == pytest.approx(g["totalSeconds"], abs=0.2)
+        for g, _ in waits.values()
+    )
     starts = [jobs[d["metadata"]["name"]]["status"]["startTime"] for d in docs]
     # first come, first served: jobs admitted in one wave (up to CAP slots freed at once) may
     # start in any order within it, never after a job CAP places behind them

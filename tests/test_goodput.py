@@ -111,6 +111,12 @@ def test_the_clock_times_queued_and_provisioning_across_transitions() -> None:
     g = goodput.on_transition(g, "Running", "Submitted", T0 + timedelta(seconds=42))
     assert g is not None and g["closed"] == {"queued": 30.0, "provisioning": 12.0} and g["clock"] is None
     assert goodput.on_transition(g, "Running", "Reconnected", T0 + timedelta(seconds=50)) is None
+    # a job's first transition counts from its creation: admitted at once by the create handler
+    # 3 s after it was created, it was queued those 3 s
+    g = goodput.on_transition(None, "Provisioning", "ClusterStarting", T0, created="2026-12-06T07:59:57Z")
+    assert g is not None and g["closed"] == {"queued": 3.0} and g["clock"]["category"] == "provisioning"
+    g = goodput.on_transition(None, "Pending", "Accepted", T0, created="2026-12-06T07:59:57Z")
+    assert g == {"clock": {"category": "queued", "since": "2026-12-06T07:59:57Z"}}
 
 
 def test_summary_chip_hours_fraction_and_display() -> None:

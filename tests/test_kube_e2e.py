@@ -258,6 +258,18 @@ def test_the_pretraining_example_succeeds_in_kuberay_pods(kube: KubeEnv, pretrai
     parts = timings["queuedSeconds"] + timings["provisioningSeconds"] + timings["startupSeconds"]
     assert timings["provisioningSeconds"] > 0 and abs(parts - timings["timeToFirstStepSeconds"]) < 0.05
     record_phases("pretrain-tiny-llama (2 workers)", pretrained)
+    # goodput: the pods' start as provisioning, the trainer's as start-up, its evals (before, after)
+    # and three checkpoint writes timed, nothing redone, the GOODPUT column in `kubectl get`
+    g = status["goodput"]
+    seconds = g["seconds"]
+    assert abs(seconds["provisioning"] - timings["provisioningSeconds"]) <= 2.0, (seconds, timings)
+    for category in ("startup", "productive", "evaluation", "checkpointSave"):
+        assert seconds[category] > 0, (category, seconds)
+    assert seconds["redone"] == seconds["stalled"] == seconds["checkpointRestore"] == 0, seconds
+    (attempt,) = g["attempts"]
+    assert attempt["endedBy"] == "Succeeded" and attempt["lastStep"] == 60 and attempt["redoneSteps"] == 0
+    assert 0 < g["fraction"] < 1 and g["display"] in table and g["chipUnit"] == "CPU core"
+    record("goodput: pretrain-tiny-llama (2 workers, pods)", {**seconds, "fraction": g["fraction"]})
 
 
 def test_the_model_on_the_volume_is_complete_and_loads(kube: KubeEnv, pretrained: dict[str, Any]) -> None:

@@ -246,6 +246,11 @@ def test_a_deleted_or_evicted_worker_checkpoints_at_its_step_and_resumes_there(
     assert last["step"] == event["step"]  # status names the step it stopped at
     start = _started(records[attempt + 1])
     assert start["start_step"] == event["step"] == _reached(records[attempt])  # nothing redone
+    # goodput says so too: the attempt ended Preempted, the next one resumed at that step, 0 redone
+    attempts = {a["attempt"]: a for a in survivor["status"]["goodput"]["attempts"]}
+    assert attempts[attempt]["endedBy"] == "Preempted", attempts
+    assert attempts[attempt + 1]["resumedFrom"] == event["step"] and attempts[attempt + 1]["redoneSteps"] == 0
+    assert attempts[attempt + 1]["seconds"]["checkpointRestore"] > 0, attempts
     f = survivor[fault]
     written = next(
         r["time"] for r in records[attempt] if r["type"] == "checkpoint" and r["step"] == event["step"]

@@ -60,15 +60,19 @@ def segment(phase: str | None, reason: str | None) -> str | None:
 
 
 def on_transition(
-    goodput: Mapping[str, Any] | None, phase: str, reason: str, at: datetime
+    goodput: Mapping[str, Any] | None, phase: str, reason: str, at: datetime, created: str | None = None
 ) -> dict[str, Any] | None:
     """status.goodput after a transition to (phase, reason) at `at`: the open clock segment closed
-    into its category when the category changes; None when nothing changes."""
+    into its category when the category changes; None when nothing changes. A job's first
+    transition starts from its creation (`created`): queued until then, whatever comes next."""
     g = dict(goodput or {})
     clock = g.get("clock") or None
+    fresh = not g and bool(created)
+    if fresh:
+        clock = {"category": "queued", "since": created}
     new = segment(phase, reason)
     if clock is not None and clock.get("category") == new:
-        return None
+        return {**g, "clock": clock} if fresh else None
     if clock is None and new is None:
         return None
     if clock is not None:

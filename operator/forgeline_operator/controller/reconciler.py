@@ -74,7 +74,9 @@ class StatusWriter:
         if not lifecycle.changed(self.status, phase, reason, message) and not fields:
             return
         before = self.phase
-        clock = goodput.on_transition(self.status.get("goodput"), phase, reason, datetime.now(UTC))
+        clock = goodput.on_transition(
+            self.status.get("goodput"), phase, reason, datetime.now(UTC), self.created or None
+        )
         if "goodput" not in fields and (
             clock is not None or (phase != before and lifecycle.is_terminal(phase))
         ):
