@@ -44,7 +44,11 @@ class FakeJob:
         return "SUCCEEDED" if self.elapsed_steps(now) >= self.steps else "RUNNING"
 
     def log(self, now: float) -> str:
-        lines = [{"type": "event", "message": "training started", "start_step": 0}]
+        # the held-out eval before training and at the end, as the real trainer records them
+        lines = [
+            {"type": "event", "message": "training started", "start_step": 0},
+            {"type": "eval", "step": 0, **_eval(5.0)},
+        ]
         done = self.elapsed_steps(now)
         for step in range(1, done + 1):
             if step % 5 == 0 or step == self.steps:
@@ -56,8 +60,18 @@ class FakeJob:
             if step % self.interval == 0 or step == self.steps:
                 lines.append({"type": "checkpoint", "step": step})
         if self.status(now) == "SUCCEEDED":
+            lines.append({"type": "eval", "step": self.steps, **_eval(5.0 / (1 + self.steps))})
             lines.append({"type": "finished", "output": "standin://", "checkpoint": None})
         return "".join(f"{PROGRESS_PREFIX}{json.dumps(r)}\n" for r in lines)
+
+
+def _eval(loss: float) -> dict[str, float]:
+    return {
+        "eval_loss": loss,
+        "eval_loss_ci95": 0.05,
+        "perplexity": round(2.718281828**loss, 4),
+        "eval_tokens": 4000.0,
+    }
 
 
 @dataclass

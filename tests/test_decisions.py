@@ -48,22 +48,38 @@ def test_only_live_or_resuming_jobs_get_a_reconcile_timer() -> None:
 
 
 def test_dependencies_wait_fail_or_go() -> None:
+    up = decisions.Upstream
     assert decisions.dependencies([]) == decisions.DependenciesMet()
-    done = ("TrainingJob", "pre", "Succeeded", "Completed")
+    done = up("TrainingJob", "pre", "Succeeded", "Completed")
     assert decisions.dependencies([done]) == decisions.DependenciesMet()
-    missing = decisions.dependencies([done, ("FineTuneJob", "rm", None, None)])
+    missing = decisions.dependencies([done, up("FineTuneJob", "rm", None)])
     assert isinstance(missing, decisions.WaitForJob)
     assert missing.message == "waiting for FineTuneJob/rm to succeed (does not exist yet)"
-    running = decisions.dependencies([("TrainingJob", "pre", "Running", "Submitted")])
+    running = decisions.dependencies([up("TrainingJob", "pre", "Running", "Submitted")])
     assert isinstance(running, decisions.WaitForJob) and "(is Running)" in running.message
-    failed = decisions.dependencies([("TrainingJob", "pre", "Failed", "BackoffLimitExceeded")])
+    failed = decisions.dependencies([up("TrainingJob", "pre", "Failed", "BackoffLimitExceeded")])
     assert failed == decisions.UpstreamFailed("TrainingJob", "pre", "BackoffLimitExceeded")
     assert failed.message == "TrainingJob/pre failed (BackoffLimitExceeded); this job uses its output"
     # the first unmet dependency decides, in the order given
-    first = decisions.dependencies(
-        [("TrainingJob", "a", "Running", None), ("TrainingJob", "b", "Failed", "X")]
-    )
+    first = decisions.dependencies([up("TrainingJob", "a", "Running"), up("TrainingJob", "b", "Failed", "X")])
     assert isinstance(first, decisions.WaitForJob) and first.name == "a"
+
+
+def test_an_unpromoted_upstream_is_refused_unless_the_reference_allows_it() -> None:
+    why = "Regressed: eval_loss 2.1 → 2.3: worse than before training: not promoted"
+    sft = decisions.Upstream("FineTuneJob", "sft", "Succeeded", "Completed", "False", why)
+    refused = decisions.dependencies([sft])
+    assert isinstance(refused, decisions.UpstreamNotPromoted)
+    assert refused.message == (
+        f"FineTuneJob/sft succeeded but its output was not promoted ({why}); this job trains from "
+        "it: set spec.baseModel.fromJob.allowUnpromoted: true to use it anyway"
+    )
+    allowed = decisions.Upstream(
+        "FineTuneJob", "sft", "Succeeded", "Completed", "False", why, allow_unpromoted=True
+    )
+    assert decisions.dependencies([allowed]) == decisions.DependenciesMet()
+    promoted = decisions.Upstream("FineTuneJob", "sft", "Succeeded", "Completed", "True", "Improved: …")
+    assert decisions.dependencies([promoted]) == decisions.DependenciesMet()
 
 
 # -- the running-jobs cap ------------------------------------------------------------------------

@@ -283,6 +283,66 @@ def test_storage_outside_the_operators_prefixes_is_refused_naming_the_field(
     assert not (chaos_operator.workdir.parent / "escape").exists()
 
 
+# -- eval-gated promotion ---------------------------------------------------------------------------
+
+
+def test_an_unpromoted_output_is_refused_downstream_unless_allowed(
+    cluster: Cluster, chaos_operator: Operator, standin: RayJobsStandIn, namespace: str
+) -> None:
+    """Two jobs with a gate: one whose held-out loss improves past its interval (Promoted True,
+    Improved), one held to a threshold it cannot reach (Promoted False, ThresholdNotMet, a Warning
+    Event, the output kept). A continued pretraining from the unpromoted one fails at once saying
+    why and what to set; one that sets allowUnpromoted trains from it."""
+    better = _job("gate-better", steps=20, promotion={"metric": "eval_loss", "minImprovement": 0.5})
+    unmet = _job("gate-unmet", steps=20, promotion={"metric": "eval_loss", "threshold": 0.01})
+    _create(cluster, namespace, [better, unmet])
+    jobs = _until(_all_succeeded(cluster, namespace, 2), 120, "both gated jobs Succeeded", chaos_operator)
+
+    def promoted(name: str) -> dict[str, Any]:
+        status = jobs[name]["status"]
+        (cond,) = [c for c in status["conditions"] if c["type"] == "Promoted"]
+        return {**cond, "verdict": status["promotion"]}
+
+    ok, no = promoted("gate-better"), promoted("gate-unmet")
+    assert (ok["status"], ok["reason"], ok["verdict"]["promoted"]) == ("True", "Improved", True), ok
+    assert ok["verdict"]["before"] == 5.0 and ok["verdict"]["interval95"] == pytest.approx(0.0707, abs=1e-3)
+    assert ok["message"].startswith("eval_loss 5 → 0.2381: eval_loss improved by 4.762"), ok
+    assert (no["status"], no["reason"]) == ("False", "ThresholdNotMet"), no
+    assert no["message"] == "eval_loss 0.2381 after training; promotion needs at most 0.01: not promoted"
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "ThresholdNotMet" and e["type"] == "Warning" for e in events)
+
+    def downstream(name: str, upstream: str, allow: bool) -> dict[str, Any]:
+        doc = _job(name, steps=20)
+        doc["spec"]["model"] = {"initFrom": {"fromJob": {"kind": "TrainingJob", "name": upstream}}}
+        if allow:
+            doc["spec"]["model"]["initFrom"]["fromJob"]["allowUnpromoted"] = True
+        doc["spec"]["data"].pop("tokenizer", None)  # the tokenizer comes from the initFrom model
+        return doc
+
+    _create(
+        cluster,
+        namespace,
+        [downstream("from-unmet", "gate-unmet", False), downstream("from-unmet-anyway", "gate-unmet", True)],
+    )
+
+    def phases() -> dict[str, dict[str, Any]] | None:
+        now = {n: j.get("status") or {} for n, j in _jobs(cluster, namespace).items()}
+        refused, anyway = now.get("from-unmet", {}), now.get("from-unmet-anyway", {})
+        return now if refused.get("phase") == "Failed" and anyway.get("phase") == "Succeeded" else None
+
+    now = _until(phases, 120, "the refusal and the allowed run", chaos_operator)
+    refused = now["from-unmet"]
+    assert refused["reason"] == "UpstreamNotPromoted", refused
+    assert refused["message"] == (
+        "TrainingJob/gate-unmet succeeded but its output was not promoted (ThresholdNotMet: eval_loss "
+        "0.2381 after training; promotion needs at most 0.01: not promoted); this job trains from it: "
+        "set spec.model.initFrom.fromJob.allowUnpromoted: true to use it anyway"
+    )
+    assert standin.submissions_of(namespace, "from-unmet") == []  # nothing ran, nothing was made
+    assert len(standin.submissions_of(namespace, "from-unmet-anyway")) == 1
+
+
 # -- a burst against the cap ---------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from forgeline_operator.api import promotion
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, TrainingJobConfig, dump_job_config
 
 from . import progress, storage
@@ -29,6 +30,9 @@ def summary(
     from the reporter, world size, precision), then the recipe's own `recipe_fields`."""
     last = reporter.last
     losses = [h["loss"] for h in reporter.history]
+    baseline = _baseline(reporter.eval_history)
+    gate = job.cfg.spec.promotion
+    verdict = None if gate is None else promotion.decide(gate, baseline, final_eval).status()
     return {
         "job": job.cfg.name,
         "kind": job.cfg.kind,
@@ -36,8 +40,10 @@ def summary(
         "steps": reporter.total_steps,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "initial_eval": _baseline(reporter.eval_history),
+        "initial_eval": baseline,
         "final_eval": final_eval,
+        "promotion": verdict,  # spec.promotion's verdict (the operator's Promoted condition says the same)
+        "goodput_ledger": reporter.ledger_record(),  # this attempt's seconds by what they went to
         "tokens_per_second": last.get("tokens_per_second"),
         "mfu": last.get("mfu"),
         "mfu_peak_source": reporter.peak_source,

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from ._base import ApiModel, FieldIssue, HubId, K8sName, Quantity, StorageURI, sub
+from .promotion import Promotion
 from .quantities import CPU_FIX, cpu_problem
 
 JobKind = Literal["TrainingJob", "FineTuneJob"]
@@ -22,6 +23,8 @@ class JobRef(ApiModel):
     """Kind of the job: TrainingJob or FineTuneJob."""
     name: K8sName
     """Name of the job. This job waits (phase Waiting) until that one has Succeeded."""
+    allow_unpromoted: bool = False
+    """Use that job's output even when its spec.promotion gate did not promote it (condition Promoted False); by default this job then fails with reason UpstreamNotPromoted."""
 
 
 class ModelSource(ApiModel):
@@ -104,6 +107,10 @@ class Evaluation(ApiModel):
     """Evaluate every N optimizer steps; 0 evaluates only at the end."""
     max_batches: int = Field(default=50, ge=1)
     """Cap on evaluation batches per evaluation, to bound its cost."""
+
+    def enabled(self) -> bool:
+        """Whether the job evaluates on held-out data (named sources, or a held-out slice)."""
+        return bool(self.sources) or self.holdout_fraction > 0
 
 
 class Optimization(ApiModel):
@@ -385,6 +392,8 @@ class Lifecycle(ApiModel):
     """On SIGTERM (node drain, spot reclaim) write a checkpoint at the current step before stopping."""
     ray: RayTarget = sub(RayTarget)
     """Ray cluster settings."""
+    promotion: Promotion | None = None
+    """What "better" means for this job's output (eval-gated promotion): the Promoted condition says whether it is, with the numbers; unset: no gate."""
 
 
 def precision_issues(

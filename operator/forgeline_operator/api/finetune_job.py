@@ -280,6 +280,14 @@ class FineTuneJobSpec(Lifecycle):
         raise_issues(self.issues())
         return self
 
+    def recipe_family(self) -> str:
+        """sft, preference, rl or merge: which recipe trains this method (and what its evals report)."""
+        if self.method in PREFERENCE_METHODS:
+            return "preference"
+        if self.method in RL_METHODS:
+            return "rl"
+        return "merge" if self.method == MERGE_METHOD else "sft"
+
     def uses_lora(self) -> bool:
         return self.method in ("lora", "qlora") or self.lora is not None
 
@@ -292,6 +300,9 @@ class FineTuneJobSpec(Lifecycle):
         out += self.resources.issues(("resources",))
         out += precision_issues(self.training.precision, self.resources)
         out += self.checkpointing.issues(("checkpointing",))
+        if self.promotion is not None:
+            evaluates = self.dataset is not None if self.method == MERGE_METHOD else self.evaluation.enabled()
+            out += self.promotion.issues(("promotion",), self.recipe_family(), evaluates)
         return out
 
     def _adapter_issues(self) -> list[FieldIssue]:

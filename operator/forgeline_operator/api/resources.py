@@ -63,11 +63,25 @@ class _Job(ApiModel):
         Kueue to admit."""
         return self.metadata.labels.get(KUEUE_QUEUE_LABEL) or None
 
+    MODEL_FIELD: ClassVar[str] = "spec.model.initFrom"
+
     def upstream_refs(self) -> list[JobRef]:
         """The jobs whose outputs this one uses (`fromJob`): it waits until they have succeeded."""
-        sources = (self.model_source(), self.reward_model_source(), *self.adapter_sources())
-        refs = [s.from_job for s in sources if s is not None and s.from_job is not None]
+        refs = [ref for ref, _ in self.upstream_fields()]
         return [r for i, r in enumerate(refs) if r not in refs[:i]]
+
+    def upstream_fields(self) -> list[tuple[JobRef, str]]:
+        """Each `fromJob` reference with the field that holds it (e.g. spec.baseModel.fromJob)."""
+        sources = [
+            (self.model_source(), self.MODEL_FIELD),
+            (self.reward_model_source(), "spec.rl.rewardModel"),
+            *((s, f"spec.merge.adapters[{i}]") for i, s in enumerate(self.adapter_sources())),
+        ]
+        return [
+            (s.from_job, f"{field}.fromJob")
+            for s, field in sources
+            if s is not None and s.from_job is not None
+        ]
 
 
 class TrainingJob(_Job):
@@ -92,6 +106,7 @@ class FineTuneJob(_Job):
     SHORT_NAME: ClassVar[str] = "ftj"
     kind: Literal["FineTuneJob"] = "FineTuneJob"
     spec: FineTuneJobSpec
+    MODEL_FIELD: ClassVar[str] = "spec.baseModel"
 
     def model_source(self) -> ModelSource | None:
         """`spec.baseModel`."""

@@ -40,7 +40,7 @@ class Condition(ApiModel):
     """A standard Kubernetes condition (metav1.Condition)."""
 
     type: str = Field(max_length=316)
-    """Condition type: Waiting, ClusterReady, Running, Complete, Failed, Suspended (the phase), Fits (the estimated memory per GPU against the node pool's GPUs, set before provisioning), BudgetAtRisk (the projection at the current pace exceeds spec.budget)."""
+    """Condition type: Waiting, ClusterReady, Running, Complete, Failed, Suspended (the phase), Fits (the estimated memory per GPU against the node pool's GPUs, set before provisioning), BudgetAtRisk (the projection at the current pace exceeds spec.budget), Promoted (spec.promotion's verdict, once the job has succeeded)."""
     status: Literal["True", "False", "Unknown"]
     """True, False or Unknown."""
     reason: str = Field(default="", max_length=1024)
@@ -292,6 +292,31 @@ class Goodput(ApiModel):
     """When this was computed."""
 
 
+class PromotionResult(ApiModel):
+    """spec.promotion's verdict on the finished job's output (also the Promoted condition)."""
+
+    promoted: bool
+    """Whether the output counts as better (downstream fromJob uses it without allowUnpromoted)."""
+    reason: str = Field(max_length=64)
+    """Improved, ThresholdMet, Regressed, NotSignificant, ThresholdNotMet or NoEvaluation."""
+    metric: str = Field(max_length=64)
+    """The metric that decided."""
+    message: str = Field(default="", max_length=1024)
+    """The numbers in a sentence."""
+    before: float | None = None
+    """The metric before training."""
+    after: float | None = None
+    """The metric after training."""
+    improvement: float | None = None
+    """After against before, positive when better."""
+    interval95: float | None = Field(default=None, ge=0)
+    """The 95% interval (half-width) of the difference, where the metric has one."""
+    required: float | None = Field(default=None, ge=0)
+    """What the improvement had to exceed: max(minImprovement, interval95)."""
+    threshold: float | None = None
+    """spec.promotion.threshold, where it decided."""
+
+
 class JobStatus(ApiModel):
     """Observed state of a TrainingJob or FineTuneJob."""
 
@@ -329,6 +354,8 @@ class JobStatus(ApiModel):
     """Each attempt's archived Ray job log, kept after the Ray cluster is gone."""
     cost: Cost | None = None
     """GPU-hours and cost so far and projected to the end (jobs that hold GPUs)."""
+    promotion: PromotionResult | None = None
+    """spec.promotion's verdict once the job has succeeded (the Promoted condition says it too)."""
     goodput: Goodput | None = None
     """Where the job's time and GPU-hours (CPU core-hours on a CPU pool) went: productive steps and badput by category."""
 

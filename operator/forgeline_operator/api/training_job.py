@@ -146,6 +146,8 @@ class TrainingJobSpec(Lifecycle):
         out += self.resources.issues(("resources",))
         out += precision_issues(self.training.precision, self.resources)
         out += self.checkpointing.issues(("checkpointing",))
+        if self.promotion is not None:
+            out += self.promotion.issues(("promotion",), "pretrain", self.evaluation.enabled())
         return out
 
     def _model_issues(self) -> list[FieldIssue]:

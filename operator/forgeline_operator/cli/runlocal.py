@@ -27,10 +27,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from ..api import FieldError, InvalidJobError, Job, inputs, parse_job
+from ..api import FieldError, InvalidJobError, Job, inputs, parse_job, promotion
 from ..api.inputs import InputProblem
 from ..api.jobconfig import PROGRESS_PREFIX, build_job_config
-from ..controller import failures, lifecycle
+from ..controller import decisions, failures, goodput, lifecycle
 from ..rayclient.rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, local_python
 
 if TYPE_CHECKING:
@@ -45,10 +45,28 @@ class RunResult:
     output: str
     submission_id: str
     records: list[dict[str, Any]]
+    submitted_at: float = 0.0
+    ended_at: float = 0.0
+    verdict: promotion.Verdict | None = None
+    """spec.promotion's verdict, for a job that succeeded and has a gate."""
 
     @property
     def ok(self) -> bool:
         return self.status == "SUCCEEDED"
+
+    def evals(self) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+        """(the eval before training, the last eval): the last record at step 0, as LogCursor
+        keeps it (a TRL recipe's own baseline record comes after the one its library logs)."""
+        evals = [r for r in self.records if r.get("type") == "eval"]
+        baseline = next((r for r in reversed(evals) if r.get("step") == 0), None)
+        return (_numbers(baseline) if baseline else None), (_numbers(evals[-1]) if evals else None)
+
+    def goodput(self) -> dict[str, Any]:
+        """This run's one attempt split as the operator splits an attempt (controller/goodput)."""
+        first = next((r for r in self.records if r.get("type", "progress") == "progress"), None)
+        last = next((r for r in reversed(self.records) if isinstance(r.get("ledger"), dict)), None)
+        attempt = goodput.Attempt(self.submitted_at, self.ended_at or time.time(), first, last)
+        return goodput.split(attempt)
 
     def last(self, kind: str) -> dict[str, Any]:
         return next((r for r in reversed(self.records) if r.get("type") == kind), {})
@@ -79,7 +97,7 @@ def load_jobs(path: str) -> list[Job]:
     return jobs
 
 
-def _resolve_from_job(ref: Any, done: dict[str, RunResult]) -> str:
+def _resolve_from_job(ref: Any, done: dict[str, RunResult], field: str = "fromJob") -> str:
     prior = done.get(ref.name)
     if prior is None:
         raise InvalidJobError(
@@ -93,6 +111,9 @@ def _resolve_from_job(ref: Any, done: dict[str, RunResult]) -> str:
         )
     if not prior.ok:
         raise RuntimeError(f"{ref.kind}/{ref.name} did not succeed ({prior.status})")
+    if prior.verdict is not None and not prior.verdict.promoted and not ref.allow_unpromoted:
+        why = f"{prior.verdict.reason}: {prior.verdict.message}"
+        raise RuntimeError(decisions.UpstreamNotPromoted(ref.kind, ref.name, why, field).message)
     return prior.output
 
 
@@ -114,12 +135,19 @@ def run_job(
     """Submit one job to Ray, follow its progress records live, print its outcome; `done` gets
     its result (later jobs in the file resolve `fromJob` against it)."""
     base, reward = job.model_source(), job.reward_model_source()
+    base_field = f"{job.MODEL_FIELD}.fromJob"
+    adapters = job.adapter_sources()
     config = build_job_config(
         job,
         output=output,
-        base_model=_resolve_from_job(base.from_job, done) if base and base.from_job else None,
-        reward_model=_resolve_from_job(reward.from_job, done) if reward and reward.from_job else None,
-        adapters=[_resolve_from_job(a.from_job, done) if a.from_job else None for a in job.adapter_sources()],
+        base_model=_resolve_from_job(base.from_job, done, base_field) if base and base.from_job else None,
+        reward_model=_resolve_from_job(reward.from_job, done, "spec.rl.rewardModel.fromJob")
+        if reward and reward.from_job
+        else None,
+        adapters=[
+            _resolve_from_job(a.from_job, done, f"spec.merge.adapters[{i}].fromJob") if a.from_job else None
+            for i, a in enumerate(adapters)
+        ],
         work_dir=work_dir,
         run_name=f"local-{job.metadata.name}",
         attempt=attempt,
@@ -127,6 +155,7 @@ def run_job(
         max_worker_failures=max_worker_failures,
     )
     sid = f"forgeline-{job.metadata.name}-{uuid.uuid4().hex[:8]}"
+    submitted_at = time.time()
     ray_jobs.submit(config, sid, wait_for_agent=120)
     if submitted is not None:
         submitted.append(sid)
@@ -135,6 +164,9 @@ def run_job(
     )
     status, records = _follow(ray_jobs, sid, job.metadata.name, console, quiet)
     result = RunResult(job.metadata.name, job.KIND, status, config.paths.output, sid, records)
+    result.submitted_at, result.ended_at = submitted_at, time.time()
+    if result.ok and job.spec.promotion is not None:
+        result.verdict = promotion.decide(job.spec.promotion, *result.evals())
     if not result.ok:
         console.print(_failure_report(result, ray_jobs, work_dir, verbose), soft_wrap=True)
     else:
@@ -433,12 +465,21 @@ def _summary(result: RunResult, work_dir: str) -> str:
         )
     evals = [r for r in result.records if r.get("type") == "eval"]
     if evals:
-        # the last eval at step 0, as LogCursor keeps it: a TRL recipe's own baseline record comes
-        # after the one its library logs from the same evaluation (with the library's names)
-        baseline = next((r for r in reversed(evals) if r.get("step") == 0), None)
-        gain = lifecycle.eval_gain(_numbers(baseline), _numbers(evals[-1])) if baseline else None
+        baseline, after = result.evals()
+        gain = lifecycle.eval_gain(baseline, after) if baseline else None
         if gain:
             lines.append(f"  held-out {gain} (before → after training)")
         lines.append("  final eval: " + _eval_metrics(evals[-1]))
+    if result.verdict is not None:
+        v = result.verdict
+        colour, word = ("green", "promoted") if v.promoted else ("yellow", "not promoted")
+        lines.append(f"  [{colour}]gate: {word} ({v.reason})[/{colour}] {escape(v.message)}")
+    split = result.goodput()["seconds"]
+    wall = sum(split.values())
+    if wall > 0:
+        parts = ", ".join(
+            f"{k} {v / wall:.0%}" for k, v in sorted(split.items(), key=lambda kv: -kv[1]) if v / wall >= 0.05
+        )
+        lines.append(f"  goodput {split['productive'] / wall:.0%} of {wall:.0f} s ({parts})")
     lines.append(f"  output: {out} (model, tokenizer, metrics.json, loss.png)")
     return "\n".join(lines)

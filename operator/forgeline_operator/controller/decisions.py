@@ -82,17 +82,51 @@ class UpstreamFailed:
         return f"{self.kind}/{self.name} failed ({self.reason}); this job uses its output"
 
 
+@dataclass(frozen=True)
+class UpstreamNotPromoted:
+    kind: str
+    name: str
+    why: str
+    """The upstream's Promoted condition: `Reason: message`."""
+    field: str
+    """Where this job names it (the allowUnpromoted to set)."""
+
+    @property
+    def message(self) -> str:
+        return (
+            f"{self.kind}/{self.name} succeeded but its output was not promoted ({self.why}); this job "
+            f"trains from it: set {self.field}.allowUnpromoted: true to use it anyway"
+        )
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A job this one uses, as the job index last saw it."""
+
+    kind: str
+    name: str
+    phase: str | None  # None: the job does not exist (yet)
+    reason: str | None = None
+    promoted: str | None = None  # its Promoted condition: True, False, or None (no gate)
+    promotion: str = ""
+    field: str = "spec.baseModel.fromJob"
+    allow_unpromoted: bool = False
+
+
 def dependencies(
-    upstream: Sequence[tuple[str, str, str | None, str | None]],
-) -> DependenciesMet | WaitForJob | UpstreamFailed:
-    """`upstream`: (kind, name, phase or None if absent, reason) of each job this one uses, in
-    order. The first that has not succeeded decides: failed → this job fails too; else it waits."""
-    for kind, name, phase, reason in upstream:
-        if phase == "Succeeded":
+    upstream: Sequence[Upstream],
+) -> DependenciesMet | WaitForJob | UpstreamFailed | UpstreamNotPromoted:
+    """The jobs this one uses, in order. The first that has not succeeded decides: failed → this
+    job fails too; else it waits. One that succeeded with its output not promoted fails this job,
+    unless this job's reference allows that."""
+    for up in upstream:
+        if up.phase == "Succeeded":
+            if up.promoted == "False" and not up.allow_unpromoted:
+                return UpstreamNotPromoted(up.kind, up.name, up.promotion, up.field)
             continue
-        if phase == "Failed":
-            return UpstreamFailed(kind, name, reason)
-        return WaitForJob(kind, name, phase)
+        if up.phase == "Failed":
+            return UpstreamFailed(up.kind, up.name, up.reason)
+        return WaitForJob(up.kind, up.name, up.phase)
     return DependenciesMet()
 
 

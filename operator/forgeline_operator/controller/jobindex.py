@@ -23,6 +23,20 @@ class IndexEntry:
     created: str = ""
     output_uri: str | None = None
     reason: str | None = None
+    promoted: str | None = None
+    """Its Promoted condition's status (True/False), None without a promotion gate."""
+    promotion_message: str = ""
+    """The Promoted condition's reason and message, as downstream jobs quote it."""
+
+
+def _promotion(status: Mapping[str, Any]) -> dict[str, Any]:
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Promoted"), None)
+    if cond is None:
+        return {}
+    return {
+        "promoted": cond.get("status"),
+        "promotion_message": f"{cond.get('reason')}: {cond.get('message', '')}",
+    }
 
 
 class JobIndex:
@@ -39,6 +53,7 @@ class JobIndex:
             created=created,
             output_uri=status.get("outputUri"),
             reason=status.get("reason"),
+            **_promotion(status),
         )
         with self._lock:
             self._jobs[key] = entry

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from ..api import Job
+from ..api import Job, promotion
 from ..api.common import JobRef
 from ..api.jobconfig import FineTuneJobConfig, TrainingJobConfig, build_job_config
 from ..api.quantities import cpu_cores
@@ -138,12 +138,25 @@ class Reconciler:
 
     def admit(self) -> None:
         upstream = []
-        for ref in self.job.upstream_refs():
+        for ref, field in self.job.upstream_fields():
             entry = self.rt.index.get(JobKey(self.out.key.namespace, ref.kind, ref.name))
-            upstream.append((ref.kind, ref.name, entry and entry.phase, entry and entry.reason))
+            upstream.append(
+                decisions.Upstream(
+                    ref.kind,
+                    ref.name,
+                    entry.phase if entry else None,
+                    entry.reason if entry else None,
+                    entry.promoted if entry else None,
+                    entry.promotion_message if entry else "",
+                    field,
+                    ref.allow_unpromoted,
+                )
+            )
         deps = decisions.dependencies(upstream)
         if isinstance(deps, decisions.UpstreamFailed):
             return self.out.transition("Failed", "DependencyFailed", deps.message)
+        if isinstance(deps, decisions.UpstreamNotPromoted):
+            return self.out.transition("Failed", "UpstreamNotPromoted", deps.message)
         if isinstance(deps, decisions.WaitForJob):
             return self.out.transition("Waiting", "WaitingForJob", deps.message)
         verdict = self.rt.index.admit(self.out.key, self.rt.settings.max_running_jobs)
@@ -465,12 +478,24 @@ class Reconciler:
     def _succeeded(self, sid: str, fields: dict[str, Any]) -> None:
         self._close_attempt(self.rt.cursors.get(sid) or LogCursor(), "Succeeded")
         self.rt.cursors.pop(sid, None)
+        self._promote(fields.get("progress") or self.status.get("progress") or {})
         self.out.transition(
             "Succeeded", "Completed", f"training finished; model at {self.status.get('outputUri')}", **fields
         )
         self.rt.index.release(self.out.key)
         if self.job.spec.ttl_seconds_after_finished is None:
             self.backend.teardown(self.job, self.out.key.namespace)
+
+    def _promote(self, progress: dict[str, Any]) -> None:
+        """spec.promotion's gate on the finished job's evals before and after training: the
+        Promoted condition (a Warning Event when it is False) and status.promotion."""
+        gate = self.job.spec.promotion
+        if gate is None:
+            return
+        verdict = promotion.decide(gate, progress.get("evalBaseline"), progress.get("evalMetrics"))
+        status = "True" if verdict.promoted else "False"
+        self.out.condition("Promoted", status, verdict.reason, verdict.message, warn_when="False")
+        self.out.write({"promotion": verdict.status()})
 
     def _failed(
         self,
