@@ -167,7 +167,7 @@ def test_the_reporter_ledger_keeps_timed_sections_and_the_first_step_out_of_step
     r.step(3, 1.0, 0.1)
     assert r.steps_timed == 2 and r.ledger["steps"] < 0.15 and r.ledger["evaluation"] == 2.0
     record = r.ledger_record()
-    assert set(record) == {*progress.LEDGER, "stepsTimed", "resumedFrom"}
+    assert set(record) == {*progress.LEDGER, "stepsTimed", "resumedFrom", "group"}
 
 
 def test_a_failing_attempt_emits_its_ledger(capsys: pytest.CaptureFixture[str]) -> None:
@@ -181,7 +181,7 @@ def test_a_failing_attempt_emits_its_ledger(capsys: pytest.CaptureFixture[str]) 
         raise RuntimeError("preempted")
 
     with pytest.raises(RuntimeError):
-        progress.with_ledger(loop)({})
+        progress.ledger_on_failure(loop, {})
     lines = [json.loads(x.split(PROGRESS_PREFIX, 1)[1]) for x in capsys.readouterr().out.splitlines()]
     assert (
         lines[-1]["type"] == "ledger" and lines[-1]["step"] == 1 and "checkpointSave" in lines[-1]["ledger"]
@@ -199,6 +199,26 @@ def test_the_cursor_keeps_the_first_progress_record_and_the_latest_ledger() -> N
     cursor.feed("".join(f"{PROGRESS_PREFIX}{json.dumps(x)}\n" for x in lines))
     assert cursor.first_progress is not None and cursor.first_progress["step"] == 1
     assert cursor.last_ledger is not None and cursor.last_ledger["type"] == "ledger"
+    assert cursor.last_ledger["ledger"]["checkpointSave"] == 1.0
+
+
+def test_worker_groups_restarted_within_an_attempt_keep_their_own_ledgers() -> None:
+    # Ray Train restarted the worker group after a SIGTERM at step 40 (forgeline run allows
+    # that): the first group's ledger ended with its checkpoint at 40, the second resumed there
+    cursor = LogCursor()
+    first = {**_ledger(19.5, 39, save=1.2), "group": 100.0}
+    second = {**_ledger(10.0, 20, restore=0.8, resumed=40), "group": 160.0}
+    lines = [
+        {"type": "progress", "step": 1, "time": 5.0, "ledger": {**_ledger(0, 0), "group": 100.0}},
+        {"type": "ledger", "step": 40, "ledger": first},
+        {"type": "progress", "step": 61, "time": 70.0, "ledger": second},
+    ]
+    cursor.feed("".join(f"{PROGRESS_PREFIX}{json.dumps(x)}\n" for x in lines))
+    combined = cursor.last_ledger
+    assert combined is not None and combined["groups"] == 2 and combined["step"] == 61
+    assert combined["ledger"]["steps"] == 29.5 and combined["ledger"]["stepsTimed"] == 59
+    assert combined["ledger"]["checkpointSave"] == 1.2 and combined["ledger"]["checkpointRestore"] == 0.8
+    assert combined["ledger"]["resumedFrom"] == 0  # the attempt started from scratch
 
 
 def test_metrics_expose_seconds_chip_hours_and_the_ratio() -> None:

@@ -494,6 +494,25 @@ def test_the_pipeline_runs_its_stages_in_order_on_the_volume(kube: KubeEnv) -> N
     volume = kube.volume(ns)
     for name in ("pipe-pretrain", "pipe-sft", "pipe-dpo"):
         assert (volume / name / "config.json").exists(), sorted(p.name for p in (volume / name).iterdir())
+    # each stage's gate promoted it (the next one would have refused it otherwise), with the numbers
+    for name in ("pipe-pretrain", "pipe-sft", "pipe-dpo"):
+        cond = next(c for c in statuses[name]["conditions"] if c["type"] == "Promoted")
+        assert (cond["status"], cond["reason"]) == ("True", "Improved"), (name, cond)
+        assert statuses[name]["promotion"]["improvement"] > statuses[name]["promotion"]["required"]
+    # lineage: the DPO model's record reaches back through the SFT to the pretraining, digests
+    # and all, in status and in the lineage.json on the volume
+    lin = statuses["pipe-dpo"]["lineage"]
+    assert [u["job"] for u in lin["upstream"]] == ["FineTuneJob/pipe-sft", "TrainingJob/pipe-pretrain"]
+    assert lin["upstream"][0]["digest"] == statuses["pipe-sft"]["lineage"]["digest"]
+    assert lin["upstream"][1]["digest"] == statuses["pipe-pretrain"]["lineage"]["digest"]
+    assert lin["baseModel"]["sha256"] == statuses["pipe-sft"]["lineage"]["outputSha256"]
+    assert lin["trainerImage"] and lin["versions"]["ray"] and lin["data"][0]["sha256"]
+    record = json.loads((volume / "pipe-dpo" / "lineage.json").read_text())
+    nested = record["inputs"]["baseModel"]["upstream"]["inputs"]["baseModel"]["upstream"]
+    assert nested["job"]["name"] == "pipe-pretrain" and nested["output"]["digest"]["sha256"] == (
+        statuses["pipe-pretrain"]["lineage"]["outputSha256"]
+    )
+    assert "model-index:" in (volume / "pipe-dpo" / "README.md").read_text()
     record(
         "pipeline (3 stages, 1 worker each)",
         {

@@ -7,6 +7,7 @@ Outputs land in a per-session work directory whose `examples/` links to the repo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -135,12 +136,34 @@ def test_masked_language_model(run: Runner, workdir: Path) -> None:
     assert AutoModelForMaskedLM.from_pretrained(workdir / "runs/tiny-bert-mlm") is not None
 
 
-def test_continued_pretraining_starts_from_the_base(run: Runner) -> None:
+def test_continued_pretraining_starts_from_the_base(run: Runner, workdir: Path) -> None:
     _, base = run("pretrain-tiny-llama")
     _, metrics = run("continued-pretrain-tiny")
     # It starts where the base model ended, not from a random model's ~ln(vocab).
     assert metrics["first_loss"] < 0.6 * base["first_loss"]
     assert metrics["tokenizer"].endswith("runs/tiny-llama")
+    # its lineage record reaches back to the pretraining's, whose output digest it checked against
+    out = workdir / "runs/tiny-llama-continued"
+    rec = json.loads((out / "lineage.json").read_text())
+    base_origin = rec["inputs"]["baseModel"]
+    upstream = base_origin["upstream"]
+    assert upstream == json.loads((workdir / "runs/tiny-llama/lineage.json").read_text())
+    assert base_origin["digest"] == upstream["output"]["digest"] == _digest(workdir / "runs/tiny-llama")
+    assert rec["output"]["digest"] == _digest(out) and rec["job"]["name"] == "tiny-llama-continued"
+    corpus = (EXAMPLES / "data/corpus.txt").read_bytes()
+    (data,) = rec["inputs"]["data"]
+    assert data["bytes"] == len(corpus) and data["files"] == 1
+    assert data["sha256"] == hashlib.sha256(f"corpus.txt {hashlib.sha256(corpus).hexdigest()}\n".encode()).hexdigest()
+    assert rec["evals"]["before"]["eval_loss"] > rec["evals"]["after"]["eval_loss"]
+    assert rec["goodputLedger"]["steps"] > 0 and rec["versions"]["torch"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "model-index:" in card and "tiny-llama-continued" in card
+
+
+def _digest(out: Path) -> dict[str, Any]:
+    from forgeline_trainer.lineage import digest_dir
+
+    return digest_dir(out)
 
 
 # -- fine-tuning -------------------------------------------------------------------------------
@@ -393,6 +416,12 @@ def test_sigterm_checkpoints_at_the_current_step_and_the_restart_resumes_there(
     starts = _starts(records)
     assert len(starts) == 2 and records[starts[1]]["start_step"] == step
     assert metrics["steps"] == 300 and metrics["resumed_from_step"] == step
+    # goodput: the checkpoint written for the signal, and the restore, are counted as such (the
+    # restarted worker group keeps a ledger of its own; the attempt sums both)
+    split = result.goodput()["seconds"]
+    assert split["checkpointSave"] > 0 and split["checkpointRestore"] > 0 and split["productive"] > 0, split
+    groups = {r["ledger"]["group"] for r in records if isinstance(r.get("ledger"), dict)}
+    assert len(groups) == 2, groups
     print(
         f"\nSIGTERM to worker pid {seen['pid']}: checkpoint at step {step} "
         f"{preempted[0]['seconds_to_checkpoint']} s after the signal; restarted at step {step}"

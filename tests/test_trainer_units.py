@@ -464,7 +464,7 @@ def test_publish_writes_every_output_file_then_says_done(
     assert load_job_config((out / "job_config.json").read_text()) == cfg
     (done,) = parse_records(capsys.readouterr().out)
     assert abs(done.pop("time") - time.time()) < 60  # every record carries when it was written
-    assert set(done.pop("ledger")) == {*progress.LEDGER, "stepsTimed", "resumedFrom"}  # goodput's
+    assert set(done.pop("ledger")) == {*progress.LEDGER, "stepsTimed", "resumedFrom", "group"}  # goodput's
     assert done == {"type": "done", "output": "out/model", "final_loss": 2.0, "step": 2, "total_steps": 2}
 
 

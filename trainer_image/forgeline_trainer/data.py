@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import storage
+from . import lineage, storage
 from .errors import DataError
 
 _WS = re.compile(r"\s+")
@@ -37,11 +37,13 @@ def read_records(uri: str, fmt: str, work_dir: str | None = None) -> list[dict[s
         ds = datasets.load_from_disk(location)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        lineage.note_dataset(uri, getattr(ds, "_fingerprint", "") or "", len(ds))
         return list(ds)
     records: list[dict[str, Any]] = []
     for path in storage.expand(location):
         with storage.open_file(path) as f:
             raw = f.read()
+        lineage.note_read(uri, str(path), raw)  # the digest of what was read (lineage.json)
         if fmt == "jsonl":
             for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
                 if line.strip():

@@ -12,6 +12,7 @@ gloo on CPU, NCCL on GPU; OMP_NUM_THREADS = the CPUs each process gets.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -30,7 +31,7 @@ from forgeline_operator.api.jobconfig import (
 )
 from forgeline_operator.api.quantities import cpu_cores
 
-from . import preflight, progress, storage
+from . import lineage, preflight, progress, storage
 from .errors import (
     ConfigError,
     DataError,
@@ -127,11 +128,12 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
         preflight.gpu_nodes(cfg.spec.resources.gpus_per_worker)
     storage_path = storage.resolve(cfg.paths.checkpoints, cfg.paths.work_dir)
     prepared = _prepare(cfg, recipe)
+    origins = lineage.driver_inputs(cfg)  # the data's digests (read above) and the models'
     ck = cfg.spec.checkpointing
     run_name = cfg.run.run_name if ck.resume == "auto" else f"{cfg.run.run_name}-{int(time.time())}"
     trainer = TorchTrainer(
-        progress.with_ledger(recipe.train_loop),  # a failing attempt still says where its time went
-        train_loop_config={"config": dump_job_config(cfg), "prepared": prepared},
+        functools.partial(worker_entry, recipe.train_loop),
+        train_loop_config={"config": dump_job_config(cfg), "prepared": prepared, "lineage": origins},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker
@@ -150,6 +152,14 @@ def run(cfg: TrainingJobConfig | FineTuneJobConfig) -> dict[str, Any]:
         "checkpoint": None if result.checkpoint is None else result.checkpoint.path,
         "metrics": result.metrics,
     }
+
+
+def worker_entry(train_loop: Any, config: dict[str, Any]) -> Any:
+    """Each Ray Train worker's entry: the driver's lineage findings for the output's record, then
+    the recipe's train_loop (a failing attempt still says where its time went: ledger_on_failure)."""
+    lineage.INPUTS.clear()
+    lineage.INPUTS.update(config.get("lineage") or {})
+    return progress.ledger_on_failure(train_loop, config)
 
 
 _INPUT_ERRORS = {"DataError": DataError, "ModelUnavailable": ModelUnavailable, "StorageError": StorageError}

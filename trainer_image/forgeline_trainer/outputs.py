@@ -13,7 +13,7 @@ from typing import Any
 from forgeline_operator.api import promotion
 from forgeline_operator.api.jobconfig import FineTuneJobConfig, TrainingJobConfig, dump_job_config
 
-from . import progress, storage
+from . import lineage, progress, storage
 from .errors import storage_writes
 from .models import ModelStats
 from .runtime import Worker
@@ -113,6 +113,8 @@ def publish(
         write_metrics(out, summary)
         plot_loss(out, reporter.history, reporter.eval_history, title)
         (out / "job_config.json").write_text(json.dumps(json.loads(dump_job_config(cfg)), indent=2))
+        record = lineage.record(cfg, summary, lineage.digest_dir(out))  # of everything above
+        lineage.write(out, record)  # lineage.json and the model card, README.md
         storage.publish_dir(out, target)
     progress.emit(
         {
@@ -122,6 +124,7 @@ def publish(
             "step": summary["steps"],
             "total_steps": summary["steps"],
             "ledger": reporter.ledger_record(),
+            "lineage": lineage.summary(record),
         }
     )
 

@@ -16,7 +16,6 @@ reaches, not to a datasheet.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -291,6 +290,7 @@ class Reporter:
         self.steps_timed = 0
         self.resumed_from = 0
         """The step this attempt started from (set by the checkpoint restore)."""
+        self._group = round(time.time(), 3)
         self.in_timed = False
         """Inside a `timed` block (a HF Trainer eval there is already counted)."""
         self._step_mark: float | None = None
@@ -337,6 +337,7 @@ class Reporter:
         out: dict[str, float | int] = {k: round(v, 3) for k, v in self.ledger.items()}
         out["stepsTimed"] = self.steps_timed
         out["resumedFrom"] = self.resumed_from
+        out["group"] = self._group  # a worker group restarted within the Ray job keeps its own ledger
         return out
 
     def _count_step_time(self, now: float) -> None:
@@ -453,8 +454,3 @@ def ledger_on_failure(train_loop: Callable[[dict[str, Any]], Any], config: dict[
             last = _CURRENT.history[-1]["step"] if _CURRENT.history else None
             _CURRENT.emit_ledger(step=last)
         raise
-
-
-def with_ledger(train_loop: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
-    """`train_loop` wrapped by `ledger_on_failure` (a partial: Ray pickles it to the workers)."""
-    return functools.partial(ledger_on_failure, train_loop)

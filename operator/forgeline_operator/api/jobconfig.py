@@ -58,6 +58,8 @@ class RunSettings(ApiModel):
     """Fault injection for tests: rank 0 raises after this step on attempt 0."""
     hang_at_step: int | None = Field(default=None, ge=1)
     """Fault injection for tests: every worker stops making progress after this step on attempt 0."""
+    trainer_image: str | None = Field(default=None, max_length=512)
+    """The image the Ray pods run (the lineage record names it); None: not run from an image."""
 
 
 class _Config(ApiModel):
@@ -144,6 +146,7 @@ def build_job_config(
     fail_at_step: int | None = None,
     hang_at_step: int | None = None,
     max_worker_failures: int = 2,
+    trainer_image: str | None = None,
 ) -> TrainingJobConfig | FineTuneJobConfig:
     """The trainer's config for a job. `base_model`/`reward_model` must be given when the spec
     names them `fromJob` (the caller looked up that job's output); otherwise they come from the spec.
@@ -175,6 +178,7 @@ def build_job_config(
         fail_at_step=fail_at_step,
         hang_at_step=hang_at_step,
         max_worker_failures=max_worker_failures,
+        trainer_image=trainer_image,
     )
     cls = TrainingJobConfig if isinstance(job, TrainingJob) else FineTuneJobConfig
     return cls(name=job.metadata.name, namespace=namespace, paths=paths, run=run, spec=spec)

@@ -317,6 +317,51 @@ class PromotionResult(ApiModel):
     """spec.promotion.threshold, where it decided."""
 
 
+class LineageOrigin(ApiModel):
+    """A model or data source the job read, with the digest of its content."""
+
+    location: str | None = Field(default=None, max_length=2048)
+    """Where it was read (a path or URI, or hf://<hub id>)."""
+    uri: str | None = Field(default=None, max_length=2048)
+    """A data source's URI."""
+    sha256: str | None = Field(default=None, max_length=128)
+    """sha256 over its files' names and sha256s (a saved dataset: its fingerprint); unset where it could not be read here."""
+
+
+class UpstreamRecord(ApiModel):
+    """A job whose output this one trained from, and the digest of that output's lineage record."""
+
+    job: str = Field(max_length=512)
+    """Kind/name."""
+    digest: str = Field(max_length=128)
+    """sha256 of its lineage record."""
+
+
+class LineageSummary(ApiModel):
+    """Where the output came from: the summary of `lineage.json`, written next to the model (with a Hugging Face model card, README.md). `forgeline lineage NAME` prints the chain."""
+
+    digest: str = Field(max_length=128)
+    """sha256 of the lineage record (MLflow's tag names it too)."""
+    file: str = Field(default="lineage.json", max_length=256)
+    """The record's file name in the output."""
+    output_sha256: str | None = Field(default=None, max_length=128)
+    """The output's content digest (every file but the record and the card)."""
+    config_sha256: str | None = Field(default=None, max_length=128)
+    """sha256 of the resolved job config (without its attempt and Ray run name)."""
+    base_model: LineageOrigin | None = None
+    """The model it started from."""
+    data: list[LineageOrigin] = Field(default_factory=list, max_length=64)
+    """Each data source, with the digest of what was read."""
+    trainer_image: str | None = Field(default=None, max_length=512)
+    """The image the Ray pods ran."""
+    versions: dict[str, str] = Field(default_factory=dict)
+    """Forgeline, Python, torch, transformers, Ray (and PEFT, TRL, DeepSpeed, datasets)."""
+    seed: int | None = None
+    """spec.training.seed."""
+    upstream: list[UpstreamRecord] = Field(default_factory=list, max_length=64)
+    """The jobs its base model came from, nearest first (a DPO model: its SFT, then the pretraining)."""
+
+
 class JobStatus(ApiModel):
     """Observed state of a TrainingJob or FineTuneJob."""
 
@@ -354,6 +399,8 @@ class JobStatus(ApiModel):
     """Each attempt's archived Ray job log, kept after the Ray cluster is gone."""
     cost: Cost | None = None
     """GPU-hours and cost so far and projected to the end (jobs that hold GPUs)."""
+    lineage: LineageSummary | None = None
+    """Where the output came from (its lineage.json, summarised), once the job has succeeded."""
     promotion: PromotionResult | None = None
     """spec.promotion's verdict once the job has succeeded (the Promoted condition says it too)."""
     goodput: Goodput | None = None

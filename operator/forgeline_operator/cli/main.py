@@ -9,6 +9,7 @@ forgeline crds [--dir crds] [--docs docs/crd-reference.md] [--check]
 forgeline run examples/pretrain-tiny-llama.yaml   # train on an embedded Ray, live progress
 forgeline logs NAME -n NS [--attempt N]  # a job's Ray job log, also after its cluster is gone
 forgeline report NAME -n NS [-o json]    # where its time and GPU-hours went (goodput), pipeline too
+forgeline lineage NAME -n NS | OUTPUT_DIR  # where its model came from: data, base, config, evals
 forgeline plan --gpu-hours 1000 --gpu h100 [--inference-tokens T] [--emit | forgeline validate -]
                                         # compute-optimal model size and tokens for a budget
 """
@@ -232,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser(
+        "lineage", help="where a job's model came from: its lineage record and its upstream jobs'"
+    )
+    p.add_argument("name", help="the TrainingJob or FineTuneJob, or an output directory holding lineage.json")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--kind", choices=["trainingjob", "finetunejob"], help="when both kinds have the name")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    p.set_defaults(func=_cmd_lineage)
     plan_cli.add_parser(sub)
     return parser
 
@@ -240,6 +250,12 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     from .joblogs import main as logs_main
 
     return logs_main(args)
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    from .lineage_cli import main as lineage_main
+
+    return lineage_main(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from ..api import FieldError, InvalidJobError, Job, inputs, parse_job, promotion
 from ..api.inputs import InputProblem
 from ..api.jobconfig import PROGRESS_PREFIX, build_job_config
 from ..controller import decisions, failures, goodput, lifecycle
-from ..rayclient.rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, local_python
+from ..rayclient.rayjobs import TERMINAL_RAY_STATES, LogCursor, RayJobs, combine_ledgers, local_python
 
 if TYPE_CHECKING:
     from ..rayclient.localray import LocalRay
@@ -64,7 +64,11 @@ class RunResult:
     def goodput(self) -> dict[str, Any]:
         """This run's one attempt split as the operator splits an attempt (controller/goodput)."""
         first = next((r for r in self.records if r.get("type", "progress") == "progress"), None)
-        last = next((r for r in reversed(self.records) if isinstance(r.get("ledger"), dict)), None)
+        groups: dict[str, dict[str, Any]] = {}
+        for r in self.records:
+            if isinstance(r.get("ledger"), dict):
+                groups[str(r["ledger"].get("group", ""))] = r
+        last = combine_ledgers(list(groups.values()))
         attempt = goodput.Attempt(self.submitted_at, self.ended_at or time.time(), first, last)
         return goodput.split(attempt)
 

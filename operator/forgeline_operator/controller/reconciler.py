@@ -201,6 +201,9 @@ class Reconciler:
             # cluster once KubeRay has replaced the pod) and says why in status.lastFailure, with
             # preemptions counted apart from spec.backoffLimit
             max_worker_failures=0,
+            trainer_image=(job.spec.resources.image or settings.default_trainer_image)
+            if isinstance(self.backend, KubeRayBackend)
+            else None,
         )
 
     def _work_dir(self) -> str | None:
@@ -476,8 +479,12 @@ class Reconciler:
         return fields
 
     def _succeeded(self, sid: str, fields: dict[str, Any]) -> None:
-        self._close_attempt(self.rt.cursors.get(sid) or LogCursor(), "Succeeded")
+        cursor = self.rt.cursors.get(sid) or LogCursor()
+        self._close_attempt(cursor, "Succeeded")
         self.rt.cursors.pop(sid, None)
+        record = (cursor.latest.get("done") or {}).get("lineage")
+        if isinstance(record, dict):  # the output's lineage record, as the trainer summarised it
+            fields = {**fields, "lineage": record}
         self._promote(fields.get("progress") or self.status.get("progress") or {})
         self.out.transition(
             "Succeeded", "Completed", f"training finished; model at {self.status.get('outputUri')}", **fields

@@ -199,6 +199,24 @@ def _report(kubectl: _Kubectl, console: Console, seen: _Watched, operator: Opera
         gain = ((st.get("progress") or {}).get("display") or {}).get("eval")
         if gain:
             console.print(f"    held-out eval before → after training: {gain}")
+        promo = st.get("promotion")
+        if promo:  # spec.promotion's gate: the next stage trains from it only when promoted
+            word = "promoted" if promo.get("promoted") else "NOT promoted"
+            console.print(f"    gate: {word} ({promo.get('reason')}) — {promo.get('message', '')}")
+        g = st.get("goodput") or {}
+        if g.get("display"):
+            console.print(
+                f"    goodput {g['display']} of {g.get('heldSeconds', 0):.0f}s held × {g.get('chips', 0):g} "
+                f"{g.get('chipUnit', '')} (`forgeline report {name}`)"
+            )
+        lin = st.get("lineage") or {}
+        if lin.get("digest"):
+            back = " ← ".join(u["job"].split("/")[1] for u in lin.get("upstream") or [])
+            console.print(
+                f"    lineage {lin['digest'][:12]}…"
+                + (f" ← {back}" if back else "")
+                + f" (`forgeline lineage {name}`)"
+            )
     console.print(
         "time from kubectl apply to the first job Provisioning (its Ray cluster requested): "
         f"{seen.provisioned:.1f}s"

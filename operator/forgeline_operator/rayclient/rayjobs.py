@@ -78,6 +78,24 @@ def entrypoint(python: str = "python") -> str:
     return f"{python} -m forgeline_trainer --config env:{CONFIG_ENV}"
 
 
+_SUMMED = ("steps", "evaluation", "checkpointSave", "checkpointRestore", "stepsTimed")
+
+
+def combine_ledgers(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One record for an attempt from its worker groups' latest ledger records, in the order the
+    groups started: seconds and timed steps summed, the step the last one reached, the step the
+    first one resumed from."""
+    if not records:
+        return None
+    if len(records) == 1:
+        return records[0]
+    ordered = sorted(records, key=lambda r: float(r["ledger"].get("group") or 0))
+    ledger = {k: round(sum(float(r["ledger"].get(k) or 0) for r in ordered), 3) for k in _SUMMED}
+    ledger["resumedFrom"] = ordered[0]["ledger"].get("resumedFrom", 0)
+    steps = [r.get("step") for r in ordered if isinstance(r.get("step"), (int, float))]
+    return {"type": "ledger", "step": max(steps) if steps else None, "ledger": ledger, "groups": len(ordered)}
+
+
 @dataclass
 class LogCursor:
     """Reads a job's log incrementally and keeps the latest of each record type (and the eval at
@@ -89,8 +107,14 @@ class LogCursor:
     """Length of the log when it was last archived (logarchive); -1: not yet by this operator."""
     first_progress: dict[str, Any] | None = None
     """The attempt's first progress record (goodput: its start-up ends there)."""
-    last_ledger: dict[str, Any] | None = None
-    """The latest record carrying the trainer's goodput ledger (progress, done, ledger)."""
+    ledgers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The latest record carrying the trainer's goodput ledger (progress, done, ledger), per
+    worker group (Ray Train may restart the group within one Ray job: each keeps its own)."""
+
+    @property
+    def last_ledger(self) -> dict[str, Any] | None:
+        """The attempt's ledger: its worker groups' latest ledgers summed (goodput.combine)."""
+        return combine_ledgers(list(self.ledgers.values()))
 
     def feed(self, full_log: str) -> list[dict[str, Any]]:
         if len(full_log) < self.offset:  # log restarted (new submission)
@@ -106,7 +130,7 @@ class LogCursor:
             if r.get("type", "progress") == "progress" and self.first_progress is None:
                 self.first_progress = r
             if isinstance(r.get("ledger"), dict):
-                self.last_ledger = r
+                self.ledgers[str(r["ledger"].get("group", ""))] = r
         return records
 
 
