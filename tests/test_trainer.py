@@ -153,7 +153,8 @@ def test_continued_pretraining_starts_from_the_base(run: Runner, workdir: Path) 
     corpus = (EXAMPLES / "data/corpus.txt").read_bytes()
     (data,) = rec["inputs"]["data"]
     assert data["bytes"] == len(corpus) and data["files"] == 1
-    assert data["sha256"] == hashlib.sha256(f"corpus.txt {hashlib.sha256(corpus).hexdigest()}\n".encode()).hexdigest()
+    listing = f"corpus.txt {hashlib.sha256(corpus).hexdigest()}\n"
+    assert data["sha256"] == hashlib.sha256(listing.encode()).hexdigest()
     assert rec["evals"]["before"]["eval_loss"] > rec["evals"]["after"]["eval_loss"]
     assert rec["goodputLedger"]["steps"] > 0 and rec["versions"]["torch"]
     card = (out / "README.md").read_text()
