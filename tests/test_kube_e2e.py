@@ -509,8 +509,9 @@ def test_the_pipeline_runs_its_stages_in_order_on_the_volume(kube: KubeEnv) -> N
     assert lin["trainerImage"] and lin["versions"]["ray"] and lin["data"][0]["sha256"]
     record = json.loads((volume / "pipe-dpo" / "lineage.json").read_text())
     nested = record["inputs"]["baseModel"]["upstream"]["inputs"]["baseModel"]["upstream"]
-    assert nested["job"]["name"] == "pipe-pretrain" and nested["output"]["digest"]["sha256"] == (
-        statuses["pipe-pretrain"]["lineage"]["outputSha256"]
+    assert (
+        nested["job"]["name"] == "pipe-pretrain"
+        and nested["output"]["digest"]["sha256"] == (statuses["pipe-pretrain"]["lineage"]["outputSha256"])
     )
     assert "model-index:" in (volume / "pipe-dpo" / "README.md").read_text()
     record(
