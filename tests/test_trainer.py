@@ -277,6 +277,126 @@ def test_grpo_runs_with_the_reward_model(run: Runner, workdir: Path) -> None:
     assert (workdir / "runs/tiny-grpo/adapter_config.json").exists()
 
 
+# -- MLflow --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server on loopback (SQLite backend, artifacts on disk), as a team's
+    registry would run it; `tests/setup/install_tools.sh` installs it."""
+    import urllib.request
+
+    from forgeline_operator.dev.cluster.binaries import find_binary
+    from forgeline_operator.rayclient.ports import free_port
+
+    d = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(d / "server.log", "wb")  # noqa: SIM115 - lives with the process
+    argv = [find_binary("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    argv += [
+        "--backend-store-uri",
+        f"sqlite:///{d}/mlflow.db",
+        "--artifacts-destination",
+        str(d / "artifacts"),
+    ]
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(d / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def _mlflow_job(name: str, server: str, **promotion: Any) -> Any:
+    training = yaml.safe_load((EXAMPLES / "pretrain-tiny-llama.yaml").read_text())["spec"]["training"]
+    return _variant(
+        "pretrain-tiny-llama",
+        name,
+        training={**training, "maxSteps": 12},
+        promotion=promotion,
+        mlflow={"trackingUri": server, "experiment": "forgeline-tests", "registeredModel": "tiny-llama"},
+    )
+
+
+def test_a_promoted_output_becomes_a_registered_version_and_an_unpromoted_one_does_not(
+    run: Runner, workdir: Path, mlflow_server: str
+) -> None:
+    """Two real jobs log to a real MLflow server: the one its gate promotes is version 1 of the
+    registered model, tagged with its job, namespace and lineage digest, alias `promoted`, its
+    files uploaded (a local output: nobody else could read it); its run's metrics are the job's.
+    The one its gate does not promote is logged, says so, and registers nothing."""
+    from mlflow import MlflowClient
+
+    result, metrics = run(
+        job=_mlflow_job("tiny-llama-mlflow", mlflow_server, metric="perplexity"), cache=False
+    )
+    assert metrics["promotion"]["promoted"] is True, metrics["promotion"]
+    client = MlflowClient(mlflow_server)
+    version = client.get_model_version_by_alias("tiny-llama", "promoted")
+    out = workdir / "runs/tiny-llama-mlflow"
+    from forgeline_trainer.lineage import digest
+
+    assert version.version == "1" and version.source == f"runs:/{version.run_id}/model"
+    assert version.tags == {
+        "forgeline.job": "tiny-llama-mlflow",
+        "forgeline.namespace": "default",
+        "forgeline.lineage_digest": digest(json.loads((out / "lineage.json").read_text())),
+        "forgeline.output": "runs/tiny-llama-mlflow",
+    }
+    logged = {a.path for a in client.list_artifacts(version.run_id, "model")}
+    assert {"model/config.json", "model/model.safetensors", "model/lineage.json", "model/README.md"} <= logged
+    mlrun = client.get_run(version.run_id)
+    final = metrics["final_eval"]
+    assert mlrun.data.metrics["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+    assert mlrun.data.metrics["before/eval_loss"] == pytest.approx(
+        metrics["initial_eval"]["eval_loss"], rel=1e-5
+    )
+    assert mlrun.data.metrics["loss"] == pytest.approx(metrics["final_loss"], rel=1e-4)
+    history = client.get_metric_history(version.run_id, "loss")
+    assert max(m.step for m in history) == 12 and len(history) >= 2
+    assert mlrun.data.params["training.maxSteps"] == "12" and mlrun.data.tags["forgeline.promoted"] == "true"
+    assert mlrun.info.status == "FINISHED"
+    assert any(r.get("message", "").startswith("registered as tiny-llama version 1") for r in result.records)
+    # the same registered model, a gate that cannot pass: logged, said, not registered
+    result, metrics = run(
+        job=_mlflow_job("tiny-llama-mlflow-unmet", mlflow_server, metric="eval_loss", threshold=0.01),
+        cache=False,
+    )
+    assert metrics["promotion"]["promoted"] is False
+    assert [v.version for v in client.search_model_versions("name='tiny-llama'")] == ["1"]
+    unmet = client.search_runs(
+        [client.get_experiment_by_name("forgeline-tests").experiment_id],
+        filter_string="tags.`forgeline.job` = 'tiny-llama-mlflow-unmet'",
+    )
+    assert len(unmet) == 1 and unmet[0].data.tags["forgeline.promoted"] == "false"
+    assert any("not registered as a version of tiny-llama" in r.get("message", "") for r in result.records)
+
+
+def test_an_mlflow_server_that_cannot_be_reached_never_fails_the_job(run: Runner) -> None:
+    from forgeline_operator.rayclient.ports import free_port
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    result, metrics = run(job=_mlflow_job("tiny-llama-no-mlflow", nowhere, metric="perplexity"), cache=False)
+    assert result.ok and metrics["steps"] == 12
+    warned = [
+        r for r in result.records if r.get("type") == "event" and "could not be used" in r.get("message", "")
+    ]
+    assert len(warned) == 1 and warned[0]["message"].startswith(f"MLflow at {nowhere} could not be used"), (
+        warned
+    )
+
+
 # -- checkpoints, resume, failures ---------------------------------------------------------------
 
 

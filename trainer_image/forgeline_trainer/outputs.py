@@ -116,6 +116,8 @@ def publish(
         record = lineage.record(cfg, summary, lineage.digest_dir(out))  # of everything above
         lineage.write(out, record)  # lineage.json and the model card, README.md
         storage.publish_dir(out, target)
+        if reporter.tracker is not None:  # MLflow: artifacts, tags, the registered version
+            reporter.tracker.finish(out, summary, lineage.digest(record), cfg.paths.output)
     progress.emit(
         {
             "type": "done",

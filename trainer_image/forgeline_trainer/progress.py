@@ -252,6 +252,8 @@ class Reporter:
     """Peak FLOP/s of one worker's device (peak_flops_total = this × workers)."""
     peak_source: str = ""
     """How the peak was obtained (datasheet or CPU probe); metrics.json repeats it."""
+    tracker: Any = None
+    """The job's MLflow run (rank 0, when the config names a tracking server): tracking.Tracker."""
 
     @classmethod
     def for_run(
@@ -266,7 +268,7 @@ class Reporter:
     ) -> Reporter:
         """The reporter of one worker of a job: measures the device's peak (for MFU) first."""
         peak, peak_source = device_peak_flops()
-        return cls(
+        reporter = cls(
             job=cfg.name,
             namespace=cfg.namespace,
             kind=cfg.kind,
@@ -280,6 +282,12 @@ class Reporter:
             peak_per_worker=peak,
             peak_source=peak_source,
         )
+        if reporter.is_chief and cfg.run.mlflow_tracking_uri:
+            from .tracking import Tracker
+
+            reporter.tracker = Tracker(cfg, reporter.event)
+            reporter.tracker.start()
+        return reporter
 
     def __post_init__(self) -> None:
         global _CURRENT
@@ -397,6 +405,8 @@ class Reporter:
         self.last = record
         if self._gauges:
             self._gauges.set(record)
+        if self.tracker is not None:
+            self.tracker.step(step, record)
         self._last_emit = now
         self._window_start, self._window_steps = now, 0
 
@@ -409,6 +419,8 @@ class Reporter:
         entry = {"step": step, **values}
         self.eval_history.append(entry)
         emit({"type": "eval", **entry})
+        if self.tracker is not None:
+            self.tracker.evaluation(step, values)
         warning = evaluation.eval_size_warning(values)
         if warning and not self._warned_small_eval:
             self._warned_small_eval = True
@@ -453,4 +465,6 @@ def ledger_on_failure(train_loop: Callable[[dict[str, Any]], Any], config: dict[
         if _CURRENT is not None:
             last = _CURRENT.history[-1]["step"] if _CURRENT.history else None
             _CURRENT.emit_ledger(step=last)
+            if _CURRENT.tracker is not None:
+                _CURRENT.tracker.failed_attempt()
         raise

@@ -371,6 +371,21 @@ class SecretEnv(ApiModel):
     """true: the pods start even if the Secret (or a key) is missing."""
 
 
+class Mlflow(ApiModel):
+    """Log the job to an MLflow tracking server: its parameters, step metrics, evals, the output's location with metrics.json, lineage.json and the model card; and register a promoted output as a new version of a registered model. Credentials by Secret reference (spec.credentials: MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD). A server that cannot be reached is warned about in an event and never fails the job."""
+
+    enabled: bool = True
+    """false: no MLflow for this job, even where the operator has a default server."""
+    tracking_uri: str | None = Field(default=None, max_length=512, pattern=r"^(https?|file)://[^\s]+$")
+    """The tracking server, e.g. http://mlflow.mlops:5000. Unset: the operator's default (FORGELINE_MLFLOW_TRACKING_URI; `forgeline run`: $FORGELINE_MLFLOW_TRACKING_URI)."""
+    experiment: str | None = Field(default=None, max_length=256)
+    """The experiment (created if missing). Unset: the job's namespace."""
+    registered_model: str | None = Field(default=None, max_length=256)
+    """Register the output, when spec.promotion promotes it (or there is no gate), as a new version of this registered model, tagged with the job, namespace and lineage digest. Unset: log only."""
+    alias: str = Field(default="promoted", max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    """The alias moved to the newest promoted version."""
+
+
 class Lifecycle(ApiModel):
     """Fields both kinds carry at the top of their spec (flattened into it)."""
 
@@ -394,6 +409,8 @@ class Lifecycle(ApiModel):
     """Ray cluster settings."""
     promotion: Promotion | None = None
     """What "better" means for this job's output (eval-gated promotion): the Promoted condition says whether it is, with the numbers; unset: no gate."""
+    mlflow: Mlflow | None = None
+    """Log to MLflow and register promoted outputs (unset: the operator's default server, if it has one)."""
 
 
 def precision_issues(

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter
 
 from ._base import ApiModel, StorageURI
-from .common import ModelSource
+from .common import Mlflow, ModelSource
 from .finetune_job import FineTuneJobSpec
 from .resources import Job, TrainingJob
 from .training_job import TrainingJobSpec
@@ -60,6 +60,8 @@ class RunSettings(ApiModel):
     """Fault injection for tests: every worker stops making progress after this step on attempt 0."""
     trainer_image: str | None = Field(default=None, max_length=512)
     """The image the Ray pods run (the lineage record names it); None: not run from an image."""
+    mlflow_tracking_uri: str | None = Field(default=None, max_length=512)
+    """The MLflow server this attempt logs to (spec.mlflow's, else the default); None: no MLflow."""
 
 
 class _Config(ApiModel):
@@ -125,6 +127,13 @@ def _run_name(job: Job, prefix: str | None) -> str:
     return "-".join(p for p in (*head, uid, spec_fingerprint(job.spec)) if p)
 
 
+def _mlflow_uri(settings: Mlflow | None, default: str | None) -> str | None:
+    """The job's MLflow server: its own, else the default; none when the job turns MLflow off."""
+    if settings is not None and not settings.enabled:
+        return None
+    return (settings.tracking_uri if settings is not None else None) or default or None
+
+
 def _location(source: ModelSource | None) -> str | None:
     if source is not None and source.from_job is not None:
         ref = source.from_job
@@ -147,6 +156,7 @@ def build_job_config(
     hang_at_step: int | None = None,
     max_worker_failures: int = 2,
     trainer_image: str | None = None,
+    mlflow_default: str | None = None,
 ) -> TrainingJobConfig | FineTuneJobConfig:
     """The trainer's config for a job. `base_model`/`reward_model` must be given when the spec
     names them `fromJob` (the caller looked up that job's output); otherwise they come from the spec.
@@ -179,6 +189,7 @@ def build_job_config(
         hang_at_step=hang_at_step,
         max_worker_failures=max_worker_failures,
         trainer_image=trainer_image,
+        mlflow_tracking_uri=_mlflow_uri(spec.mlflow, mlflow_default),
     )
     cls = TrainingJobConfig if isinstance(job, TrainingJob) else FineTuneJobConfig
     return cls(name=job.metadata.name, namespace=namespace, paths=paths, run=run, spec=spec)

@@ -153,6 +153,7 @@ def run_job(
             for i, a in enumerate(adapters)
         ],
         work_dir=work_dir,
+        mlflow_default=os.environ.get("FORGELINE_MLFLOW_TRACKING_URI"),
         run_name=f"local-{job.metadata.name}",
         attempt=attempt,
         fail_at_step=fail_at_step,

@@ -204,6 +204,7 @@ class Reconciler:
             trainer_image=(job.spec.resources.image or settings.default_trainer_image)
             if isinstance(self.backend, KubeRayBackend)
             else None,
+            mlflow_default=settings.mlflow_tracking_uri,
         )
 
     def _work_dir(self) -> str | None:

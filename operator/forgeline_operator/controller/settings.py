@@ -52,6 +52,8 @@ class OperatorSettings(BaseSettings):
     """Comma-separated namespaces to watch; empty watches the whole cluster."""
     default_trainer_image: str = "ghcr.io/forgeline/trainer:0.1.0-cuda12.8"
     """Trainer image for jobs that set no spec.resources.image."""
+    mlflow_tracking_uri: str | None = None
+    """The MLflow tracking server every job logs to unless its spec.mlflow says otherwise (unset: none)."""
     backend: Literal["kuberay", "local", "address"] = "kuberay"
     """kuberay: a RayCluster per job; local: an embedded Ray head in the operator (tests, demo,
     laptops); address: an existing Ray cluster at FORGELINE_RAY_ADDRESS. A job's spec.ray.address
