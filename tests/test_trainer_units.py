@@ -22,7 +22,7 @@ from forgeline_operator.api.jobconfig import (
     spec_fingerprint,
 )
 from forgeline_operator.rayclient.rayjobs import LogCursor, parse_records
-from forgeline_trainer import adapters, models, optim, outputs, progress, sft_data
+from forgeline_trainer import adapters, lineage, models, optim, outputs, progress, sft_data
 from forgeline_trainer import data as D
 from forgeline_trainer.runtime import Worker
 from forgeline_trainer.runtime_info import RuntimeInfo
@@ -414,6 +414,7 @@ def test_summary_has_the_common_fields_then_the_recipes() -> None:
         extra=1,
     )
     assert summary.pop("peak_rss_bytes") > 10 * 2**20  # this process's peak RSS: torch alone is more
+    assert summary.pop("goodput_ledger") == reporter.ledger_record()  # where the attempt's time went
     assert summary == {
         "job": cfg.name,
         "kind": "FineTuneJob",
@@ -423,6 +424,7 @@ def test_summary_has_the_common_fields_then_the_recipes() -> None:
         "final_loss": 2.0,
         "initial_eval": None,
         "final_eval": {"eval_loss": 1.5},
+        "promotion": None,  # no spec.promotion: no gate
         "tokens_per_second": reporter.last["tokens_per_second"],
         "mfu": reporter.last["mfu"],
         "mfu_peak_source": "measured",
@@ -454,7 +456,9 @@ def test_publish_writes_every_output_file_then_says_done(
     outputs.publish(cfg, save_model, {"tokenizer.json": b"{}"}, summary, reporter, "tiny (llama)")
     out = tmp_path / "out" / "model"
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",  # the model card
         "job_config.json",
+        "lineage.json",
         "loss.png",
         "metrics.json",
         "model.safetensors",
@@ -465,6 +469,9 @@ def test_publish_writes_every_output_file_then_says_done(
     (done,) = parse_records(capsys.readouterr().out)
     assert abs(done.pop("time") - time.time()) < 60  # every record carries when it was written
     assert set(done.pop("ledger")) == {*progress.LEDGER, "stepsTimed", "resumedFrom", "group"}  # goodput's
+    record = json.loads((out / "lineage.json").read_text())
+    assert done.pop("lineage")["digest"] == lineage.digest(record)  # status.lineage's summary of it
+    assert record["output"]["digest"] == lineage.digest_dir(out)
     assert done == {"type": "done", "output": "out/model", "final_loss": 2.0, "step": 2, "total_steps": 2}
 
 
