@@ -19,7 +19,7 @@ from rich.console import Console
 from forgeline_operator.api.jobconfig import PROGRESS_PREFIX
 from forgeline_operator.cli import report
 from forgeline_operator.controller import goodput, metrics
-from forgeline_operator.rayclient.rayjobs import LogCursor
+from forgeline_operator.rayclient.rayjobs import LogCursor, combine_ledgers
 
 T0 = datetime(2026, 12, 6, 8, 0, 0, tzinfo=UTC)
 
@@ -131,6 +131,12 @@ def test_summary_chip_hours_fraction_and_display() -> None:
     assert out["productiveChipHours"] == pytest.approx(700 * 8 / 3600, abs=1e-6)
     assert out["display"] == "77%"  # no badput reaches a tenth of the held time
     assert out["furthestStep"] == 100 and out["attempts"][0]["endedBy"] == "Preempted"
+    # a closed clock is written as null (a merge patch deletes the open segment only so)
+    closed = goodput.on_transition(
+        {"clock": {"category": "provisioning", "since": "2026-12-06T07:59:00Z"}}, "Running", "Submitted", T0
+    )
+    assert closed is not None and "clock" in goodput.summary(closed, T0, 1.0, "GPU")
+    assert goodput.summary(closed, T0, 1.0, "GPU")["clock"] is None
     slow = goodput.summary({"closed": {"provisioning": 300.0, "productive": 100.0}}, T0, 1.0, "GPU")
     assert slow["display"] == "25% (provisioning 75%)"
     assert goodput.chips_of(2, 4, 8.0) == (8.0, "GPU") and goodput.chips_of(2, 0, 1.5) == (3.0, "CPU core")
@@ -219,6 +225,26 @@ def test_worker_groups_restarted_within_an_attempt_keep_their_own_ledgers() -> N
     assert combined["ledger"]["steps"] == 29.5 and combined["ledger"]["stepsTimed"] == 59
     assert combined["ledger"]["checkpointSave"] == 1.2 and combined["ledger"]["checkpointRestore"] == 0.8
     assert combined["ledger"]["resumedFrom"] == 0  # the attempt started from scratch
+    assert combined["ledger"]["redoneSteps"] == 0  # the second group resumed where the first stopped
+
+
+def test_steps_a_restarted_worker_group_did_again_are_redone() -> None:
+    # SIGKILL after step 47: the first group's last record says 47, the newest checkpoint was 40;
+    # the second group redid steps 41-47 at its 0.5 s a step
+    first = {"type": "ledger", "step": 47, "ledger": {**_ledger(23.0, 46, save=2.0), "group": 1.0}}
+    second = {
+        "type": "progress",
+        "step": 100,
+        "ledger": {**_ledger(29.5, 59, restore=1.0, resumed=40), "group": 2.0},
+    }
+    combined = combine_ledgers([second, first])
+    assert combined is not None
+    assert combined["ledger"]["redoneSteps"] == 7 and combined["ledger"]["redoneSeconds"] == 3.5
+    parts = goodput.split(
+        goodput.Attempt(0.0, 80.0, {"step": 1, "time": 10.0, "ledger": _ledger(0, 0)}, combined)
+    )
+    assert parts["redoneSteps"] == 7 and parts["seconds"]["redone"] == pytest.approx(3.5)
+    assert parts["seconds"]["productive"] == pytest.approx(23.0 + 29.5 - 3.5)
 
 
 def test_metrics_expose_seconds_chip_hours_and_the_ratio() -> None:

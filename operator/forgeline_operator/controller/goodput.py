@@ -132,7 +132,10 @@ def split(a: Attempt) -> dict[str, Any]:
         last_step = max(int(_num(a.last or a.first, "step")), a.reached)
         per_step = steps / timed_steps if timed_steps else 0.0
         redone_steps = max(0, min(a.furthest_before, last_step) - resumed)
-        seconds["redone"] = min(steps, redone_steps * per_step)
+        # and within the attempt: worker groups Ray Train restarted (forgeline run allows that)
+        within = int(_num(last_ledger, "redoneSteps"))
+        seconds["redone"] = min(steps, redone_steps * per_step + _num(last_ledger, "redoneSeconds"))
+        redone_steps += within
         seconds["productive"] = steps - seconds["redone"]
         out.update(
             firstStep=int(_num(a.first, "step")),
@@ -200,7 +203,9 @@ def summary(
         display=display(fraction, seconds),
         updatedAt=_stamp(at),
     )
-    return {k: v for k, v in g.items() if v is not None}
+    # a closed clock stays in as null: the status is written with a merge patch, where only a null
+    # deletes the open segment (left out, it would stay open and be counted again)
+    return {k: v for k, v in g.items() if v is not None or k == "clock"}
 
 
 def display(fraction: float | None, seconds: Mapping[str, float]) -> str | None:

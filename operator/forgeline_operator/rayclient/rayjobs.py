@@ -84,7 +84,9 @@ _SUMMED = ("steps", "evaluation", "checkpointSave", "checkpointRestore", "stepsT
 def combine_ledgers(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """One record for an attempt from its worker groups' latest ledger records, in the order the
     groups started: seconds and timed steps summed, the step the last one reached, the step the
-    first one resumed from."""
+    first one resumed from, and the steps each group computed again after the one before it
+    (`redoneSteps`, `redoneSeconds`: from its resume to where the one before got, at its own
+    measured step time)."""
     if not records:
         return None
     if len(records) == 1:
@@ -92,6 +94,13 @@ def combine_ledgers(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     ordered = sorted(records, key=lambda r: float(r["ledger"].get("group") or 0))
     ledger = {k: round(sum(float(r["ledger"].get(k) or 0) for r in ordered), 3) for k in _SUMMED}
     ledger["resumedFrom"] = ordered[0]["ledger"].get("resumedFrom", 0)
+    redone_steps, redone_seconds = 0, 0.0
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        lost = max(0, int(before.get("step") or 0) - int(after["ledger"].get("resumedFrom") or 0))
+        timed = float(after["ledger"].get("stepsTimed") or 0)
+        per_step = float(after["ledger"].get("steps") or 0) / timed if timed else 0.0
+        redone_steps, redone_seconds = redone_steps + lost, redone_seconds + lost * per_step
+    ledger["redoneSteps"], ledger["redoneSeconds"] = redone_steps, round(redone_seconds, 3)
     steps = [r.get("step") for r in ordered if isinstance(r.get("step"), (int, float))]
     return {"type": "ledger", "step": max(steps) if steps else None, "ledger": ledger, "groups": len(ordered)}
 
