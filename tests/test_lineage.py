@@ -56,6 +56,8 @@ def test_a_directory_digest_ignores_the_record_and_card_and_sees_any_byte(
     assert first["files"] == 2 and first["bytes"] == 102
     (tmp_path / "lineage.json").write_text("{}")
     (tmp_path / "README.md").write_text("# card")
+    (tmp_path / "checkpoints" / "checkpoint_000020").mkdir(parents=True)  # a job's own checkpoints
+    (tmp_path / "checkpoints" / "checkpoint_000020" / "state.pt").write_bytes(b"optimizer")
     assert lineage.digest_dir(tmp_path) == first
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 99 + b"\x01")
     assert lineage.digest_dir(tmp_path)["sha256"] != first["sha256"]

@@ -79,11 +79,12 @@ def data_reads() -> list[dict[str, Any]]:
 
 def digest_dir(path: Path, skip: frozenset[str] = frozenset({LINEAGE_FILE, CARD_FILE})) -> dict[str, Any]:
     """The content digest of a directory: sha256 over each file's relative path and sha256, sorted
-    (the lineage record and model card left out: they describe the rest)."""
+    (the lineage record and model card left out: they describe the rest; and `checkpoints/`, where
+    a job keeps its checkpoints by default: they are not the model)."""
     lines, total, files = [], 0, 0
     for p in sorted(x for x in path.rglob("*") if x.is_file()):
         rel = p.relative_to(path).as_posix()
-        if rel in skip:
+        if rel in skip or rel.startswith("checkpoints/"):
             continue
         h = hashlib.sha256()
         with p.open("rb") as f:
