@@ -265,7 +265,8 @@ def test_the_pretraining_example_succeeds_in_kuberay_pods(kube: KubeEnv, pretrai
     assert abs(seconds["provisioning"] - timings["provisioningSeconds"]) <= 2.0, (seconds, timings)
     for category in ("startup", "productive", "evaluation", "checkpointSave"):
         assert seconds[category] > 0, (category, seconds)
-    assert seconds["redone"] == seconds["stalled"] == seconds["checkpointRestore"] == 0, seconds
+    assert seconds["redone"] == seconds["stalled"] == 0, seconds
+    assert seconds["checkpointRestore"] < 2, seconds  # only the look for a checkpoint: none to load
     (attempt,) = g["attempts"]
     assert attempt["endedBy"] == "Succeeded" and attempt["lastStep"] == 60 and attempt["redoneSteps"] == 0
     assert 0 < g["fraction"] < 1 and g["display"] in table and g["chipUnit"] == "CPU core"
@@ -507,8 +508,8 @@ def test_the_pipeline_runs_its_stages_in_order_on_the_volume(kube: KubeEnv) -> N
     assert lin["upstream"][1]["digest"] == statuses["pipe-pretrain"]["lineage"]["digest"]
     assert lin["baseModel"]["sha256"] == statuses["pipe-sft"]["lineage"]["outputSha256"]
     assert lin["trainerImage"] and lin["versions"]["ray"] and lin["data"][0]["sha256"]
-    record = json.loads((volume / "pipe-dpo" / "lineage.json").read_text())
-    nested = record["inputs"]["baseModel"]["upstream"]["inputs"]["baseModel"]["upstream"]
+    on_volume = json.loads((volume / "pipe-dpo" / "lineage.json").read_text())
+    nested = on_volume["inputs"]["baseModel"]["upstream"]["inputs"]["baseModel"]["upstream"]
     assert (
         nested["job"]["name"] == "pipe-pretrain"
         and nested["output"]["digest"]["sha256"] == (statuses["pipe-pretrain"]["lineage"]["outputSha256"])
