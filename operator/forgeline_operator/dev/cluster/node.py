@@ -182,14 +182,16 @@ class Node:
         """`ctr images import -` fed by `write(stdin)` (an OCI or docker archive); the image's
         layers are unpacked for the CRI's snapshotter. A ctr that could not dial containerd
         (seen once, seconds after `ctr version` had answered: "failed to dial … context deadline
-        exceeded") read nothing, so the import is tried again, twice at most."""
-        for tries_left in (2, 1, 0):
+        exceeded"; and three times in a row, 3 s apart, on a node whose containerd was opening a
+        store that had just taken a multi-GB layer) read nothing, so the import is tried again,
+        for up to about two minutes."""
+        for tries_left in (7, 6, 5, 4, 3, 2, 1, 0):
             try:
                 return self._import_once(write, timeout)
             except RuntimeError as exc:
                 if "failed to dial" not in str(exc) or not tries_left:
                     raise
-                time.sleep(3)
+                time.sleep(15)
         raise AssertionError("unreachable")
 
     def _import_once(self, write: Callable[[IO[bytes]], int], timeout: float) -> int:
