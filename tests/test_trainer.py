@@ -491,11 +491,12 @@ def test_a_killed_worker_restores_from_the_last_checkpoint(run: Runner, ray_head
     assert resumed == max(written) >= seen["checkpoint"], (resumed, written)
     done = [r["step"] for r in result.records[: starts[1]] if r.get("type") == "progress"]
     assert max(done, default=0) - resumed <= 20, (done, resumed)  # steps redone ≤ one interval
-    # goodput counts them as redone: from the resume to the last step the first group recorded
+    # goodput counts as redone what it knows was done again: from the resume to the last step the
+    # first group recorded (a killed rank 0 writes no ledger: its last progress record is all there is)
     ledgers = [r for r in result.records if isinstance(r.get("ledger"), dict)]
     recorded = max(r["step"] for r in ledgers if r["ledger"]["group"] == ledgers[0]["ledger"]["group"])
     split = result.goodput()
-    assert split["redoneSteps"] == recorded - resumed, (split, recorded, resumed)
+    assert split["redoneSteps"] == max(0, recorded - resumed), (split, recorded, resumed)
     assert (split["seconds"]["redone"] > 0) == (recorded > resumed), split
     assert split["seconds"]["checkpointRestore"] > 0 and split["seconds"]["checkpointSave"] > 0, split
     assert metrics["steps"] == 200 and metrics["final_loss"] < metrics["first_loss"]
