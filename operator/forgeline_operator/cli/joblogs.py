@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..api import API_GROUP, API_VERSION
@@ -39,6 +40,18 @@ def fetch_job(args: argparse.Namespace) -> dict[str, Any]:
             if exc.status != 404:
                 raise
     raise LogsError(f"no {' or '.join(kinds)} {args.name!r} in namespace {args.namespace!r}")
+
+
+def fetch_related(args: argparse.Namespace) -> Callable[[str, str], dict[str, Any] | None]:
+    """A lookup of other jobs (kind, name) the way `args` names this one; None for one not there."""
+
+    def fetch(kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            return fetch_job(argparse.Namespace(**{**vars(args), "kind": kind.lower(), "name": name}))
+        except LogsError:
+            return None
+
+    return fetch
 
 
 def _entry(status: dict[str, Any], attempt: int | None, name: str) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from .joblogs import LogsError, fetch_job
+from .joblogs import LogsError, fetch_job, fetch_related
 from .report import chain as upstream_chain
 
 LINEAGE_FILE = "lineage.json"
@@ -140,13 +140,7 @@ def main(args: argparse.Namespace, fetch: Callable[[argparse.Namespace], dict[st
         print(f"forgeline lineage: {exc}", file=sys.stderr)
         return 1
 
-    def get(kind: str, name: str) -> dict[str, Any] | None:
-        try:
-            return fetch(argparse.Namespace(**{**vars(args), "kind": kind.lower(), "name": name}))
-        except LogsError:
-            return None
-
-    jobs = list(reversed(upstream_chain(job, get)))  # newest first
+    jobs = list(reversed(upstream_chain(job, fetch_related(args))))  # newest first
     if args.output == "json":
         print(
             json.dumps(

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from ..api import InvalidJobError, parse_job
 from ..controller import goodput
-from .joblogs import LogsError, fetch_job
+from .joblogs import LogsError, fetch_job, fetch_related
 
 _LABELS = {
     "queued": "queued (holds nothing)",
@@ -111,13 +111,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"forgeline report: {exc}", file=sys.stderr)
         return 1
 
-    def fetch(kind: str, name: str) -> dict[str, Any] | None:
-        try:
-            return fetch_job(argparse.Namespace(**{**vars(args), "kind": kind.lower(), "name": name}))
-        except LogsError:
-            return None
-
-    stages = chain(job, fetch)
+    stages = chain(job, fetch_related(args))
     if args.output == "json":
         doc = {"name": job["metadata"]["name"], "goodput": (job.get("status") or {}).get("goodput") or {}}
         if len(stages) > 1:

@@ -29,18 +29,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-CATEGORIES: tuple[str, ...] = (
-    "queued",
-    "provisioning",
-    "startup",
-    "productive",
-    "redone",
-    "evaluation",
-    "checkpointSave",
-    "checkpointRestore",
-    "stalled",
-    "other",
-)
+from ..api.status import GoodputCategory
+
+CATEGORIES: tuple[str, ...] = GoodputCategory.__args__  # type: ignore[attr-defined]
 BADPUT: tuple[str, ...] = tuple(c for c in CATEGORIES if c != "productive")
 HELD: tuple[str, ...] = tuple(c for c in CATEGORIES if c != "queued")
 """The categories that hold the job's chips (a queued job holds nothing): chip-hours and the goodput
