@@ -68,6 +68,7 @@ bench: setup
 	$(PY) bench/data_pipeline.py $(if $(FULL),--full,--shards 1)
 	$(if $(FULL),$(PY) bench/finetune_throughput.py --full)
 	$(PY) bench/finetune_outcomes.py $(if $(FULL),--full)
+	$(PY) bench/optimizers.py $(if $(FULL),--full --repeats 3)
 
 # CLUSTER=kubelet: the same pipeline in real pods on the test cluster (needs root).
 demo: setup

@@ -5,7 +5,9 @@ docs/planning.md), so this measures the tensors themselves in one real training 
 llama built from its config.json, as the estimate models them:
 - weights: every parameter's bytes (for LoRA: the frozen base + the adapters);
 - gradients: the bytes of every `.grad` after backward;
-- optimizer states: the bytes of AdamW's state after its step;
+- optimizer states: the bytes of the optimizer's state after its step (each of the optimizers that
+  run on a CPU: AdamW, bitsandbytes' 8-bit AdamW, Adafactor; storages shared between parameters,
+  such as bitsandbytes' quantisation map, counted once);
 - activations: the bytes autograd saves for backward (a saved-tensors hook on the forward pass;
   parameters and tensors saved twice counted once).
 
@@ -40,12 +42,12 @@ CONFIG = {
 SEQ, BATCH = 128, 4
 
 
-def _job(method: str, base: Path, **spec: Any) -> Any:
+def _job(method: str, base: Path, optimizer: str = "adamw", **spec: Any) -> Any:
     body: dict[str, Any] = {
         "baseModel": {"path": str(base)},
         "method": method,
         "dataset": {"sources": [{"uri": "d.jsonl"}], "format": "alpaca", "maxSequenceLength": SEQ},
-        "training": {"maxSteps": 1, "microBatchSize": BATCH, "precision": "fp32"},
+        "training": {"maxSteps": 1, "microBatchSize": BATCH, "precision": "fp32", "optimizer": optimizer},
         "resources": {"gpusPerWorker": 0},
         "output": {"uri": "out"},
         **spec,
@@ -60,9 +62,12 @@ def _job(method: str, base: Path, **spec: Any) -> Any:
     )
 
 
-def _measure(model: Any) -> dict[str, int]:
-    """One real AdamW step on random tokens; the bytes of each kind of tensor."""
+def _measure(model: Any, spec: Any) -> dict[str, int]:
+    """One real step of the job's optimizer (built as the trainer builds it) on random tokens; the
+    bytes of each kind of tensor."""
     import torch
+
+    from forgeline_trainer.optim import build_optimizer
 
     params = [p for p in model.parameters()]
     trained = [p for p in params if p.requires_grad]
@@ -75,7 +80,7 @@ def _measure(model: Any) -> dict[str, int]:
             saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
-    opt = torch.optim.AdamW(trained, lr=1e-3)
+    opt = build_optimizer(model, spec.training, spec.optimizer())
     ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss
@@ -85,11 +90,16 @@ def _measure(model: Any) -> dict[str, int]:
     def nbytes(ts: Any) -> int:
         return sum(t.numel() * t.element_size() for t in ts)
 
-    states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
+    states = {
+        v.untyped_storage().data_ptr(): v
+        for s in opt.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.numel() > 1
+    }
     return {
         "weights": nbytes(params),
         "gradients": nbytes(p.grad for p in trained if p.grad is not None),
-        "optimizer_states": nbytes(states),
+        "optimizer_states": nbytes(states.values()),
         "activations": sum(saved.values()),
     }
 
@@ -118,6 +128,7 @@ def _model(method: str) -> Any:
     return model
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw-8bit", "adafactor"])
 @pytest.mark.parametrize(
     "method,spec",
     [
@@ -127,10 +138,11 @@ def _model(method: str) -> Any:
     ],
 )
 def test_the_estimate_matches_the_tensors_of_a_real_training_step(
-    base: Path, method: str, spec: dict[str, Any]
+    base: Path, method: str, spec: dict[str, Any], optimizer: str
 ) -> None:
-    e = fit.estimate(_job(method, base, **spec), None, model_config=CONFIG)
-    measured = _measure(_model(method))
+    job = _job(method, base, optimizer, **spec)
+    e = fit.estimate(job, None, model_config=CONFIG)
+    measured = _measure(_model(method), job.spec)
     estimated = {k: getattr(e, k) for k in measured}
     report = {
         k: f"{measured[k] / 2**20:.2f} MiB measured, {estimated[k] / 2**20:.2f} estimated" for k in measured

@@ -75,6 +75,25 @@ def wrap(spec: Any, model: Any, base_dir: str):  # noqa: ANN201 - a PeftModel, o
     return model
 
 
+def cast_as_published(model: Any, dtype_name: str) -> None:
+    """What the QLoRA paper's training script (qlora.py) does after get_peft_model: the adapters in
+    the compute dtype, norms in fp32, and the embeddings and head (which prepare_model_for_kbit_training
+    made fp32) back in the compute dtype."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    for name, param in model.named_parameters():
+        frozen_fp32_io = param.dtype == torch.float32 and ("lm_head" in name or "embed_tokens" in name)
+        if param.requires_grad or frozen_fp32_io:
+            param.data = param.data.to(dtype)
+
+
+def trained_dtype(model: Any) -> str | None:
+    """The dtype the trained weights are in (for metrics.json), as measured, not as asked."""
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    return ",".join(sorted(dtypes)) or None
+
+
 def count_4bit(model: Any) -> int:
     """Linear layers held in 4 bits (QLoRA's base)."""
     try:

@@ -26,7 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from . import checkpoints, collective, preemption, progress
-from .optim import BatchPlan
+from .optim import HF_OPTIM, BatchPlan
 
 HF_DIR = "checkpoint"
 """The Trainer's checkpoint inside a Ray Train checkpoint directory (RayTrainReportCallback's name)."""
@@ -60,6 +60,7 @@ def common_args(
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
+        optim=HF_OPTIM[spec.optimizer()],
         max_grad_norm=t.grad_clip if t.grad_clip > 0 else 1e9,
         warmup_steps=t.warmup_steps,
         lr_scheduler_type={

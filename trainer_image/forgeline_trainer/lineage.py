@@ -183,6 +183,7 @@ def record(
         },
         "versions": versions(),
         "seed": spec.training.seed,
+        "training": {"optimizer": summary.get("optimizer"), "precision": summary.get("precision")},
         "inputs": {k: v for k, v in inputs.items() if v not in (None, [])},
         "evals": {"before": summary.get("initial_eval"), "after": summary.get("final_eval")},
         "promotion": summary.get("promotion"),

@@ -73,14 +73,57 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(model: Any, opt_spec: Any):  # noqa: ANN201
+HF_OPTIM = {
+    "adamw": "adamw_torch_fused",
+    "adamw-8bit": "adamw_bnb_8bit",
+    "paged-adamw": "paged_adamw_32bit",
+    "paged-adamw-8bit": "paged_adamw_8bit",
+    "adafactor": "adafactor",
+}
+"""spec.training.optimizer → transformers' `optim` name, for the TRL recipes: the Trainer builds the
+same optimizers `build_optimizer` builds for the step-loop recipes."""
+
+
+def build_optimizer(model: Any, opt_spec: Any, name: str):  # noqa: ANN201 - a torch optimizer
+    """The job's optimizer (its spec's `optimizer()`) over the model's trained weights, built as
+    transformers' Trainer builds it for the same `optim` (HF_OPTIM): torch's fused AdamW (CPUs and
+    GPUs both have the kernel); bitsandbytes' 8-bit and paged AdamW; transformers' Adafactor with
+    the spec's learning rate and schedule instead of its relative step size."""
     import torch
 
-    return torch.optim.AdamW(
-        param_groups(model, opt_spec.weight_decay),
-        lr=opt_spec.learning_rate,
-        betas=(opt_spec.adam_beta1, opt_spec.adam_beta2),
-    )
+    groups = param_groups(model, opt_spec.weight_decay)
+    lr, betas = opt_spec.learning_rate, (opt_spec.adam_beta1, opt_spec.adam_beta2)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    import bitsandbytes as bnb
+
+    bnb_class = {
+        "adamw-8bit": bnb.optim.AdamW8bit,
+        "paged-adamw": bnb.optim.PagedAdamW32bit,
+        "paged-adamw-8bit": bnb.optim.PagedAdamW8bit,
+    }[name]
+    return bnb_class(groups, lr=lr, betas=betas)
+
+
+def state_bytes(optimizer: Any) -> int | None:
+    """Bytes of the optimizer's state tensors in this process (a storage that parameters share,
+    such as bitsandbytes' quantisation map, counted once); None where the state is not visible."""
+    import torch
+
+    try:
+        states = list(optimizer.state.values())
+    except AttributeError:
+        return None
+    seen: dict[int, int] = {}
+    for state in states:
+        for value in state.values():
+            if torch.is_tensor(value) and value.numel() > 1:
+                seen[value.untyped_storage().data_ptr()] = value.numel() * value.element_size()
+    return sum(seen.values())
 
 
 def deepspeed_config(
@@ -193,9 +236,10 @@ def setup_engine(
     total_steps: int,
     bf16: bool,
     on_gpu: bool,
+    optimizer: str = "adamw",
 ) -> TrainEngine:
-    """DeepSpeed (when the spec has a `deepspeed` section) or DDP through Ray Train's
-    `prepare_model`, with AdamW and the spec's LR schedule either way."""
+    """DeepSpeed (when the spec has a `deepspeed` section: AdamW, the spec refuses others) or DDP
+    through Ray Train's `prepare_model` with the job's optimizer, and the spec's LR schedule."""
     import torch
 
     if ds_spec is not None:
@@ -204,7 +248,7 @@ def setup_engine(
         ds_cfg = deepspeed_config(ds_spec, opt_spec, plan, bf16, on_gpu)
         for lock in deepspeed_ops.prepare(ds_cfg):
             print(f"forgeline: removed {lock}, a DeepSpeed build lock a killed build left", file=sys.stderr)
-        client_opt = None if "optimizer" in ds_cfg else adamw(model, opt_spec)
+        client_opt = None if "optimizer" in ds_cfg else build_optimizer(model, opt_spec, "adamw")
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model,
             optimizer=client_opt,
@@ -220,7 +264,7 @@ def setup_engine(
     device = train_device()
     model = ray.train.torch.prepare_model(model, move_to_device=device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(model, opt_spec)
+    optimizer = build_optimizer(model, opt_spec, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt_spec, total_steps))
     return TrainEngine(None, model, model, optimizer, scheduler, device, plan, total_steps, bf16, trainable)
 

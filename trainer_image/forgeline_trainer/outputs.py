@@ -50,6 +50,7 @@ def summary(
         "wall_seconds": last.get("elapsed_seconds"),
         "world_size": job.rt.world,
         "precision": job.precision,
+        "optimizer": job.cfg.spec.optimizer(),
         **peak_memory(),
         **recipe_fields,
     }

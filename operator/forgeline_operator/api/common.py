@@ -13,6 +13,10 @@ from .quantities import CPU_FIX, cpu_problem
 JobKind = Literal["TrainingJob", "FineTuneJob"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant", "wsd"]
+OptimizerName = Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "adafactor"]
+PAGED_OPTIMIZERS = frozenset({"paged-adamw", "paged-adamw-8bit"})
+"""bitsandbytes' paged optimizers: their state lives in CUDA unified memory, paged to CPU memory
+when the GPU runs short (the QLoRA paper, sec. 3)."""
 DataFormat = Literal["jsonl", "parquet", "text", "saved-dataset"]
 
 
@@ -132,6 +136,8 @@ class Optimization(ApiModel):
     """Linear warmup steps from 0 to the peak learning rate."""
     weight_decay: float = Field(default=0.0, ge=0, le=1)
     """AdamW weight decay."""
+    optimizer: OptimizerName | None = None
+    """adamw (torch's fused AdamW, 32-bit state), adamw-8bit (bitsandbytes' blockwise 8-bit state), paged-adamw / paged-adamw-8bit (bitsandbytes' 32-/8-bit state in paged memory that moves to CPU memory under GPU pressure; GPUs only), or adafactor (factored second moment, no first moment). Unset: paged-adamw for qlora on GPUs (the QLoRA paper's recipe), adamw otherwise. With spec.deepspeed only adamw (DeepSpeed partitions and offloads the state itself)."""
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
     """AdamW beta1."""
     adam_beta2: float = Field(default=0.95, ge=0, lt=1)
@@ -411,6 +417,42 @@ class Lifecycle(ApiModel):
     """What "better" means for this job's output (eval-gated promotion): the Promoted condition says whether it is, with the numbers; unset: no gate."""
     mlflow: Mlflow | None = None
     """Log to MLflow and register promoted outputs (unset: the operator's default server, if it has one)."""
+
+
+def optimizer_issues(
+    optimizer: str | None,
+    resources: Resources,
+    deepspeed: DeepSpeed | None,
+    prefix: tuple[str, ...] = ("training",),
+) -> list[FieldIssue]:
+    """An optimizer the job's devices and engine can run: paged ones need CUDA; DeepSpeed takes AdamW."""
+    if optimizer is None:
+        return []
+    where = prefix + ("optimizer",)
+    if optimizer in PAGED_OPTIMIZERS and resources.gpus_per_worker == 0:
+        return [
+            FieldIssue(
+                where,
+                f"{optimizer} pages its state through CUDA unified memory and needs GPUs "
+                "(resources.gpusPerWorker is 0)",
+                "set resources.gpusPerWorker >= 1, or use adamw-8bit, adafactor or adamw on CPU",
+            )
+        ]
+    if deepspeed is not None and optimizer != "adamw":
+        why = (
+            "ZeRO hands the optimizer flat partitions, so Adafactor could not factor its second moment"
+            if optimizer == "adafactor"
+            else "ZeRO partitions the optimizer state itself and DeepSpeed runs its own AdamW"
+        )
+        return [
+            FieldIssue(
+                where,
+                f"{optimizer} does not run under spec.deepspeed ({why})",
+                "use optimizer: adamw with spec.deepspeed (offloadOptimizer moves its state to CPU "
+                f"memory), or remove spec.deepspeed to train with {optimizer}",
+            )
+        ]
+    return []
 
 
 def precision_issues(

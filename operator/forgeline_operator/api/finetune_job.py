@@ -18,6 +18,7 @@ from .common import (
     Optimization,
     Resources,
     batch_issues,
+    optimizer_issues,
     precision_issues,
 )
 
@@ -85,6 +86,8 @@ class Quantization(ApiModel):
     """Quantise the quantisation constants too (saves about 0.4 bits per weight)."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Dtype of the matmuls over dequantised weights."""
+    adapter_dtype: Literal["compute", "float32"] = "compute"
+    """compute: the LoRA adapters in computeDtype, as the QLoRA paper's training script casts them (half the memory of float32 adapters and their gradients; float16 compute keeps float32 adapters, which have no loss scaling otherwise); float32: PEFT's default."""
     allow_cpu: bool = False
     """Allow training with no GPUs (bitsandbytes' CPU path; slow, for tests and laptops)."""
 
@@ -288,6 +291,23 @@ class FineTuneJobSpec(Lifecycle):
             return "rl"
         return "merge" if self.method == MERGE_METHOD else "sft"
 
+    def optimizer(self) -> str:
+        """The optimizer the job trains with: spec.training.optimizer, or the default: QLoRA's paged
+        32-bit AdamW on GPUs without DeepSpeed (the paper's recipe), AdamW otherwise."""
+        if self.training.optimizer is not None:
+            return self.training.optimizer
+        published = self.method == "qlora" and self.resources.gpus_per_worker > 0 and self.deepspeed is None
+        return "paged-adamw" if published else "adamw"
+
+    def adapter_dtype(self) -> str | None:
+        """The dtype QLoRA's adapters are trained in (None: not qlora, they follow precision)."""
+        q = self.quantization
+        if self.method != "qlora" or q is None:
+            return None
+        if q.adapter_dtype == "compute" and q.compute_dtype != "float16":
+            return q.compute_dtype
+        return "float32"
+
     def uses_lora(self) -> bool:
         return self.method in ("lora", "qlora") or self.lora is not None
 
@@ -299,6 +319,16 @@ class FineTuneJobSpec(Lifecycle):
             out += self._training_issues()
         out += self.resources.issues(("resources",))
         out += precision_issues(self.training.precision, self.resources)
+        if self.method == MERGE_METHOD and self.training.optimizer is not None:
+            out.append(
+                FieldIssue(
+                    ("training", "optimizer"),
+                    "method merge trains nothing, so it has no optimizer",
+                    "remove spec.training.optimizer",
+                )
+            )
+        else:
+            out += optimizer_issues(self.training.optimizer, self.resources, self.deepspeed)
         out += self.checkpointing.issues(("checkpointing",))
         if self.promotion is not None:
             evaluates = self.dataset is not None if self.method == MERGE_METHOD else self.evaluation.enabled()

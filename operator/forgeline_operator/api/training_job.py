@@ -20,6 +20,7 @@ from .common import (
     Resources,
     batch_issues,
     camel,
+    optimizer_issues,
     precision_issues,
 )
 
@@ -137,6 +138,10 @@ class TrainingJobSpec(Lifecycle):
         raise_issues(self.issues())
         return self
 
+    def optimizer(self) -> str:
+        """The optimizer the job trains with: spec.training.optimizer, AdamW when unset."""
+        return self.training.optimizer or "adamw"
+
     def issues(self) -> list[FieldIssue]:
         out = self._model_issues() + self._architecture_issues() + self._objective_issues()
         out += self._data_issues()
@@ -145,6 +150,7 @@ class TrainingJobSpec(Lifecycle):
             out += self.deepspeed.issues(("deepspeed",))
         out += self.resources.issues(("resources",))
         out += precision_issues(self.training.precision, self.resources)
+        out += optimizer_issues(self.training.optimizer, self.resources, self.deepspeed)
         out += self.checkpointing.issues(("checkpointing",))
         if self.promotion is not None:
             out += self.promotion.issues(("promotion",), "pretrain", self.evaluation.enabled())

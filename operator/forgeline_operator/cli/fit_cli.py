@@ -103,6 +103,8 @@ def print_estimate(e: fit.FitEstimate, console: Console) -> None:
     ]
     if e.offloaded:
         rows.append(("offloaded to CPU memory (not counted)", e.offloaded))
+    if e.pageable:
+        rows.append(("paged optimizer states (CPU memory under pressure; not counted)", e.pageable))
     if e.gpu_memory:
         rows.append(("GPU memory", e.gpu_memory))
     for name, value in rows:

@@ -7,6 +7,13 @@ Pure functions (the one reader, `local_model_config`, is kept apart so `estimate
   (fp32 master weights and the two moments) per trained parameter: 16 bytes. In fp32 (CPU) it is
   4 + 4 + 8, the same 16. ZeRO stage 1 shards the optimizer state over the data-parallel ranks,
   stage 2 also the gradients, stage 3 also the weights; offload moves them to CPU memory.
+- the optimizer (spec.training.optimizer) decides the state per trained parameter: torch's AdamW
+  two moments in the parameter's dtype (8 bytes in fp32); bitsandbytes' 32-bit AdamW always 8;
+  its blockwise 8-bit AdamW (Dettmers et al. 2022, arXiv 2110.02861) 2 bytes plus an fp32 absmax per
+  256 values of each moment (tensors under 4,096 values keep 32-bit state); Adafactor (Shazeer and
+  Stern 2018, arXiv 1804.04235, transformers' defaults: no first moment) a row and a column vector
+  per matrix. A paged optimizer's state lives in CUDA unified memory that moves to CPU memory when
+  the GPU runs short (QLoRA sec. 3): it is reported as pageable, not counted against the GPU.
 - LoRA (Hu et al. 2021, arXiv 2106.09685): a frozen 16-bit base and r·(in + out) trained
   parameters per adapted linear layer, each at the 16 bytes above. QLoRA (Dettmers et al. 2023,
   arXiv 2305.14314, sec. 3): the frozen linear layers in 4-bit NF4, 0.5 bytes a parameter, plus
@@ -32,9 +39,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..api import FineTuneJob, Job, TrainingJob
+from ..api.common import PAGED_OPTIMIZERS
 from ..api.finetune_job import LoraSettings
 from .planning import LlamaShape
 
@@ -47,6 +55,19 @@ MARGIN_TEXT = "1 GiB (CUDA context, workspaces) + 10% of the tensors (allocator 
 
 ADAM_BYTES_PER_PARAM = 16
 """Weights + gradients + AdamW state per trained parameter: 2 + 2 + 12 (bf16), 4 + 4 + 8 (fp32)."""
+MASTER_BYTES = 4
+"""Mixed precision's fp32 master copy of a 16-bit trained weight (counted with the optimizer)."""
+BNB_8BIT_MIN_SIZE = 4096
+"""bitsandbytes keeps 32-bit state for tensors with fewer values (min_8bit_size)."""
+BNB_BLOCK = 256
+"""bitsandbytes' blockwise quantisation: one fp32 absmax per 256 values of each 8-bit moment."""
+OPTIMIZER_TEXT = {
+    "adamw": "AdamW (torch, fused): two moments in the trained weights' dtype",
+    "adamw-8bit": "8-bit AdamW (bitsandbytes): two blockwise-quantised 8-bit moments",
+    "paged-adamw": "paged 32-bit AdamW (bitsandbytes): two fp32 moments in paged memory",
+    "paged-adamw-8bit": "paged 8-bit AdamW (bitsandbytes): two 8-bit moments in paged memory",
+    "adafactor": "Adafactor (transformers): a factored second moment, no first moment",
+}
 NF4_BITS = 4.0
 QUANT_CONSTANT_BITS = {True: 8 / 64 + 32 / (64 * 256), False: 32 / 64}
 """QLoRA sec. 3: fp32 absmax per 64 weights (0.5 bits), or double-quantised (≈0.127 bits)."""
@@ -59,8 +80,14 @@ GPU_MEMORY_MIB = {
     "l4": 23034,
     "a10g": 23028,
     "t4": 15360,
+    "a6000": 49140,
+    "l40s": 46068,
+    "a40": 46068,
+    "rtx-4090": 24564,
+    "rtx-3090": 24576,
 }
-"""Total memory as nvidia-smi reports it (H100 SXM 80GB, H200 141GB, A100 SXM 80/40GB, L4, A10G, T4)."""
+"""Total memory as nvidia-smi reports it (H100 SXM 80GB, H200 141GB, A100 SXM 80/40GB, L4, A10G, T4,
+RTX A6000 48GB, L40S, A40, and the 24 GB consumer cards the QLoRA paper names)."""
 _GPU_ALIASES = {"a100": "a100-80gb", "a100-80g": "a100-80gb", "a100-40g": "a100-40gb"}
 
 
@@ -194,6 +221,11 @@ KNOWN_MODELS: dict[str, ModelDims] = {
     "mistralai/mistral-7b-instruct-v0.1": _MISTRAL_7B,
     "mistralai/mistral-7b-instruct-v0.2": _MISTRAL_7B,
     "tinyllama/tinyllama-1.1b-chat-v1.0": _llama(2048, 22, 32, 4, 5632, 32000),
+    # LLaMA 1 (Touvron et al. 2023, table 2), the QLoRA paper's models; the hub calls the 33B "30b"
+    "huggyllama/llama-7b": _llama(4096, 32, 32, 32, 11008, 32000),
+    "huggyllama/llama-13b": _llama(5120, 40, 40, 40, 13824, 32000),
+    "huggyllama/llama-30b": _llama(6656, 60, 52, 52, 17920, 32000),
+    "huggyllama/llama-65b": _llama(8192, 80, 64, 64, 22016, 32000),
     "gpt2": ModelDims("gpt2", 768, 12, 12, 12, 3072, 50257, tied_embeddings=True, max_positions=1024),
 }
 """Hub ids whose configs are well known (their config.json on the hub), lower-cased."""
@@ -279,6 +311,10 @@ class FitEstimate:
     """None when the size or the GPU memory is unknown (a Fits condition would be Unknown)."""
     advice: list[str]
     assumptions: list[str]
+    pageable: int = 0
+    """Bytes per process of a paged optimizer's state: on the GPU while it fits, moved to CPU memory
+    under pressure (not counted against the GPU, and not in torch.cuda.max_memory_allocated)."""
+    optimizer: str = ""
 
     @property
     def tensors(self) -> int:
@@ -313,6 +349,26 @@ class _Setup:
     weight_bytes: int
     sequences_per_example: int
     reference_copy: bool
+    optimizer: str = "adamw"
+    deepspeed: bool = False
+    adapter_bytes: int | None = None
+    """QLoRA: bytes per adapter weight in the dtype it trains in (None: the precision's rule)."""
+
+
+class _Parts(NamedTuple):
+    """Bytes per process: the GPU's share, then what is moved or pageable to CPU memory."""
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    margin: int
+    offloaded: int
+    pageable: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states + self.activations + self.margin
 
 
 def estimate(
@@ -338,19 +394,27 @@ def estimate(
     parts = _breakdown(setup)
     if limit is None and gpus > 0:
         source = "unknown GPU type: pass --gpu or --gpu-memory, or name a known GPU in nodePool/nodeSelector"
-    fits = None if limit is None else _total(parts) <= limit
+    fits = None if limit is None else parts.total <= limit
     advice = _advice(setup, limit) if fits is False else []
+    assumptions = _assumptions(setup)
+    if paging := _paging(parts, limit):
+        assumptions.append(
+            f"paged optimizer: {_gb(paging)} of its {_gb(parts.pageable)} state does not fit beside the "
+            "rest and moves between CPU and GPU memory at every step (slower steps, no out-of-memory)"
+        )
     return FitEstimate(
         name,
         model,
         dims.params,
         _trainable(setup),
-        *parts,
+        *parts[:6],
         gpu_memory=limit,
         gpu_source=source,
         fits=fits,
         advice=advice,
-        assumptions=_assumptions(setup),
+        assumptions=assumptions,
+        pageable=parts.pageable,
+        optimizer=setup.optimizer,
     )
 
 
@@ -480,6 +544,9 @@ def _setup(job: Job, dims: ModelDims) -> _Setup:
             weight_bytes=weight_bytes,
             sequences_per_example=2 if s.method == "dpo" else s.rl.num_generations if s.rl else 1,
             reference_copy=s.method in ("dpo", "grpo", "ppo") and s.lora is None,
+            optimizer=s.optimizer(),
+            deepspeed=ds is not None,
+            adapter_bytes=_DTYPE_BYTES[adapter] if (adapter := s.adapter_dtype()) else None,
         )
     return _Setup(
         dims=dims,
@@ -500,6 +567,8 @@ def _setup(job: Job, dims: ModelDims) -> _Setup:
         weight_bytes=weight_bytes,
         sequences_per_example=1,
         reference_copy=False,
+        optimizer=job.spec.optimizer(),
+        deepspeed=ds is not None,
     )
 
 
@@ -523,17 +592,78 @@ def _frozen_bytes(s: _Setup) -> int:
     return math.ceil(linear * bits / 8) + (d.params - linear) * s.weight_bytes
 
 
-def _breakdown(s: _Setup) -> tuple[int, int, int, int, int, int]:
-    """(weights, gradients, optimizer states, activations, margin, offloaded) per process."""
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _trained_bytes(s: _Setup) -> tuple[int, int]:
+    """(bytes of a trained weight and of its gradient, bytes of its master copy): QLoRA's adapters
+    train in their own dtype with no master copy; 16-bit mixed precision keeps an fp32 master (the
+    ZeRO paper's accounting); fp32 is its own master."""
+    if s.adapter_bytes is not None:
+        return s.adapter_bytes, 0
+    return s.weight_bytes, MASTER_BYTES if s.weight_bytes == 2 else 0
+
+
+def _trained_tensors(s: _Setup) -> list[tuple[tuple[int, ...], int]]:
+    """The shapes of the trained tensors, each with how many there are: an optimizer's state
+    depends on them (8-bit keeps small tensors in 32 bits; Adafactor factors matrices)."""
+    d = s.dims
+    if s.lora_r is not None:
+        every = "all-linear" in s.lora_targets
+        out: list[tuple[tuple[int, ...], int]] = []
+        for names, n_in, n_out in d.linear_layers():
+            if every or any(n in s.lora_targets for n in names):
+                out += [((s.lora_r, n_in), d.num_layers), ((n_out, s.lora_r), d.num_layers)]
+        return out
+    if s.method == "prompt-tuning":
+        return [((s.virtual_tokens, d.hidden_size), 1)]
+    matrices = [((n_out, n_in), d.num_layers) for _, n_in, n_out in d.linear_layers()]
+    matrices.append(((d.vocab_size, d.hidden_size), 1 if d.tied_embeddings else 2))
+    if d.family != "llama" and d.max_positions:
+        matrices.append(((d.max_positions, d.hidden_size), 1))
+    rest = d.params - sum(math.prod(shape) * n for shape, n in matrices)
+    vectors = [((d.hidden_size,), rest // d.hidden_size)] if rest >= d.hidden_size else []
+    if rest % d.hidden_size:
+        vectors.append(((rest % d.hidden_size,), 1))
+    return matrices + vectors  # the rest (norms, biases, a router) as vectors of hidden_size
+
+
+def _state_bytes(optimizer: str, shape: tuple[int, ...], param_bytes: int) -> int:
+    """The optimizer's state for one trained tensor of `shape` whose weights it updates in
+    `param_bytes` per value (the fp32 master, or 16-bit adapters)."""
+    n = math.prod(shape)
+    if optimizer == "adamw":
+        return 2 * n * param_bytes
+    if optimizer == "adafactor":  # a row and a column vector per matrix; a vector's full second moment
+        if len(shape) >= 2:
+            return (math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:])) * param_bytes
+        return n * param_bytes
+    if optimizer == "paged-adamw" or n < BNB_8BIT_MIN_SIZE:  # bitsandbytes' 32-bit state is fp32
+        return 2 * n * 4
+    assert optimizer in ("adamw-8bit", "paged-adamw-8bit"), optimizer
+    return 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+
+
+def _optimizer_state(s: _Setup) -> int:
+    param_bytes, master = _trained_bytes(s)
+    update_bytes = master or param_bytes
+    return sum(_state_bytes(s.optimizer, shape, update_bytes) * n for shape, n in _trained_tensors(s))
+
+
+def _breakdown(s: _Setup) -> _Parts:
+    """Weights, gradients, optimizer states (master copy and, unless paged, the state), activations,
+    margin; then what ZeRO offload moves to CPU memory and what a paged optimizer may page there."""
     trainable = _trainable(s)
-    w = s.weight_bytes
+    w, master = _trained_bytes(s)
     shard_weights = s.ranks if s.zero_stage >= 3 else 1
     shard_grads = s.ranks if s.zero_stage >= 2 else 1
     shard_optimizer = s.ranks if s.zero_stage >= 1 else 1
     frozen = _frozen_bytes(s) // (shard_weights if not s.quantized else 1)
     weights = trainable * w // shard_weights + frozen
     gradients = trainable * w // shard_grads
-    optimizer = trainable * (ADAM_BYTES_PER_PARAM - 2 * w) // shard_optimizer
+    state = _optimizer_state(s)
+    pageable = state if s.optimizer in PAGED_OPTIMIZERS else 0
+    optimizer = (trainable * master + state - pageable) // shard_optimizer
     offloaded = 0
     if s.offload_optimizer:
         offloaded, optimizer = offloaded + optimizer, 0
@@ -542,7 +672,7 @@ def _breakdown(s: _Setup) -> tuple[int, int, int, int, int, int]:
     activations = _activations(s)
     tensors = weights + gradients + optimizer + activations
     margin = MARGIN_FIXED_BYTES + int(MARGIN_FRACTION * tensors)
-    return weights, gradients, optimizer, activations, margin, offloaded
+    return _Parts(weights, gradients, optimizer, activations, margin, offloaded, pageable)
 
 
 def _activations(s: _Setup) -> int:
@@ -561,8 +691,8 @@ def _activations(s: _Setup) -> int:
     return layers + logits
 
 
-def _total(parts: tuple[int, int, int, int, int, int]) -> int:
-    return sum(parts[:5])
+def _total(parts: _Parts) -> int:
+    return parts.total
 
 
 def _gb(n: int) -> str:
@@ -575,15 +705,19 @@ def _advice(s: _Setup, limit: int) -> list[str]:
     out: list[str] = []
 
     def option(field: str, why: str, changed: _Setup) -> None:
-        after = _total(_breakdown(changed))
+        parts = _breakdown(changed)
+        after = parts.total
         if after < now:
             verdict = "fits" if after <= limit else "not enough alone"
+            paging = _paging(parts, limit)
+            if paging and after <= limit:
+                verdict += f"; {_gb(paging)} of its state moves between CPU and GPU every step"
             out.append(f"{field} ({why}: {_gb(now)} → {_gb(after)} per GPU, {verdict})")
 
     if s.ranks > 1 and s.zero_stage < (2 if s.quantized else 3):
         stage = 2 if s.quantized else 3
         what = "shards optimizer states and gradients" + ("" if stage == 2 else " and weights")
-        option(f"spec.deepspeed.zeroStage: {stage}", what, replace(s, zero_stage=stage))
+        option(f"spec.deepspeed.zeroStage: {stage}{_adamw(s)}", what, _on_deepspeed(s, zero_stage=stage))
     if not s.checkpointing:
         field = (
             "spec.training.gradientCheckpointing"
@@ -600,20 +734,34 @@ def _advice(s: _Setup, limit: int) -> list[str]:
         )
     elif s.micro_batch > 1:
         option("spec.training.microBatchSize: 1", "fewer activations", replace(s, micro_batch=1))
+    if not s.deepspeed and s.method != "prompt-tuning":
+        _switch_optimizer(s, limit, option)
+    if s.quantized and s.adapter_bytes == 4 and s.weight_bytes == 2:
+        option(
+            "spec.quantization.adapterDtype: compute",
+            "adapters and their gradients in the 16-bit compute dtype, as the QLoRA paper trains them",
+            replace(s, adapter_bytes=2),
+        )
     if s.method in ("full", "lora"):
         qlora = replace(s, method="qlora", quantized=True, lora_r=s.lora_r or 16, double_quant=True)
+        published = s.gpus_per_worker > 0 and not s.deepspeed
         qlora = replace(
-            qlora, lora_targets=s.lora_targets or ("all-linear",), zero_stage=min(s.zero_stage, 2)
+            qlora,
+            lora_targets=s.lora_targets or ("all-linear",),
+            zero_stage=min(s.zero_stage, 2),
+            adapter_bytes=2 if s.weight_bytes == 2 else 4,
+            optimizer="paged-adamw" if published and s.optimizer == "adamw" else s.optimizer,
         )
-        option("method: qlora", "4-bit NF4 frozen base, LoRA adapters trained", qlora)
+        recipe = " (the paper's recipe: 16-bit adapters, paged AdamW)" if published else ""
+        option("method: qlora", f"4-bit NF4 frozen base, LoRA adapters trained{recipe}", qlora)
     if s.method == "full":
         lora = replace(s, method="lora", lora_r=16, lora_targets=("all-linear",))
         option("method: lora", "16-bit frozen base, LoRA adapters trained", lora)
     if not s.offload_optimizer and s.method != "prompt-tuning":
         zero = "" if s.zero_stage else " with spec.deepspeed.zeroStage: 2"
-        offload = replace(s, offload_optimizer=True, zero_stage=max(s.zero_stage, 2))
+        offload = _on_deepspeed(s, offload_optimizer=True, zero_stage=max(s.zero_stage, 2))
         option(
-            f"spec.deepspeed.offloadOptimizer: true{zero}",
+            f"spec.deepspeed.offloadOptimizer: true{zero}{_adamw(s)}",
             "optimizer states in CPU memory, slower steps",
             offload,
         )
@@ -621,6 +769,53 @@ def _advice(s: _Setup, limit: int) -> list[str]:
     if not out:
         out.append("no single change helps: use a GPU with more memory (--gpu h200) or a smaller model")
     return out
+
+
+SWITCH_WHY = {
+    "paged-adamw": "the same AdamW, its state paged to CPU memory when the GPU runs short",
+    "adamw-8bit": "AdamW's two moments in 8 bits",
+    "paged-adamw-8bit": "AdamW's moments in 8 bits, paged to CPU memory when the GPU runs short",
+    "adafactor": "a factored second moment and no first moment",
+}
+"""Why each optimizer needs less memory, in the order they are suggested (closest to AdamW first)."""
+
+
+def _switch_optimizer(s: _Setup, limit: int, option: Any) -> None:
+    """The optimizer switch closest to AdamW that fits (else the one that saves most); when that one
+    pages state at every step, also the closest that fits without paging. Paged optimizers only on
+    GPUs; none under DeepSpeed (it runs its own AdamW)."""
+    candidates = [
+        name
+        for name in SWITCH_WHY
+        if name != s.optimizer and (s.gpus_per_worker > 0 or name not in PAGED_OPTIMIZERS)
+    ]
+    if not candidates:
+        return
+    parts = {name: _breakdown(replace(s, optimizer=name)) for name in candidates}
+    fitting = [n for n in candidates if parts[n].total <= limit]
+    first = fitting[0] if fitting else min(candidates, key=lambda n: parts[n].total)
+    chosen = [first]
+    if first in fitting and _paging(parts[first], limit):
+        chosen += [n for n in fitting if not _paging(parts[n], limit)][:1]
+    for name in chosen:
+        option(f"spec.training.optimizer: {name}", SWITCH_WHY[name], replace(s, optimizer=name))
+
+
+def _on_deepspeed(s: _Setup, **changes: Any) -> _Setup:
+    """The setup under DeepSpeed, which trains with AdamW whatever the job chose."""
+    return replace(s, deepspeed=True, optimizer="adamw", **changes)
+
+
+def _adamw(s: _Setup) -> str:
+    return "" if s.optimizer == "adamw" else " and spec.training.optimizer: adamw"
+
+
+def _paging(parts: _Parts, limit: int | None) -> int:
+    """Bytes of a paged optimizer's state that do not fit beside everything else: they move
+    between CPU and GPU memory at every optimizer step (PCIe traffic: slower steps)."""
+    if limit is None or not parts.pageable:
+        return 0
+    return max(0, min(parts.pageable, parts.total + parts.pageable - limit))
 
 
 def _largest_fitting(s: _Setup, limit: int, field: str, values: range) -> int | None:
@@ -634,7 +829,7 @@ def _more_gpus(s: _Setup, limit: int) -> list[str]:
     """Workers (of gpusPerWorker GPUs) that make it fit under ZeRO-3 (ZeRO-2 for QLoRA)."""
     stage = 2 if s.quantized else 3
     per_worker = max(s.gpus_per_worker, 1)
-    base = replace(s, zero_stage=max(s.zero_stage, stage))
+    base = _on_deepspeed(s, zero_stage=max(s.zero_stage, stage))
     for workers in (2**i for i in range(11)):
         ranks = workers * per_worker
         if ranks <= s.ranks:
@@ -642,6 +837,7 @@ def _more_gpus(s: _Setup, limit: int) -> list[str]:
         after = _total(_breakdown(replace(base, ranks=ranks)))
         if after <= limit:
             zero = "" if s.zero_stage >= stage else f" with spec.deepspeed.zeroStage: {stage}"
+            zero += _adamw(s)
             now = _gb(_total(_breakdown(s)))
             return [
                 f"spec.resources.workers: {workers}{zero} "
@@ -651,7 +847,12 @@ def _more_gpus(s: _Setup, limit: int) -> list[str]:
 
 
 def _assumptions(s: _Setup) -> list[str]:
-    precision = "bf16 weights, fp32 master weights and Adam moments" if s.weight_bytes == 2 else "fp32"
+    w, master = _trained_bytes(s)
+    precision = {4: "fp32", 2: "bf16"}[s.weight_bytes]
+    if s.adapter_bytes is not None:
+        precision += f" compute, adapters in {'bf16' if s.adapter_bytes == 2 else 'fp32'}"
+    elif master:
+        precision += " weights, fp32 master weights"
     zero = (
         f"ZeRO stage {s.zero_stage} over {s.ranks} data-parallel process(es)"
         if s.zero_stage
@@ -664,6 +865,8 @@ def _assumptions(s: _Setup) -> list[str]:
         + f", sequence {s.sequence_length + s.virtual_tokens}"
         + f", checkpointing {'on' if s.checkpointing else 'off'}",
         f"margin: {MARGIN_TEXT}",
+        f"optimizer {s.optimizer}: {OPTIMIZER_TEXT[s.optimizer]}"
+        + (" (pageable, not counted against the GPU)" if s.optimizer in PAGED_OPTIMIZERS else ""),
     ]
     if s.quantized:
         dq = "double-quantised" if s.double_quant else "fp32"

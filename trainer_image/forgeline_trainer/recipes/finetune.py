@@ -173,6 +173,8 @@ def _setup_model(job: Job, prep: SFTData) -> tuple[Any, models.ModelStats]:
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = adapters.wrap(spec, model, prep.base_dir)
+    if spec.adapter_dtype() not in (None, "float32"):
+        adapters.cast_as_published(model, spec.adapter_dtype())
     return model, models.finetune_stats(model, spec.dataset.max_sequence_length)
 
 
@@ -180,7 +182,10 @@ def _setup_engine(job: Job, model: Any, data: _Data) -> optim.TrainEngine:
     t = job.cfg.spec.training
     plan = optim.batch_plan(t.global_batch_size, t.micro_batch_size, job.rt.world)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train) / plan.global_batch))
-    return optim.setup_engine(model, t, job.cfg.spec.deepspeed, plan, total_steps, job.bf16, job.rt.on_gpu)
+    spec = job.cfg.spec
+    return optim.setup_engine(
+        model, t, spec.deepspeed, plan, total_steps, job.bf16, job.rt.on_gpu, spec.optimizer()
+    )
 
 
 def _restore(
@@ -204,6 +209,7 @@ def _restore(
         world_size=job.rt.world,
         accumulation=eng.plan.accumulation,
         precision=job.precision,
+        optimizer=job.cfg.spec.optimizer(),
         peak_source=reporter.peak_source,
     )
     return start_step
@@ -283,6 +289,8 @@ def _finish(
         final_eval,
         **outputs.finetune_fields(cfg, stats, prep.examples, saved),
         quantized_4bit_layers=adapters.count_4bit(bare),
+        adapter_dtype=adapters.trained_dtype(bare),
+        optimizer_state_bytes=optim.state_bytes(eng.optimizer),
         resumed_from_step=start_step,
         tokens_seen=reporter.tokens_seen,
     )

@@ -201,7 +201,7 @@ def _setup_engine(job: Job, model: Any) -> optim.TrainEngine:
     plan = optim.batch_plan(_global_batch(spec), spec.training.micro_batch_size, job.rt.world)
     total_steps = _total_steps(spec, plan)
     return optim.setup_engine(
-        model, spec.training, spec.deepspeed, plan, total_steps, job.bf16, job.rt.on_gpu
+        model, spec.training, spec.deepspeed, plan, total_steps, job.bf16, job.rt.on_gpu, spec.optimizer()
     )
 
 
@@ -223,6 +223,7 @@ def _restore(
         world_size=job.rt.world,
         accumulation=eng.plan.accumulation,
         precision=job.precision,
+        optimizer=job.cfg.spec.optimizer(),
         peak_flops_per_worker=reporter.peak_per_worker,
         peak_source=reporter.peak_source,
         deepspeed_stage=None if spec.deepspeed is None else spec.deepspeed.zero_stage,
@@ -305,6 +306,7 @@ def _finish(
         architecture=architecture,
         resumed_from_step=start_step,
         tokens_seen=reporter.tokens_seen,
+        optimizer_state_bytes=optim.state_bytes(eng.optimizer),
         filters=prep.filters,
         documents=prep.documents,
         blocks=prep.blocks,

@@ -210,6 +210,7 @@ def _restore(
         trainable_parameters=stats.trainable,
         world_size=job.rt.world,
         precision=job.precision,
+        optimizer=job.cfg.spec.optimizer(),
         start_step=resume.step,
         resumed_from=resume.checkpoint,
         initial_mean_reward=before,
