@@ -125,6 +125,9 @@ def test_mixture_of_experts(run: Runner) -> None:
     _, metrics = run("pretrain-tiny-mixtral-moe")
     assert metrics["architecture"] == "mixtral"
     _assert_learned(metrics)
+    # the example trains with Adafactor: a row and a column per matrix, not AdamW's 8 bytes a weight
+    assert metrics["optimizer"] == "adafactor"
+    assert 0 < metrics["optimizer_state_bytes"] < 0.05 * 8 * metrics["parameters"]
 
 
 def test_masked_language_model(run: Runner, workdir: Path) -> None:
@@ -226,6 +229,17 @@ def test_qlora_base_is_4bit_and_adapter_reloads(run: Runner, workdir: Path) -> N
     _assert_learned(metrics)
     assert metrics["quantized_4bit_layers"] >= 14  # every linear layer of 2 blocks is Linear4bit
     assert 0 < metrics["trainable_fraction"] < 0.2
+    # bitsandbytes' 8-bit AdamW on the CPU path; its state, measured, is what --fit estimates
+    # (every adapter of this tiny model is under 4,096 values, so bitsandbytes keeps it in 32 bits)
+    from forgeline_operator.sizing import fit
+
+    job = parse_job(yaml.safe_load((EXAMPLES / "finetune-qlora-tiny.yaml").read_text()))
+    base_config = json.loads((workdir / "runs/tiny-llama/config.json").read_text())
+    estimate = fit.estimate(job, None, model_config=base_config)
+    assert metrics["optimizer"] == "adamw-8bit" and metrics["adapter_dtype"] == "float32"
+    assert metrics["optimizer_state_bytes"] == pytest.approx(estimate.optimizer_states, rel=0.02, abs=4096)
+    record = json.loads((workdir / "runs/tiny-sft-qlora/lineage.json").read_text())
+    assert record["training"]["optimizer"] == "adamw-8bit"
     _reload_matches_probe(workdir / "runs/tiny-sft-qlora", workdir / "runs/tiny-llama", quantized=True)
 
 
@@ -251,6 +265,9 @@ def test_reward_model_learns_preferences(run: Runner) -> None:
     run("pretrain-tiny-llama")
     _, metrics = run("reward-model-tiny")
     _assert_learned(metrics)
+    # the TRL recipes take the spec's optimizer too (optim=adamw_bnb_8bit)
+    assert metrics["optimizer"] == "adamw-8bit"
+    assert metrics["optimizer_class"] == "bitsandbytes.optim.adamw.AdamW"
     assert metrics["final_eval"]["preference_accuracy"] > 0.6
     assert metrics["final_eval"]["reward_margin"] > metrics["initial_eval"]["reward_margin"] + 0.5
 

@@ -1451,3 +1451,69 @@ def test_relative_paths_resolve_in_the_images_working_directory(
     assert storage.resolve("examples/data/x.jsonl") == "/home/ray/forgeline/examples/data/x.jsonl"
     assert storage.resolve("examples/data/x.jsonl", "/w") == "/w/examples/data/x.jsonl"
     assert storage.resolve("pvc://work/out") == "/mnt/pvc/work/out"
+
+
+# -- optimizers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "adafactor"])
+def test_the_step_loops_build_what_transformers_trainer_builds_for_the_same_optim(name: str) -> None:
+    """build_optimizer (the pretraining and PEFT step loops) and the TRL recipes' `optim`
+    (HF_OPTIM) give the same optimizer class, learning rate and betas; one step trains."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 4))
+    spec = FineTuneOptimization(maxSteps=1, learningRate=1e-3, weightDecay=0.01, optimizer=name)
+    opt = optim.build_optimizer(model, spec, name)
+    args = TrainingArguments(
+        output_dir="/tmp/forgeline-hf-optim",
+        optim=optim.HF_OPTIM[name],
+        learning_rate=spec.learning_rate,
+        adam_beta1=spec.adam_beta1,
+        adam_beta2=spec.adam_beta2,
+        use_cpu=True,
+        report_to="none",
+    )
+    hf_class, hf_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    assert isinstance(opt, hf_class), (type(opt), hf_class)
+    group = opt.param_groups[0]
+    assert group["lr"] == hf_kwargs["lr"] and group["weight_decay"] == 0.01
+    if "betas" in hf_kwargs:
+        assert tuple(group["betas"]) == tuple(hf_kwargs["betas"])
+    if "optim_bits" in hf_kwargs:  # bitsandbytes: 8- or 32-bit state, paged or not
+        assert (opt.args.optim_bits, opt.is_paged) == (hf_kwargs["optim_bits"], hf_kwargs["is_paged"])
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(8, 64)).pow(2).mean().backward()
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert optim.state_bytes(opt) > 0
+
+
+def test_optimizer_state_bytes_count_a_shared_storage_once() -> None:
+    """bitsandbytes shares one quantisation map between every parameter's state."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    opt = optim.build_optimizer(model, FineTuneOptimization(maxSteps=1), "adamw-8bit")
+    model(torch.randn(4, 256)).sum().backward()
+    opt.step()
+    n = 2 * 256 * 256  # two 8-bit moments of each weight; biases (< 4,096 values) keep fp32 state
+    expected = 2 * n + 2 * 4 * (n // 256) + 2 * 256 * 8 + 2 * 256 * 4  # + one shared pair of maps
+    assert optim.state_bytes(opt) == expected
+
+
+def test_qlora_as_published_casts_adapters_to_the_compute_dtype() -> None:
+    """qlora.py after get_peft_model: LoRA in the compute dtype, embeddings and head too, norms fp32."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    adapters.cast_as_published(model, "bfloat16")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(dtypes[n] == torch.bfloat16 for n in dtypes if "lora_" in n)
+    assert all(dtypes[n] == torch.bfloat16 for n in dtypes if "embed_tokens" in n or "lm_head" in n)
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "norm" in n)
+    assert adapters.trained_dtype(model) == "bfloat16"

@@ -101,12 +101,8 @@ def build_optimizer(model: Any, opt_spec: Any, name: str):  # noqa: ANN201 - a t
         return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
     import bitsandbytes as bnb
 
-    bnb_class = {
-        "adamw-8bit": bnb.optim.AdamW8bit,
-        "paged-adamw": bnb.optim.PagedAdamW32bit,
-        "paged-adamw-8bit": bnb.optim.PagedAdamW8bit,
-    }[name]
-    return bnb_class(groups, lr=lr, betas=betas)
+    bits = 32 if name == "paged-adamw" else 8
+    return bnb.optim.AdamW(groups, lr=lr, betas=betas, optim_bits=bits, is_paged=name.startswith("paged"))
 
 
 def state_bytes(optimizer: Any) -> int | None:
@@ -124,6 +120,12 @@ def state_bytes(optimizer: Any) -> int | None:
             if torch.is_tensor(value) and value.numel() > 1:
                 seen[value.untyped_storage().data_ptr()] = value.numel() * value.element_size()
     return sum(seen.values())
+
+
+def class_name(optimizer: Any) -> str:
+    """The optimizer's class as module.name (accelerate's wrapper looked through)."""
+    inner = type(getattr(optimizer, "optimizer", optimizer))
+    return f"{inner.__module__}.{inner.__name__}"
 
 
 def deepspeed_config(

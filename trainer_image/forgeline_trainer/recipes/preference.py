@@ -225,6 +225,8 @@ def _finish(
             stats,
             after,
             **outputs.finetune_fields(cfg, stats, prep.examples, saved),
+            optimizer_state_bytes=optim.state_bytes(trainer.optimizer),
+            optimizer_class=optim.class_name(trainer.optimizer),
         )
         model = getattr(trainer.model, "module", trainer.model)
 

@@ -245,6 +245,8 @@ def _finish(
             {"mean_reward": after},
             **outputs.finetune_fields(cfg, stats, prep.examples, saved),
             reward_model=cfg.paths.reward_model,
+            optimizer_state_bytes=optim.state_bytes(trainer.optimizer),
+            optimizer_class=optim.class_name(trainer.optimizer),
         )
         model = getattr(trainer.model, "module", trainer.model)
 
