@@ -284,6 +284,7 @@ def test_linear_merge_keeps_both_skills_and_reloads(ray_jobs: RayJobs, setup: Se
     assert (out / "merged" / "tokenizer.json").exists() and (out / "tokenizer.json").exists()
 
 
+@pytest.mark.soak  # the linear mix runs every suite: TIES is the same job with PEFT's ties combination
 def test_ties_merge_keeps_both_skills(ray_jobs: RayJobs, setup: Setup) -> None:
     _, metrics = _run(ray_jobs, setup, _merge_job(setup, "mix-ties", "ties", density=0.5))
     _assert_keeps_both_skills(metrics)

@@ -396,7 +396,7 @@ def _check_goodput_of_a_stall(
 def test_suspend_stops_and_resume_continues_from_checkpoint(
     cluster: Cluster, operator: Operator, namespace: str, ray_head: LocalRay, op_workdir: Path
 ) -> None:
-    _apply(cluster, namespace, _long_job("pausable", steps=200))
+    _apply(cluster, namespace, _long_job("pausable", steps=100))  # suspended at step 25 or so
     _wait(
         lambda: (
             ((_get(cluster, "tj", "pausable", namespace).get("status") or {}).get("progress") or {}).get(
@@ -500,10 +500,13 @@ def test_operator_restart_neither_duplicates_nor_loses_the_job(
 def test_ttl_deletes_the_finished_job_when_asked(
     cluster: Cluster, operator: Operator, namespace: str
 ) -> None:
+    # a job that finishes in seconds (Failed: its data is missing; TTL counts from any end, and a
+    # job run to Succeeded only to be deleted took 40 s more)
     doc = _long_job("ephemeral", steps=10)
+    first_contact.CASES["data-missing"][1](doc)
     doc["spec"].update(ttlSecondsAfterFinished=2, deleteJobAfterTtl=True)
     _apply(cluster, namespace, doc)
-    _wait(lambda: _phase(cluster, "tj", "ephemeral", namespace) == "Succeeded", 300, "Succeeded", operator)
+    _wait(lambda: _phase(cluster, "tj", "ephemeral", namespace) == "Failed", 120, "Failed", operator)
     # The TTL timer deletes the job itself; kopf may take up to a minute more to drop its
     # finalizer when that removal races the timer's own bookkeeping patch (see docs/operator.md).
     _wait(
