@@ -259,6 +259,11 @@ def test_cpu_jobs_are_not_compared_with_a_gpu() -> None:
         ("NVIDIA-A100-SXM4-40GB", 40),
         ("a100", 80),
         ("t4", 15),
+        ("NVIDIA-RTX-A6000", 47.99),
+        ("NVIDIA-GeForce-RTX-4090", 23.99),
+        ("NVIDIA-L40S", 44.99),
+        ("NVIDIA-A40", 44.99),
+        ("NVIDIA-L4", 22.49),
     ],
 )
 def test_gpu_memory_for_known_types(name: str, gib: float) -> None:

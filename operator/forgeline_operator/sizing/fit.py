@@ -99,8 +99,9 @@ def gpu_memory_for(name: str) -> int | None:
     if key in GPU_MEMORY_MIB:
         return GPU_MEMORY_MIB[key] * 2**20
     for gpu in sorted(GPU_MEMORY_MIB, key=len, reverse=True):
-        family = gpu.split("-")[0]
-        if re.search(rf"(^|[^a-z0-9]){family}([^0-9]|$)", key):
+        family = "a100" if gpu.startswith("a100") else gpu  # rtx-4090 matches RTX-4090 and RTX 4090
+        pattern = re.escape(family).replace(r"\-", "[^a-z0-9]?")
+        if re.search(rf"(^|[^a-z0-9]){pattern}([^0-9]|$)", key):
             size = re.search(r"(\d+)\s*gb", key)
             if family == "a100" and size:
                 return GPU_MEMORY_MIB.get(f"a100-{size.group(1)}gb", 0) * 2**20 or None
