@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 EVERY_OP: dict[str, Any] = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
 """A config that needs every op `prepare` builds (for building them ahead: `make ops`)."""
 
