@@ -247,6 +247,20 @@ def test_steps_a_restarted_worker_group_did_again_are_redone() -> None:
     assert parts["seconds"]["productive"] == pytest.approx(23.0 + 29.5 - 3.5)
 
 
+def test_a_worker_group_that_failed_before_training_does_not_hide_where_the_attempt_resumed() -> None:
+    # the evicted pod's worker group failed while its pod came back (no step, nothing restored);
+    # the next group resumed from step 560 and trained on: the attempt resumed from 560
+    early = {"type": "ledger", "step": 0, "ledger": {**_ledger(0, 0), "group": 1.0}}
+    later = {
+        "type": "done",
+        "step": 600,
+        "ledger": {**_ledger(10.0, 40, restore=1.0, resumed=560), "group": 2.0},
+    }
+    combined = combine_ledgers([later, early])
+    assert combined is not None
+    assert combined["ledger"]["resumedFrom"] == 560 and combined["ledger"].get("redoneSteps", 0) == 0
+
+
 def test_metrics_expose_seconds_chip_hours_and_the_ratio() -> None:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families

@@ -431,6 +431,7 @@ def test_summary_has_the_common_fields_then_the_recipes() -> None:
         "wall_seconds": reporter.last["elapsed_seconds"],
         "world_size": 2,
         "precision": "fp32",
+        "optimizer": "adamw",
         "method": "lora",
         "base_model": "runs/tiny-llama",
         "trainable_parameters": 10,
@@ -1230,9 +1231,10 @@ def test_the_trl_scratch_directory_is_removed_when_the_run_ends() -> None:
             seed=1,
         ),
         checkpointing=SimpleNamespace(interval_steps=10, keep=2),
+        optimizer=lambda: "adafactor",
     )
     args = hf_trainer.common_args(spec, False, False, optim.batch_plan(4, 2, 1), 5, Path("/x"))
-    assert args["output_dir"] == "/x/trainer"
+    assert args["output_dir"] == "/x/trainer" and args["optim"] == "adafactor"
 
 
 def test_preflight_collective_between_two_real_processes(tmp_path: Path) -> None:

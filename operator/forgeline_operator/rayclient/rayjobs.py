@@ -81,14 +81,25 @@ def entrypoint(python: str = "python") -> str:
 _SUMMED = ("steps", "evaluation", "checkpointSave", "checkpointRestore", "stepsTimed")
 
 
+def _trained(record: dict[str, Any]) -> bool:
+    """Whether a worker group's ledger record shows it reached training (a step, or a restore)."""
+    ledger = record.get("ledger") or {}
+    return (record.get("step") or 0) > 0 or any(
+        float(ledger.get(k) or 0) > 0 for k in ("stepsTimed", "steps", "checkpointRestore")
+    )
+
+
 def combine_ledgers(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """One record for an attempt from its worker groups' latest ledger records, in the order the
     groups started: seconds and timed steps summed, the step the last one reached, the step the
     first one resumed from, and the steps each group computed again after the one before it
     (`redoneSteps`, `redoneSeconds`: from its resume to where the one before got, at its own
-    measured step time)."""
+    measured step time). A group that failed before it trained a step (a worker group Ray Train
+    replaced while a pod came back) resumed from nothing: it is left out."""
     if not records:
         return None
+    trained = [r for r in records if _trained(r)]
+    records = trained or records
     if len(records) == 1:
         return records[0]
     ordered = sorted(records, key=lambda r: float(r["ledger"].get("group") or 0))
