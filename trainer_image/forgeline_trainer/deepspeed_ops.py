@@ -18,9 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-EVERY_OP: dict[str, Any] = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
-"""A config that needs every op `prepare` builds (for building them ahead: `make ops`)."""
-
 
 def prepare(ds_config: dict[str, Any]) -> list[str]:
     """Build or load the ops `ds_config` will need on this node; the stale build locks removed."""
