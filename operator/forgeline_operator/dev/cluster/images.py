@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -144,8 +145,11 @@ def _remove_older_tags(reference: str) -> None:
     repo = reference.rsplit(":", 1)[0]
     names = buildah("images", "--noheading", "--format", "{{.Name}}:{{.Tag}}").stdout.split()
     old = [n for n in names if n.startswith(repo + ":") and n != reference]
-    if old:
-        buildah("rmi", *old)
+    for name in old:  # one at a time: a tag a build killed half-way still holds is left, and said
+        try:
+            buildah("rmi", name)
+        except RuntimeError as err:
+            print(f"forgeline: kept {name}: {err}", file=sys.stderr)
 
 
 def _single_binary(reference: str, binary: str, entrypoint: list[str], user: str | None = None) -> str:
