@@ -199,7 +199,10 @@ def survivor(kube: KubeEnv) -> dict[str, Any]:
         facts["records"] = attempt_records(kube, ns, facts["submissions"])
         # 4. a person deletes the RayCluster while the job runs: the job stops, saying so
         kill_operator("just before the RayCluster is deleted")
-        s = wait(lambda s: step(s) >= facts["apiserver"]["step_after"] + INTERVAL, 420)
+        # the new operator has read the attempt's log (its own progress write) before the deletion:
+        # an operator that never read it closes the attempt with no ledger (docs/goodput.md)
+        seen = step(kube.job("TrainingJob", JOB, ns).get("status") or {})
+        s = wait(lambda s: step(s) >= max(seen, facts["apiserver"]["step_after"]) + INTERVAL, 420)
         facts["raycluster_deleted"] = {"at": time.time(), "step_seen": step(s)}
         kube.kubectl("delete", "raycluster", f"{JOB}-tj", "-n", ns, "--wait=false")
         s = kube.wait_terminal("TrainingJob", JOB, ns, timeout=120)
