@@ -126,7 +126,7 @@ def main() -> None:
             estimate = estimates[method, optimizer]
             lines.append(
                 f"| {method} | {optimizer} | {state / 2**20:.3f} MiB | {estimate / 2**20:.3f} MiB "
-                f"| {state / adamw_state:.2f}× | {med('peak_rss_bytes') / 2**20:,.0f} MiB "
+                f"| {state / adamw_state:.3g}× | {med('peak_rss_bytes') / 2**20:,.0f} MiB "
                 f"| {med('tokens_per_second'):,.0f} | {med('wall_seconds'):.1f} "
                 f"| {ev['eval_loss']:.3f} ± {ev['eval_loss_ci95']:.3f} | {100 * ev['accuracy']:.1f}% |"
             )
