@@ -30,16 +30,17 @@ def _ledger(
     evaluation: float = 0.0,
     save: float = 0.0,
     restore: float = 0.0,
-    resumed: int = 0,
+    resumed: int | None = 0,
 ) -> dict[str, Any]:
-    return {
+    """A trainer's ledger; `resumed` None: the group never finished a checkpoint restore."""
+    ledger: dict[str, Any] = {
         "steps": steps,
         "evaluation": evaluation,
         "checkpointSave": save,
         "checkpointRestore": restore,
         "stepsTimed": timed,
-        "resumedFrom": resumed,
     }
+    return ledger if resumed is None else {**ledger, "resumedFrom": resumed}
 
 
 def test_an_attempt_splits_into_startup_steps_evals_checkpoints_and_the_rest() -> None:
@@ -172,8 +173,9 @@ def test_the_reporter_ledger_keeps_timed_sections_and_the_first_step_out_of_step
     r.spent("evaluation", 2.0)  # e.g. the HF Trainer's eval_runtime
     r.step(3, 1.0, 0.1)
     assert r.steps_timed == 2 and r.ledger["steps"] < 0.15 and r.ledger["evaluation"] == 2.0
-    record = r.ledger_record()
-    assert set(record) == {*progress.LEDGER, "stepsTimed", "resumedFrom", "group"}
+    assert set(r.ledger_record()) == {*progress.LEDGER, "stepsTimed", "group"}  # no restore yet
+    r.resumed_from = 0  # the checkpoint restore finished: nothing to resume, a start from step 0
+    assert r.ledger_record()["resumedFrom"] == 0
 
 
 def test_a_failing_attempt_emits_its_ledger(capsys: pytest.CaptureFixture[str]) -> None:
@@ -247,18 +249,38 @@ def test_steps_a_restarted_worker_group_did_again_are_redone() -> None:
     assert parts["seconds"]["productive"] == pytest.approx(23.0 + 29.5 - 3.5)
 
 
-def test_a_worker_group_that_failed_before_training_does_not_hide_where_the_attempt_resumed() -> None:
-    # the evicted pod's worker group failed while its pod came back (no step, nothing restored);
-    # the next group resumed from step 560 and trained on: the attempt resumed from 560
-    early = {"type": "ledger", "step": 0, "ledger": {**_ledger(0, 0), "group": 1.0}}
+def test_a_worker_group_that_failed_before_its_restore_ended_does_not_hide_the_resume_step() -> None:
+    # the resubmission after an eviction: Ray Train's first worker group failed while the evicted
+    # pod came back, one before its restore and one inside it (2 s spent, nothing restored); the
+    # next group resumed from step 560 and trained on: the attempt resumed from 560, nothing redone,
+    # and the failed restore's 2 s still count as checkpoint restore
+    early = {"type": "ledger", "ledger": {**_ledger(0, 0, resumed=None), "group": 1.0}}
+    inside = {"type": "ledger", "ledger": {**_ledger(0, 0, restore=2.0, resumed=None), "group": 2.0}}
     later = {
         "type": "done",
         "step": 600,
-        "ledger": {**_ledger(10.0, 40, restore=1.0, resumed=560), "group": 2.0},
+        "ledger": {**_ledger(10.0, 40, restore=1.0, resumed=560), "group": 3.0},
     }
-    combined = combine_ledgers([later, early])
+    combined = combine_ledgers([later, inside, early])
+    assert combined is not None and combined["groups"] == 3 and combined["step"] == 600
+    assert combined["ledger"]["resumedFrom"] == 560 and combined["ledger"]["redoneSteps"] == 0
+    assert combined["ledger"]["checkpointRestore"] == 3.0 and combined["ledger"]["steps"] == 10.0
+
+
+def test_redone_steps_count_from_the_furthest_step_before_past_a_group_that_never_restored() -> None:
+    # group 1 trained from scratch to step 500 (newest checkpoint 480) and died; group 2 died inside
+    # its restore; group 3 resumed at 480 and redid 481-500 at its 0.5 s a step
+    first = {"type": "ledger", "step": 500, "ledger": {**_ledger(250.0, 499), "group": 1.0}}
+    failed = {"type": "ledger", "ledger": {**_ledger(0, 0, restore=1.5, resumed=None), "group": 2.0}}
+    third = {
+        "type": "progress",
+        "step": 560,
+        "ledger": {**_ledger(40.0, 80, restore=1.0, resumed=480), "group": 3.0},
+    }
+    combined = combine_ledgers([third, failed, first])
     assert combined is not None
-    assert combined["ledger"]["resumedFrom"] == 560 and combined["ledger"].get("redoneSteps", 0) == 0
+    assert combined["ledger"]["resumedFrom"] == 0  # the attempt itself started from scratch
+    assert combined["ledger"]["redoneSteps"] == 20 and combined["ledger"]["redoneSeconds"] == 10.0
 
 
 def test_metrics_expose_seconds_chip_hours_and_the_ratio() -> None:

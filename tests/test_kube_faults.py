@@ -254,7 +254,15 @@ def test_a_deleted_or_evicted_worker_checkpoints_at_its_step_and_resumes_there(
     # goodput says so too: the attempt ended Preempted, the next one resumed at that step, 0 redone
     attempts = {a["attempt"]: a for a in survivor["status"]["goodput"]["attempts"]}
     assert attempts[attempt]["endedBy"] == "Preempted", attempts
-    assert attempts[attempt + 1]["resumedFrom"] == event["step"] and attempts[attempt + 1]["redoneSteps"] == 0
+    # on a failure: the next attempt's split, and each worker group's latest ledger in its log
+    groups = {
+        r["ledger"].get("group"): {"type": r["type"], "step": r.get("step"), **r["ledger"]}
+        for r in records[attempt + 1]
+        if isinstance(r.get("ledger"), dict)
+    }
+    seen = {"attempt": attempts[attempt + 1], "worker_groups": groups}
+    assert attempts[attempt + 1]["resumedFrom"] == event["step"], seen
+    assert attempts[attempt + 1]["redoneSteps"] == 0, seen
     assert attempts[attempt + 1]["seconds"]["checkpointRestore"] > 0, attempts
     f = survivor[fault]
     written = next(

@@ -296,8 +296,10 @@ class Reporter:
         """Seconds of this attempt by what they went to (goodput): `steps` the optimizer steps after
         the first, the others the timed sections (`timed`, `spent`), wherever they happen."""
         self.steps_timed = 0
-        self.resumed_from = 0
-        """The step this attempt started from (set by the checkpoint restore)."""
+        self.resumed_from: int | None = None
+        """The step this worker group started from, set once its checkpoint restore finished (a
+        group that fails inside the restore resumed from nothing: its records carry no
+        `resumedFrom`, and goodput takes the attempt's resume step from a group that has one)."""
         self._group = round(time.time(), 3)
         self.in_timed = False
         """Inside a `timed` block (a HF Trainer eval there is already counted)."""
@@ -344,7 +346,8 @@ class Reporter:
         """The ledger as progress records carry it (seconds to the millisecond)."""
         out: dict[str, float | int] = {k: round(v, 3) for k, v in self.ledger.items()}
         out["stepsTimed"] = self.steps_timed
-        out["resumedFrom"] = self.resumed_from
+        if self.resumed_from is not None:
+            out["resumedFrom"] = self.resumed_from
         out["group"] = self._group  # a worker group restarted within the Ray job keeps its own ledger
         return out
 

@@ -81,36 +81,41 @@ def entrypoint(python: str = "python") -> str:
 _SUMMED = ("steps", "evaluation", "checkpointSave", "checkpointRestore", "stepsTimed")
 
 
-def _trained(record: dict[str, Any]) -> bool:
-    """Whether a worker group's ledger record shows it reached training (a step, or a restore)."""
-    ledger = record.get("ledger") or {}
-    return (record.get("step") or 0) > 0 or any(
-        float(ledger.get(k) or 0) > 0 for k in ("stepsTimed", "steps", "checkpointRestore")
-    )
+def _restored(record: dict[str, Any]) -> bool:
+    """Whether a worker group's ledger record shows it finished its checkpoint restore (the
+    trainer adds `resumedFrom` then: a group that failed before, or inside, the restore has none)."""
+    return "resumedFrom" in (record.get("ledger") or {})
 
 
 def combine_ledgers(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """One record for an attempt from its worker groups' latest ledger records, in the order the
-    groups started: seconds and timed steps summed, the step the last one reached, the step the
-    first one resumed from, and the steps each group computed again after the one before it
-    (`redoneSteps`, `redoneSeconds`: from its resume to where the one before got, at its own
-    measured step time). A group that failed before it trained a step (a worker group Ray Train
-    replaced while a pod came back) resumed from nothing: it is left out."""
+    groups started: every group's seconds and timed steps summed (a group Ray Train replaced
+    spent them too), the step the last one reached, the step the first group that finished its
+    restore resumed from, and the steps each restored group computed again after the furthest
+    step a group before it reached (`redoneSteps`, `redoneSeconds`: from its resume to there, at
+    its own measured step time). A group that failed before or inside its restore (a worker
+    group Ray Train replaced while a pod came back) resumed from nothing: its time counts, but
+    not as a resume."""
     if not records:
         return None
-    trained = [r for r in records if _trained(r)]
-    records = trained or records
     if len(records) == 1:
         return records[0]
     ordered = sorted(records, key=lambda r: float(r["ledger"].get("group") or 0))
-    ledger = {k: round(sum(float(r["ledger"].get(k) or 0) for r in ordered), 3) for k in _SUMMED}
-    ledger["resumedFrom"] = ordered[0]["ledger"].get("resumedFrom", 0)
-    redone_steps, redone_seconds = 0, 0.0
-    for before, after in zip(ordered, ordered[1:], strict=False):
-        lost = max(0, int(before.get("step") or 0) - int(after["ledger"].get("resumedFrom") or 0))
-        timed = float(after["ledger"].get("stepsTimed") or 0)
-        per_step = float(after["ledger"].get("steps") or 0) / timed if timed else 0.0
-        redone_steps, redone_seconds = redone_steps + lost, redone_seconds + lost * per_step
+    ledger: dict[str, Any] = {
+        k: round(sum(float(r["ledger"].get(k) or 0) for r in ordered), 3) for k in _SUMMED
+    }
+    restored = [r for r in ordered if _restored(r)]
+    if restored:
+        ledger["resumedFrom"] = int(restored[0]["ledger"]["resumedFrom"])
+    redone_steps, redone_seconds, furthest = 0, 0.0, None
+    for r in ordered:
+        if _restored(r) and furthest is not None:
+            lost = max(0, furthest - int(r["ledger"]["resumedFrom"]))
+            timed = float(r["ledger"].get("stepsTimed") or 0)
+            per_step = float(r["ledger"].get("steps") or 0) / timed if timed else 0.0
+            redone_steps, redone_seconds = redone_steps + lost, redone_seconds + lost * per_step
+        if isinstance(r.get("step"), (int, float)):
+            furthest = max(furthest or 0, int(r["step"]))
     ledger["redoneSteps"], ledger["redoneSeconds"] = redone_steps, round(redone_seconds, 3)
     steps = [r.get("step") for r in ordered if isinstance(r.get("step"), (int, float))]
     return {"type": "ledger", "step": max(steps) if steps else None, "ledger": ledger, "groups": len(ordered)}
