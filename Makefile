@@ -9,6 +9,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export FORGELINE_CACHE ?= $(HOME)/.cache/forgeline
+# DeepSpeed's JIT-built ops (CPU Adam) one build directory per checkout: torch's build records
+# the virtual environment's absolute paths, so two checkouts sharing one directory (CI's and a
+# developer's) rebuilt the op (about 80 s on 2 cores) every time the other had run.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions/$(shell printf %s "$(CURDIR)" | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: test soak bench demo setup venv tools images crds dashboards validate lint clean
