@@ -283,6 +283,34 @@ def test_redone_steps_count_from_the_furthest_step_before_past_a_group_that_neve
     assert combined["ledger"]["redoneSteps"] == 20 and combined["ledger"]["redoneSeconds"] == 10.0
 
 
+def test_an_attempt_closed_before_its_log_was_read_keeps_the_split_last_written() -> None:
+    # attempt 2 runs: the operator writes its split (resumed from 470) with status; the operator
+    # restarts, and the attempt's Ray cluster is deleted before the new one reads the log: it
+    # closes the attempt from the record, the 12 s since it as `other`
+    split = {
+        "seconds": {"startup": 30.0, "productive": 100.0, "checkpointRestore": 2.0, "other": 1.0},
+        "firstStep": 471,
+        "lastStep": 690,
+        "resumedFrom": 470,
+        "redoneSteps": 0,
+    }
+    g = goodput.summary({"closed": {"productive": 50.0}}, T0, 2.0, "CPU core", running=None)
+    assert "running" not in g or g["running"] is None
+    g = goodput.summary(g, T0, 2.0, "CPU core", running=goodput.running_record(2, split, T0))
+    assert g["seconds"]["productive"] == 150.0 and g["running"]["attempt"] == 2
+    g = json.loads(json.dumps(g))  # as status stores it
+    later = T0 + timedelta(seconds=12)
+    parts = goodput.carried(g["running"], 2, later)
+    assert parts is not None and parts["resumedFrom"] == 470 and parts["lastStep"] == 690
+    assert parts["seconds"]["other"] == 13.0 and parts["seconds"]["productive"] == 100.0
+    assert goodput.carried(g["running"], 3, later) is None  # another attempt's record: not this one
+    assert goodput.carried(None, 2, later) is None
+    closed = goodput.close_attempt(g, 2, parts, "ClusterLost")
+    assert closed["attempts"][-1]["resumedFrom"] == 470 and closed["closed"]["productive"] == 150.0
+    assert closed["running"] is None  # the merge patch deletes the record with the attempt closed
+    assert goodput.summary(closed, later, 2.0, "CPU core")["running"] is None
+
+
 def test_metrics_expose_seconds_chip_hours_and_the_ratio() -> None:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families

@@ -197,12 +197,11 @@ def survivor(kube: KubeEnv) -> dict[str, Any]:
         # what Ray ran on this head, and each attempt's records, before the head goes
         facts["submissions"] = ray_submissions(kube, ns)
         facts["records"] = attempt_records(kube, ns, facts["submissions"])
-        # 4. a person deletes the RayCluster while the job runs: the job stops, saying so
+        # 4. a person deletes the RayCluster while the job runs: the job stops, saying so. The
+        # operator was just deleted too: its successor, still starting, has not read the attempt's
+        # log, and closes the attempt from the split its predecessor last wrote (docs/goodput.md)
+        s = wait(lambda s: step(s) >= facts["apiserver"]["step_after"] + INTERVAL, 300)
         kill_operator("just before the RayCluster is deleted")
-        # the new operator has read the attempt's log (its own progress write) before the deletion:
-        # an operator that never read it closes the attempt with no ledger (docs/goodput.md)
-        seen = step(kube.job("TrainingJob", JOB, ns).get("status") or {})
-        s = wait(lambda s: step(s) >= max(seen, facts["apiserver"]["step_after"]) + INTERVAL, 420)
         facts["raycluster_deleted"] = {"at": time.time(), "step_seen": step(s)}
         kube.kubectl("delete", "raycluster", f"{JOB}-tj", "-n", ns, "--wait=false")
         s = kube.wait_terminal("TrainingJob", JOB, ns, timeout=120)
@@ -242,11 +241,13 @@ def test_a_deleted_or_evicted_worker_checkpoints_at_its_step_and_resumes_there(
     assert last["reason"] == "Preempted" and last["retried"] is True and last["attempt"] == attempt, last
     records = survivor["records"]
     # rank 0 says it for the drain; a drained rank whose process Ray then also SIGTERMs may say
-    # it too (the same step: the workers agreed on it)
+    # it too (the same step: the workers agreed on it). Which notice a rank sees first is a race
+    # (seen: rank 0 on the drained node got Ray's SIGTERM before the drain mark, once in two runs
+    # with unthrottled pods); either way the workers agree on one step and checkpoint at it
     events = [r for r in records[attempt] if r["type"] == "event" and r["message"].startswith("preempted")]
     assert len({e["step"] for e in events}) == 1, events
     (event, *_) = sorted(events, key=lambda e: not e["signal"].startswith("Ray node drain"))
-    assert event["signal"].startswith("Ray node drain"), events
+    assert event["signal"].startswith(("Ray node drain", "SIGTERM")), events
     assert any(r["type"] == "checkpoint" and r["step"] == event["step"] for r in records[attempt])
     assert last["step"] == event["step"]  # status names the step it stopped at
     start = _started(records[attempt + 1])
@@ -272,6 +273,7 @@ def test_a_deleted_or_evicted_worker_checkpoints_at_its_step_and_resumes_there(
         f"fault: worker pod {fault}",
         {
             "stopped_at_step": event["step"],
+            "rank0_notice": event["signal"],
             "fault_to_checkpoint_written_s": round(written - f["at"], 1),
             "drain_notice_to_checkpoint_s": event["seconds_to_checkpoint"],
             "fault_to_status_preempted_s": round(f["detected"] - f["at"], 1),

@@ -257,6 +257,14 @@ class AttemptTime(ApiModel):
     """Its measured seconds per optimizer step."""
 
 
+class RunningAttempt(AttemptTime):
+    """The attempt that runs, split as the operator last saw it (bookkeeping: an operator that
+    restarts, and has to close the attempt before it has read the attempt's log, closes it from this)."""
+
+    at: datetime | None = None
+    """When this split was made (what comes after it counts as other)."""
+
+
 class Goodput(ApiModel):
     """Where the job's time and chip-hours went: productive steps and named badput (docs/goodput.md)."""
 
@@ -288,6 +296,8 @@ class Goodput(ApiModel):
     """Seconds by category of what has ended: clock segments and ended attempts (bookkeeping)."""
     clock: GoodputClock | None = None
     """The open queued or provisioning segment (bookkeeping)."""
+    running: RunningAttempt | None = None
+    """The running attempt's split as last written (bookkeeping)."""
     updated_at: datetime | None = None
     """When this was computed."""
 

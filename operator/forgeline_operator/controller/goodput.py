@@ -156,7 +156,27 @@ def close_attempt(
     furthest = max(int(g.get("furthestStep") or 0), int(parts.get("lastStep") or 0))
     g["furthestStep"] = furthest
     g["redoneSteps"] = int(g.get("redoneSteps") or 0) + int(parts.get("redoneSteps") or 0)
+    g["running"] = None  # null: the merge patch deletes it
     return g
+
+
+def running_record(attempt: int, parts: Mapping[str, Any], at: datetime) -> dict[str, Any]:
+    """status.goodput.running: the running attempt's split as this operator last made it, with
+    when. An operator that restarts and must close the attempt before it has read the attempt's
+    log (its Ray cluster deleted under it, say) closes it from this (`carried`)."""
+    return {"attempt": attempt, **parts, "at": _stamp(at)}
+
+
+def carried(running: Mapping[str, Any] | None, attempt: int, at: datetime) -> dict[str, Any] | None:
+    """The split of attempt `attempt` ending at `at`, from its last `running` record: its
+    categories as recorded, and the time since the record as `other` (nothing is known of it);
+    None when the record is of another attempt or there is none."""
+    if not running or running.get("attempt") != attempt or not running.get("at"):
+        return None
+    parts = {k: v for k, v in running.items() if k not in ("attempt", "at")}
+    seconds = {k: float(v) for k, v in (running.get("seconds") or {}).items()}
+    seconds["other"] = round(seconds.get("other", 0.0) + _since(running["at"], at), 3)
+    return {**parts, "seconds": seconds}
 
 
 def summary(
@@ -170,6 +190,8 @@ def summary(
     of the attempt that runs (`running`, from `split`), with chip-hours, the fraction and a
     display."""
     g = dict(goodput or {})
+    if running is not None and running.get("attempt") is not None:
+        g["running"] = dict(running)
     seconds = dict.fromkeys(CATEGORIES, 0.0)
     for category, value in (g.get("closed") or {}).items():
         if category in seconds:
@@ -194,9 +216,9 @@ def summary(
         display=display(fraction, seconds),
         updatedAt=_stamp(at),
     )
-    # a closed clock stays in as null: the status is written with a merge patch, where only a null
-    # deletes the open segment (left out, it would stay open and be counted again)
-    return {k: v for k, v in g.items() if v is not None or k == "clock"}
+    # a closed clock (and an ended attempt's running record) stays in as null: the status is written
+    # with a merge patch, where only a null deletes the field (left out, it would stay and count again)
+    return {k: v for k, v in g.items() if v is not None or k in ("clock", "running")}
 
 
 def display(fraction: float | None, seconds: Mapping[str, float]) -> str | None:

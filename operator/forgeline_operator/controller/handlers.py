@@ -68,6 +68,13 @@ def _configure(settings: kopf.OperatorSettings, memo: Runtime, **_: Any) -> None
     # Sync handlers run in a thread pool; this bounds concurrent reconciles (1,000 jobs are fine:
     # each reconcile is short, and terminal jobs have no timer).
     settings.execution.max_workers = 16
+    # A deleted job waits for its timers (the reconcile, the TTL) to stop before its finalizer goes.
+    # A timer still running when the deletion arrives was re-checked only every 60 s (kopf's
+    # default): the TTL timer deletes the job from inside itself, so such a job lingered a minute
+    # after its TTL (and a job deleted mid-reconcile did too). Wait up to 1 s for the timer to
+    # finish (a reconcile step is shorter), then poll every 2 s.
+    settings.background.instant_exit_timeout = 1.0
+    settings.background.cancellation_polling = 2
     # Re-list every 10 minutes so a missed watch event cannot strand a job.
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660

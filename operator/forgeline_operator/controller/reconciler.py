@@ -365,7 +365,9 @@ class Reconciler:
             changed = changed or ray_status != ray.get("jobStatus")
             fields.update(self._cost(fields, force=changed))
             if changed or "cost" in fields:
-                fields["goodput"] = self.out.goodput(running=self._attempt_split(cursor))
+                split = self._attempt_split(cursor)
+                running = goodput.running_record(self._attempt(), split, datetime.now(UTC))
+                fields["goodput"] = self.out.goodput(running=running)
                 self.out.write(fields)
 
     def _deleted_by_someone(self, state: ClusterState) -> None:
@@ -381,8 +383,15 @@ class Reconciler:
         self._after_failure(None, sid or "(none)", "lost", failure, cursor, {})
 
     def _attempt_split(self, cursor: LogCursor, stalled_since: float | None = None) -> dict[str, Any]:
-        """The current attempt's time by category, to now (goodput.split)."""
+        """The current attempt's time by category, to now (goodput.split). An operator that never
+        read this attempt's log (it restarted, and the attempt ended first) has only the split its
+        predecessor last wrote (status.goodput.running): that, with the time since as `other`."""
         ray, g = self.status.get("ray") or {}, self.status.get("goodput") or {}
+        sid = ray.get("jobId")
+        if sid and sid not in self.rt.cursors:
+            parts = goodput.carried(g.get("running"), self._attempt(), datetime.now(UTC))
+            if parts is not None:
+                return parts
         at = datetime.now(UTC).timestamp()
         attempt = goodput.Attempt(
             submitted=goodput.epoch(ray.get("submittedAt")) or at,
