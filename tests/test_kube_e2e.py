@@ -458,6 +458,9 @@ def test_kueue_admits_the_second_job_when_the_first_frees_the_quota(kube: KubeEn
         )
     finally:
         kube.kubectl("delete", "trainingjobs", "--all", "-n", ns, "--timeout=120s", check=False)
+        # the second job's pods, busy starting its Ray job, drain for up to its grace period
+        # (135 s) and hold the node's CPU that long: the next test's pods waited for them
+        kube.kubectl("delete", "pods", "--all", "-n", ns, "--grace-period=1", "--wait=false", check=False)
         kube.kubectl("delete", "clusterqueue", cq, "--timeout=60s", check=False)
 
 
