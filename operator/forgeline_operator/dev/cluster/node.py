@@ -46,6 +46,22 @@ class _Attached:
         self.pid = pid
 
 
+def anchor_ready(pid: int) -> bool:
+    """Whether process `pid` is a node's anchor with its mounts made: it has become `sleep
+    infinity`, which its shell execs only once every mount succeeded, in a mount namespace other
+    than this process's. Its earlier command lines (nsenter, unshare, sh -c) contain the word
+    "sleep" too: matching that word let containerd be started by `nsenter --target` while the pid
+    was still nsenter or unshare, in this machine's mount namespace, where the node's later
+    processes never found its socket (kubelet: "no such file or directory"; ctr: "failed to dial
+    … timeout"; seen in CI twice in one run)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        theirs = os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return False
+    return argv[:2] == [b"sleep", b"infinity"] and theirs != os.readlink("/proc/self/ns/mnt")
+
+
 def node_token(name: str) -> str:
     return f"forgeline-node-{name}-token"
 
@@ -180,19 +196,8 @@ class Node:
 
     def import_stream(self, write: Callable[[IO[bytes]], int], timeout: float = 1800) -> int:
         """`ctr images import -` fed by `write(stdin)` (an OCI or docker archive); the image's
-        layers are unpacked for the CRI's snapshotter. A ctr that could not dial containerd
-        (seen once, seconds after `ctr version` had answered: "failed to dial … context deadline
-        exceeded"; and three times in a row, 3 s apart, on a node whose containerd was opening a
-        store that had just taken a multi-GB layer) read nothing, so the import is tried again,
-        for up to about two minutes."""
-        for tries_left in (7, 6, 5, 4, 3, 2, 1, 0):
-            try:
-                return self._import_once(write, timeout)
-            except RuntimeError as exc:
-                if "failed to dial" not in str(exc) or not tries_left:
-                    raise
-                time.sleep(15)
-        raise AssertionError("unreachable")
+        layers are unpacked for the CRI's snapshotter."""
+        return self._import_once(write, timeout)
 
     def _import_once(self, write: Callable[[IO[bytes]], int], timeout: float) -> int:
         argv = [*self.enter(), "ctr", "--address", "/run/containerd/containerd.sock", "-n", "k8s.io",
@@ -243,10 +248,7 @@ class Node:
         assert self.anchor is not None
         if self.anchor.poll() is not None:
             raise RuntimeError(f"{self.name}: the namespace anchor exited ({self.anchor.returncode})")
-        try:
-            return "sleep" in Path(f"/proc/{self.anchor.pid}/cmdline").read_text()
-        except OSError:
-            return False
+        return anchor_ready(self.anchor.pid)
 
     def _mount_ns(self) -> str | None:
         if self.anchor is None:
