@@ -458,10 +458,46 @@ def test_kueue_admits_the_second_job_when_the_first_frees_the_quota(kube: KubeEn
         )
     finally:
         kube.kubectl("delete", "trainingjobs", "--all", "-n", ns, "--timeout=120s", check=False)
-        # the second job's pods, busy starting its Ray job, drain for up to its grace period
-        # (135 s) and hold the node's CPU that long: the next test's pods waited for them
-        kube.kubectl("delete", "pods", "--all", "-n", ns, "--grace-period=1", "--wait=false", check=False)
         kube.kubectl("delete", "clusterqueue", cq, "--timeout=60s", check=False)
+
+
+def test_a_job_deleted_while_its_worker_waits_for_the_head_frees_the_node_at_once(kube: KubeEnv) -> None:
+    """KubeRay's init container, a bash loop (PID 1) in which a worker waits for its head,
+    ignores SIGTERM: a job deleted while it waited kept the worker, with its node's CPU or GPUs,
+    for the pods' whole grace period (135 s; the Kueue test's second job held the next test's node
+    that long). Forgeline deletes an ended job's pods with a 5 s grace period before its
+    RayCluster (backends.ENDED_POD_GRACE_SECONDS)."""
+    ns = kube.namespace("held")
+    doc = tiny_pretrain("held")
+    doc["spec"]["resources"]["head"] = {"cpu": "64", "memory": "4Gi"}  # no node has it: head Pending
+    kube.apply([doc], ns)
+    workers = "forgeline.dev/job=held,ray.io/node-type=worker"
+
+    def waiting() -> list[dict[str, Any]]:
+        return [
+            pod
+            for pod in kube.pods(ns, workers)
+            if any(
+                "running" in (c.get("state") or {}) for c in pod["status"].get("initContainerStatuses") or []
+            )
+        ]
+
+    deadline = time.monotonic() + 180
+    while not (held := waiting()):
+        assert time.monotonic() < deadline, (
+            f"no worker waited for its head: {json.dumps(kube.pods(ns))[:3000]}"
+        )
+        time.sleep(1)
+    grace = held[0]["spec"]["terminationGracePeriodSeconds"]
+    start = time.monotonic()
+    kube.kubectl("delete", "trainingjob", "held", "-n", ns, "--timeout=60s")
+    while left := kube.pods(ns):
+        assert time.monotonic() - start < 90, [(p["metadata"]["name"], p["status"]) for p in left]
+        time.sleep(1)
+    gone = time.monotonic() - start
+    record("teardown", {"pods_grace_period_s": grace, "waiting_worker_gone_after_deletion_s": round(gone, 1)})
+    assert grace == 135
+    assert gone < 30, f"the pods went {gone:.0f} s after the job's deletion (their grace period: {grace} s)"
 
 
 # -- 5. the 3-stage pipeline: pretrain → LoRA SFT from its output → DPO ---------------------------

@@ -63,6 +63,12 @@ app.kubernetes.io/part-of: forgeline
 - apiGroups: ["ray.io"]
   resources: ["rayclusters"]
   verbs: ["get", "create", "delete"]
+# A finished job's Ray pods, deleted with a short grace period before its RayCluster (KubeRay's
+# init container ignores SIGTERM, so they would hold their node for their whole grace period).
+# Only deletecollection, by the cluster's labels: no get, list, create, exec or logs.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["deletecollection"]
 # The per-job Ray auth token Secret: created, read back, deleted. No list/watch.
 - apiGroups: [""]
   resources: ["secrets"]

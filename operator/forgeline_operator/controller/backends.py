@@ -12,6 +12,7 @@ path (rayjobs.RayJobs) serves them all.
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from ..api import Job
 from ..rayclient.localray import LocalRay
 from . import builders
 from .settings import NodePool
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,11 @@ class Backend(Protocol):
         """The job's Ray cluster, created first when it does not exist and `create` is set."""
         ...
 
-    def teardown(self, job: Job, namespace: str) -> None: ...
+    def teardown(self, job: Job, namespace: str, *, ended: bool) -> None:
+        """Delete what ensure() made for the job. `ended`: no Ray job of it can still run (it
+        finished, failed, was stopped or never started), so nothing in its pods needs a grace
+        period."""
+        ...
 
 
 class LocalBackend:
@@ -60,7 +67,7 @@ class LocalBackend:
             True, self.local.address, self.local.token, None, "embedded Ray head", self.python
         )
 
-    def teardown(self, job: Job, namespace: str) -> None:
+    def teardown(self, job: Job, namespace: str, *, ended: bool) -> None:
         return None
 
 
@@ -74,11 +81,19 @@ class AddressBackend:
     def ensure(self, job: Job, body: Mapping[str, Any], namespace: str, create: bool = True) -> ClusterState:
         return ClusterState(True, self.address, self.token, None, f"existing Ray cluster {self.address}")
 
-    def teardown(self, job: Job, namespace: str) -> None:
+    def teardown(self, job: Job, namespace: str, *, ended: bool) -> None:
         return None
 
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
+
+ENDED_POD_GRACE_SECONDS = 5
+"""The grace period of a RayCluster's pods that Forgeline deletes once the job's Ray job ended.
+Their own (spec.preemption.gracePeriodSeconds + 15, 135 s by default) exists for a preempted
+worker to write its checkpoint; at teardown nothing is left to write. And KubeRay's init
+container, a bash loop (PID 1) in which a worker waits for its head, ignores SIGTERM: a job
+deleted while its workers waited held them, with their node's CPU or GPUs and their Kueue quota,
+for the whole grace period (137 s measured; 8 s with this)."""
 
 
 class KubeRayBackend:
@@ -170,9 +185,16 @@ class KubeRayBackend:
         address = _address(job, namespace, status)
         return ClusterState(True, address, token, name, f"RayCluster {name} ready", head=head, uid=uid)
 
-    def teardown(self, job: Job, namespace: str) -> None:
+    def teardown(self, job: Job, namespace: str, *, ended: bool) -> None:
+        """Delete the job's RayCluster (its pods go with it, each within its own grace period) and
+        its token Secret. When its Ray job has `ended`, its pods are deleted first, with a grace
+        period of ENDED_POD_GRACE_SECONDS, and once more after the cluster (a pod KubeRay made
+        again in between): a pod the garbage collector deletes first keeps its own grace period,
+        which the kubelet does not cut short for a later, shorter one."""
         from kubernetes.client.exceptions import ApiException
 
+        if ended:
+            self._delete_pods_now(job, namespace)
         for delete in (
             lambda: self.custom.delete_namespaced_custom_object(
                 RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, job.ray_cluster_name()
@@ -184,6 +206,26 @@ class KubeRayBackend:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+        if ended:
+            self._delete_pods_now(job, namespace)
+
+    def _delete_pods_now(self, job: Job, namespace: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        selector = builders.ray_pods_selector(job)
+        try:
+            self.core.delete_collection_namespaced_pod(
+                namespace, label_selector=selector, grace_period_seconds=ENDED_POD_GRACE_SECONDS
+            )
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            # RBAC made by hand without it: the pods end within their own grace period
+            log.warning(
+                f"cannot delete the pods of RayCluster {job.ray_cluster_name()} in {namespace} "
+                "(403): they end within their own grace period; grant `deletecollection` on pods "
+                "(the chart's RBAC does)"
+            )
 
     def exists(self, job: Job, namespace: str) -> bool:
         from kubernetes.client.exceptions import ApiException

@@ -31,6 +31,20 @@ def labels(job: Job) -> dict[str, str]:
     }
 
 
+def ray_pods_selector(job: Job) -> str:
+    """The label selector of the job's Ray pods: KubeRay's cluster label and Forgeline's own
+    (a pod that only one of them names is not this job's)."""
+    mine = labels(job)
+    return ",".join(
+        [
+            f"ray.io/cluster={job.ray_cluster_name()}",
+            f"forgeline.dev/job={mine['forgeline.dev/job']}",
+            f"forgeline.dev/kind={mine['forgeline.dev/kind']}",
+            f"app.kubernetes.io/managed-by={mine['app.kubernetes.io/managed-by']}",
+        ]
+    )
+
+
 def user_labels(job: Job) -> dict[str, str]:
     """The job's own labels, minus kubectl's and kopf's bookkeeping (never copied to children)."""
     return {k: v for k, v in job.metadata.labels.items() if not _NOT_PROPAGATED.match(k)}

@@ -283,7 +283,8 @@ class Reconciler:
         waited = 0.0 if admitted else decisions.seconds_provisioning(self.status, datetime.now(UTC))
         recreatable = isinstance(self.backend, KubeRayBackend)
         if decisions.cluster_overdue(waited, self.rt.settings.cluster_ready_timeout, recreatable):
-            self.backend.teardown(self.job, self.out.key.namespace)
+            # never ready, so no Ray job ran on it: its pods go at once and the new one can start
+            self.backend.teardown(self.job, self.out.key.namespace, ended=True)
             message = f"RayCluster not ready after {waited:.0f}s: deleted, recreating"
             self.out.transition("Provisioning", "ClusterRecreated", message, ray=_requested(clusterUid=None))
             return
@@ -501,7 +502,7 @@ class Reconciler:
         )
         self.rt.index.release(self.out.key)
         if self.job.spec.ttl_seconds_after_finished is None:
-            self.backend.teardown(self.job, self.out.key.namespace)
+            self.backend.teardown(self.job, self.out.key.namespace, ended=True)
 
     def _promote(self, progress: dict[str, Any]) -> None:
         """spec.promotion's gate on the finished job's evals before and after training: the
@@ -583,7 +584,9 @@ class Reconciler:
             **{**fields, **self._cost(fields, finished=True)},
         )
         self.rt.index.release(self.out.key)
-        self.backend.teardown(self.job, self.out.key.namespace)
+        # a cluster lost or deleted by someone may still run the Ray job: its pods keep their grace
+        ended = ray_status in TERMINAL_RAY_STATES
+        self.backend.teardown(self.job, self.out.key.namespace, ended=ended)
 
     def _count_resubmission(
         self,
@@ -655,33 +658,37 @@ class Reconciler:
         self._stop_and_release()
 
     def _stop_and_release(self) -> None:
-        self.stop_ray_job()
-        self.backend.teardown(self.job, self.out.key.namespace)
+        ended = self.stop_ray_job()
+        self.backend.teardown(self.job, self.out.key.namespace, ended=ended)
         self.rt.index.release(self.out.key)
 
-    def stop_ray_job(self) -> None:
-        """Stop the job's current Ray job, if it has one that may still run."""
+    def stop_ray_job(self) -> bool:
+        """Stop the job's current Ray job, if it has one that may still run; whether it has
+        ended (False: it may still be running, e.g. writing a checkpoint, so its pods keep their
+        grace period)."""
         sid = (self.status.get("ray") or {}).get("jobId")
         if not sid or self.out.phase not in decisions.ACTIVE_PHASES:
-            return
+            return True
         namespace = self.out.key.namespace
         if isinstance(self.backend, KubeRayBackend) and not self.backend.exists(self.job, namespace):
-            return
+            return True
         state = self.backend.ensure(self.job, self.out.body, namespace)
         if state.ready or state.deleting:
-            self._stop_on(state, sid)
+            return self._stop_on(state, sid)
+        return True  # a cluster still starting runs no Ray job
 
-    def _stop_on(self, state: ClusterState, sid: str) -> None:
+    def _stop_on(self, state: ClusterState, sid: str) -> bool:
         """Stop Ray job `sid` on the cluster `state` describes (also one being deleted, whose pods
-        a finalizer may keep running)."""
+        a finalizer may keep running); whether it has ended."""
         if state.address is None:
-            return
+            return False
         try:
             final = self.rt.ray_jobs(state.address, state.python, state.token).stop_and_wait(sid)
         except RayUnreachable as exc:  # a head that is gone runs nothing any more
             self.logger.warning(f"Ray job {sid} not stopped: {exc}")
-            return
+            return False
         self.logger.info(f"stopped Ray job {sid} ({final})")
+        return final in TERMINAL_RAY_STATES
 
 
 def _requested(**extra: str | None) -> dict[str, str | None]:
