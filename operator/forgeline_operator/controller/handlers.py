@@ -288,7 +288,7 @@ class _JobHandlers:
         if ttl is None or not decisions.ttl_expired(status.get("completionTime"), ttl, datetime.now(UTC)):
             return
         namespace = body["metadata"]["namespace"]
-        memo.backend_for(job).teardown(job, namespace, ended=True)  # a finished job's
+        memo.backend_for(job).teardown(job, namespace, ended=True)  # TTL: the job has finished
         if job.spec.delete_job_after_ttl:
             from kubernetes import client
 

@@ -684,7 +684,7 @@ class Reconciler:
             return False
         try:
             final = self.rt.ray_jobs(state.address, state.python, state.token).stop_and_wait(sid)
-        except RayUnreachable as exc:  # a head that is gone runs nothing any more
+        except RayUnreachable as exc:  # gone, or only out of reach: its pods keep their grace
             self.logger.warning(f"Ray job {sid} not stopped: {exc}")
             return False
         self.logger.info(f"stopped Ray job {sid} ({final})")
