@@ -189,8 +189,8 @@ class KubeRayBackend:
         """Delete the job's RayCluster (its pods go with it, each within its own grace period) and
         its token Secret. When its Ray job has `ended`, its pods are deleted first, with a grace
         period of ENDED_POD_GRACE_SECONDS, and once more after the cluster (a pod KubeRay made
-        again in between): a pod the garbage collector deletes first keeps its own grace period,
-        which the kubelet does not cut short for a later, shorter one."""
+        again in between): a pod the garbage collector deletes first keeps its own grace period
+        (a shorter one sent 1 s later did not cut the stop short: kubelet 1.34, containerd 1.6)."""
         from kubernetes.client.exceptions import ApiException
 
         if ended:

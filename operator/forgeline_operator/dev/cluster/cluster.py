@@ -26,7 +26,7 @@ from ...rayclient.ports import free_port
 from . import addons, binaries, images
 from .controlplane import ControlPlane
 from .network import Fabric
-from .node import Node, NodeSpec, node_token, proxy_token
+from .node import CONTAINERD_STATE, Node, NodeSpec, node_token, proxy_token
 from .pools import node_specs
 
 REPO = Path(__file__).resolve().parents[4]
@@ -153,7 +153,8 @@ class KubeCluster:
 
     def leftovers(self) -> list[str]:
         """What of this cluster still exists on the machine: processes (by mount namespace and
-        cgroup), cgroups, network namespaces and the bridge, mounts under the work directory."""
+        cgroup), cgroups, network namespaces and the bridge, mounts under the work directory or
+        containerd's directories in this machine's mount namespace."""
         found: list[str] = []
         if self.fabric is not None:
             found += self.fabric.leftovers()
@@ -161,8 +162,11 @@ class KubeCluster:
             found += [f"cgroup {d}" for d in node._cgroup_dirs()]
             if node.anchor is not None and node.anchor.poll() is None:
                 found.append(f"process {node.anchor.pid} (the node {node.name}'s namespace anchor)")
-        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-        found += [f"mount {m.split()[4]}" for m in mounts if str(self.workdir) in m.split()[4]]
+        # mounts in this machine's namespace: under the work directory, or made by a containerd
+        # that ran outside its node's mount namespace (its state directory, the node's root)
+        outside = [str(self.workdir), CONTAINERD_STATE, *(str(n.containerd_root) for n in self.nodes)]
+        points = [m.split()[4] for m in Path("/proc/self/mountinfo").read_text().splitlines()]
+        found += [f"mount {p}" for p in points if any(p == o or p.startswith(o + "/") for o in outside)]
         for controller in self.controllers.values():
             if controller.alive():
                 found.append(f"process {controller.name}")

@@ -31,6 +31,9 @@ from .binaries import CACHE, find_binary
 from .network import NETNS_DIR, Fabric
 from .pki import PKI
 
+CONTAINERD_STATE = "/run/containerd/state"
+"""containerd's state directory inside the node (its /run is the node's own tmpfs). A mount under
+it in this machine's mount namespace means a containerd ran outside the node's."""
 DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 """Where every kubelet serves its device-plugin registry (not under --root-dir)."""
 
@@ -197,9 +200,6 @@ class Node:
     def import_stream(self, write: Callable[[IO[bytes]], int], timeout: float = 1800) -> int:
         """`ctr images import -` fed by `write(stdin)` (an OCI or docker archive); the image's
         layers are unpacked for the CRI's snapshotter."""
-        return self._import_once(write, timeout)
-
-    def _import_once(self, write: Callable[[IO[bytes]], int], timeout: float) -> int:
         argv = [*self.enter(), "ctr", "--address", "/run/containerd/containerd.sock", "-n", "k8s.io",
                 "images", "import", "--snapshotter", "overlayfs", "-"]  # fmt: skip
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -388,7 +388,7 @@ class Node:
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         text = f"""version = 2
 root = "{root}"
-state = "/run/containerd/state"
+state = "{CONTAINERD_STATE}"
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
   "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
